@@ -1,0 +1,16 @@
+"""SLM-mix: k independent small experts (the SLM's size), one per cluster, hard-routed."""
+
+from pn_jax.config import base_config, parse_arg, use_tiny
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
+  c = base_config()
+  c.name = "mix"
+  c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="mixture", k=16)
+  if args.get("size") == "tiny":
+    use_tiny(c)
+    c.model.k = 4
+  if "k" in args:
+    c.model.k = int(args["k"])
+  return c

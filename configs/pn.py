@@ -1,0 +1,23 @@
+"""PN: a projected network whose experts are SLM-sized dense models (paper Sec. 2.5).
+
+k experts (= clusters of the generic data), h basis slices of each shared MLP tensor, and
+codes of length m. The paper's main run has k=32; h and m are not given: h=24 matches its
+reported 1,422M parameters for k=32 with our SLM, and m=16 (<= h) is our choice (docs/design.md).
+"""
+
+from pn_jax.config import base_config, parse_arg, use_tiny
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
+  c = base_config()
+  c.name = "pn"
+  c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="projected",
+                 k=32, h=24, m=16)
+  if args.get("size") == "tiny":
+    use_tiny(c)
+    c.model.update(k=4, h=8, m=4)
+  for key in ("k", "h", "m"):
+    if key in args:
+      c.model[key] = int(args[key])
+  return c

@@ -1,0 +1,228 @@
+"""The run config: one ml_collections tree shared by every mode, plus its validation.
+
+Files under `configs/` start from `base_config()` and override what their run kind needs;
+`validate(config)` turns every inconsistency we can detect before touching a device into a
+`ConfigError` that names the offending key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MLP_KINDS = ("dense", "mixture", "projected")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_out")
+NAN_POLICIES = ("stop", "skip")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+  """A config that cannot describe a valid run; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every run kind; `configs/*.py` override a few keys each."""
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.seed = 0
+
+  # --- model -------------------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 32_000
+  m.d_model = 1024
+  m.n_layers = 7
+  m.n_heads = 8
+  m.mlp_dim = 4096  # the *small* model's MLP width (the SLM's), for every kind
+  m.mlp_kind = "dense"  # dense | mixture | projected
+  m.k = 1  # experts = clusters (mixture, projected)
+  m.h = 1  # basis slices of the shared tensor T (projected)
+  m.m = 1  # code length per expert: E is [k, m] (projected)
+  m.activation = "gelu"  # gelu | relu | silu
+  m.tie_embeddings = True
+  m.max_len = 1024  # RoPE table length; >= data.seq_len
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-6
+  m.dtype = "bfloat16"  # compute dtype
+  m.param_dtype = "float32"
+  m.scan_layers = True
+  m.remat = "none"  # none | full | dots | dots_no_batch | save_out
+  m.attention = "auto"  # auto (cudnn on GPU) | xla | cudnn
+  m.logits_chunk = 0  # >0: chunked cross-entropy over the sequence (avoids [B,T,V] fp32 logits)
+
+  # --- data --------------------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.corpus = "tiny"  # tiny (bundled) | generic | a path to a prepared corpus dir
+  d.data_dir = "data_cache"  # where `python -m pn_jax.data prepare` writes corpora
+  d.tokenizer = "sentencepiece"  # sentencepiece | byte
+  d.tokenizer_path = ""  # empty: trained on the corpus and saved in the workdir
+  d.seq_len = 128
+  d.batch_size = 8  # global, in sequences
+  d.eval_batches = 4
+  d.cluster_embedding = "tfidf"  # tfidf | minilm
+  d.cluster_batching = "homogeneous"  # homogeneous: one cluster per step | mixed
+  d.num_workers = 0
+  d.domain = ""  # specialization domain name (finetune / eval)
+
+  # --- optimiser ---------------------------------------------------------------------------
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 1e-4
+  o.min_lr_ratio = 0.1
+  o.warmup_steps = 1000
+  o.decay_steps = 0  # 0: decay over train.steps
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.clip_norm = 5.0
+
+  # --- training loop -----------------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10_000  # length of the run (and of the LR schedule)
+  t.stop_at_step = 0  # >0: checkpoint and exit at this step (time-boxed jobs); resume later
+  t.log_every = 10
+  t.eval_every = 500
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 3
+  t.async_checkpoint = True
+  t.nan_policy = "stop"  # stop | skip
+  t.progress_bar = True
+  t.peak_tflops = 0.0  # 0: look the device up in pn_jax.train.flops
+
+  # --- parallelism -------------------------------------------------------------------------
+  c.mesh = ml = ml_collections.ConfigDict()
+  ml.data = -1  # -1: whatever the device count leaves
+  ml.fsdp = 1
+  ml.tensor = 1
+  # Logical axis -> mesh axes (MaxText style). Keys are the logical names the model uses.
+  ml.rules = ml_collections.ConfigDict(
+      dict(
+          batch=("data", "fsdp"),
+          seq=None,
+          embed=("fsdp",),
+          vocab=("tensor",),
+          heads=("tensor",),
+          head_dim=None,
+          mlp=("tensor",),
+          expert=None,
+          basis=None,  # the PN basis axis h stays whole: projection needs no communication
+          code=None,
+          layers=None,
+      )
+  )
+  return c
+
+
+def _fail(key: str, msg: str):
+  raise ConfigError(f"config.{key}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+  """Raises ConfigError for any inconsistency; `device_count` also checks the mesh."""
+  m, d, o, t = config.model, config.data, config.optim, config.train
+  for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                     ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                     ("model.mlp_dim", m.mlp_dim), ("data.seq_len", d.seq_len),
+                     ("data.batch_size", d.batch_size), ("train.steps", t.steps)]:
+    if not isinstance(value, int) or value < 1:
+      _fail(key, f"must be a positive integer, got {value!r}")
+  if m.d_model % m.n_heads:
+    _fail("model.n_heads", f"{m.n_heads} heads do not divide d_model={m.d_model}")
+  if (m.d_model // m.n_heads) % 2:
+    _fail("model.n_heads", f"head_dim={m.d_model // m.n_heads} must be even for RoPE")
+  if m.mlp_kind not in MLP_KINDS:
+    _fail("model.mlp_kind", f"unknown kind {m.mlp_kind!r}; choose one of {MLP_KINDS}")
+  if m.k < 1:
+    _fail("model.k", f"number of experts/clusters must be >= 1, got {m.k}")
+  if m.mlp_kind == "projected":
+    if m.h < 1 or m.m < 1:
+      _fail("model.h", f"projected MLP needs h >= 1 and m >= 1, got h={m.h}, m={m.m}")
+    if m.m > m.h:
+      _fail("model.m", f"code length m={m.m} exceeds basis size h={m.h}: M [m, h] would be "
+            "rank-deficient by construction; use m <= h")
+  if m.remat not in REMAT_POLICIES:
+    _fail("model.remat", f"unknown policy {m.remat!r}; choose one of {REMAT_POLICIES}")
+  if m.attention not in ("auto", "xla", "cudnn"):
+    _fail("model.attention", f"unknown implementation {m.attention!r}")
+  if m.dtype not in ("bfloat16", "float32", "float16") or m.param_dtype not in (
+      "bfloat16", "float32"):
+    _fail("model.dtype", f"unsupported dtypes dtype={m.dtype!r} param_dtype={m.param_dtype!r}")
+  if d.seq_len > m.max_len:
+    _fail("data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
+  if m.logits_chunk < 0 or (m.logits_chunk and d.seq_len % m.logits_chunk):
+    _fail("model.logits_chunk", f"{m.logits_chunk} must be 0 or divide seq_len={d.seq_len}")
+  if t.nan_policy not in NAN_POLICIES:
+    _fail("train.nan_policy", f"unknown policy {t.nan_policy!r}; choose one of {NAN_POLICIES}")
+  if o.lr <= 0:
+    _fail("optim.lr", f"must be > 0, got {o.lr}")
+  if o.warmup_steps < 0 or o.decay_steps < 0:
+    _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0")
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+  if t.checkpoint_every < 1 or t.keep_checkpoints < 1 or t.log_every < 1 or t.eval_every < 1:
+    _fail("train.checkpoint_every", "checkpoint_every, keep_checkpoints, log_every and "
+          "eval_every must be >= 1")
+  for axis in MESH_AXES:
+    size = config.mesh[axis]
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f"mesh.{axis}", f"must be a positive integer or -1, got {size!r}")
+  if sum(config.mesh[a] == -1 for a in MESH_AXES) > 1:
+    _fail("mesh", "at most one mesh axis may be -1")
+  if device_count is not None:
+    batch_shards = mesh_shape(config, device_count)
+    shards = batch_shards["data"] * batch_shards["fsdp"]
+    if d.batch_size % shards:
+      _fail("data.batch_size", f"global batch {d.batch_size} is not divisible by the "
+            f"data*fsdp mesh size {shards}")
+    if m.n_heads % batch_shards["tensor"]:
+      _fail("mesh.tensor", f"tensor={batch_shards['tensor']} does not divide n_heads={m.n_heads}")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+  """Resolves the -1 axis and checks the mesh uses exactly `device_count` devices."""
+  sizes = {a: config.mesh[a] for a in MESH_AXES}
+  fixed = 1
+  for a, s in sizes.items():
+    if s != -1:
+      fixed *= s
+  auto = [a for a, s in sizes.items() if s == -1]
+  if auto:
+    if device_count % fixed:
+      _fail("mesh", f"fixed axes {sizes} (product {fixed}) do not divide the "
+            f"{device_count} available devices")
+    sizes[auto[0]] = device_count // fixed
+  total = 1
+  for s in sizes.values():
+    total *= s
+  if total != device_count:
+    _fail("mesh", f"mesh {sizes} uses {total} devices but {device_count} are available")
+  return sizes
+
+
+def small_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The dense model a projected/mixture model's expert turns into (same everything but MLP)."""
+  small = ml_collections.ConfigDict(model.to_dict())
+  small.mlp_kind = "dense"
+  small.k, small.h, small.m = 1, 1, 1
+  return small
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'tiny,k=8' -> {'size': 'tiny', 'k': '8'}: the `:arg` after a config path (big_vision style)."""
+  out: dict[str, str] = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if sep:
+      out[key.strip()] = value.strip()
+    else:
+      out["size"] = key.strip()
+  return out
+
+
+def use_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any run kind to a CPU-in-seconds model on the bundled tiny corpus."""
+  m, d, o, t = c.model, c.data, c.optim, c.train
+  m.update(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_dim=256, max_len=128,
+           dtype="float32", remat="none")
+  d.update(corpus="tiny", seq_len=64, batch_size=8, eval_batches=2)
+  o.update(lr=3e-3, warmup_steps=10)
+  t.update(steps=40, log_every=5, eval_every=20, checkpoint_every=20, progress_bar=False)
+  return c

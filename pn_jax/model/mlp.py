@@ -1,0 +1,104 @@
+"""The three MLP kinds behind one interface: dense (SLM/LLM), mixture (SLM-mix), projected (PN).
+
+Shapes: B batch, T time, D d_model, F the small model's MLP width, k experts (= clusters),
+h basis slices of the shared tensor, m code length, L layers.
+
+Projected networks (paper Sec. 2.5). For layer l and expert i, each MLP matrix is
+
+    W^(l,i)[a, b] = sum_q E[i, q] sum_r M^(l)[q, r] T^(l)[a, b, r]
+
+with E [k, m] shared by all layers (it lives at the LM level), M^(l) [m, h] per layer, and one
+T^(l) [D, F, h] / [F, D, h] per matrix. `pn_weight` is that equation; everything else here is
+plumbing around it.
+
+The hard mixture is the same computation with h = k, a one-hot code and M = I, so the mixture
+reuses the projected path: its per-expert weights are stacked on a trailing "basis" axis and
+selected by a one-hot code (tested in tests/test_mlp.py).
+
+Routing is per sequence. `code` is [B, m] (one row per sequence) or [1, m] when the caller knows
+the whole batch is one cluster; then the weights are formed once and the MLP is a dense matmul.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+
+ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu}
+
+
+def pn_weight(code: Array, M_mh: Array, T_abh: Array) -> Array:
+  """The PN projection: W[..., a, b] = sum_q code[..., q] sum_r M[q, r] T[a, b, r].
+
+  code: [..., m] rows of E (one expert each); M_mh: [m, h]; T_abh: [a, b, h] -> [..., a, b].
+  """
+  return jnp.einsum("...q,qr,abr->...ab", code, M_mh, T_abh)
+
+
+def apply_mlp(x_BTD: Array, w_in: Array, w_out: Array, activation: str) -> Array:
+  """x @ w_in -> act -> @ w_out, with per-sequence ([B, ...]) or shared ([1, ...]) weights."""
+  act = ACTIVATIONS[activation]
+  if w_in.shape[0] == 1:
+    h_BTF = act(jnp.einsum("BTD,DF->BTF", x_BTD, w_in[0]))
+    h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
+    return jnp.einsum("BTF,FD->BTD", h_BTF, w_out[0])
+  h_BTF = act(jnp.einsum("BTD,BDF->BTF", x_BTD, w_in))
+  h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
+  return jnp.einsum("BTF,BFD->BTD", h_BTF, w_out)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def dense_init(fan_in: int):
+  """Normal with variance 1/fan_in, whatever trailing (basis) axes the tensor has.
+
+  Every projected W is scaled to match this (see `MLP`), so PN, mixture and dense start alike.
+  """
+  return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class MLP(nn.Module):
+  """One block's MLP. `code` ([B|1, m]; one-hot [B|1, k] for mixture) selects the expert.
+
+  Params (per layer; nn.scan adds a leading L axis):
+    dense:     w_in [D, F], w_out [F, D]
+    mixture:   T_in [D, F, k], T_out [F, D, k]                 (expert i is T[..., i])
+    projected: M [m, h], T_in [D, F, h], T_out [F, D, h]       (E [k, m] lives in the LM)
+  """
+
+  kind: str
+  d_model: int
+  mlp_dim: int
+  h: int = 1
+  m: int = 1
+  activation: str = "gelu"
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, code: Array | None) -> Array:
+    D, F, pd = self.d_model, self.mlp_dim, self.param_dtype
+    if self.kind == "dense":
+      w_in = _param(self, "w_in", dense_init(D), (D, F), ("embed", "mlp"), pd)[None]
+      w_out = _param(self, "w_out", dense_init(F), (F, D), ("mlp", "embed"), pd)[None]
+    else:
+      # T's basis axis is the last one and stays unsharded (rule `basis`): forming W needs no
+      # communication and W comes out with a dense weight's sharding.
+      T_in = _param(self, "T_in", dense_init(D), (D, F, self.h), ("embed", "mlp", "basis"), pd)
+      T_out = _param(self, "T_out", dense_init(F), (F, D, self.h), ("mlp", "embed", "basis"),
+                     pd)
+      if self.kind == "projected":
+        # Orthonormal rows: with unit-norm codes, |code @ M| = 1, so Var(W) = Var(T) = dense.
+        M = _param(self, "M", nn.initializers.orthogonal(), (self.m, self.h), ("code", "basis"),
+                   pd)
+      else:  # mixture: PN with h = k, a one-hot code and M = I
+        M = jnp.eye(self.h, dtype=pd)
+      cast = lambda a: a.astype(self.dtype)
+      w_in = pn_weight(cast(code), cast(M), cast(T_in))  # [B|1, D, F]
+      w_out = pn_weight(cast(code), cast(M), cast(T_out))  # [B|1, F, D]
+    return apply_mlp(x_BTD, w_in.astype(self.dtype), w_out.astype(self.dtype), self.activation)

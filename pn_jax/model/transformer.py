@@ -1,0 +1,182 @@
+"""Decoder-only pre-norm transformer LM whose MLP is dense, a hard mixture, or projected (PN).
+
+Attention, embeddings and norms are ordinary parameters shared by every expert; only the MLP
+depends on the sequence's cluster (see mlp.py). Layers are stacked with `nn.scan` (one compiled
+block, params with a leading `layers` axis) and optionally rematerialised.
+
+Shapes: B batch, T time, D d_model, N heads, H head_dim, V vocab, k experts, m code length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import flax.linen as nn
+import ml_collections
+
+from pn_jax.model.mlp import MLP
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+}
+
+
+def _param(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                   self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BTNH: Array, positions_T: Array, theta: float) -> Array:
+  """Rotary position embedding (rotate-half form) in float32."""
+  H = x_BTNH.shape[-1]
+  freqs = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # [H/2]
+  angles = positions_T[:, None].astype(jnp.float32) * freqs[None, :]  # [T, H/2]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def attention_impl(name: str) -> str | None:
+  """'auto' lets jax pick cuDNN flash attention on GPU and the XLA kernel elsewhere."""
+  if name == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return name
+
+
+class Attention(nn.Module):
+  cfg: ml_collections.ConfigDict
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    c = self.cfg
+    D, N = c.d_model, c.n_heads
+    H = D // N
+    init = nn.initializers.normal(stddev=D ** -0.5)
+    wq, wk, wv = (_param(self, n, init, (D, N, H), ("embed", "heads", "head_dim"),
+                         self.param_dtype).astype(self.dtype) for n in ("wq", "wk", "wv"))
+    wo = _param(self, "wo", nn.initializers.normal(stddev=D ** -0.5), (N, H, D),
+                ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
+    positions = jnp.arange(x_BTD.shape[1])
+    q = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, wq), positions, c.rope_theta)
+    k = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, wk), positions, c.rope_theta)
+    v = jnp.einsum("BTD,DNH->BTNH", x_BTD, wv)
+    spec = ("act_batch", "act_seq", "act_heads", None)
+    q, k, v = (nn.with_logical_constraint(t, spec) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       implementation=attention_impl(c.attention))
+    return jnp.einsum("BTNH,NHD->BTD", out, wo)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x), code). Scanned over layers."""
+
+  cfg: ml_collections.ConfigDict
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, code: Array | None):
+    c = self.cfg
+    norm = functools.partial(RMSNorm, c.norm_eps, self.dtype, self.param_dtype)
+    attn_out = Attention(c, self.dtype, self.param_dtype, name="attn")(norm(name="attn_norm")(x_BTD))
+    x_BTD = x_BTD + checkpoint_name(attn_out, "attn_out")
+    mlp = MLP(kind=c.mlp_kind, d_model=c.d_model, mlp_dim=c.mlp_dim,
+              h=c.k if c.mlp_kind == "mixture" else c.h, m=c.m, activation=c.activation,
+              dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+    mlp_out = mlp(norm(name="mlp_norm")(x_BTD), code)
+    x_BTD = x_BTD + checkpoint_name(mlp_out, "mlp_out")
+    x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
+    return x_BTD, None
+
+
+class LM(nn.Module):
+  """tokens [B, T] int32, cluster [B] int32 -> logits [B, T, V] (or hidden + unembedding).
+
+  `one_cluster=True` promises every sequence of the batch has cluster[0] (the data pipeline's
+  homogeneous batches); the expert's weights are then formed once per step instead of once per
+  sequence. The result is the same either way.
+  """
+
+  cfg: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, cluster_B: Array | None = None, *,
+               one_cluster: bool = False, return_hidden: bool = False):
+    c = self.cfg
+    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    embed = _param(self, "embed", nn.initializers.normal(stddev=1.0), (c.vocab_size, c.d_model),
+                   ("vocab", "embed"), pdtype)
+    x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
+
+    code = None
+    if c.mlp_kind != "dense":
+      if cluster_B is None:
+        raise ValueError(f"mlp_kind={c.mlp_kind!r} needs a cluster id per sequence")
+      cluster = cluster_B[:1] if one_cluster else cluster_B
+      if c.mlp_kind == "projected":
+        E = _param(self, "E", unit_rows_init, (c.k, c.m), ("expert", "code"), pdtype)
+        code = jnp.take(E, cluster, axis=0)  # [B|1, m]
+      else:
+        code = jax.nn.one_hot(cluster, c.k, dtype=pdtype)  # [B|1, k]
+
+    block = Block
+    if c.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=c.n_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BTD, _ = blocks(c, dtype, pdtype, name="blocks")(x_BTD, code)
+    x_BTD = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x_BTD)
+
+    if c.tie_embeddings:
+      # Embedding rows have unit variance; scale so the logits start at unit variance too.
+      unembed_DV = embed.T.astype(dtype) * (c.d_model ** -0.5)
+    else:
+      unembed_DV = _param(self, "unembed", nn.initializers.normal(stddev=c.d_model ** -0.5),
+                          (c.d_model, c.vocab_size), ("embed", "vocab"), pdtype).astype(dtype)
+    if return_hidden:
+      return x_BTD, unembed_DV
+    logits = jnp.einsum("BTD,DV->BTV", x_BTD, unembed_DV)
+    return nn.with_logical_constraint(logits, ("act_batch", "act_seq", "act_vocab"))
+
+
+def unit_rows_init(key, shape, dtype=jnp.float32):
+  """Expert codes E [k, m] with unit-norm rows (see MLP: keeps Var(W) at the dense init's)."""
+  e = jax.random.normal(key, shape, jnp.float32)
+  return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).astype(dtype)
+
+
+def make_model(model_cfg: ml_collections.ConfigDict) -> LM:
+  return LM(model_cfg)
+
+
+def init_params(model: LM, rng: Array, batch_size: int = 1, seq_len: int = 8):
+  """Boxed params (nn.Partitioned leaves carry logical axes); use nn.unbox for plain arrays."""
+  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+  cluster = jnp.zeros((batch_size,), jnp.int32)
+  return jax.jit(model.init)(rng, tokens, cluster)["params"]

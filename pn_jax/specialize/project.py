@@ -1,0 +1,43 @@
+"""Turn one expert of a PN (or a hard mixture) into a plain dense small model.
+
+Evaluating the PN equation once per layer for the chosen cluster gives the dense MLP weights;
+attention, embeddings and norms are copied. The dense model's logits equal the PN's logits on
+that cluster's sequences (tests/test_project.py checks it to float tolerance).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pn_jax.config import small_model_config
+from pn_jax.model.mlp import pn_weight
+
+
+def expert_code(params, model_cfg: ml_collections.ConfigDict, cluster: int) -> jax.Array:
+  """The code row selecting `cluster`'s expert: E[cluster] (PN) or a one-hot vector (mixture)."""
+  if not 0 <= cluster < model_cfg.k:
+    raise ValueError(f"cluster {cluster} is out of range for a model with k={model_cfg.k}")
+  if model_cfg.mlp_kind == "projected":
+    return params["E"][cluster]
+  return jax.nn.one_hot(cluster, model_cfg.k, dtype=params["blocks"]["mlp"]["T_in"].dtype)
+
+
+def project(params, model_cfg: ml_collections.ConfigDict, cluster: int):
+  """PN/mixture params + a cluster -> (dense small params, dense small model config)."""
+  if model_cfg.mlp_kind == "dense":
+    raise ValueError("project() needs a projected or mixture model; this one is already dense")
+  code = expert_code(params, model_cfg, cluster)
+  mlp = params["blocks"]["mlp"]
+  T_in, T_out = mlp["T_in"], mlp["T_out"]  # [L, D, F, h], [L, F, D, h]
+  if model_cfg.mlp_kind == "projected":
+    M = mlp["M"]  # [L, m, h]
+  else:
+    eye = jnp.eye(model_cfg.k, dtype=T_in.dtype)
+    M = jnp.broadcast_to(eye, (T_in.shape[0],) + eye.shape)
+  per_layer = jax.vmap(pn_weight, in_axes=(None, 0, 0))
+  dense = {name: value for name, value in params.items() if name != "E"}
+  dense["blocks"] = {**params["blocks"],
+                     "mlp": {"w_in": per_layer(code, M, T_in), "w_out": per_layer(code, M, T_out)}}
+  return dense, small_model_config(model_cfg)

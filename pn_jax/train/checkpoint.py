@@ -1,0 +1,125 @@
+"""Orbax checkpoints: params, optimizer state, config and data-iterator state, by step.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash
+mid-save never leaves a checkpoint that `latest_step` would pick. Restores go through an abstract
+target carrying the *current* mesh's shardings, so a run saved on 8 devices restores on 1.
+The specialize stage restores the `params` item alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing, unreadable, or belongs to a different model."""
+
+
+def _shape_tree(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_compatible(saved, expected, what: str) -> None:
+  """Compares leaf shapes of two trees; raises CheckpointError naming every mismatch."""
+  saved_shapes, expected_shapes = _shape_tree(saved), _shape_tree(expected)
+  problems = []
+  for key in sorted(set(saved_shapes) | set(expected_shapes)):
+    a, b = saved_shapes.get(key), expected_shapes.get(key)
+    if a != b:
+      problems.append(f"  {key}: checkpoint {a if a is not None else 'missing'}, "
+                      f"this config {b if b is not None else 'missing'}")
+  if problems:
+    shown = "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+    raise CheckpointError(f"{what} does not match this config's model:\n{shown}")
+
+
+class Checkpointer:
+  """One run's CheckpointManager under <workdir>/checkpoints."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "opt_state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None, *,
+           force: bool = False) -> bool:
+    items = dict(params=ocp.args.StandardSave(state.params),
+                 opt_state=ocp.args.StandardSave(state.opt_state),
+                 config=ocp.args.JsonSave(json.loads(config.to_json())))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def saved_config(self, step: int | None = None) -> dict:
+    step = self._resolve(step)
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(restored["config"])
+
+  def restore_params(self, abstract_params, step: int | None = None):
+    step = self._resolve(step)
+    self._check(step, "params", abstract_params)
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return restored["params"]
+
+  def restore(self, abstract_state, step: int | None = None, data_iter=None):
+    """-> (state, step). `abstract_state` carries the target shardings; data_iter is updated."""
+    step = self._resolve(step)
+    self._check(step, "params", abstract_state.params)
+    items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+                 opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"could not restore step {step} from {self.directory}: {e}") from e
+    state = abstract_state.replace(step=jax.numpy.asarray(step, jax.numpy.int32),
+                                   params=restored["params"], opt_state=restored["opt_state"])
+    return state, step
+
+  def _resolve(self, step: int | None) -> int:
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint found in {self.directory}")
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"step {step} is not among the checkpoints in {self.directory}: "
+                            f"{sorted(self.manager.all_steps())}")
+    return step
+
+  def _check(self, step: int, item: str, expected) -> None:
+    try:
+      saved = self.manager.item_metadata(step)[item]
+    except Exception as e:  # orbax raises assorted errors on unreadable metadata
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable "
+                            f"'{item}' item ({type(e).__name__}: {e})") from e
+    if saved is None:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no '{item}' item")
+    check_compatible(saved, expected, f"checkpoint step {step} ({item})")
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,200 @@
+"""The pretraining loop: config in, checkpoints and metrics out.
+
+The host dispatches step n, then reads step n-1's metrics, so it never waits on the device
+except at logging, checkpoint and eval boundaries. A checkpoint is written only after its step's
+metrics were checked finite, so the last checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+import ml_collections
+from tqdm import tqdm
+
+from pn_jax.config import ConfigError, validate
+from pn_jax.data import pipeline
+from pn_jax.model.transformer import LM
+from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.train import flops as flops_lib
+from pn_jax.train.checkpoint import Checkpointer
+from pn_jax.train.metrics import MetricWriter
+from pn_jax.train.optimizer import make_optimizer
+from pn_jax.train.state import create_state, state_shardings
+from pn_jax.train.step import make_eval_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient norm under train.nan_policy='stop'."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a mode needs, built once from the config."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: LM
+  run_data: object
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  validate(config, device_count=jax.device_count())
+  mesh = mesh_lib.make_mesh(config)
+  run_data = pipeline.prepare_run_data(config, workdir, process_index=jax.process_index())
+  vocab = run_data.tokenizer.vocab_size
+  if vocab > config.model.vocab_size:
+    raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
+                      f"tokenizer's vocabulary ({vocab})")
+  return Run(config, workdir, mesh, mesh_lib.logical_rules(config), LM(config.model), run_data)
+
+
+def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[str, float]:
+  """Token-weighted mean loss and perplexity over the eval iterator."""
+  total, count = 0.0, 0.0
+  it = pipeline.eval_iterator(run.config, run.run_data, split=split,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  for local in it:
+    out = eval_step(params, mesh_lib.global_batch(local, run.mesh))
+    total += float(out["loss_sum"])
+    count += float(out["tokens"])
+  if count == 0:
+    raise ValueError(f"the {split} split produced no tokens to evaluate")
+  loss = total / count
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then saves and exits)."""
+
+  def __init__(self):
+    self.received: int | str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. inside some test runners)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) to config.train.steps; returns the final metrics."""
+  run = setup(config, workdir)
+  t = config.train
+  tx, schedule = make_optimizer(config)
+  train_iter = pipeline.train_iterator(config, run.run_data, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  writer = MetricWriter(workdir)
+  peak = flops_lib.peak_flops(override_tflops=t.peak_tflops)
+  step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
+                                              config.data.seq_len)
+  final: dict[str, float] = {}
+
+  with mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop:
+    abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
+    start = ckpt.latest_step()
+    if start is not None:
+      state, start = ckpt.restore(abstract, data_iter=train_iter)
+      logging.info("resumed from step %d in %s", start, ckpt.directory)
+    else:
+      state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed))
+      start = 0
+    batch_sharding = mesh_lib.batch_sharding(run.mesh)
+    train_step = jax.jit(make_train_step(run.model, tx, schedule, config),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, mesh_lib.replicated(run.mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(run.model, config),
+                        in_shardings=(shardings.params, batch_sharding),
+                        out_shardings=mesh_lib.replicated(run.mesh))
+
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
+               desc="pretrain", dynamic_ncols=True)
+    pending = None  # (step, device metrics) of the last dispatched step
+    window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0}
+
+    def check(step, metrics):
+      """Blocks on one step's metrics; applies the NaN policy; accumulates the log window."""
+      host = jax.device_get(metrics)
+      if host["nonfinite"]:
+        if t.nan_policy == "stop":
+          raise TrainingDiverged(
+              f"non-finite loss ({host['loss']}) or grad norm ({host['grad_norm']}) at step "
+              f"{step}; the last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}")
+        logging.warning("step %d: non-finite loss/grad norm, update skipped", step)
+      window["steps"] += 1
+      window["loss"] += float(host["loss"])
+      return host
+
+    def log(step, host):
+      elapsed = time.perf_counter() - window["t0"]
+      steps = max(window["steps"], 1)
+      step_time = elapsed / steps
+      scalars = {"loss": window["loss"] / steps, "grad_norm": host["grad_norm"], "lr": host["lr"],
+                 "step_time_s": step_time,
+                 "tokens_per_s": config.data.batch_size * config.data.seq_len / step_time}
+      scalars["perplexity"] = float(np.exp(min(scalars["loss"], 50.0)))
+      if peak:
+        scalars["mfu"] = step_flops / step_time / (peak * jax.device_count())
+      writer.write(step, scalars)
+      bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+      window.update(t0=time.perf_counter(), steps=0, loss=0.0)
+      return scalars
+
+    step = start
+    while step < t.steps:
+      batch = mesh_lib.global_batch(next(train_iter), run.mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        host = check(*pending)
+        if pending[0] % t.log_every == 0:
+          final.update(log(pending[0], host))
+        pending = None
+      pending = (step, metrics)
+      bar.update(1)
+      if step == t.stop_at_step and not stop.received:
+        stop.received = "stop_at_step"
+      boundary = (step % t.checkpoint_every == 0 or step == t.steps or stop.received
+                  or step % t.eval_every == 0)
+      if boundary:
+        host = check(*pending)
+        if step % t.log_every == 0 or step == t.steps:
+          final.update(log(step, host))
+        pending = None
+        if step % t.eval_every == 0 or step == t.steps:
+          ev = evaluate(run, eval_step, state.params)
+          writer.write(step, ev, prefix="eval")
+          final.update({f"eval_{k}": v for k, v in ev.items()})
+        if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
+          ckpt.save(step, state, config, train_iter, force=True)
+        if stop.received:
+          logging.warning("stopping (%s): saved step %d, exiting", stop.received, step)
+          final["stopped_at"] = step
+          break
+    bar.close()
+    ckpt.close()
+    writer.close()
+  final["step"] = step
+  return final

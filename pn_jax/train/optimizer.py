@@ -1,0 +1,41 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  decay_steps = optim.decay_steps or total_steps
+  warmup = min(optim.warmup_steps, max(decay_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
+      decay_steps=max(decay_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+
+
+def decay_mask(params):
+  """Decay matrices (and higher-rank tensors); leave norm scales and biases alone.
+
+  Stacked layers add a leading axis, so rank is read relative to it: a scanned norm scale is
+  [L, D] but still a vector per layer.
+  """
+  def is_matrix(path, leaf):
+    in_scan = any(getattr(k, "key", None) == "blocks" for k in path)
+    return leaf.ndim - int(in_scan) >= 2
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = None):
+  """-> (optax transformation, schedule). `train.nan_policy='skip'` drops non-finite updates."""
+  o = config.optim
+  schedule = learning_rate_schedule(o, total_steps or config.train.steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                  mask=decay_mask),
+  )
+  if config.train.nan_policy == "skip":
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+  return tx, schedule

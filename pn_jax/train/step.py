@@ -1,0 +1,53 @@
+"""jit-able train and eval steps: pure functions of (state, batch)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from pn_jax.train.loss import cross_entropy
+from pn_jax.train.state import TrainState
+
+
+def loss_fn(params, batch, *, model, config: ml_collections.ConfigDict, one_cluster: bool):
+  """Mean masked next-token loss and its (sum, count) pieces."""
+  hidden, unembed = model.apply({"params": params}, batch["inputs"], batch["cluster"],
+                                one_cluster=one_cluster, return_hidden=True)
+  total, count = cross_entropy(hidden, unembed, batch["targets"], batch["mask"],
+                               chunk=config.model.logits_chunk)
+  return total / jnp.maximum(count, 1.0), (total, count)
+
+
+def make_train_step(model, tx, schedule, config: ml_collections.ConfigDict):
+  # Homogeneous batches (one cluster per step, see docs/data.md) let the PN form each layer's
+  # expert weights once per step instead of once per sequence.
+  one_cluster = config.data.cluster_batching == "homogeneous"
+
+  def train_step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (_, count)), grads = grad_fn(state.params, batch, model=model, config=config,
+                                        one_cluster=one_cluster)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+        "tokens": count,
+        "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model, config: ml_collections.ConfigDict):
+  def eval_step(params, batch):
+    # Eval batches may mix clusters: the per-sequence path is exact for any batch.
+    _, (total, count) = loss_fn(params, batch, model=model, config=config, one_cluster=False)
+    return {"loss_sum": total, "tokens": count}
+
+  return eval_step

@@ -1,0 +1,149 @@
+"""Bad inputs fail early with a DataError naming the file/domain and the fix; nothing half-written."""
+
+import os
+
+import pytest
+
+from pn_jax.config import base_config
+from pn_jax.data import DataError
+from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import pipeline
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+def make_root(root, n_docs=40, domain_docs=None):
+  docs = [{"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(60 + i))}
+          for i in range(n_docs)]
+  for split in corpus_lib.SPLITS:
+    corpus_lib.write_docs(corpus_lib.split_path(str(root), split), docs)
+    if domain_docs is not None:
+      corpus_lib.write_docs(corpus_lib.split_path(str(root), split, "empty_domain"), domain_docs)
+  return str(root)
+
+
+def config_for(root, **data):
+  c = base_config()
+  c.model.vocab_size = 259
+  c.model.k = 2
+  c.data.corpus = str(root)
+  c.data.tokenizer = "byte"
+  c.data.seq_len = 32
+  c.data.batch_size = 4
+  for key, value in data.items():
+    c.data[key] = value
+  return c
+
+
+def test_missing_corpus(tmp_path):
+  with pytest.raises(DataError, match="does not exist.*pn_jax.data prepare"):
+    pipeline.prepare_run_data(config_for(tmp_path / "nowhere"), str(tmp_path / "w"))
+
+
+def test_empty_file(tmp_path):
+  root = make_root(tmp_path / "c")
+  open(corpus_lib.split_path(root, "train"), "wb").close()
+  with pytest.raises(DataError, match=r"train\.array_record.*empty"):
+    pipeline.prepare_run_data(config_for(root), str(tmp_path / "w"))
+
+
+def test_corrupt_file(tmp_path):
+  root = make_root(tmp_path / "c")
+  with open(corpus_lib.split_path(root, "train"), "wb") as f:
+    f.write(b"this is not an array record file" * 10)
+  with pytest.raises(DataError, match="not a readable ArrayRecord"):
+    corpus_lib.read_docs(corpus_lib.split_path(root, "train"))
+
+
+def test_non_utf8_bytes(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  path = str(tmp_path / "latin.array_record")
+  w = ArrayRecordWriter(path, "group_size:1")
+  w.write('{"text": "caf\xe9 cr\xe8me br\xfbl\xe9e"}'.encode("latin-1"))
+  w.write(b'{"text": "ok \xff\xfe stray bytes in utf-8 text that is otherwise fine and long"}')
+  w.write(b"\x80\x81 not json")
+  w.close()
+  with pytest.raises(DataError, match="record 2 of .*latin.array_record.*not a JSON document"):
+    corpus_lib.read_docs(path)
+  w = ArrayRecordWriter(path, "group_size:1")  # without the broken record: decoded, not dropped
+  w.write('{"text": "caf\xe9 cr\xe8me br\xfbl\xe9e"}'.encode("latin-1"))
+  w.write(b'{"text": "ok \xff stray byte in utf-8 text \xc3\xbc"}')
+  w.close()
+  assert [d["text"] for d in corpus_lib.read_docs(path)] == [
+      "café crème brûlée", "ok  stray byte in utf-8 text ü"]
+  assert corpus_lib.decode_bytes("café".encode("latin-1")) == "café"
+  assert corpus_lib.decode_bytes(b"ok \xff and " + "ü".encode() * 50).startswith("ok  and ü")
+
+
+def test_missing_tokenizer(tmp_path):
+  root = make_root(tmp_path / "c")
+  config = config_for(root, tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "x.model"))
+  config.model.vocab_size = 512
+  with pytest.raises(DataError, match=r"x\.model.*does not exist.*tokenizer_path"):
+    pipeline.prepare_run_data(config, str(tmp_path / "w"))
+
+
+def test_tokenizer_bigger_than_model_vocab(tmp_path):
+  root = make_root(tmp_path / "c")
+  config = config_for(root)
+  config.model.vocab_size = 100
+  with pytest.raises(DataError, match="vocab_size"):
+    pipeline.prepare_run_data(config, str(tmp_path / "w"))
+
+
+def test_corpus_smaller_than_one_batch(tmp_path):
+  root = make_root(tmp_path / "c", n_docs=3)
+  config = config_for(root, batch_size=64)
+  rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
+  with pytest.raises(DataError, match="fewer than one global batch of 64"):
+    pipeline.train_iterator(config, rd)
+
+
+def test_batch_not_divisible_by_processes(tmp_path):
+  root = make_root(tmp_path / "c")
+  config = config_for(root, batch_size=6)
+  rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
+  with pytest.raises(DataError, match="not divisible by process_count=4"):
+    pipeline.train_iterator(config, rd, process_index=0, process_count=4)
+
+
+def test_domain_without_text(tmp_path):
+  root = make_root(tmp_path / "c", domain_docs=[{"text": ""}, {"text": "   \n"}])
+  config = config_for(root)
+  rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
+  with pytest.raises(DataError, match="domain 'empty_domain' has no text"):
+    pipeline.domain_iterator(config, rd, "empty_domain", "train")
+  with pytest.raises(DataError, match="domain 'nope' not found.*empty_domain"):
+    pipeline.domain_iterator(config, rd, "nope", "train")
+  config.data.domain = "empty_domain"
+  with pytest.raises(DataError, match="empty_domain"):
+    pipeline.eval_iterator(config, rd)
+
+
+def test_follower_times_out_clearly(tmp_path):
+  root = make_root(tmp_path / "c")
+  with pytest.raises(DataError, match="process 1 waited"):
+    pipeline.prepare_run_data(config_for(root), str(tmp_path / "w"), process_index=1,
+                              wait_timeout_s=0.1)
+
+
+def test_clusters_of_another_config_are_refused(tmp_path):
+  root = make_root(tmp_path / "c")
+  pipeline.prepare_run_data(config_for(root), str(tmp_path / "w"), progress=False)
+  config = config_for(root)
+  config.model.k = 3
+  with pytest.raises(DataError, match="fresh --workdir"):
+    pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+  path = str(tmp_path / "out" / "train.array_record")
+
+  def docs():
+    yield {"text": "fine"}
+    raise RuntimeError("boom")
+
+  with pytest.raises(RuntimeError):
+    corpus_lib.write_docs(path, docs())
+  assert os.listdir(tmp_path / "out") == []

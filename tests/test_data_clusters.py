@@ -1,0 +1,58 @@
+"""k-means routing: seeded and stable, saved arrays reproduce assignments, clear errors."""
+
+import numpy as np
+import pytest
+
+from pn_jax.data import DataError
+from pn_jax.data import clusters as clusters_lib
+from pn_jax.data import corpus as corpus_lib
+
+
+@pytest.fixture(scope="module")
+def texts():
+  return corpus_lib.load_texts(corpus_lib.TINY_ROOT, "train")
+
+
+def test_kmeans_stable_under_seed(texts, tmp_path):
+  a = clusters_lib.fit_clusters(texts, 4, seed=3)
+  b = clusters_lib.fit_clusters(texts, 4, seed=3)
+  np.testing.assert_array_equal(a.centroids, b.centroids)
+  ids = a.assign(texts)
+  np.testing.assert_array_equal(ids, b.assign(texts))
+  assert ids.dtype == np.int32 and set(ids.tolist()) == {0, 1, 2, 3}
+  a.save(str(tmp_path / "c"))
+  loaded = clusters_lib.load_clusters(str(tmp_path / "c"))
+  np.testing.assert_array_equal(loaded.assign(texts), ids)
+  assert loaded.k == 4 and loaded.meta["seed"] == 3
+
+
+def test_assignment_is_nearest_centroid(texts):
+  model = clusters_lib.fit_clusters(texts, 3, seed=0)
+  x = model.embed(texts[:50])
+  np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+  d = ((x[:, None, :] - model.centroids[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(model.assign(texts[:50]), d.argmin(1))
+
+
+def test_clusters_separate_distinct_text():
+  code = [f"def f{i}(x):\n    return x * {i} + self.value_{i}\n\nclass C{i}(object): pass"
+          for i in range(30)]
+  prose = [f"The king said unto his servants, go ye into the field number {i} and gather the "
+           "harvest, for the season is upon us and the people hunger." for i in range(30)]
+  model = clusters_lib.fit_clusters(code + prose, 2, seed=0)
+  ids = model.assign(code + prose)
+  assert len(set(ids[:30].tolist())) == 1 and len(set(ids[30:].tolist())) == 1
+  assert ids[0] != ids[30]
+
+
+def test_errors(tmp_path, texts):
+  with pytest.raises(DataError, match="cannot form k=50"):
+    clusters_lib.fit_clusters(texts[:10], 50, seed=0)
+  with pytest.raises(DataError, match="no cluster model"):
+    clusters_lib.load_clusters(str(tmp_path))
+  with pytest.raises(DataError, match="unknown"):
+    clusters_lib.fit_clusters(texts, 2, seed=0, embedding="bogus")
+  (tmp_path / "meta.json").write_text("{not json")
+  (tmp_path / "model.npz").write_bytes(b"junk")
+  with pytest.raises(DataError, match="corrupt"):
+    clusters_lib.load_clusters(str(tmp_path))
