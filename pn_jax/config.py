@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.async_checkpoint = True
   t.nan_policy = "stop"  # stop | skip
+  t.early_stop_patience = 0  # >0: stop after this many evals without a better eval loss
   t.progress_bar = True
   t.peak_tflops = 0.0  # 0: look the device up in pn_jax.train.flops
 
@@ -149,6 +150,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     _fail("data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
   if m.logits_chunk < 0 or (m.logits_chunk and d.seq_len % m.logits_chunk):
     _fail("model.logits_chunk", f"{m.logits_chunk} must be 0 or divide seq_len={d.seq_len}")
+  if t.early_stop_patience < 0 or t.stop_at_step < 0:
+    _fail("train.early_stop_patience", "early_stop_patience and stop_at_step must be >= 0")
   if t.nan_policy not in NAN_POLICIES:
     _fail("train.nan_policy", f"unknown policy {t.nan_policy!r}; choose one of {NAN_POLICIES}")
   if o.lr <= 0:

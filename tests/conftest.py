@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny programs (each run builds fresh jit closures): a persistent
+# compilation cache shared by the xdist workers turns repeat compiles into disk reads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/pn_jax_test_jit_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib  # noqa: E402
 import sys  # noqa: E402

@@ -97,18 +97,35 @@ class _StopSignal:
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to config.train.steps; returns the final metrics."""
+  """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics."""
   run = setup(config, workdir)
-  t = config.train
-  tx, schedule = make_optimizer(config)
   train_iter = pipeline.train_iterator(config, run.run_data, process_index=jax.process_index(),
                                        process_count=jax.process_count())
+  return fit(run, train_iter)
+
+
+def evaluator(run: Run, eval_step, split: str):
+  return lambda params: evaluate(run, eval_step, params, split=split)
+
+
+def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation",
+        desc: str = "pretrain") -> dict[str, float]:
+  """The training loop shared by pretraining and fine-tuning.
+
+  Resumes from the latest checkpoint in run.workdir if there is one; otherwise starts from
+  `init_params` (a params tree, e.g. a projected small model) or a fresh init. With
+  train.early_stop_patience > 0, stops after that many evals without a better eval loss.
+  """
+  config, workdir = run.config, run.workdir
+  t = config.train
+  tx, schedule = make_optimizer(config)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   writer = MetricWriter(workdir)
   peak = flops_lib.peak_flops(override_tflops=t.peak_tflops)
   step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
                                               config.data.seq_len)
   final: dict[str, float] = {}
+  best = {"loss": float("inf"), "step": 0, "evals_since": 0}
 
   with mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop:
     abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
@@ -117,7 +134,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
       state, start = ckpt.restore(abstract, data_iter=train_iter)
       logging.info("resumed from step %d in %s", start, ckpt.directory)
     else:
-      state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed))
+      state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed),
+                              params=init_params)
       start = 0
     batch_sharding = mesh_lib.batch_sharding(run.mesh)
     train_step = jax.jit(make_train_step(run.model, tx, schedule, config),
@@ -127,9 +145,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     eval_step = jax.jit(make_eval_step(run.model, config),
                         in_shardings=(shardings.params, batch_sharding),
                         out_shardings=mesh_lib.replicated(run.mesh))
+    run_eval = evaluator(run, eval_step, eval_split)
 
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
-               desc="pretrain", dynamic_ncols=True)
+               desc=desc, dynamic_ncols=True)
     pending = None  # (step, device metrics) of the last dispatched step
     window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0}
 
@@ -184,9 +203,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
           final.update(log(step, host))
         pending = None
         if step % t.eval_every == 0 or step == t.steps:
-          ev = evaluate(run, eval_step, state.params)
+          ev = run_eval(state.params)
           writer.write(step, ev, prefix="eval")
           final.update({f"eval_{k}": v for k, v in ev.items()})
+          if ev["loss"] < best["loss"]:
+            best.update(loss=ev["loss"], step=step, evals_since=0)
+          else:
+            best["evals_since"] += 1
+          if t.early_stop_patience and best["evals_since"] >= t.early_stop_patience:
+            stop.received = stop.received or "early_stopping"
         if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
           ckpt.save(step, state, config, train_iter, force=True)
         if stop.received:
@@ -197,4 +222,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     ckpt.close()
     writer.close()
   final["step"] = step
+  if best["step"]:
+    final.update(best_eval_loss=best["loss"], best_step=best["step"])
   return final

@@ -42,8 +42,14 @@ def state_shardings(model, tx, mesh, rules):
   return abstract, shardings
 
 
-def create_state(model, tx, mesh, rules, rng) -> tuple[TrainState, Any]:
-  """Initialises params and optimizer state directly into their shardings (no host copy)."""
+def create_state(model, tx, mesh, rules, rng, params=None) -> tuple[TrainState, Any]:
+  """Initialises params (or takes `params`, e.g. a projected model) and a fresh optimizer state
+  directly into their shardings."""
   _, shardings = state_shardings(model, tx, mesh, rules)
-  init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, r)), out_shardings=shardings)
-  return init(rng), shardings
+  if params is None:
+    init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, r)), out_shardings=shardings)
+    return init(rng), shardings
+  params = jax.device_put(params, shardings.params)
+  start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                       opt_state=tx.init(p)), out_shardings=shardings)
+  return start(params), shardings
