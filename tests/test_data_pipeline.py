@@ -18,6 +18,7 @@ def tiny_config(**data):
   c.data.seq_len = 64
   c.data.batch_size = 8
   c.data.eval_batches = 3
+  c.data.cluster_window = 256  # fewer, longer windows to cluster: a faster fixture
   for key, value in data.items():
     c.data[key] = value
   return c
@@ -72,13 +73,19 @@ def test_epoch_has_every_token_once(run, mode):
 
 
 def test_sequence_cluster_matches_assignment(run):
+  """Each cluster's sequences are exactly bos + the windows k-means assigned to that cluster."""
   _, rd, _ = run
-  p = rd.train
-  for s in range(0, len(p), max(1, len(p) // 20)):
-    text = rd.tokenizer.decode(p.tokens[p.starts[s] + 1:p.ends[s]])
-    assert 0 <= p.cluster[s] < rd.num_clusters
-    assert len(text) > 0
-  assert sorted(set(p.cluster.tolist())) == list(range(rd.num_clusters))
+  tok, p = rd.tokenizer, rd.train
+  docs = pipeline.tokenize_docs(tok, corpus_lib.load_texts(rd.root, "train"))
+  wins = pipeline.windows_of(docs, rd.window)
+  assert rd.window == 256 and max(len(w) for w in wins) == 256
+  ids = pipeline.assign_clusters(rd, [tok.decode(w) for w in wins])
+  for c in range(rd.num_clusters):
+    seqs = np.flatnonzero(p.cluster == c)
+    assert len(seqs) and (np.diff(p.starts[seqs]) == rd.seq_len).all()
+    stream = p.tokens[p.starts[seqs[0]]:p.ends[seqs[-1]]]
+    expected = np.concatenate([[tok.bos_id]] + [w for w, i in zip(wins, ids) if i == c])
+    np.testing.assert_array_equal(stream, expected)
 
 
 def test_homogeneous_visits_clusters_by_size(run):
@@ -188,7 +195,7 @@ def test_assign_clusters(run):
 
 
 def test_byte_tokenizer_run(tmp_path):
-  config = tiny_config(tokenizer="byte", seq_len=32)
+  config = tiny_config(tokenizer="byte", seq_len=32, cluster_window=1024)
   config.model.vocab_size = 259
   config.model.k = 2
   rd = pipeline.prepare_run_data(config, str(tmp_path), progress=False)

@@ -30,12 +30,13 @@ def test_sentencepiece_roundtrip_and_specials(sp):
   assert again.encode(text) == ids and again.fingerprint() == tok.fingerprint()
 
 
-def test_training_is_deterministic(sp, tmp_path):
-  tok, path = sp
-  texts = corpus_lib.load_texts(corpus_lib.TINY_ROOT, "train")
-  other = tok_lib.train_tokenizer(texts, str(tmp_path / "b.model"), vocab_size=512, seed=0)
-  assert open(path, "rb").read() == open(str(tmp_path / "b.model"), "rb").read()
-  assert other.fingerprint() == tok.fingerprint()
+def test_training_is_deterministic(tmp_path):
+  texts = corpus_lib.load_texts(corpus_lib.TINY_ROOT, "train")[:80]
+  a = tok_lib.train_tokenizer(texts, str(tmp_path / "a.model"), vocab_size=400, seed=0)
+  b = tok_lib.train_tokenizer(texts, str(tmp_path / "b.model"), vocab_size=400, seed=0)
+  assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+  assert a.fingerprint() == b.fingerprint() and a.encode("determinism") == b.encode(
+      "determinism")
 
 
 def test_byte_tokenizer():

@@ -7,6 +7,7 @@ Modules (one concept each):
   tokenizer.py sentencepiece (trained on the generic corpus) or a byte-level fallback
   clusters.py  document embeddings (TF-IDF+SVD or MiniLM) and seeded k-means
   pipeline.py  packing to seq_len per cluster and grain iterators (train / eval / domain)
+  report.py    `python -m pn_jax.data report`: token counts and cluster sizes for docs/data.md
 """
 
 

@@ -32,12 +32,24 @@ def main(argv=None) -> int:
   rep.add_argument("--vocab_size", type=int, default=32_000)
   rep.add_argument("--seq_len", type=int, default=1024)
   rep.add_argument("--embedding", default="tfidf")
+  rep.add_argument("--compare_minilm", type=int, default=0,
+                   help="also compare TF-IDF and MiniLM clusters on this many windows")
   args = p.parse_args(argv)
   try:
     if args.cmd == "report":
       from pn_jax.data.report import report
-      print(report(args.corpus, args.out, args.workdir, [int(k) for k in args.k.split(",")],
-                   args.vocab_size, args.seq_len, args.embedding))
+      ks = [int(k) for k in args.k.split(",")]
+      if not args.compare_minilm:
+        print(report(args.corpus, args.out, args.workdir, ks, args.vocab_size, args.seq_len,
+                     args.embedding))
+        return 0
+      import os
+      from pn_jax.data import pipeline
+      from pn_jax.data.report import _config, compare_embeddings
+      for k in ks:
+        config = _config(args.corpus, args.out, k, args.vocab_size, args.seq_len, args.embedding)
+        rd = pipeline.prepare_run_data(config, os.path.join(args.workdir, f"k{k}"))
+        print(compare_embeddings(rd, k, args.compare_minilm))
       return 0
     if args.cmd == "prepare":
       from pn_jax.data.prepare import prepare

@@ -32,6 +32,7 @@ class ClusterModel:
     self.arrays = arrays
     self.meta = meta
     self._counter = None
+    self.fit_texts, self.fit_assignment = None, None
 
   @property
   def k(self) -> int:
@@ -42,7 +43,8 @@ class ClusterModel:
     if self.embedding == "tfidf":
       return _tfidf_embed(self, texts)
     if self.embedding == "minilm":
-      return _minilm_embed(texts, self.meta.get("minilm_path", ""))
+      path = self.meta.get("minilm_path", "")
+      return _minilm_embed(texts, path if path and os.path.isdir(path) else "")
     raise DataError(f"unknown cluster embedding {self.embedding!r}; use 'tfidf' or 'minilm'")
 
   def assign(self, texts: list[str], *, batch: int = 4096) -> np.ndarray:
@@ -205,6 +207,8 @@ def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf
     km.fit(x.astype(np.float64))
     centroids = km.cluster_centers_
   model.centroids = np.asarray(centroids, np.float32)
+  model.fit_texts = sample  # the fitted sample and its assignment, so callers need not re-embed
+  model.fit_assignment = nearest(x.astype(np.float32), model.centroids)
   return model
 
 

@@ -105,7 +105,10 @@ class _HTMLText(html.parser.HTMLParser):
       return
     if not self.pre:
       data = re.sub(r"\s+", " ", data)
-    self.out.append(data)
+      if not self.out or self.out[-1].endswith("\n"):
+        data = data.lstrip()
+    if data:
+      self.out.append(data)
 
 
 def html_to_text(markup: str) -> str:
@@ -116,9 +119,7 @@ def html_to_text(markup: str) -> str:
     parser.close()
   except Exception:  # malformed markup: fall back to stripping tags
     return clean_text(html.unescape(re.sub(r"<[^>]+>", " ", markup)))
-  text = "".join(parser.out)
-  text = re.sub(r"[ \t]+\n", "\n", re.sub(r"\n[ \t]+", "\n", text))
-  return clean_text(text)
+  return clean_text("".join(parser.out))
 
 
 def text_key(text: str) -> str:

@@ -222,8 +222,8 @@ def _load_or_train_tokenizer(config, root: str, workdir: str, write: bool) -> to
   return tok
 
 
-def _build(config, root: str, workdir: str, tok, progress: bool) -> tuple:
-  """Tokenize, window, cluster, pack the generic training set (process 0 only)."""
+def _build(config, root: str, workdir: str, tok, progress: bool, write: bool = True) -> tuple:
+  """Tokenize, window, cluster, pack the generic training set; only `write` saves files."""
   d, k = config.data, int(config.model.k)
   settings = _data_settings(config)
   train_path = corpus_lib.existing_split_file(corpus_lib.split_path(root, "train"))
@@ -255,7 +255,10 @@ def _build(config, root: str, workdir: str, tok, progress: bool) -> tuple:
                                       embedding=d.cluster_embedding,
                                       dim=int(d.get("cluster_dim", 64)))
     model.meta.update(expect)
-  assignment = model.assign(win_texts)
+  if model.fit_texts is not None and len(model.fit_texts) == len(win_texts):
+    assignment = model.fit_assignment  # fitted on every window: no second embedding pass
+  else:
+    assignment = model.assign(win_texts)
   packed = pack(wins, assignment, int(d.seq_len), tok.bos_id, k)
   sizes = clusters_lib.cluster_sizes(assignment, k)
   win_tokens = np.bincount(assignment, weights=[len(w) for w in wins], minlength=k)
@@ -265,6 +268,8 @@ def _build(config, root: str, workdir: str, tok, progress: bool) -> tuple:
            "cluster_sequences": clusters_lib.cluster_sizes(packed.cluster, k),
            "build_seconds": round(time.time() - t0, 2)}
   model.meta["train_stats"] = stats
+  if not write:  # a follower process that cannot see process 0's files: same result, in memory
+    return model, packed, stats
   if not os.path.exists(os.path.join(cdir, "meta.json")):
     model.save(cdir)
   os.makedirs(data_dir, exist_ok=True)
@@ -304,7 +309,8 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
                         "filesystem shared by all hosts")
       time.sleep(1.0)
   tok = _load_or_train_tokenizer(config, root, workdir, write=process_index == 0)
-  model, packed, stats = _build(config, root, workdir, tok, progress and process_index == 0)
+  model, packed, stats = _build(config, root, workdir, tok, progress and process_index == 0,
+                                write=process_index == 0)
   if process_index == 0:
     corpus_lib.write_json(ready, {"settings": settings, "stats": stats})
   return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, train=packed,

