@@ -98,7 +98,9 @@ class MLP(nn.Module):
                    pd)
       else:  # mixture: PN with h = k, a one-hot code and M = I
         M = jnp.eye(self.h, dtype=pd)
-      cast = lambda a: a.astype(self.dtype)
-      w_in = pn_weight(cast(code), cast(M), cast(T_in))  # [B|1, D, F]
-      w_out = pn_weight(cast(code), cast(M), cast(T_out))  # [B|1, F, D]
+      # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;
+      # its gradient is one fused outer product), then rounded once, as project() does.
+      code = code.astype(pd)
+      w_in = pn_weight(code, M, T_in)  # [B|1, D, F]
+      w_out = pn_weight(code, M, T_out)  # [B|1, F, D]
     return apply_mlp(x_BTD, w_in.astype(self.dtype), w_out.astype(self.dtype), self.activation)

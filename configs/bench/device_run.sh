@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The benchmark runs behind docs/benchmarks.md, as sent to the device machine (one H100):
+#   bash configs/bench/device_run.sh <set>   (logs and traces land in $OUT, or /tmp/bench_out)
+# Each `python -m pn_jax.bench` is its own process so its peak memory is its own.
+set -o pipefail
+OUT=${OUT:-/tmp/bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log="$OUT/bench_${1:-main}.jsonl"
+bench() {  # bench <label> <args...>
+  local label=$1; shift
+  echo "### $label: python -m pn_jax.bench $*" | tee -a "$OUT/log.txt"
+  timeout 300 python3 -m pn_jax.bench "$@" 2>>"$OUT/log.txt" | tee -a "$log"
+}
+profile() {  # profile <label> <args...>: also keep the trace and HLO of the first config
+  local label=$1; shift
+  rm -rf "/tmp/prof_$label"
+  bench "$label" "$@" --profile_dir="/tmp/prof_$label"
+  cp "$(ls /tmp/prof_$label/plugins/profile/*/perfetto_trace.json.gz | tail -1)" \
+    "$OUT/${label}_trace.json.gz" 2>/dev/null
+  cp "/tmp/prof_$label/hlo.txt.gz" "$OUT/${label}_hlo.txt.gz" 2>/dev/null
+}
+case "${1:-main}" in
+  main)
+    python3 -c "import jax, jaxlib, flax, optax; print(jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, jax.devices())"
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+    profile dense --config=configs/bench/gpt2_dense.py --config.bench.sweep="model.logits_chunk=256"
+    profile pn --config=configs/bench/gpt2_pn.py --config.bench.sweep="data.cluster_batching='mixed'"
+    bench pn_finetune --config=configs/bench/gpt2_pn.py:finetune=1
+    bench mix --config=configs/bench/gpt2_mix.py
+    bench dense_noflags --config=configs/bench/gpt2_dense.py --xla_preset=none
+    ;;
+  r2)  # fused CE (default now), fp32 PN weight forming, unrolled layers
+    U=--config.model.scan_layers=False
+    profile dense_u --config=configs/bench/gpt2_dense.py $U \
+      --config.bench.sweep="model.scan_layers=True;model.logits_chunk=256"
+    profile pn_u --config=configs/bench/gpt2_pn.py $U \
+      --config.bench.sweep="model.h=8,model.m=4;data.cluster_batching='mixed'"
+    bench pn_finetune_u --config=configs/bench/gpt2_pn.py:finetune=1 $U
+    bench mix_u --config=configs/bench/gpt2_mix.py $U --config.bench.sweep="data.cluster_batching='mixed'"
+    ;;
+  r3)  # bench configs now default to scan_layers=False; cuBLASLt (GELU epilogue) trial
+    bench dense_default --config=configs/bench/gpt2_dense.py
+    XLA_FLAGS="--xla_gpu_enable_cublaslt=true" bench dense_cublaslt --config=configs/bench/gpt2_dense.py
+    ;;
+  *) echo "unknown set $1"; exit 2 ;;
+esac

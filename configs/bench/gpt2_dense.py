@@ -1,0 +1,45 @@
+"""Bench: a dense GPT-2-small-shaped model (d 768, 12 layers, 12 heads, vocab 50304, seq 1024).
+
+python -m pn_jax.bench --config=configs/bench/gpt2_dense.py        (H100: batch 32, bf16)
+python -m pn_jax.bench --config=configs/bench/gpt2_dense.py:tiny   (CPU in seconds; tests)
+
+`gpt2_small(arg)` is shared by the PN and mixture bench configs, so all three differ in the MLP
+kind alone. The `bench` block is read by pn_jax/bench.py only.
+"""
+
+import ml_collections
+
+from pn_jax.config import base_config, parse_arg, use_tiny
+
+
+def gpt2_small(arg=None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg)
+  c = base_config()
+  c.model.update(vocab_size=50_304, d_model=768, n_layers=12, n_heads=12, mlp_dim=3072,
+                 max_len=1024, mlp_kind="dense", dtype="bfloat16", remat="none",
+                 attention="auto", logits_chunk=0, tie_embeddings=True,
+                 scan_layers=False)  # unrolled layers: 65 vs 93 ms/step on H100 (benchmarks.md)
+  c.data.update(seq_len=1024, batch_size=32, cluster_batching="homogeneous")
+  c.optim.update(warmup_steps=10)
+  c.train.update(steps=1000)
+  c.bench = b = ml_collections.ConfigDict()
+  b.warmup = 3  # untimed steps after compilation
+  b.steps = 20  # timed steps; the step time is their median
+  b.project_finetune = False  # PN/mixture: project one expert, then time the dense model's step
+  b.cluster = 0  # the expert projected (and the homogeneous batches' cluster)
+  # Extra configurations run in the same process, each one JSON line: ';'-separated sets of
+  # ','-separated key=value overrides, e.g. "model.logits_chunk=256;model.remat=dots".
+  b.sweep = ""
+  if args.get("size") == "tiny":
+    use_tiny(c)
+    c.data.update(seq_len=64, batch_size=8)
+    b.update(warmup=1, steps=3)
+  if "batch" in args:
+    c.data.batch_size = int(args["batch"])
+  return c
+
+
+def get_config(arg=None):
+  c = gpt2_small(arg)
+  c.name = "gpt2_dense"
+  return c

@@ -1,0 +1,331 @@
+"""Train-step benchmark: python -m pn_jax.bench --config=configs/bench/gpt2_dense.py
+
+Times the real training step (pn_jax.train: make_train_step, create_state, the optimizer, the
+mesh and its shardings, buffer donation) on synthetic random-token batches, so no data pipeline
+is needed. Prints one JSON line per configuration: tokens/s, the median step time after warm-up,
+MFU (6N + attention FLOPs of the small model, pn_jax.train.flops), compile time, peak device
+memory, device kind and config name. `bench.sweep` adds configurations run in the same process.
+
+`bench.project_finetune` times the path a specialised model trains on: initialise the PN (or
+mixture), project one expert with pn_jax.specialize.project, and train the resulting dense model.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import glob
+import gzip
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from pn_jax.parallel import xla_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Bench config (configs/bench/*.py[:arg]).",
+                                          lock_config=True)
+_XLA_PRESET = flags.DEFINE_enum("xla_preset", "default", sorted(xla_flags.PRESETS),
+                                "GPU XLA flags added to XLA_FLAGS (pn_jax/parallel/xla_flags.py).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "If set, a jax.profiler trace of a few "
+                                   "timed steps of the first configuration is written here.")
+
+
+def apply_overrides(config, overrides: str):
+  """'model.remat=dots,data.batch_size=16' -> a copy of `config` with those keys set."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for item in filter(None, (s.strip() for s in overrides.split(","))):
+      key, sep, raw = item.partition("=")
+      if not sep:
+        raise ValueError(f"bench.sweep: {item!r} is not key=value")
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        value = raw
+      *parents, leaf = key.strip().split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      if leaf not in node:
+        raise ValueError(f"bench.sweep: unknown config key {key!r}")
+      node[leaf] = value
+  return config
+
+
+def synthetic_batch(config, rng):
+  """Random tokens (and one cluster per batch when batches are homogeneous), numpy on host."""
+  import numpy as np
+  B, T = config.data.batch_size, config.data.seq_len
+  V, k = config.model.vocab_size, config.model.k
+  tokens = rng.integers(0, V, size=(B, T + 1), dtype=np.int32)
+  if config.data.cluster_batching == "homogeneous":
+    cluster = np.full((B,), rng.integers(0, k), np.int32)
+  else:
+    cluster = rng.integers(0, k, size=(B,), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "mask": np.ones((B, T), np.float32), "cluster": cluster}
+
+
+def _memory_stats(device):
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return stats or {}
+
+
+def _initial_state(config, model, tx, mesh, rules):
+  """-> (config, model, tx, state, shardings) of the model to train: `model` freshly
+  initialised, or (bench.project_finetune) the dense projection of a PN/mixture expert."""
+  import jax
+  from pn_jax.config import ConfigError, small_model_config
+  from pn_jax.model.transformer import LM
+  from pn_jax.specialize.project import project
+  from pn_jax.train.optimizer import make_optimizer
+  from pn_jax.train.state import create_state
+
+  rng = jax.random.key(config.seed)
+  if not config.bench.project_finetune:
+    state, shardings = create_state(model, tx, mesh, rules, rng)
+    return config, model, tx, state, shardings
+  if config.model.mlp_kind == "dense":
+    raise ConfigError("config.bench.project_finetune: needs a projected or mixture model")
+  big, _ = create_state(model, tx, mesh, rules, rng)
+  dense_params = jax.jit(lambda p: project(p, config.model, config.bench.cluster)[0])(big.params)
+  small_cfg = small_model_config(config.model)
+  del big
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = small_cfg
+  model = LM(config.model)
+  tx, _ = make_optimizer(config)
+  state, shardings = create_state(model, tx, mesh, rules, rng, params=dense_params)
+  return config, model, tx, state, shardings
+
+
+def bench_one(config, *, profile_dir: str = "") -> dict:
+  """Builds, compiles and times one configuration's train step; returns the JSON record."""
+  import jax
+  import numpy as np
+  from pn_jax.config import ConfigError, small_model_config, validate
+  from pn_jax.model.transformer import LM
+  from pn_jax.parallel import mesh as mesh_lib
+  from pn_jax.train import flops as flops_lib
+  from pn_jax.train.optimizer import make_optimizer
+  from pn_jax.train.step import make_train_step
+
+  validate(config, device_count=jax.device_count())
+  if config.bench.steps < 1 or config.bench.warmup < 0:
+    raise ConfigError("config.bench.steps: need steps >= 1 and warmup >= 0, got "
+                      f"steps={config.bench.steps}, warmup={config.bench.warmup}")
+  mesh = mesh_lib.make_mesh(config)
+  rules = mesh_lib.logical_rules(config)
+  model = LM(config.model)
+  tx, _ = make_optimizer(config)
+  device = jax.devices()[0]
+  with mesh_lib.activate(mesh, rules):
+    train_cfg, model, tx, state, shardings = _initial_state(config, model, tx, mesh, rules)
+    _, schedule = make_optimizer(train_cfg)
+    step_fn = jax.jit(make_train_step(model, tx, schedule, train_cfg),
+                      in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    rng = np.random.default_rng(config.seed)
+    batches = [mesh_lib.global_batch(synthetic_batch(train_cfg, rng), mesh) for _ in range(2)]
+
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(state, batches[0])
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    hlo_text = compiled.as_text()
+
+    b = config.bench
+    for i in range(b.warmup):
+      state, _ = compiled(state, batches[i % 2])
+    jax.block_until_ready(state)
+    times = []
+    for i in range(b.steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batches[i % 2])
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t0)
+    # Back-to-back (as the training loop runs): host dispatch overlaps the device.
+    t0 = time.perf_counter()
+    for i in range(b.steps):
+      state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    pipelined_s = (time.perf_counter() - t0) / b.steps
+    if profile_dir:
+      os.makedirs(profile_dir, exist_ok=True)
+      with gzip.open(os.path.join(profile_dir, "hlo.txt.gz"), "wt") as f:
+        f.write(hlo_text)
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for i in range(PROFILE_STEPS):
+          state, metrics = compiled(state, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+    loss = float(metrics["loss"])
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    del state
+
+  step_s = statistics.median(times)
+  B, T = train_cfg.data.batch_size, train_cfg.data.seq_len
+  m = train_cfg.model
+  model_flops = flops_lib.train_flops_per_step(small_model_config(m), B, T)
+  experts = 1 if train_cfg.data.cluster_batching == "homogeneous" else B
+  all_flops = flops_lib.train_flops_per_step(m, B, T, experts_per_step=experts)
+  peak = flops_lib.peak_flops(device, config.train.peak_tflops)
+  n = jax.device_count()
+  stats = _memory_stats(device)
+  mib = lambda x: None if x is None else round(x / 2**20, 1)
+  return {
+      "config": config.name,
+      "device_kind": device.device_kind,
+      "devices": n,
+      "platform": device.platform,
+      "mlp_kind": m.mlp_kind,
+      "k": m.k, "h": m.h, "m": m.m,
+      "batch": B, "seq_len": T,
+      "attention_kernel": "cudnn" if "__cudnn$fmha" in hlo_text else "xla",
+      "remat": m.remat, "logits_chunk": m.logits_chunk, "attention": m.attention,
+      "scan_layers": m.scan_layers,
+      "cluster_batching": train_cfg.data.cluster_batching,
+      "params": n_params,
+      "step_time_s": step_s,
+      "step_time_min_s": min(times),
+      "step_time_pipelined_s": pipelined_s,
+      "tokens_per_s": B * T / step_s,
+      "model_tflops_per_step": model_flops / 1e12,
+      "mfu": (model_flops / step_s / (peak * n)) if peak else None,
+      "mfu_incl_expert_forming": (all_flops / step_s / (peak * n)) if peak else None,
+      "compile_s": compile_s,
+      "peak_mib": mib(stats.get("peak_bytes_in_use")),  # device 0, process-wide
+      "compiled_temp_mib": mib(getattr(mem, "temp_size_in_bytes", None)),
+      "compiled_args_mib": mib(getattr(mem, "argument_size_in_bytes", None)),
+      "loss": loss,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+
+
+PROFILE_STEPS = 3
+GEMM_KERNELS = ("gemm", "cutlass", "nvjet", "xmma", "cublas", "gemv", "triton_gemm")
+ATTENTION_KERNELS = ("fmha", "flash", "cudnn")
+
+
+def _hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the jax name stack it came from (its metadata op_name)."""
+  out = {}
+  for line in hlo_text.splitlines():
+    line = line.strip()
+    if line.startswith("ROOT "):
+      line = line[5:]
+    if not line.startswith("%") or 'op_name="' not in line:
+      continue
+    name = line[1:line.index(" ")].replace(".", "_")  # kernels are named fusion_3, not .3
+    out[name] = line.split('op_name="', 1)[1].split('"', 1)[0]
+  return out
+
+
+def _kernel_class(kernel: str, op_name: str) -> str:
+  low = kernel.lower()
+  if any(s in low for s in ATTENTION_KERNELS) or "dot_product_attention" in op_name:
+    return "attention"
+  if any(s in low for s in GEMM_KERNELS):
+    return "matmul"
+  if low.startswith("memcpy") or low.startswith("memset"):
+    return "copy"
+  if "dynamic_update_slice" in low or "dynamic_slice" in low or low.startswith("loop_broadcast"):
+    return "scan_stacking"
+  return "other_fusion"
+
+
+def _phase(op_name: str) -> str:
+  if not op_name:
+    return "unattributed"  # library kernels (cuBLAS, cuDNN) carry no HLO op name in a graph
+  if "cross_entropy" in op_name:
+    return "cross_entropy"
+  if "optimizer" in op_name:
+    return "optimizer"
+  if "transpose(" in op_name:
+    return "backward"
+  if "jvp(" in op_name:
+    return "forward"
+  return "other"
+
+
+def profile_summary(profile_dir: str, steps: int = PROFILE_STEPS) -> dict:
+  """Where device time goes, from the perfetto trace and the HLO written by `bench_one`.
+
+  Kernel time is summed over every GPU event of the trace and divided by `steps`; each kernel
+  is classed by its name (matmul / attention / other) and by its HLO op's name stack (forward /
+  backward / cross_entropy / optimizer). Fractions are of summed kernel time.
+  """
+  traces = glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not traces:
+    return {"error": f"no perfetto trace under {profile_dir}"}
+  with gzip.open(sorted(traces)[-1], "rt") as f:
+    events = json.load(f)["traceEvents"]
+  hlo_path = os.path.join(profile_dir, "hlo.txt.gz")
+  op_names = {}
+  if os.path.exists(hlo_path):
+    with gzip.open(hlo_path, "rt") as f:
+      op_names = _hlo_op_names(f.read())
+  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  by_class, by_phase, by_op = (collections.Counter() for _ in range(3))
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    args = e.get("args", {})
+    # Kernels inside a CUDA graph (command buffer) are named after their fusion; hlo_op is the
+    # command buffer then.
+    hlo_op = e["name"] if e["name"] in op_names else args.get("hlo_op", "")
+    op_name = op_names.get(hlo_op, "")
+    dur = float(e.get("dur", 0.0)) / 1e3 / steps  # ms per step
+    by_class[_kernel_class(e["name"], op_name)] += dur
+    by_phase[_phase(op_name)] += dur
+    by_op[e["name"][:60], op_name[-90:]] += dur
+  total = sum(by_class.values())
+  frac = lambda c: {k: round(v / total, 3) for k, v in c.most_common()} if total else {}
+  return {"kernel_ms_per_step": round(total, 3), "by_kernel": frac(by_class),
+          "by_phase": frac(by_phase),
+          "top_ops": [{"op": k[0], "ms": round(v, 3), "name_stack": k[1]}
+                      for k, v in by_op.most_common(15)]}
+
+
+def configurations(config):
+  """The base config, then one per `bench.sweep` entry (named after its overrides)."""
+  yield config
+  for overrides in filter(None, (s.strip() for s in config.bench.sweep.split(";"))):
+    variant = apply_overrides(config, overrides)
+    with variant.unlocked():
+      variant.name = f"{config.name}[{overrides}]"
+    yield variant
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required")
+  xla_flags.apply(_XLA_PRESET.value)  # before the first jax call initialises the backend
+  from pn_jax.config import ConfigError
+  for i, config in enumerate(configurations(_CONFIG.value)):
+    profile_dir = _PROFILE_DIR.value if i == 0 else ""
+    try:
+      record = bench_one(config, profile_dir=profile_dir)
+    except ConfigError as e:
+      print(f"error: ConfigError: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps(record), flush=True)
+    if profile_dir:
+      print(json.dumps({"profile": config.name, **profile_summary(profile_dir)}), flush=True)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())

@@ -1,0 +1,118 @@
+"""The train-step benchmark runs on CPU, and the speed changes behind it keep the math."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from pn_jax import bench
+from pn_jax.parallel import xla_flags
+from pn_jax.train.loss import cross_entropy, xent_sum_reference
+
+
+def _tiny(name, arg="tiny"):
+  config = load_config(f"bench/{name}", arg)
+  config.bench.update(warmup=1, steps=2)
+  return config
+
+
+def test_bench_one_dense_record():
+  record = bench.bench_one(_tiny("gpt2_dense"))
+  assert record["config"] == "gpt2_dense" and record["platform"] == "cpu"
+  assert record["step_time_s"] > 0 and record["compile_s"] > 0
+  assert record["tokens_per_s"] == pytest.approx(8 * 64 / record["step_time_s"])
+  assert record["peak_mib"] is None  # CPU has no allocator stats
+  assert record["mfu"] is None  # no peak FLOP/s known for a CPU
+  assert record["model_tflops_per_step"] > 0 and np.isfinite(record["loss"])
+  assert record["params"] > 0 and record["attention_kernel"] == "xla"
+
+
+def test_bench_projected_finetune_is_the_dense_model():
+  """project() of a PN gives a dense model with the dense bench model's parameter count."""
+  dense = bench.bench_one(_tiny("gpt2_dense"))
+  finetune = bench.bench_one(_tiny("gpt2_pn", "tiny,finetune=1"))
+  assert finetune["config"] == "gpt2_pn_projected_finetune"
+  assert finetune["mlp_kind"] == "dense" and finetune["params"] == dense["params"]
+
+
+def test_cli_prints_one_json_line_per_configuration():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  out = subprocess.run(
+      [sys.executable, "-m", "pn_jax.bench", "--config=configs/bench/gpt2_mix.py:tiny",
+       "--config.bench.steps=1", "--config.bench.warmup=0",
+       "--config.bench.sweep=data.cluster_batching='mixed'"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [r["cluster_batching"] for r in records] == ["homogeneous", "mixed"]
+  assert records[1]["config"] == "gpt2_mix[data.cluster_batching='mixed']"
+  assert all(r["mlp_kind"] == "mixture" and r["step_time_s"] > 0 for r in records)
+
+
+def test_sweep_overrides():
+  config = load_config("bench/gpt2_dense", "tiny")
+  variant = bench.apply_overrides(config, "model.remat=dots,data.batch_size=16")
+  assert (variant.model.remat, variant.data.batch_size) == ("dots", 16)
+  assert config.model.remat == "none"  # the base config is untouched
+  with pytest.raises(ValueError, match="unknown config key"):
+    bench.apply_overrides(config, "model.nope=1")
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_cross_entropy_matches_autodiff(chunk, dtype):
+  k = jax.random.split(jax.random.key(1), 4)
+  h = jax.random.normal(k[0], (2, 16, 8)).astype(dtype)
+  w = jax.random.normal(k[1], (8, 50)).astype(dtype)
+  t = jax.random.randint(k[2], (2, 16), 0, 50)
+  m = (jax.random.uniform(k[3], (2, 16)) > 0.3).astype(jnp.float32)
+  fused = jax.value_and_grad(lambda h, w: cross_entropy(h, w, t, m, chunk=chunk)[0], (0, 1))
+  ref = jax.value_and_grad(lambda h, w: xent_sum_reference(h, w, t, m), (0, 1))
+  (a, ga), (b, gb) = fused(h, w), ref(h, w)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(a, b, rtol=tol)
+  for x, y in zip(ga, gb):
+    assert x.dtype == y.dtype
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    assert np.linalg.norm(x - y) <= tol * np.linalg.norm(y)
+
+
+def test_xla_flags_leave_cpu_alone_and_never_override(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert not xla_flags.gpu_expected()
+  assert xla_flags.apply() == "--xla_force_host_platform_device_count=8"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
+  forced = xla_flags.apply(force=True, extra="--xla_gpu_enable_cublaslt=true")
+  assert forced.split() == ["--xla_gpu_enable_latency_hiding_scheduler=false",
+                            "--xla_gpu_enable_cublaslt=true"]
+  with pytest.raises(ValueError, match="preset"):
+    xla_flags.apply("fastest")
+
+
+def test_profile_summary_classes_kernels(tmp_path):
+  """A hand-made trace: 2 steps of a GEMM, a cuDNN attention kernel and an optimizer fusion."""
+  hlo = ('%loop_add_fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, '
+         'metadata={op_name="jit(train_step)/optimizer/add"}\n')
+  with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
+    f.write(hlo)
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
+  for name, dur in [("nvjet_sm90_gemm", 600.0), ("cudnn_flash_fprop", 300.0),
+                    ("loop_add_fusion_3", 100.0)] * 2:
+    events.append({"ph": "X", "pid": 1, "tid": 7, "name": name, "dur": dur, "args": {}})
+  events.append({"ph": "X", "pid": 2, "tid": 1, "name": "python", "dur": 1e6})  # host: ignored
+  (tmp_path / "p").mkdir()
+  with gzip.open(tmp_path / "p" / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  summary = bench.profile_summary(str(tmp_path), steps=2)
+  assert summary["kernel_ms_per_step"] == pytest.approx(1.0)
+  assert summary["by_kernel"] == {"matmul": 0.6, "attention": 0.3, "other_fusion": 0.1}
+  assert summary["by_phase"]["optimizer"] == 0.1
