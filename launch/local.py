@@ -1,0 +1,117 @@
+"""Runs one command as N cooperating JAX processes on this machine (multi-host rehearsal).
+
+  python launch/local.py --num_processes=2 --cpu_devices=4 -- \
+      python -m pn_jax.main --config=configs/pn.py:tiny --workdir=runs/mh
+
+Each process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES and
+JAX_PROCESS_ID, which `pn_jax.parallel.distributed` reads. With --cpu_devices=D every process
+runs on D fake CPU devices (global mesh N*D, gloo collectives); with --gpus every process sees
+one GPU (CUDA_VISIBLE_DEVICES=i). Output lines are prefixed `[p<i>]`. When one process fails,
+the others are terminated and its exit code is returned, so a crash never leaves peers hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def process_env(i: int, n: int, port: int, *, cpu_devices: int = 0, gpus: bool = False,
+                base: dict | None = None) -> dict:
+  env = dict(os.environ if base is None else base)
+  env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
+             JAX_PROCESS_ID=str(i))
+  if cpu_devices:
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(cpu_devices))
+    # The XLA flag would override JAX_NUM_CPU_DEVICES; keep any other XLA flags.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags.strip()
+  if gpus:
+    env["CUDA_VISIBLE_DEVICES"] = str(i)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+  return env
+
+
+def _pump(stream, prefix: str, out):
+  for line in iter(stream.readline, ""):
+    out.write(f"{prefix}{line}")
+    out.flush()
+  stream.close()
+
+
+def launch(cmd: list[str], num_processes: int, *, cpu_devices: int = 0, gpus: bool = False,
+           timeout_s: float | None = None, cwd: str | None = None, env: dict | None = None,
+           out=None) -> int:
+  """Starts the N processes, streams their output, returns the first non-zero exit code (or 0)."""
+  out = sys.stdout if out is None else out
+  port = free_port()
+  procs, pumps = [], []
+  for i in range(num_processes):
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, bufsize=1,
+                         env=process_env(i, num_processes, port, cpu_devices=cpu_devices,
+                                         gpus=gpus, base=env))
+    t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out), daemon=True)
+    t.start()
+    procs.append(p)
+    pumps.append(t)
+  deadline = None if timeout_s is None else time.time() + timeout_s
+  code = 0
+  try:
+    while [p.poll() for p in procs].count(None):  # poll every process, every time
+      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+      if failed or (deadline is not None and time.time() > deadline):
+        code = failed[0] if failed else 124
+        out.write(f"[launch] {'a process exited with ' + str(code) if failed else 'timeout'}: "
+                  "terminating the others\n")
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:  # only the processes we started, by handle
+      if p.poll() is None:
+        p.terminate()
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    for t in pumps:
+      t.join(timeout=5)
+  if code == 0:
+    code = next((p.returncode for p in procs if p.returncode != 0), 0)
+  return code
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--num_processes", type=int, default=2)
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="fake CPU devices per process (0: use the real platform)")
+  parser.add_argument("--gpus", action="store_true", help="one GPU per process")
+  parser.add_argument("--timeout_s", type=float, default=None)
+  parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run in each process")
+  args = parser.parse_args(argv)
+  cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+  if not cmd:
+    parser.error("give the command after --, e.g. -- python -m pn_jax.main --config=...")
+  if args.num_processes < 1:
+    parser.error("--num_processes must be >= 1")
+  return launch(cmd, args.num_processes, cpu_devices=args.cpu_devices, gpus=args.gpus,
+                timeout_s=args.timeout_s)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

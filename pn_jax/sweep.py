@@ -1,0 +1,281 @@
+"""Sweeps: a definition file -> one pretraining run per point -> one results table and plot.
+
+  python -m pn_jax.sweep --sweep=configs/sweeps/hkm_tiny.py --root=runs/sweep --mode=local
+
+A definition (configs/sweeps/*.py, big_vision style) has `get_sweep(arg) -> dict` with
+  config  the base run config, as given to pn_jax.main ("configs/pn.py:tiny");
+  points  a list of override dicts {"model.h": 8, "train.steps": 40}, e.g. `product(...)`;
+  base    (optional) overrides shared by every point;
+  plot    (optional) {"x": key, "y": metric} for the figure.
+Each point runs in <root>/<name> (name from its overrides, e.g. `h=8,m=4`). Modes:
+  local   runs every unfinished point in turn (`python -m pn_jax.main` subprocesses; points with
+          the same data settings share one tokenizer/clustering), then gathers;
+  print   one command line per unfinished point (feed them to launch/tpu_vm.sh, xpk, a queue);
+  slurm   writes <root>/points.txt and <root>/sweep.sbatch (one array task per unfinished point);
+  gather  only collects results: <root>/results.{csv,md,png}.
+A point is finished when its workdir holds the checkpoint of its last step (train.steps), so a
+re-run (after a crash, or with more points) does only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import ml_collections
+
+from pn_jax.config import ConfigError, validate
+
+
+def product(**axes) -> list[dict]:
+  """Grid: product(**{"model.h": [4, 8], "model.m": [2, 4]}) -> 4 override dicts."""
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+@dataclasses.dataclass
+class Point:
+  name: str
+  overrides: dict  # the point's own keys (table columns)
+  config: ml_collections.ConfigDict  # resolved: base config + base overrides + point overrides
+  workdir: str
+  command: list[str]
+
+
+def _load_module(path: str, what: str):
+  if not os.path.exists(path):
+    raise ConfigError(f"{what} file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_pn_{what}_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/pn.py:tiny,h=4' -> get_config('tiny,h=4'), as pn_jax.main's --config loads it."""
+  path, _, arg = spec.partition(":")
+  return _load_module(path, "config").get_config(arg or None)
+
+
+def load_sweep(spec: str) -> dict:
+  path, _, arg = spec.partition(":")
+  module = _load_module(path, "sweep")
+  if not hasattr(module, "get_sweep"):
+    raise ConfigError(f"sweep file {path!r} has no get_sweep(arg) function")
+  sweep = module.get_sweep(arg or None)
+  for key in ("config", "points"):
+    if key not in sweep:
+      raise ConfigError(f"sweep {path!r}: get_sweep() must return a dict with {key!r}")
+  if not sweep["points"]:
+    raise ConfigError(f"sweep {path!r} has no points")
+  return sweep
+
+
+def point_name(overrides: dict) -> str:
+  """{'model.h': 8, 'model.m': 4} -> 'h=8,m=4' (full keys where the last parts collide)."""
+  short = [k.rsplit(".", 1)[-1] for k in overrides]
+  keys = short if len(set(short)) == len(short) else list(overrides)
+  return ",".join(f"{k}={_fmt(v)}" for k, v in zip(keys, overrides.values())) or "base"
+
+
+def _fmt(value) -> str:
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: dict, where: str):
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if part not in node:
+        raise ConfigError(f"{where}: unknown config key {key!r}")
+      node = node[part]
+    if parts[-1] not in node:
+      raise ConfigError(f"{where}: unknown config key {key!r}")
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ConfigError(f"{where}: config.{key}={value!r}: {e}") from None
+  return config
+
+
+def expand(sweep: dict, root: str, *, python: str = sys.executable,
+           extra_args: tuple[str, ...] = ()) -> list[Point]:
+  """One Point per override dict; every point's config is validated before anything runs."""
+  base_config = load_config(sweep["config"])
+  base = dict(sweep.get("base", {}))
+  points, names = [], set()
+  for overrides in sweep["points"]:
+    name = point_name(overrides)
+    if name in names:
+      raise ConfigError(f"sweep has two points named {name!r}")
+    names.add(name)
+    merged = {**base, **overrides}
+    config = _apply(base_config, merged, f"sweep point {name}")
+    try:
+      validate(config)
+    except ConfigError as e:
+      raise ConfigError(f"sweep point {name}: {e}") from None
+    workdir = os.path.join(root, name)
+    command = [python, "-m", "pn_jax.main", f"--config={sweep['config']}",
+               f"--workdir={workdir}", "--mode=pretrain"]
+    command += [f"--config.{k}={_cli(v)}" for k, v in merged.items()] + list(extra_args)
+    points.append(Point(name, dict(overrides), config, workdir, command))
+  return points
+
+
+def _cli(value) -> str:
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(map(_cli, value)) + ("," if len(value) == 1 else "") + ")"
+  return _fmt(value)
+
+
+def is_done(point: Point) -> bool:
+  """The checkpoint of the run's last step exists (orbax renames it into place when complete)."""
+  return os.path.isdir(os.path.join(point.workdir, "checkpoints", str(point.config.train.steps)))
+
+
+DATA_FILES = ("tokenizer.model", "clusters", "data")
+
+
+def share_data(point: Point, points: list[Point]) -> str | None:
+  """Copies tokenizer, clusters and packed data from another point prepared with the same data
+  settings (an h/m sweep prepares its data once). -> the source point's name, or None."""
+  from pn_jax.data import pipeline
+  if os.path.exists(os.path.join(point.workdir, "data", "READY.json")):
+    return None
+  want = json.loads(json.dumps(pipeline._data_settings(point.config)))
+  for other in points:
+    ready = os.path.join(other.workdir, "data", "READY.json")
+    if other is point or not os.path.exists(ready):
+      continue
+    with open(ready, encoding="utf-8") as f:
+      if json.load(f).get("settings") != want:
+        continue
+    os.makedirs(point.workdir, exist_ok=True)
+    for name in DATA_FILES:
+      src, dst = os.path.join(other.workdir, name), os.path.join(point.workdir, name)
+      if os.path.isdir(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+      elif os.path.exists(src):
+        shutil.copy2(src, dst)
+    return other.name
+  return None
+
+
+def run_local(points: list[Point], *, log=print, reuse_data: bool = True) -> dict[str, int]:
+  """Runs unfinished points one after another; output to <workdir>/sweep.log. -> exit codes."""
+  codes = {}
+  for i, point in enumerate(points):
+    if is_done(point):
+      log(f"[{i + 1}/{len(points)}] {point.name}: done, skipped")
+      continue
+    os.makedirs(point.workdir, exist_ok=True)
+    if reuse_data and (source := share_data(point, points)):
+      log(f"[{i + 1}/{len(points)}] {point.name}: data prepared by {source} reused")
+    t0 = time.time()
+    log(f"[{i + 1}/{len(points)}] {point.name}: {shlex.join(point.command)}")
+    with open(os.path.join(point.workdir, "sweep.log"), "a", encoding="utf-8") as out:
+      code = subprocess.run(point.command, stdout=out, stderr=subprocess.STDOUT).returncode
+    codes[point.name] = code
+    log(f"[{i + 1}/{len(points)}] {point.name}: exit {code} in {time.time() - t0:.0f} s"
+        + ("" if code == 0 else f" (see {point.workdir}/sweep.log)"))
+  return codes
+
+
+def write_slurm(points: list[Point], root: str, sbatch_flags: list[str]) -> str:
+  """points.txt (one command per line) + sweep.sbatch (array task i runs line i)."""
+  todo = [p for p in points if not is_done(p)]
+  os.makedirs(root, exist_ok=True)
+  lines_path = os.path.join(root, "points.txt")
+  with open(lines_path, "w", encoding="utf-8") as f:
+    f.writelines(shlex.join(p.command) + "\n" for p in todo)
+  script = os.path.join(root, "sweep.sbatch")
+  header = ["#SBATCH --job-name=pn-sweep", f"#SBATCH --array=0-{max(len(todo) - 1, 0)}",
+            f"#SBATCH --output={os.path.abspath(root)}/slurm-%A_%a.out"]
+  header += [f"#SBATCH {flag}" for flag in sbatch_flags]
+  with open(script, "w", encoding="utf-8") as f:
+    f.write("#!/bin/bash\n" + "\n".join(header) + "\n"
+            "# One sweep point per array task (written by python -m pn_jax.sweep --mode=slurm).\n"
+            "set -euo pipefail\n"
+            "export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off\n"
+            "# one task per node (multi-node points): give it all the node's GPUs\n"
+            "if [ -n \"${SLURM_GPUS_ON_NODE:-}\" ] && [ \"${SLURM_NTASKS_PER_NODE:-1}\" = 1 ]; then\n"
+            "  export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((SLURM_GPUS_ON_NODE - 1)))\n"
+            "fi\n"
+            f"cd {shlex.quote(os.getcwd())}\n"
+            f"line=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" "
+            f"{shlex.quote(os.path.abspath(lines_path))})\n"
+            "echo \"point $SLURM_ARRAY_TASK_ID: $line\"\n"
+            "eval \"srun $line\"\n")
+  return script
+
+
+def main(argv=None) -> int:
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  sweep = load_sweep(f.sweep)
+  points = expand(sweep, f.root, python=f.python, extra_args=tuple(f.main_arg or ()))
+  from pn_jax import sweep_results
+  print(f"sweep {f.sweep}: {len(points)} points under {f.root} "
+        f"({sum(map(is_done, points))} done)", file=sys.stderr)
+  if f.mode == "print":
+    for p in points:
+      if not is_done(p):
+        print(shlex.join(p.command))
+    return 0
+  if f.mode == "slurm":
+    script = write_slurm(points, f.root, list(f.sbatch or ()))
+    print(f"sbatch {script}")
+    if f.submit:
+      return subprocess.run(["sbatch", script]).returncode
+    return 0
+  codes = {}
+  if f.mode == "local":
+    codes = run_local(points, log=lambda s: print(s, file=sys.stderr), reuse_data=f.reuse_data)
+  table = sweep_results.gather(points)
+  paths = sweep_results.write(table, f.root, plot_spec=sweep.get("plot"))
+  print(sweep_results.markdown(table))
+  print("wrote " + " ".join(paths), file=sys.stderr)
+  failed = [name for name, code in codes.items() if code != 0]
+  if failed:
+    print(f"error: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def run():
+  from absl import app, flags
+  flags.DEFINE_string("sweep", None, "Sweep definition: configs/sweeps/<name>.py[:arg].")
+  flags.DEFINE_string("root", None, "Directory holding one workdir per point.")
+  flags.DEFINE_enum("mode", "local", ["local", "print", "slurm", "gather"], "See module doc.")
+  flags.DEFINE_string("python", sys.executable, "Interpreter for the per-point commands.")
+  flags.DEFINE_multi_string("main_arg", [], "Extra argument for every pn_jax.main command.")
+  flags.DEFINE_multi_string("sbatch", [], "Extra #SBATCH line, e.g. --sbatch=--gres=gpu:8.")
+  flags.DEFINE_bool("submit", False, "slurm mode: also run sbatch.")
+  flags.DEFINE_bool("reuse_data", True, "local mode: copy tokenizer/clusters/packed data from a "
+                    "point with the same data settings instead of preparing them again.")
+  flags.mark_flags_as_required(["sweep", "root"])
+
+  def _main(argv):
+    try:
+      sys.exit(main(argv))
+    except ConfigError as e:
+      print(f"error: ConfigError: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  run()

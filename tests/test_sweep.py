@@ -1,0 +1,100 @@
+"""Sweeps: a 2x2 h/m grid runs end to end on CPU, finished points are skipped, results gathered."""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from pn_jax import sweep as sweep_lib
+from pn_jax import sweep_results
+from pn_jax.config import ConfigError
+
+TINY = REPO / "pn_jax" / "data" / "assets" / "tiny" / "generic"
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+  """A ~200 KB slice of the bundled corpus: data prep in ~2 s, the sweep tests the sweep."""
+  root = tmp_path_factory.mktemp("corpus")
+  (root / "generic").mkdir()
+  for split, limit in (("train", 200_000), ("validation", 20_000), ("test", 20_000)):
+    lines, size = [], 0
+    for line in (TINY / f"{split}.jsonl").read_text().splitlines(keepends=True):
+      if size > limit:
+        break
+      lines.append(line)
+      size += len(line)
+    (root / "generic" / f"{split}.jsonl").write_text("".join(lines))
+  return root
+
+
+def _sweep(args, env_devices=1):
+  env = {**os.environ,
+         # one device and cheap XLA compiles: each point is a few seconds of compile
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices} "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+  return subprocess.run([sys.executable, "-m", "pn_jax.sweep", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_sweep_runs_skips_and_gathers(small_corpus, tmp_path):
+  root = tmp_path / "sweep"
+  spec = f"--sweep=configs/sweeps/hkm_tiny.py:steps=2,corpus={small_corpus}"
+  out = _sweep([spec, f"--root={root}", "--mode=local"])
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert out.stderr.count("data prepared by h=4,m=2 reused") == 3  # same k: prepared once
+
+  names = ["h=4,m=2", "h=4,m=4", "h=8,m=2", "h=8,m=4"]
+  for name in names:
+    assert (root / name / "checkpoints" / "2").is_dir(), name
+  with open(root / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["name"] for r in rows] == names
+  assert {r["status"] for r in rows} == {"done"} and {r["step"] for r in rows} == {"2"}
+  assert all(np.isfinite(float(r["eval_loss"])) and float(r["eval_loss"]) > 0 for r in rows)
+  params = {r["name"]: int(r["params"]) for r in rows}
+  assert params["h=8,m=2"] > params["h=4,m=2"]  # the shared tensor grows with h
+  md = (root / "results.md").read_text()
+  assert md.startswith("| name | model.h | model.m | status |") and md.count("\n") == 6
+  assert "| h=8,m=4 | 8 | 4 | done | 2 |" in md and md in out.stdout
+  assert (root / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  # Re-running does nothing but gather; a longer run makes every point unfinished again.
+  again = _sweep([spec, f"--root={root}", "--mode=local"])
+  assert again.returncode == 0 and again.stderr.count("done, skipped") == 4, again.stderr[-2000:]
+  longer = _sweep([spec.replace("steps=2", "steps=4"), f"--root={root}", "--mode=print"])
+  commands = longer.stdout.strip().splitlines()
+  assert longer.returncode == 0 and len(commands) == 4
+  assert f"--workdir={root}/h=4,m=2" in commands[0] and "--config.train.steps=4" in commands[0]
+
+
+def test_expand_validates_every_point(tmp_path):
+  sweep = dict(config="configs/pn.py:tiny", points=sweep_lib.product(
+      **{"model.h": [4], "model.m": [2, 8]}))
+  with pytest.raises(ConfigError, match=r"sweep point h=4,m=8: config.model.m: code length m=8"):
+    sweep_lib.expand(sweep, str(tmp_path))
+  with pytest.raises(ConfigError, match=r"unknown config key 'model.hh'"):
+    sweep_lib.expand(dict(config="configs/pn.py:tiny", points=[{"model.hh": 1}]), str(tmp_path))
+
+
+def test_names_slurm_script_and_missing_points(tmp_path):
+  assert sweep_lib.point_name({"model.h": 4, "optim.lr": 0.001}) == "h=4,lr=0.001"
+  assert sweep_lib.point_name({"model.m": 2, "data.m": 3}) == "model.m=2,data.m=3"
+  sweep = dict(config="configs/pn.py:tiny", base={"train.steps": 7},
+               points=sweep_lib.product(**{"model.k": [2, 4], "model.h": [8]}))
+  points = sweep_lib.expand(sweep, str(tmp_path / "s"), python="python3")
+  assert [p.config.model.k for p in points] == [2, 4] and points[0].config.train.steps == 7
+  script = sweep_lib.write_slurm(points, str(tmp_path / "s"), ["--gres=gpu:8"])
+  text = pathlib.Path(script).read_text()
+  assert "#SBATCH --array=0-1" in text and "#SBATCH --gres=gpu:8" in text
+  assert "NCCL_NVLS_ENABLE=0" in text
+  lines = (tmp_path / "s" / "points.txt").read_text().splitlines()
+  assert lines[1].startswith("python3 -m pn_jax.main --config=configs/pn.py:tiny")
+  assert "--config.model.k=4" in lines[1] and "--config.train.steps=7" in lines[1]
+  rows = sweep_results.gather(points)
+  assert [r["status"] for r in rows] == ["missing", "missing"] and rows[0]["eval_loss"] is None
