@@ -22,6 +22,12 @@ class CheckpointError(RuntimeError):
   """A checkpoint that is missing, unreadable, or belongs to a different model."""
 
 
+def _brief(e: Exception) -> str:
+  """One line of an orbax/tensorstore error, without the multi-kB tensorstore spec dump."""
+  text = " ".join(str(e).split("[tensorstore_spec=")[0].split())
+  return f"{type(e).__name__}: {text[:400]}"
+
+
 def _shape_tree(tree) -> dict[str, tuple]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
@@ -77,8 +83,11 @@ class Checkpointer:
   def restore_params(self, abstract_params, step: int | None = None):
     step = self._resolve(step)
     self._check(step, "params", abstract_params)
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    except Exception as e:  # tensorstore/orbax raise assorted types on missing or torn files
+      raise self._unreadable(step, e) from e
     return restored["params"]
 
   def restore(self, abstract_state, step: int | None = None, data_iter=None):
@@ -91,8 +100,8 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(f"could not restore step {step} from {self.directory}: {e}") from e
+    except Exception as e:  # tensorstore/orbax raise assorted types on missing or torn files
+      raise self._unreadable(step, e) from e
     state = abstract_state.replace(step=jax.numpy.asarray(step, jax.numpy.int32),
                                    params=restored["params"], opt_state=restored["opt_state"])
     return state, step
@@ -107,14 +116,21 @@ class Checkpointer:
                             f"{sorted(self.manager.all_steps())}")
     return step
 
+  def _unreadable(self, step: int, e: Exception, what: str = "") -> CheckpointError:
+    others = sorted(s for s in self.manager.all_steps() if s != step)
+    fix = (f"move {os.path.join(self.directory, str(step))} aside to resume from step "
+           f"{others[-1]}" if others else "restart from scratch in a fresh --workdir")
+    return CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt or incomplete"
+                           f"{what} ({_brief(e)}); {fix}")
+
   def _check(self, step: int, item: str, expected) -> None:
     try:
       saved = self.manager.item_metadata(step)[item]
     except Exception as e:  # orbax raises assorted errors on unreadable metadata
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable "
-                            f"'{item}' item ({type(e).__name__}: {e})") from e
+      raise self._unreadable(step, e, f": no readable '{item}' item") from e
     if saved is None:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no '{item}' item")
+      raise self._unreadable(step, FileNotFoundError(f"no metadata for '{item}'"),
+                             f": no readable '{item}' item")
     check_compatible(saved, expected, f"checkpoint step {step} ({item})")
 
   def wait(self) -> None:
