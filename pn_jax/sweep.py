@@ -20,7 +20,6 @@ re-run (after a crash, or with more points) does only what is missing.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -32,7 +31,7 @@ import time
 
 import ml_collections
 
-from pn_jax.config import ConfigError, validate
+from pn_jax.config import ConfigError, load_config, load_module, validate
 
 
 def product(**axes) -> list[dict]:
@@ -50,24 +49,9 @@ class Point:
   command: list[str]
 
 
-def _load_module(path: str, what: str):
-  if not os.path.exists(path):
-    raise ConfigError(f"{what} file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location(f"_pn_{what}_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/pn.py:tiny,h=4' -> get_config('tiny,h=4'), as pn_jax.main's --config loads it."""
-  path, _, arg = spec.partition(":")
-  return _load_module(path, "config").get_config(arg or None)
-
-
 def load_sweep(spec: str) -> dict:
   path, _, arg = spec.partition(":")
-  module = _load_module(path, "sweep")
+  module = load_module(path, "sweep")
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"sweep file {path!r} has no get_sweep(arg) function")
   sweep = module.get_sweep(arg or None)

@@ -21,13 +21,44 @@ sys.path.insert(0, str(REPO))
 
 def load_config(name: str, arg: str = "tiny"):
   """configs/<name>.py:get_config(arg), as the CLI would load it."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from pn_jax.config import load_config as load
+  return load(f"{REPO / 'configs' / name}.py:{arg}")
 
 
 @pytest.fixture
 def tiny_config():
   return load_config
+
+
+TINY_GENERIC = REPO / "pn_jax" / "data" / "assets" / "tiny" / "generic"
+
+
+def copy_workdir(prepared, tmp_path, name="run") -> str:
+  """A new run directory reusing prepared data artefacts (tokenizer, clusters, packed data)."""
+  import shutil
+  workdir = tmp_path / name
+  shutil.copytree(prepared, workdir)
+  return str(workdir)
+
+
+def write_small_corpus(root, limit: int = 200_000):
+  """A ~`limit`-byte slice of the bundled generic corpus under root/generic: data prep in ~2 s."""
+  (root / "generic").mkdir(parents=True)
+  for split, cap in (("train", limit), ("validation", limit // 10), ("test", limit // 10)):
+    lines, size = [], 0
+    for line in (TINY_GENERIC / f"{split}.jsonl").read_text().splitlines(keepends=True):
+      if size > cap:
+        break
+      lines.append(line)
+      size += len(line)
+    (root / "generic" / f"{split}.jsonl").write_text("".join(lines))
+  return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """A workdir with the tiny corpus's tokenizer/clusters/packed data, built once per module."""
+  from pn_jax.data import pipeline
+  workdir = tmp_path_factory.mktemp("prepared")
+  pipeline.prepare_run_data(load_config("pn"), str(workdir))
+  return workdir

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, write_small_corpus
 from pn_jax.data import pipeline
 from pn_jax.parallel import distributed
 from pn_jax.train import loop
@@ -24,7 +24,6 @@ import local as local_launch  # noqa: E402  launch/local.py
 STEPS, STOP = 6, 3
 
 
-TINY = REPO / "pn_jax" / "data" / "assets" / "tiny" / "generic"
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -38,16 +37,7 @@ def tiny_config(corpus):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   """(workdir, corpus): a ~200 KB slice of the bundled corpus, prepared once."""
-  corpus = tmp_path_factory.mktemp("corpus")
-  (corpus / "generic").mkdir()
-  for split, limit in (("train", 200_000), ("validation", 20_000), ("test", 20_000)):
-    lines, size = [], 0
-    for line in (TINY / f"{split}.jsonl").read_text().splitlines(keepends=True):
-      if size > limit:
-        break
-      lines.append(line)
-      size += len(line)
-    (corpus / "generic" / f"{split}.jsonl").write_text("".join(lines))
+  corpus = write_small_corpus(tmp_path_factory.mktemp("corpus"))
   workdir = tmp_path_factory.mktemp("prepared")
   pipeline.prepare_run_data(tiny_config(corpus), str(workdir))
   return workdir, corpus
@@ -153,7 +143,8 @@ def test_launcher_stops_all_when_one_fails():
           "assert os.environ['JAX_NUM_PROCESSES'] == '3' and os.environ['JAX_NUM_CPU_DEVICES'] == '2'\n"
           "assert 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')\n"
           "print('coordinator', os.environ['JAX_COORDINATOR_ADDRESS'], flush=True)\n"
-          "sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(120)\n")
+          # p1 fails after the others have had time to start (and print), then all must stop.
+          "(time.sleep(5), sys.exit(3)) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(120)\n")
   out, t0 = io.StringIO(), time.time()
   rc = local_launch.launch([sys.executable, "-c", code], 3, cpu_devices=2, out=out)
   assert rc == 3 and time.time() - t0 < 60, out.getvalue()

@@ -9,28 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_small_corpus
 from pn_jax import sweep as sweep_lib
 from pn_jax import sweep_results
 from pn_jax.config import ConfigError
 
-TINY = REPO / "pn_jax" / "data" / "assets" / "tiny" / "generic"
 
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
   """A ~200 KB slice of the bundled corpus: data prep in ~2 s, the sweep tests the sweep."""
-  root = tmp_path_factory.mktemp("corpus")
-  (root / "generic").mkdir()
-  for split, limit in (("train", 200_000), ("validation", 20_000), ("test", 20_000)):
-    lines, size = [], 0
-    for line in (TINY / f"{split}.jsonl").read_text().splitlines(keepends=True):
-      if size > limit:
-        break
-      lines.append(line)
-      size += len(line)
-    (root / "generic" / f"{split}.jsonl").write_text("".join(lines))
-  return root
+  return write_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _sweep(args, env_devices=1):

@@ -3,16 +3,14 @@
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, copy_workdir, load_config
 from pn_jax.data import pipeline
 from pn_jax.model.transformer import LM
 from pn_jax.parallel import mesh as mesh_lib
@@ -21,21 +19,6 @@ from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state, state_shardings
 from pn_jax.train.step import make_eval_step, make_train_step
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  """A workdir with the tiny corpus's tokenizer/clusters/packed data, built once per module."""
-  workdir = tmp_path_factory.mktemp("prepared")
-  pipeline.prepare_run_data(load_config("pn"), str(workdir))
-  return workdir
-
-
-def fresh_workdir(prepared, tmp_path, name="run"):
-  """A new run directory that reuses the prepared data artefacts (no checkpoints)."""
-  workdir = tmp_path / name
-  shutil.copytree(prepared, workdir)
-  return str(workdir)
 
 
 def small_run(config, **train):
@@ -59,7 +42,7 @@ def read_metrics(workdir, split="train"):
 
 def test_loss_decreases(prepared, tmp_path):
   config = small_run(load_config("pn"), steps=60, log_every=5, eval_every=30, checkpoint_every=60)
-  workdir = fresh_workdir(prepared, tmp_path)
+  workdir = copy_workdir(prepared, tmp_path)
   result = loop.pretrain(config, workdir)
   train = read_metrics(workdir)
   assert train[-1]["loss"] < train[0]["loss"] - 0.8, train
@@ -73,10 +56,10 @@ def test_resume_is_exact(prepared, tmp_path, kind):
   """2N steps straight == N steps, exit, restart, N more: identical params and losses."""
   n = 6
   settings = dict(steps=2 * n, log_every=1, eval_every=100, checkpoint_every=100)
-  straight = fresh_workdir(prepared, tmp_path, "straight")
+  straight = copy_workdir(prepared, tmp_path, "straight")
   loop.pretrain(small_run(load_config(kind), **settings), straight)
 
-  resumed = fresh_workdir(prepared, tmp_path, "resumed")
+  resumed = copy_workdir(prepared, tmp_path, "resumed")
   first = loop.pretrain(small_run(load_config(kind), stop_at_step=n, **settings), resumed)
   assert first["stopped_at"] == n
   assert Checkpointer(resumed, read_only=True).latest_step() == n
@@ -148,7 +131,7 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
   """Saved from 8 devices (2x2x2), restored on 1: same eval loss."""
   config = small_run(load_config("pn"), steps=4, eval_every=4, checkpoint_every=4)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  workdir = fresh_workdir(prepared, tmp_path)
+  workdir = copy_workdir(prepared, tmp_path)
   result = loop.pretrain(config, workdir)
 
   one = load_config("pn")
@@ -167,7 +150,7 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
 
 def test_incompatible_checkpoint_is_refused(prepared, tmp_path):
   config = small_run(load_config("pn"), steps=2, eval_every=2, checkpoint_every=2)
-  workdir = fresh_workdir(prepared, tmp_path)
+  workdir = copy_workdir(prepared, tmp_path)
   loop.pretrain(config, workdir)
   other = small_run(load_config("pn", "tiny,h=4"), steps=4, eval_every=4, checkpoint_every=4)
   with pytest.raises(CheckpointError, match=r"T_in.*checkpoint \(2, 64, 256, 8\).*\(2, 64, 256, 4\)"):
@@ -175,7 +158,7 @@ def test_incompatible_checkpoint_is_refused(prepared, tmp_path):
 
 
 def test_cli_pretrains_writes_events_and_resumes(prepared, tmp_path):
-  workdir = fresh_workdir(prepared, tmp_path)
+  workdir = copy_workdir(prepared, tmp_path)
   cmd = [sys.executable, "-m", "pn_jax.main", "--config=configs/pn.py:tiny",
          f"--workdir={workdir}", "--mode=pretrain", "--config.train.steps=6",
          "--config.train.checkpoint_every=3", "--config.train.eval_every=3"]

@@ -5,18 +5,13 @@ k=32 clusters, h=24 basis slices, codes of length m=16 (configs/pn.py's choice);
 a freshly initialised PN, then train the dense result).
 """
 
-import importlib.util
 import pathlib
 
-from pn_jax.config import parse_arg
+from pn_jax.config import load_module, parse_arg
 
 
 def _gpt2_small(arg):
-  path = pathlib.Path(__file__).with_name("gpt2_dense.py")
-  spec = importlib.util.spec_from_file_location("bench_gpt2_dense", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.gpt2_small(arg)
+  return load_module(pathlib.Path(__file__).with_name("gpt2_dense.py")).gpt2_small(arg)
 
 
 def get_config(arg=None):
