@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.dtype = "bfloat16"  # compute dtype
   m.param_dtype = "float32"
-  m.scan_layers = True
+  # False unrolls the layer scan (same stacked params): ~30% faster steps on an H100 for 12
+  # layers (docs/benchmarks.md) at a longer compile; True keeps one compiled block (deep models).
+  m.scan_layers = False
   m.remat = "none"  # none | full | dots | dots_no_batch | save_out
   m.attention = "auto"  # auto (cudnn on GPU) | xla | cudnn
   m.logits_chunk = 0  # >0: chunked cross-entropy over the sequence (avoids [B,T,V] fp32 logits)
@@ -57,10 +59,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.seq_len = 128
   d.batch_size = 8  # global, in sequences
   d.eval_batches = 4
-  d.cluster_embedding = "tfidf"  # tfidf | minilm
+  d.cluster_embedding = "tfidf"  # tfidf | minilm (sentence-BERT all-MiniLM-L6-v2, optional deps)
+  d.cluster_window = 0  # tokens per clustered window; 0: seq_len (the paper: 1,024)
+  d.cluster_dim = 64  # TF-IDF -> SVD dimensions
+  d.tokenizer_sample_chars = 20_000_000  # generic text the sentencepiece model trains on
   d.cluster_batching = "homogeneous"  # homogeneous: one cluster per step | mixed
   d.num_workers = 0
-  d.domain = ""  # specialization domain name (finetune / eval)
+  d.domain = ""  # specialization domain name (finetune / eval); eval: "all" = every domain
+  d.domain_tokens = 0  # specialize: >0 keeps a fixed prefix of this many domain training tokens
 
   # --- optimiser ---------------------------------------------------------------------------
   c.optim = o = ml_collections.ConfigDict()
@@ -87,6 +93,25 @@ def base_config() -> ml_collections.ConfigDict:
   t.early_stop_patience = 0  # >0: stop after this many evals without a better eval loss
   t.progress_bar = True
   t.peak_tflops = 0.0  # 0: look the device up in pn_jax.train.flops
+
+  # --- specialization (modes specialize / distill / importance / sample / export) -----------
+  c.init_from = ""  # workdir of the pretraining (or, for distill, the student's) run
+  c.specialize = sp = ml_collections.ConfigDict()
+  sp.select = "frequent"  # frequent: the domain's most frequent cluster | lowest_loss: best expert
+  sp.select_batches = 4  # lowest_loss: domain training batches scored per expert
+  sp.expect_kind = ""  # "" any; else refuse an init_from checkpoint whose mlp_kind differs
+  c.distill = ds = ml_collections.ConfigDict()
+  ds.teacher = ""  # workdir of the (fine-tuned) teacher; set => distillation loss
+  ds.temperature = 2.0  # soft-target temperature
+  ds.weight = 0.5  # loss = (1 - weight) * LM loss + weight * temperature^2 * KL(teacher || student)
+  c.sample = sa = ml_collections.ConfigDict()
+  sa.prompt = ""
+  sa.max_new_tokens = 64
+  sa.temperature = 1.0  # 0: greedy
+  sa.top_k = 0  # 0: off
+  sa.top_p = 1.0  # 1: off
+  sa.num_samples = 1
+  sa.cluster = -1  # PN/mixture checkpoints: the expert to sample from (-1: cluster 0)
 
   # --- parallelism -------------------------------------------------------------------------
   c.mesh = ml = ml_collections.ConfigDict()
@@ -163,6 +188,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   if t.checkpoint_every < 1 or t.keep_checkpoints < 1 or t.log_every < 1 or t.eval_every < 1:
     _fail("train.checkpoint_every", "checkpoint_every, keep_checkpoints, log_every and "
           "eval_every must be >= 1")
+  _validate_specialize(config)
   for axis in MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):
@@ -177,6 +203,34 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
             f"data*fsdp mesh size {shards}")
     if m.n_heads % batch_shards["tensor"]:
       _fail("mesh.tensor", f"tensor={batch_shards['tensor']} does not divide n_heads={m.n_heads}")
+
+
+SELECT_RULES = ("frequent", "lowest_loss")
+
+
+def _validate_specialize(config: ml_collections.ConfigDict) -> None:
+  """The specialization / distillation / sampling keys (absent in old saved configs: skipped)."""
+  if "specialize" in config:
+    if config.specialize.select not in SELECT_RULES:
+      _fail("specialize.select", f"unknown rule {config.specialize.select!r}; choose one of "
+            f"{SELECT_RULES}")
+    if config.specialize.expect_kind not in ("",) + MLP_KINDS:
+      _fail("specialize.expect_kind", f"unknown kind {config.specialize.expect_kind!r}")
+  if config.data.get("domain_tokens", 0) < 0:
+    _fail("data.domain_tokens", f"must be >= 0 (0: the whole split), got "
+          f"{config.data.domain_tokens}")
+  if "distill" in config:
+    if config.distill.temperature <= 0:
+      _fail("distill.temperature", f"must be > 0, got {config.distill.temperature}")
+    if not 0.0 <= config.distill.weight <= 1.0:
+      _fail("distill.weight", f"must be in [0, 1], got {config.distill.weight}")
+  if "sample" in config:
+    s = config.sample
+    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0:
+      _fail("sample", f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+            f"temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}")
+    if s.max_new_tokens < 1 or s.num_samples < 1:
+      _fail("sample.max_new_tokens", "max_new_tokens and num_samples must be >= 1")
 
 
 def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
@@ -229,3 +283,26 @@ def use_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   o.update(lr=3e-3, warmup_steps=10)
   t.update(steps=40, log_every=5, eval_every=20, checkpoint_every=20, progress_bar=False)
   return c
+
+
+def load_module(path: str, what: str = "config"):
+  """Executes a config-like file (configs/*.py, configs/sweeps/*.py) and returns its module.
+
+  The one way files under configs/ are loaded outside config_flags: by tests, sweeps and
+  experiments, and by config files that build on a sibling (configs/bench/gpt2_pn.py).
+  """
+  import importlib.util
+  import os
+  if not os.path.exists(path):
+    raise ConfigError(f"{what} file {str(path)!r} does not exist")
+  name = f"_pn_{what}_{os.path.splitext(os.path.basename(path))[0]}_{abs(hash(str(path)))}"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/pn.py:tiny,h=4' -> that file's get_config('tiny,h=4'), as --config loads it."""
+  path, _, arg = str(spec).partition(":")
+  return load_module(path, "config").get_config(arg or None)
