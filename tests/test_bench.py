@@ -97,6 +97,17 @@ def test_xla_flags_leave_cpu_alone_and_never_override(monkeypatch):
     xla_flags.apply("fastest")
 
 
+def test_gpu_detection_without_jax_platforms(monkeypatch):
+  """The README command sets no JAX_PLATFORMS: detection must not crash on a CPU-only install
+  (find_spec('jax_plugins.x') raises when the jax_plugins namespace is absent)."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(xla_flags.os.path, "exists", lambda p: True)  # as if /dev/nvidiactl
+  assert xla_flags.gpu_expected() in (True, False)
+  monkeypatch.setattr(xla_flags.importlib.util, "find_spec",
+                      lambda name: (_ for _ in ()).throw(ModuleNotFoundError(name)))
+  assert xla_flags.gpu_expected() is False
+
+
 def test_profile_summary_classes_kernels(tmp_path):
   """A hand-made trace: 2 steps of a GEMM, a cuDNN attention kernel and an optimizer fusion."""
   hlo = ('%loop_add_fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, '

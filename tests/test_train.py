@@ -162,7 +162,9 @@ def test_cli_pretrains_writes_events_and_resumes(prepared, tmp_path):
   cmd = [sys.executable, "-m", "pn_jax.main", "--config=configs/pn.py:tiny",
          f"--workdir={workdir}", "--mode=pretrain", "--config.train.steps=6",
          "--config.train.checkpoint_every=3", "--config.train.eval_every=3"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  # As a user runs it: no JAX_PLATFORMS (jax finds the CPU itself).
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 6

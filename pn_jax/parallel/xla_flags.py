@@ -27,10 +27,17 @@ def gpu_expected() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "").lower()
   if platforms and not any(p in platforms for p in ("cuda", "gpu")):
     return False
-  has_plugin = any(importlib.util.find_spec(name) is not None
-                   for name in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda12",
-                                "jax_plugins.xla_cuda13"))
-  return has_plugin and os.path.exists("/dev/nvidiactl")
+  if not os.path.exists("/dev/nvidiactl"):
+    return False
+  return any(_installed(name) for name in ("jax_cuda13_plugin", "jax_cuda12_plugin",
+                                           "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"))
+
+
+def _installed(module: str) -> bool:
+  try:  # find_spec("a.b") imports "a", which raises when "a" itself is missing
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    return False
 
 
 def merge(existing: str, flags) -> str:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from pn_jax.config import ConfigError, validate
 from pn_jax.data import pipeline
 from pn_jax.model.transformer import LM
-from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.parallel import distributed, mesh as mesh_lib
 from pn_jax.train import flops as flops_lib
+from pn_jax.train import preflight
 from pn_jax.train.checkpoint import Checkpointer
 from pn_jax.train.metrics import MetricWriter
 from pn_jax.train.optimizer import make_optimizer
@@ -31,6 +32,25 @@ from pn_jax.train.step import make_eval_step, make_train_step
 
 class TrainingDiverged(RuntimeError):
   """A non-finite loss or gradient norm under train.nan_policy='stop'."""
+
+
+class _CloseOnError:
+  """On an exception leaving the loop, still finish in-flight async saves and flush metrics, so
+  the last good checkpoint is committed before the process exits."""
+
+  def __init__(self, *closables):
+    self._closables = closables
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *exc):
+    if exc_type is not None:
+      for c in self._closables:
+        try:
+          c.close()
+        except Exception:  # noqa: BLE001 - keep the original error
+          logging.exception("while closing %s after an error", type(c).__name__)
 
 
 @dataclasses.dataclass
@@ -60,8 +80,7 @@ def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[
   """Token-weighted mean loss and perplexity over the eval iterator."""
   total, count = 0.0, 0.0
   it = pipeline.eval_iterator(run.config, run.run_data, split=split,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              **distributed.data_shard(run.mesh, run.config.data.batch_size))
   for local in it:
     out = eval_step(params, mesh_lib.global_batch(local, run.mesh))
     total += float(out["loss_sum"])
@@ -73,11 +92,29 @@ def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then saves and exits)."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then saves and exits).
+
+  A second signal exits at once without saving (exit code 128 + signal number), for a user who
+  really wants out; the previous checkpoint is still intact since orbax commits atomically.
+  """
 
   def __init__(self):
     self.received: int | str | None = None
+    self.requested: int | None = None  # multi-process: a signal not yet agreed on
     self._previous = {}
+
+  def sync(self, step: int, every: int) -> None:
+    """Multi-process: every `every` steps, a signal seen by any process stops all of them here
+    (one process stopping alone would leave the others hanging in the next step)."""
+    if distributed.is_multiprocess() and step % every == 0 and self.received is None:
+      signum = distributed.max_over_processes(self.requested or 0)
+      if signum:
+        self.received = signum
+
+  @property
+  def reason(self) -> str:
+    r = self.received
+    return signal.Signals(r).name if isinstance(r, int) else str(r)
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,7 +126,14 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     del frame
-    self.received = signum
+    if isinstance(self.received, int) or isinstance(self.requested, int):
+      raise SystemExit(128 + signum)
+    if distributed.is_multiprocess():
+      self.requested = signum  # acted on by sync(), at the same step on every process
+    else:
+      self.received = signum
+    logging.warning("received %s: will checkpoint and exit after the current step",
+                    signal.Signals(signum).name)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -98,9 +142,10 @@ class _StopSignal:
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics."""
+  preflight.check_writable(workdir)  # before data preparation writes there
   run = setup(config, workdir)
-  train_iter = pipeline.train_iterator(config, run.run_data, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+  train_iter = pipeline.train_iterator(config, run.run_data,
+                                       **distributed.data_shard(run.mesh, config.data.batch_size))
   return fit(run, train_iter)
 
 
@@ -127,8 +172,10 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
   final: dict[str, float] = {}
   best = {"loss": float("inf"), "step": 0, "evals_since": 0}
 
-  with mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop:
+  with mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop, _CloseOnError(ckpt, writer):
     abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
+    preflight.check_shardings(abstract.params)
+    preflight.check_workdir(workdir, abstract)
     start = ckpt.latest_step()
     if start is not None:
       state, start = ckpt.restore(abstract, data_iter=train_iter)
@@ -137,6 +184,9 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
       state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed),
                               params=init_params)
       start = 0
+    # Under nan_policy='skip', optax.apply_if_finite counts skipped updates in the optimizer
+    # state, so the count survives resumes.
+    skipped = int(jax.device_get(getattr(state.opt_state, "total_notfinite", 0)))
     batch_sharding = mesh_lib.batch_sharding(run.mesh)
     train_step = jax.jit(make_train_step(run.model, tx, schedule, config),
                          in_shardings=(shardings, batch_sharding),
@@ -150,35 +200,45 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
                desc=desc, dynamic_ncols=True)
     pending = None  # (step, device metrics) of the last dispatched step
-    window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0}
+    window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
 
     def check(step, metrics):
       """Blocks on one step's metrics; applies the NaN policy; accumulates the log window."""
+      nonlocal skipped
       host = jax.device_get(metrics)
       if host["nonfinite"]:
         if t.nan_policy == "stop":
+          good = ckpt.latest_step()
           raise TrainingDiverged(
               f"non-finite loss ({host['loss']}) or grad norm ({host['grad_norm']}) at step "
-              f"{step}; the last good checkpoint is step {ckpt.latest_step()} in "
-              f"{ckpt.directory}")
-        logging.warning("step %d: non-finite loss/grad norm, update skipped", step)
+              f"{step}; " + (f"the last good checkpoint is step {good} in {ckpt.directory}"
+                             if good is not None else "no checkpoint was saved before it") +
+              " (train.nan_policy='skip' skips such updates instead)")
+        skipped += 1
+        logging.warning("step %d: non-finite loss (%s) or grad norm (%s): update skipped "
+                        "(%d skipped so far)", step, host["loss"], host["grad_norm"], skipped)
       window["steps"] += 1
-      window["loss"] += float(host["loss"])
+      if not host["nonfinite"]:
+        window["finite"] += 1
+        window["loss"] += float(host["loss"])
       return host
 
     def log(step, host):
       elapsed = time.perf_counter() - window["t0"]
       steps = max(window["steps"], 1)
       step_time = elapsed / steps
-      scalars = {"loss": window["loss"] / steps, "grad_norm": host["grad_norm"], "lr": host["lr"],
+      loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
+      scalars = {"loss": loss, "grad_norm": host["grad_norm"], "lr": host["lr"],
                  "step_time_s": step_time,
                  "tokens_per_s": config.data.batch_size * config.data.seq_len / step_time}
       scalars["perplexity"] = float(np.exp(min(scalars["loss"], 50.0)))
+      if t.nan_policy == "skip":
+        scalars["skipped_steps"] = skipped
       if peak:
         scalars["mfu"] = step_flops / step_time / (peak * jax.device_count())
       writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
-      window.update(t0=time.perf_counter(), steps=0, loss=0.0)
+      window.update(t0=time.perf_counter(), steps=0, loss=0.0, finite=0)
       return scalars
 
     step = start
@@ -193,6 +253,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
         pending = None
       pending = (step, metrics)
       bar.update(1)
+      stop.sync(step, t.log_every)
       if step == t.stop_at_step and not stop.received:
         stop.received = "stop_at_step"
       boundary = (step % t.checkpoint_every == 0 or step == t.steps or stop.received
@@ -215,8 +276,8 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
         if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
           ckpt.save(step, state, config, train_iter, force=True)
         if stop.received:
-          logging.warning("stopping (%s): saved step %d, exiting", stop.received, step)
-          final["stopped_at"] = step
+          logging.warning("stopping (%s): saved step %d, exiting", stop.reason, step)
+          final.update(stopped_at=step, stop_reason=stop.reason)
           break
     bar.close()
     ckpt.close()
