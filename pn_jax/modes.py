@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 
 from pn_jax.config import ConfigError
 from pn_jax.data import DataError
-from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train import loop
-from pn_jax.train.checkpoint import CheckpointError, Checkpointer
-from pn_jax.train.optimizer import make_optimizer
-from pn_jax.train.state import state_shardings
-from pn_jax.train.step import make_eval_step
+from pn_jax.train.checkpoint import CheckpointError
+from pn_jax.train.preflight import WorkdirError
 
 # Errors that mean "the user's input is wrong": reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, loop.TrainingDiverged)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, WorkdirError, loop.TrainingDiverged)
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -23,18 +19,34 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Held-out loss/perplexity of the latest checkpoint in `workdir`."""
-  run = loop.setup(config, workdir)
-  tx, _ = make_optimizer(config)
-  ckpt = Checkpointer(workdir, read_only=True)
-  with mesh_lib.activate(run.mesh, run.rules):
-    abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
-    params = ckpt.restore_params(abstract.params)
-    eval_step = jax.jit(make_eval_step(run.model, config),
-                        in_shardings=(shardings.params, mesh_lib.batch_sharding(run.mesh)))
-    split = "test" if config.data.domain else "validation"
-    result = loop.evaluate(run, eval_step, params, split=split)
-  return {"step": ckpt.latest_step(), "split": split, **result}
+  """Held-out loss/perplexity of the latest checkpoint in `workdir` (any run: pretraining or
+  specialized); data.domain "" = generic validation, a name = its test split, "all" = every
+  domain plus the macro average (pn_jax/specialize/evaluate.py)."""
+  from pn_jax.specialize import evaluate as evaluate_lib
+  return evaluate_lib.evaluate(config, workdir)
 
 
-MODES = {"pretrain": pretrain, "eval": evaluate}
+def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Project (PN/mixture) or take (dense) init_from's model, fine-tune on data.domain."""
+  from pn_jax.specialize import finetune
+  return finetune.specialize(config, workdir)
+
+
+def importance(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """SLM-is: pretrain a dense model on generic data resampled to data.domain's clusters."""
+  from pn_jax.specialize import importance as importance_lib
+  return importance_lib.pretrain_importance(config, workdir)
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from pn_jax import sample as sample_lib
+  return sample_lib.sample_mode(config, workdir)
+
+
+def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from pn_jax import export as export_lib
+  return export_lib.export(config, workdir)
+
+
+MODES = {"pretrain": pretrain, "eval": evaluate, "specialize": specialize,
+         "importance": importance, "sample": sample, "export": export}

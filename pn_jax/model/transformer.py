@@ -80,15 +80,38 @@ class Attention(nn.Module):
                          self.param_dtype).astype(self.dtype) for n in ("wq", "wk", "wv"))
     wo = _param(self, "wo", nn.initializers.normal(stddev=D ** -0.5), (N, H, D),
                 ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
-    positions = jnp.arange(x_BTD.shape[1])
+    # Decoding (pn_jax.sample): a mutable "cache" collection holds this layer's keys/values.
+    # (init makes every collection mutable: it must still trace the training path.)
+    decoding = self.is_mutable_collection("cache") and not self.is_initializing()
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)) if decoding else None
+    positions = (index.value if decoding else 0) + jnp.arange(x_BTD.shape[1])
     q = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, wq), positions, c.rope_theta)
     k = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, wk), positions, c.rope_theta)
     v = jnp.einsum("BTD,DNH->BTNH", x_BTD, wv)
     spec = ("act_batch", "act_seq", "act_heads", None)
     q, k, v = (nn.with_logical_constraint(t, spec) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                       implementation=attention_impl(c.attention))
+    if decoding:
+      out = self._attend_cached(q, k, v, positions, index)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=attention_impl(c.attention))
     return jnp.einsum("BTNH,NHD->BTD", out, wo)
+
+  def _attend_cached(self, q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, positions_T: Array,
+                     index) -> Array:
+    """Writes this call's keys/values at `positions` of a [B, max_len, N, H] cache and attends
+    each query to every cached position <= its own (same result as the causal full pass)."""
+    B, T, N, H = k_BTNH.shape
+    S = self.cfg.max_len
+    cached_k = self.variable("cache", "k", jnp.zeros, (B, S, N, H), k_BTNH.dtype)
+    cached_v = self.variable("cache", "v", jnp.zeros, (B, S, N, H), v_BTNH.dtype)
+    start = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BTNH, (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BTNH, (0, start, 0, 0))
+    index.value = start + T
+    mask_TS = jnp.arange(S)[None, :] <= positions_T[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, cached_k.value, cached_v.value,
+                                        mask=mask_TS[None, None], implementation="xla")
 
 
 class Block(nn.Module):
@@ -147,8 +170,11 @@ class LM(nn.Module):
     block = Block
     if c.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    # scan_layers=False unrolls the scan fully (same stacked params): no per-layer stacking of
+    # residuals into [L, ...] buffers and their copies, at a longer compile (docs/benchmarks.md).
+    blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                      in_axes=nn.broadcast, length=c.n_layers,
+                     unroll=1 if c.scan_layers else c.n_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     x_BTD, _ = blocks(c, dtype, pdtype, name="blocks")(x_BTD, code)
     x_BTD = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x_BTD)

@@ -17,7 +17,22 @@ def loss_fn(params, batch, *, model, config: ml_collections.ConfigDict, one_clus
                                 one_cluster=one_cluster, return_hidden=True)
   total, count = cross_entropy(hidden, unembed, batch["targets"], batch["mask"],
                                chunk=config.model.logits_chunk)
-  return total / jnp.maximum(count, 1.0), (total, count)
+  loss = total / jnp.maximum(count, 1.0)
+  if "teacher_logprobs" in batch:  # SLM-d (pn_jax/specialize/distill.py attaches the targets)
+    loss = distill_loss(loss, hidden, unembed, batch, config)
+  return loss, (total, count)
+
+
+def distill_loss(lm_loss, hidden_BTD, unembed_DV, batch, config: ml_collections.ConfigDict):
+  """(1 - w) * LM loss + w * tau^2 * KL(teacher_tau || student_tau), per target token (Hinton)."""
+  tau, w = config.distill.temperature, config.distill.weight
+  logits_BTV = jnp.einsum("BTD,DV->BTV", hidden_BTD, unembed_DV).astype(jnp.float32)
+  student_BTV = jax.nn.log_softmax(logits_BTV / tau, axis=-1)
+  teacher_BTV = batch["teacher_logprobs"].astype(jnp.float32)
+  kl_BT = jnp.sum(jnp.exp(teacher_BTV) * (teacher_BTV - student_BTV), axis=-1)
+  mask_BT = batch["mask"].astype(jnp.float32)
+  kl = jnp.sum(kl_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+  return (1.0 - w) * lm_loss + w * tau * tau * kl
 
 
 def make_train_step(model, tx, schedule, config: ml_collections.ConfigDict):

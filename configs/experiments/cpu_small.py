@@ -1,0 +1,45 @@
+"""The paper's comparison (Table 8 shape) at a CPU-feasible scale: every method pretrained on the
+same generic token budget, specialized on each domain at two domain-set sizes.
+
+    python -m pn_jax.experiment --config=configs/experiments/cpu_small.py --root=runs/exp
+
+Scale: tiny models (SLM d_model 64, 2 layers; LLM d_model 128, ~3x the SLM's training FLOPs),
+a seeded subset of the prepared corpus (data_cache, built by `python -m pn_jax.data prepare`),
+budgets of 1e5 / 4e5 domain tokens (the paper: 1M / 8M / 64M). `source="tiny"` uses the bundled
+corpus instead (its domains hold only ~2e4 training tokens, so budgets are capped by the data).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.source = "data_cache"  # a prepared corpus root, or "tiny"
+  c.generic_chars = 2_000_000  # seeded subset of the generic training split
+  c.heldout_chars = 80_000  # per held-out split (generic and domain validation / test)
+  c.domain_train_chars = 2_500_000  # per domain training split (>= the largest budget)
+  c.domains = ("legal", "source_code")
+  c.budgets = (100_000, 400_000)  # domain training tokens
+  c.seed = 0
+
+  c.vocab_size = 1024
+  c.seq_len = 128
+  c.batch_size = 16
+  c.pretrain_tokens = 600_000  # generic tokens per pretraining run (the same for every method)
+  c.pretrain_lr = 3e-3
+  c.eval_batches = 8
+
+  # name -> (config file:arg, extra overrides as "key=value" strings)
+  c.methods = ml_collections.ConfigDict(dict(
+      slm=("configs/slm.py:tiny", ""),
+      mix=("configs/mix.py:tiny", "model.k=4"),
+      pn=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4"),
+      llm=("configs/llm.py:tiny", ""),
+      slm_is=("configs/importance.py:tiny", "model.k=16"),
+  ))
+  c.distill = True  # SLM-d: the pretrained SLM distilled from the fine-tuned LLM per domain/budget
+
+  c.finetune = ml_collections.ConfigDict(dict(
+      lr=1e-3, steps=100, eval_every=20, early_stop_patience=2, eval_batches=8))
+  return c

@@ -1,0 +1,102 @@
+"""Reading another run's checkpoint (params only) and its data artefacts, for specialization.
+
+A specialized (or distilled) run records `init_from` in its saved config; following that chain
+leads to the pretraining run whose tokenizer and clusters every later stage must reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import optax
+
+from pn_jax.config import MLP_KINDS
+from pn_jax.data import pipeline
+from pn_jax.model.transformer import LM
+from pn_jax.train.checkpoint import CheckpointError, Checkpointer
+from pn_jax.train.state import state_shardings
+
+
+@dataclasses.dataclass
+class Saved:
+  """A run's latest checkpoint: its config (as saved) and step."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  step: int
+
+  @property
+  def model(self) -> ml_collections.ConfigDict:
+    return self.config.model
+
+  def describe(self) -> str:
+    m = self.model
+    extra = f", k={m.k}, h={m.h}, m={m.m}" if m.mlp_kind != "dense" else ""
+    return (f"{self.config.get('name', '?')!r} step {self.step}: mlp_kind={m.mlp_kind}, "
+            f"d_model={m.d_model}, mlp_dim={m.mlp_dim}, n_layers={m.n_layers}{extra}")
+
+
+def load_saved(workdir: str, step: int | None = None) -> Saved:
+  """The saved config of `workdir`'s checkpoint; CheckpointError saying what is there if none."""
+  if not workdir:
+    raise CheckpointError("no checkpoint workdir given (config.init_from is empty)")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    found = sorted(os.listdir(workdir))[:12] if os.path.isdir(workdir) else "nothing (no such dir)"
+    raise CheckpointError(f"{workdir!r} holds no checkpoints/ directory (found: {found}); "
+                          "point it at a pretraining --workdir")
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt._resolve(step)
+    raw = ckpt.saved_config(step)
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax: assorted errors for unreadable items
+    raise CheckpointError(f"checkpoint in {ckpt.directory} has no readable config "
+                          f"({type(e).__name__}: {e}); found steps "
+                          f"{sorted(ckpt.manager.all_steps())}") from e
+  finally:
+    ckpt.close()
+  config = ml_collections.ConfigDict(raw)
+  kind = config.get("model", {}).get("mlp_kind") if "model" in config else None
+  if kind not in MLP_KINDS:
+    raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} has a config without a known "
+                          f"model.mlp_kind (found {kind!r}); not a pn-jax model checkpoint")
+  return Saved(workdir=os.path.abspath(workdir), config=config, step=step)
+
+
+def restore_params(saved: Saved, mesh, rules, step: int | None = None):
+  """Params only, onto the current mesh (shapes checked against the saved model config)."""
+  model = LM(saved.model)
+  abstract, _ = state_shardings(model, optax.identity(), mesh, rules)
+  ckpt = Checkpointer(saved.workdir, read_only=True)
+  try:
+    return ckpt.restore_params(abstract.params, step=saved.step if step is None else step)
+  finally:
+    ckpt.close()
+
+
+def root_run(workdir: str) -> Saved:
+  """Follows init_from back to the pretraining run (the one without init_from)."""
+  saved, seen = load_saved(workdir), set()
+  while saved.config.get("init_from"):
+    if saved.workdir in seen:
+      raise CheckpointError(f"init_from chain loops at {saved.workdir}")
+    seen.add(saved.workdir)
+    saved = load_saved(saved.config.init_from)
+  return saved
+
+
+def pretraining_run_data(workdir: str, progress: bool = False) -> pipeline.RunData:
+  """The pretraining run's tokenizer, clusters and packed data, loaded from its workdir's cache.
+
+  The pretraining config as saved makes prepare_run_data hit every cached artefact (the
+  tokenizer at <root>/tokenizer.model, <root>/clusters, <root>/data/train-*.npz): nothing is
+  retrained or refitted.
+  """
+  root = root_run(workdir)
+  return pipeline.prepare_run_data(root.config, root.workdir,
+                                   process_index=jax.process_index(), progress=progress)

@@ -1,0 +1,63 @@
+"""The eval mode: held-out perplexity of a run's checkpoint, generic or per domain.
+
+The model comes from the checkpoint's saved config and the data (tokenizer, clusters) from the
+pretraining run at the root of its init_from chain, so the same command evaluates a pretraining
+run, a specialized small model or a distilled one. data.domain: "" = generic validation split,
+a name = that domain's test split, "all" = every domain's test split plus their macro average
+(the paper's metric: mean per-token NLL per domain, averaged over domains, then exp).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from pn_jax.config import validate
+from pn_jax.data import corpus as corpus_lib
+from pn_jax.model.transformer import LM
+from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.specialize import checkpoints
+from pn_jax.specialize.finetune import check_domain, unlocked
+from pn_jax.train import loop
+from pn_jax.train.step import make_eval_step
+
+
+def eval_config(config, saved: checkpoints.Saved) -> ml_collections.ConfigDict:
+  """The caller's eval settings (batch, eval_batches, domain, mesh) on the saved model/data."""
+  config = unlocked(config)
+  config.model = saved.model
+  root = checkpoints.root_run(saved.workdir).config.data
+  for key in ("corpus", "data_dir", "tokenizer", "seq_len", "cluster_embedding"):
+    config.data[key] = root[key]
+  return config
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+  saved = checkpoints.load_saved(workdir, step)
+  config = eval_config(config, saved)
+  validate(config, device_count=jax.device_count())
+  run_data = checkpoints.pretraining_run_data(workdir)
+  mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
+  run = loop.Run(config, workdir, mesh, rules, LM(config.model), run_data)
+  domain = config.data.domain
+  with mesh_lib.activate(mesh, rules):
+    params = checkpoints.restore_params(saved, mesh, rules)
+    eval_step = jax.jit(make_eval_step(run.model, config))
+    if domain != "all":
+      if domain:
+        check_domain(run_data, domain)
+      split = "test" if domain else "validation"
+      return {"step": saved.step, "split": split, **loop.evaluate(run, eval_step, params,
+                                                                    split=split)}
+    out = {"step": saved.step, "split": "test"}
+    losses = []
+    for name in corpus_lib.list_domains(run_data.root):
+      cfg = unlocked(config)
+      cfg.data.domain = name
+      res = loop.evaluate(loop.Run(cfg, workdir, mesh, rules, run.model, run_data), eval_step,
+                          params, split="test")
+      out[f"{name}_perplexity"] = res["perplexity"]
+      losses.append(res["loss"])
+    out["macro_perplexity"] = float(np.exp(np.mean(losses)))
+    return out
