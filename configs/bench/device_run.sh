@@ -43,5 +43,12 @@ case "${1:-main}" in
     bench dense_default --config=configs/bench/gpt2_dense.py
     XLA_FLAGS="--xla_gpu_enable_cublaslt=true" bench dense_cublaslt --config=configs/bench/gpt2_dense.py
     ;;
+  final)  # the merged code at the end of the session (all defaults): re-check nothing regressed
+    python3 -c "import jax, jaxlib, flax, optax; print(jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, jax.devices())"
+    bench dense_final --config=configs/bench/gpt2_dense.py
+    bench pn_final --config=configs/bench/gpt2_pn.py --config.bench.sweep="model.h=8,model.m=4"
+    bench pn_finetune_final --config=configs/bench/gpt2_pn.py:finetune=1
+    bench mix_final --config=configs/bench/gpt2_mix.py
+    ;;
   *) echo "unknown set $1"; exit 2 ;;
 esac
