@@ -406,28 +406,37 @@ def train_iterator(config, run_data: RunData, *, process_index: int = 0, process
   return _to_iterator(source, config)
 
 
+def domain_docs(run_data: RunData, domain: str, split: str,
+                max_tokens: int | None = None) -> list[np.ndarray]:
+  """A domain split's tokenized documents in a fixed (seed-independent) order, cut after
+  `max_tokens` tokens: the 1M subset is a prefix of the 8M one. Shared by the domain iterators
+  and the specialization stage's cluster assignment, so both see the same documents."""
+  texts = corpus_lib.load_texts(run_data.root, split, domain)
+  order = np.random.default_rng(EVAL_SEED).permutation(len(texts))
+  docs = tokenize_docs(run_data.tokenizer, [texts[i] for i in order])
+  if max_tokens:
+    kept, total = [], 0
+    for d in docs:
+      if total >= max_tokens:
+        break
+      kept.append(d[:max_tokens - total])
+      total += len(kept[-1])
+    docs = kept
+  return docs
+
+
 def _packed_split(run_data: RunData, split: str, domain: str = "",
                   max_tokens: int | None = None) -> Packed:
   """Held-out generic text (packed per assigned cluster) or a domain split (one stream)."""
   key = ("split", split, domain, max_tokens)
   if key in run_data._cache:
     return run_data._cache[key]
-  texts = corpus_lib.load_texts(run_data.root, split, domain)
   tok = run_data.tokenizer
   if domain:
-    order = np.random.default_rng(EVAL_SEED).permutation(len(texts))
-    docs = tokenize_docs(tok, [texts[i] for i in order])
-    if max_tokens is not None:
-      kept, total = [], 0
-      for d in docs:
-        if total >= max_tokens:
-          break
-        kept.append(d[:max_tokens - total])
-        total += len(kept[-1])
-      docs = kept
+    docs = domain_docs(run_data, domain, split, max_tokens)
     packed = pack_stream(docs, run_data.seq_len, tok.bos_id, run_data.domain_cluster(domain))
   else:
-    docs = tokenize_docs(tok, texts)
+    docs = tokenize_docs(tok, corpus_lib.load_texts(run_data.root, split))
     wins = windows_of(docs, run_data.window)
     ids = run_data.clusters.assign([tok.decode(w) for w in wins])
     packed = pack(wins, ids, run_data.seq_len, tok.bos_id, run_data.num_clusters)

@@ -10,24 +10,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.parallel import mesh as mesh_lib
 
 
 def domain_windows(run_data: pipeline.RunData, domain: str, max_tokens: int | None) -> list:
   """The domain training set's clustering windows, in the order/subset domain_iterator uses."""
-  texts = corpus_lib.load_texts(run_data.root, "train", domain)
-  order = np.random.default_rng(pipeline.EVAL_SEED).permutation(len(texts))
-  docs = pipeline.tokenize_docs(run_data.tokenizer, [texts[i] for i in order])
-  if max_tokens:
-    kept, total = [], 0
-    for d in docs:
-      if total >= max_tokens:
-        break
-      kept.append(d[:max_tokens - total])
-      total += len(kept[-1])
-    docs = kept
+  docs = pipeline.domain_docs(run_data, domain, "train", max_tokens)
   return pipeline.windows_of(docs, run_data.window)
 
 
