@@ -50,7 +50,7 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
                           "point it at a pretraining --workdir")
   ckpt = Checkpointer(workdir, read_only=True)
   try:
-    step = ckpt._resolve(step)
+    step = ckpt.resolve_step(step)
     raw = ckpt.saved_config(step)
   except CheckpointError:
     raise
@@ -88,6 +88,16 @@ def root_run(workdir: str) -> Saved:
     seen.add(saved.workdir)
     saved = load_saved(saved.config.init_from)
   return saved
+
+
+# Data settings a later stage must share with the pretraining run (same tokens, same clusters).
+PRETRAINING_DATA_KEYS = ("corpus", "data_dir", "tokenizer", "seq_len", "cluster_embedding")
+
+
+def inherit_data(config: ml_collections.ConfigDict, pretraining: Saved) -> None:
+  """Copies the pretraining run's data settings into `config` (a mutable config)."""
+  for key in PRETRAINING_DATA_KEYS:
+    config.data[key] = pretraining.config.data[key]
 
 
 def pretraining_run_data(workdir: str, progress: bool = False) -> pipeline.RunData:

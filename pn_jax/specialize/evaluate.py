@@ -27,9 +27,7 @@ def eval_config(config, saved: checkpoints.Saved) -> ml_collections.ConfigDict:
   """The caller's eval settings (batch, eval_batches, domain, mesh) on the saved model/data."""
   config = unlocked(config)
   config.model = saved.model
-  root = checkpoints.root_run(saved.workdir).config.data
-  for key in ("corpus", "data_dir", "tokenizer", "seq_len", "cluster_embedding"):
-    config.data[key] = root[key]
+  checkpoints.inherit_data(config, checkpoints.root_run(saved.workdir))
   return config
 
 

@@ -54,9 +54,7 @@ def finetune_config(config, pre: checkpoints.Saved) -> ml_collections.ConfigDict
   """The run's config: the small model's architecture and the pretraining run's data settings."""
   config = unlocked(config)
   config.model = (pre.model if pre.model.mlp_kind == "dense" else small_model_config(pre.model))
-  pre_data = pre.config.data
-  for key in ("corpus", "data_dir", "tokenizer", "seq_len", "cluster_embedding"):
-    config.data[key] = pre_data[key]
+  checkpoints.inherit_data(config, pre)
   root = checkpoints.root_run(pre.workdir)
   config.data.tokenizer_path = (root.config.data.tokenizer_path or
                                 os.path.join(root.workdir, "tokenizer.model"))

@@ -75,12 +75,12 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def saved_config(self, step: int | None = None) -> dict:
-    step = self._resolve(step)
+    step = self.resolve_step(step)
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(restored["config"])
 
   def restore_params(self, abstract_params, step: int | None = None):
-    step = self._resolve(step)
+    step = self.resolve_step(step)
     self._check(step, "params", abstract_params)
     try:
       restored = self.manager.restore(
@@ -91,7 +91,7 @@ class Checkpointer:
 
   def restore(self, abstract_state, step: int | None = None, data_iter=None):
     """-> (state, step). `abstract_state` carries the target shardings; data_iter is updated."""
-    step = self._resolve(step)
+    step = self.resolve_step(step)
     self._check(step, "params", abstract_state.params)
     items = dict(params=ocp.args.StandardRestore(abstract_state.params),
                  opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
@@ -105,7 +105,8 @@ class Checkpointer:
                                    params=restored["params"], opt_state=restored["opt_state"])
     return state, step
 
-  def _resolve(self, step: int | None) -> int:
+  def resolve_step(self, step: int | None) -> int:
+    """`step`, or the latest one; CheckpointError if there is none or it is not saved."""
     if step is None:
       step = self.latest_step()
     if step is None:
