@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
@@ -32,7 +33,7 @@ def main(argv):
     result = modes.MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except modes.USER_ERRORS as e:
     logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    _print_error(f"error: {type(e).__name__}: {e}")
     distributed.exit_now(2)
   except Exception:  # a crash: with peers, leave at once so they fail fast instead of hanging
     if not distributed.is_multiprocess():
@@ -47,8 +48,16 @@ def main(argv):
 
 
 def _user_error(kind: str, message) -> None:
-  print(f"error: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+  _print_error(f"error: {kind}: {' '.join(str(message).split())}")
   sys.exit(2)
+
+
+def _print_error(line: str) -> None:
+  """One write, on a line of its own: after a failed orbax read, tensorstore's threads can still
+  be printing tracebacks to stderr, and a print() split in pieces would interleave with them."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.write(sys.stderr.fileno(), f"\n{line}\n".encode())
 
 
 def parse_flags(argv):

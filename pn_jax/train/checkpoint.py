@@ -127,7 +127,7 @@ class Checkpointer:
     try:
       saved = self.manager.item_metadata(step)[item]
     except Exception as e:  # orbax raises assorted errors on unreadable metadata
-      raise self._unreadable(step, e, f": no readable '{item}' item") from e
+      raise self._unreadable(step, e, ": its metadata is unreadable") from e
     if saved is None:
       raise self._unreadable(step, FileNotFoundError(f"no metadata for '{item}'"),
                              f": no readable '{item}' item")
