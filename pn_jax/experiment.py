@@ -69,25 +69,22 @@ def _take(docs: list[dict], chars: int, seed: int) -> list[dict]:
 
 
 def build_corpus(exp, root: str) -> str:
-  """A seeded subset of the source corpus in the prepared-corpus layout (written once)."""
+  """A seeded subset of the source corpus in the prepared-corpus layout. Each part (the generic
+  set, each domain) is written once (each split file atomically), and its subset depends only
+  on the seed: adding a domain to an experiment adds that domain's files and keeps everything
+  trained on the rest (tokenizer, pretraining, finished cells) valid."""
   src = corpus_lib.resolve_root(exp.source, "data_cache")
   out = os.path.join(root, "corpus")
-  if os.path.exists(os.path.join(out, "DONE")):
-    return out
-  sizes = {"train": exp.generic_chars, "validation": exp.heldout_chars, "test": exp.heldout_chars}
-  for split, chars in sizes.items():
-    os.makedirs(os.path.join(out, "generic"), exist_ok=True)
-    docs = corpus_lib.read_docs(corpus_lib.split_path(src, split))
-    corpus_lib.write_docs(corpus_lib.split_path(out, split), _take(docs, chars, exp.seed))
-  for domain in exp.domains:
-    os.makedirs(os.path.join(out, "domains", domain), exist_ok=True)
+  for domain in (None, *exp.domains):
     for split in corpus_lib.SPLITS:
-      chars = exp.domain_train_chars if split == "train" else exp.heldout_chars
+      path = corpus_lib.split_path(out, split, domain)
+      if os.path.exists(path):
+        continue
+      chars = exp.heldout_chars if split != "train" else (
+          exp.domain_train_chars if domain else exp.generic_chars)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
       docs = corpus_lib.read_docs(corpus_lib.split_path(src, split, domain))
-      corpus_lib.write_docs(corpus_lib.split_path(out, split, domain),
-                            _take(docs, chars, exp.seed))
-  with open(os.path.join(out, "DONE"), "w") as f:
-    f.write("ok\n")
+      corpus_lib.write_docs(path, _take(docs, chars, exp.seed))
   return out
 
 

@@ -370,3 +370,43 @@ def test_disk_too_small_for_a_checkpoint_fails_before_training(prepared, tmp_pat
                      r"\(2 x 6\.8 MiB of params \+ optimizer state\); free some space"):
     loop.pretrain(config, workdir)
   assert train_losses(workdir) == [] and latest(workdir) is None
+
+
+def test_disk_filling_up_mid_run_names_the_kept_checkpoint(prepared, tmp_path, monkeypatch):
+  """A save that the filesystem refuses (tensorstore's ENOSPC, as orbax raises it) stops the run
+  with a CheckpointError naming the surviving step; with space again, the rerun resumes there."""
+  import orbax.checkpoint as ocp
+  config = load_config("pn")
+  config.train.update(steps=6, checkpoint_every=2, eval_every=100, async_checkpoint=False)
+  workdir = copy_workdir(prepared, tmp_path)
+  real_save = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 4:  # the message tensorstore gives for a write that hit ENOSPC
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "1.0.count/0" in OCDBT database: '
+                       "Failed to write 1748992 bytes to file 8: No space left on device "
+                       "[os_error_code='28']")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(CheckpointError) as err:
+    loop.pretrain(config, workdir)
+  assert str(err.value) == (
+      f"could not write checkpoint step 4 to {workdir}/checkpoints: No space left on device "
+      "(errno 28); the last complete checkpoint, step 2, is kept: fix the cause and rerun to "
+      "resume from it")
+  assert latest(workdir) == 2
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  assert loop.pretrain(config, workdir)["step"] == 6
+  assert latest(workdir) == 6
+
+
+def test_errors_that_are_not_storage_failures_are_not_relabelled():
+  from pn_jax.train.checkpoint import _storage_failure
+  assert _storage_failure(OSError(30, "Read-only file system")) == \
+      "Read-only file system (errno 30)"
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = PermissionError(13, "denied")
+  assert _storage_failure(wrapped) == "Permission denied (errno 13)"
+  assert _storage_failure(ValueError("shapes (2, 3) and (3, 4) differ")) is None

@@ -19,7 +19,8 @@ def get_config(arg=None):
   c.generic_chars = 2_000_000  # seeded subset of the generic training split
   c.heldout_chars = 80_000  # per held-out split (generic and domain validation / test)
   c.domain_train_chars = 2_500_000  # per domain training split (>= the largest budget)
-  c.domains = ("legal", "source_code")
+  c.domains = ("legal", "source_code", "dictionary", "manpages", "religious", "quotes",
+               "standards")
   c.budgets = (100_000, 400_000)  # domain training tokens
   c.seed = 0
 
@@ -41,5 +42,5 @@ def get_config(arg=None):
   c.distill = True  # SLM-d: the pretrained SLM distilled from the fine-tuned LLM per domain/budget
 
   c.finetune = ml_collections.ConfigDict(dict(
-      lr=1e-3, steps=100, eval_every=20, early_stop_patience=2, eval_batches=8))
+      lr=1e-3, steps=300, eval_every=25, early_stop_patience=2, eval_batches=8))
   return c

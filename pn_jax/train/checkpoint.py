@@ -8,8 +8,10 @@ The specialize stage restores the `params` item alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 
 import grain
 import jax
@@ -25,6 +27,24 @@ def _brief(e: Exception) -> str:
   """One line of an orbax/tensorstore error, without the multi-kB tensorstore spec dump."""
   text = " ".join(str(e).split("[tensorstore_spec=")[0].split())
   return f"{type(e).__name__}: {text[:400]}"
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _storage_failure(e: BaseException) -> str | None:
+  """'No space left on device (errno 28)' if `e` (or what caused it) is the filesystem refusing
+  a write, else None. tensorstore reports those as ValueError('RESOURCE_EXHAUSTED: ... [os_error_
+  code='28']'), raised from orbax's background threads, not as OSError."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno:
+      return f"{os.strerror(e.errno)} (errno {e.errno})"
+    match = _OS_ERROR_CODE.search(str(e))
+    if match:
+      code = int(match.group(1))
+      return f"{os.strerror(code)} (errno {code})"
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def _shape_tree(tree) -> dict[str, tuple]:
@@ -61,6 +81,8 @@ class Checkpointer:
                        "opt_state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
+    self._async = async_save
+    self._in_flight = None  # the last step handed to an async save, until it is known written
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -72,7 +94,31 @@ class Checkpointer:
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._writing(step):  # also surfaces a failed earlier async save
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved and self._async:
+      self._in_flight = step
+    return saved
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None = None):
+    """A failed write (disk full, read-only or vanished filesystem) becomes a CheckpointError
+    saying which checkpoint survives: orbax commits a step by renaming its temporary directory,
+    so the previous complete step is still the latest."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is a storage failure
+      cause = _storage_failure(e)
+      if cause is None:
+        raise
+      failed = self._in_flight if step is None or self._in_flight not in (None, step) else step
+      self._in_flight = None
+      kept = self.manager.latest_step()
+      raise CheckpointError(
+          f"could not write checkpoint step {failed} to {self.directory}: {cause}; "
+          + (f"the last complete checkpoint, step {kept}, is kept: fix the cause and rerun to "
+             "resume from it" if kept is not None and kept != failed else
+             "no complete checkpoint was written: fix the cause and rerun")) from e
 
   def saved_config(self, step: int | None = None) -> dict:
     step = self.resolve_step(step)
@@ -134,8 +180,12 @@ class Checkpointer:
     check_compatible(saved, expected, f"checkpoint step {step} ({item})")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

@@ -49,8 +49,8 @@ class _CloseOnError:
       for c in self._closables:
         try:
           c.close()
-        except Exception:  # noqa: BLE001 - keep the original error
-          logging.exception("while closing %s after an error", type(c).__name__)
+        except Exception as e:  # noqa: BLE001 - keep the original error
+          logging.error("while closing %s after an error: %s", type(c).__name__, e)
 
 
 @dataclasses.dataclass
