@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -89,9 +90,18 @@ def build_corpus(exp, root: str) -> str:
 
 
 def shared_tokenizer(exp, corpus: str, root: str) -> str:
-  """One tokenizer for every method, so perplexities are per the same tokens."""
+  """One tokenizer for every method, so perplexities are per the same tokens. With
+  `exp.tokenizer_from` (another experiment's tokenizer.model) perplexities are also comparable
+  across experiments: with the same seed and domain sizes their domain test sets are identical."""
   path = os.path.join(root, "tokenizer.model")
-  if not os.path.exists(path):
+  if os.path.exists(path):
+    return path
+  if exp.get("tokenizer_from"):
+    if not os.path.isfile(exp.tokenizer_from):
+      raise config_lib.ConfigError(f"tokenizer_from: no tokenizer at {exp.tokenizer_from!r}")
+    shutil.copyfile(exp.tokenizer_from, path + ".tmp")
+    os.replace(path + ".tmp", path)
+  else:
     texts = corpus_lib.load_texts(corpus, "train")
     tok_lib.train_tokenizer(texts, path, exp.vocab_size, exp.seed)
   return path

@@ -23,6 +23,7 @@ def get_config(arg=None):
                "standards")
   c.budgets = (100_000, 400_000)  # domain training tokens
   c.seed = 0
+  c.tokenizer_from = ""  # another experiment's tokenizer.model, to compare across experiments
 
   c.vocab_size = 1024
   c.seq_len = 128
