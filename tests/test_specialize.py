@@ -137,3 +137,37 @@ def test_distill_loss_is_zero_kl_against_itself():
                              rtol=1e-5)
   other = dict(batch, teacher_logprobs=jax.nn.log_softmax(jax.random.normal(k3, logits.shape)))
   assert float(distill_loss(3.0, hidden, unembed, other, config)) > (1 - w) * 3.0 + 0.01
+
+
+def test_teacher_targets_are_computed_on_the_mesh():
+  """SLM-d's soft targets: the teacher's tempered log-softmax, left on the devices sharded like
+  the batch (no host round trip), and passed through unchanged by mesh.global_batch."""
+  import jax
+  from flax import linen as nn
+  from pn_jax.model.transformer import LM, init_params
+  from pn_jax.specialize.distill import TeacherIterator
+  config = load_config("slm")
+  mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
+  model = LM(config.model)
+  rng = np.random.default_rng(0)
+  local = [{"inputs": rng.integers(0, config.model.vocab_size, (8, 16), dtype=np.int32),
+            "cluster": np.zeros(8, np.int32)} for _ in range(2)]
+
+  class Inner:  # the grain iterator's interface as the wrapper uses it
+    def __init__(self):
+      self.items = iter(local)
+
+    def __next__(self):
+      return next(self.items)
+
+  with mesh_lib.activate(mesh, rules):
+    params = nn.unbox(init_params(model, jax.random.key(1)))
+    teacher = TeacherIterator(Inner(), model, params, temperature=2.0, mesh=mesh)
+    for want_inputs in local:
+      batch = mesh_lib.global_batch(next(teacher), mesh)
+      targets = batch["teacher_logprobs"]
+      assert isinstance(targets, jax.Array)
+      assert targets.sharding.is_equivalent_to(mesh_lib.batch_sharding(mesh), targets.ndim)
+      logits = model.apply({"params": params}, want_inputs["inputs"], want_inputs["cluster"])
+      want = jax.nn.log_softmax(np.asarray(logits, np.float32) / 2.0, axis=-1)
+      np.testing.assert_allclose(np.asarray(targets), want, atol=1e-5)

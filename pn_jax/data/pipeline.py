@@ -425,7 +425,7 @@ def domain_docs(run_data: RunData, domain: str, split: str,
   return docs
 
 
-def _packed_split(run_data: RunData, split: str, domain: str = "",
+def packed_split(run_data: RunData, split: str, domain: str = "",
                   max_tokens: int | None = None) -> Packed:
   """Held-out generic text (packed per assigned cluster) or a domain split (one stream)."""
   key = ("split", split, domain, max_tokens)
@@ -471,7 +471,7 @@ def eval_iterator(config, run_data: RunData, *, split: str = "validation", proce
 
 def _eval_generic(config, run_data, split, process_index, process_count):
   local = _local_size(config, process_count)
-  packed = _packed_split(run_data, split)
+  packed = packed_split(run_data, split)
   if not len(packed):
     raise DataError(f"split {split!r} of {run_data.root!r} has no tokens to evaluate")
   mode = config.data.cluster_batching
@@ -499,7 +499,7 @@ def domain_iterator(config, run_data: RunData, domain: str, split: str = "train"
     config = config.copy_and_resolve_references()
     config.data.batch_size = batch_size
   local = _local_size(config, process_count)
-  packed = _packed_split(run_data, split, domain, max_tokens)
+  packed = packed_split(run_data, split, domain, max_tokens)
   if not len(packed):
     raise DataError(f"domain {domain!r} split {split!r} has no tokens (max_tokens={max_tokens})")
   repeat = split == "train" if repeat is None else repeat

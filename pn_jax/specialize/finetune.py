@@ -146,8 +146,8 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary.update(
       steps=steps, best_step=best_step, best_valid_loss=result.get("best_eval_loss"),
       test_loss=test["loss"], test_ppl=test["perplexity"], test_tokens=test["tokens"],
-      train_domain_tokens=pipeline._packed_split(run_data, "train", config.data.domain,
-                                                 budget).num_targets,
+      train_domain_tokens=pipeline.packed_split(run_data, "train", config.data.domain,
+                                                budget).num_targets,
       specialize_flops=steps * (step_flops + teacher_flops), fit_seconds=fit_seconds,
       wall_seconds=time.perf_counter() - t0)
   _write_outputs(workdir, run_data, summary)
@@ -164,7 +164,7 @@ def _with_teacher(config, train_iter, mesh, rules):
     raise CheckpointError(f"teacher {teacher.describe()} has vocab_size "
                           f"{teacher.model.vocab_size}, the student {config.model.vocab_size}")
   params = checkpoints.restore_params(teacher, mesh, rules)
-  it = TeacherIterator(train_iter, LM(teacher.model), params, config.distill.temperature)
+  it = TeacherIterator(train_iter, LM(teacher.model), params, config.distill.temperature, mesh)
   # A forward pass is a third of a training step's 6N FLOPs per token.
   fwd = flops_lib.train_flops_per_step(teacher.model, config.data.batch_size,
                                        config.data.seq_len) / 3
