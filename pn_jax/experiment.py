@@ -254,6 +254,27 @@ def table_rows(results, exp):
   return rows
 
 
+def vs_slm_table(rows, exp) -> list[str]:
+  """Each method's macro perplexity relative to the SLM's (the paper's comparison), and on how
+  many domains it beats the SLM (a sign test's count: a few % macro can be one domain)."""
+  if not any(r["method"] == "slm" for r in rows):
+    return []
+  slm = rows_by(rows, "slm")
+  out = ["| method | " + " | ".join(f"vs SLM, ft {b:.0e} | domains better ({b:.0e})"
+                                   for b in exp.budgets) + " |",
+         "|---" * (1 + 2 * len(exp.budgets)) + "|"]
+  for r in rows:
+    if r["method"] == "slm":
+      continue
+    cells = []
+    for b in exp.budgets:
+      better = sum(r[b]["per_domain"][d] < slm[b]["per_domain"][d] for d in exp.domains)
+      cells += [f"{100 * (r[b]['macro'] / slm[b]['macro'] - 1):+.1f}%",
+                f"{better}/{len(exp.domains)}"]
+    out.append(f"| {LABELS[r['method']]} | " + " | ".join(cells) + " |")
+  return out
+
+
 def pretrain_cost(results, m, row, budget):
   """Pretraining FLOPs and seconds attributable to one domain's model."""
   if m == "slm_is":
@@ -297,6 +318,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
     for b in exp.budgets:
       per_domain.append(f"| {LABELS[r['method']]} | {b:.0e} | "
                         + " | ".join(f"{r[b]['per_domain'][d]:.2f}" for d in exp.domains) + " |")
+  versus = vs_slm_table(rows, exp)
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for b, marker in zip(exp.budgets, ("o", "s", "^")):
@@ -324,7 +346,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
       "Macro-averaged test perplexity over the domains (exp of the mean per-token NLL), the "
       "cost of each method, then the per-domain numbers. FLOPs from pn_jax.train.flops "
       "(6 N per token + attention); seconds are wall-clock on this machine.", "",
-      *lines, "", *per_domain, "", f"![ppl vs cost]({figure})", "", end])
+      *lines, "", *versus, "", *per_domain, "", f"![ppl vs cost]({figure})", "", end])
   path = os.path.join(docs, "results.md")
   text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
   if begin in text and end in text:
@@ -333,7 +355,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
     text = text.rstrip() + "\n\n" + auto + "\n"
   with open(path, "w") as f:
     f.write(text)
-  print("\n".join(lines))
+  print("\n".join(lines + [""] + versus))
   print("\n".join(per_domain))
 
 

@@ -50,3 +50,8 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
   report = (docs / "results.md").read_text()
   assert "<!-- experiment toy:begin" in report and "| legal | religious |" in report
   assert report.count("| PN | 2e+03 |") == 1 and (docs / "toy.png").stat().st_size > 1000
+  rows = experiment.table_rows(second, exp)
+  pn, slm = experiment.rows_by(rows, "pn"), experiment.rows_by(rows, "slm")
+  change = 100 * (pn[4096]["macro"] / slm[4096]["macro"] - 1)
+  better = sum(pn[4096]["per_domain"][d] < slm[4096]["per_domain"][d] for d in exp.domains)
+  assert f"| {change:+.1f}% | {better}/2 |" in report
