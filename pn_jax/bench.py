@@ -27,14 +27,6 @@ from ml_collections import config_flags
 
 from pn_jax.parallel import xla_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Bench config (configs/bench/*.py[:arg]).",
-                                          lock_config=True)
-_XLA_PRESET = flags.DEFINE_enum("xla_preset", "default", sorted(xla_flags.PRESETS),
-                                "GPU XLA flags added to XLA_FLAGS (pn_jax/parallel/xla_flags.py).")
-_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "If set, a jax.profiler trace of a few "
-                                   "timed steps of the first configuration is written here.")
-
-
 def apply_overrides(config, overrides: str):
   """'model.remat=dots,data.batch_size=16' -> a copy of `config` with those keys set."""
   config = config.copy_and_resolve_references()
@@ -307,12 +299,13 @@ def configurations(config):
 
 def main(argv):
   del argv
-  if _CONFIG.value is None:
+  FLAGS = flags.FLAGS
+  if FLAGS.config is None:
     raise app.UsageError("--config is required")
-  xla_flags.apply(_XLA_PRESET.value)  # before the first jax call initialises the backend
+  xla_flags.apply(FLAGS.xla_preset)  # before the first jax call initialises the backend
   from pn_jax.config import ConfigError
-  for i, config in enumerate(configurations(_CONFIG.value)):
-    profile_dir = _PROFILE_DIR.value if i == 0 else ""
+  for i, config in enumerate(configurations(FLAGS.config)):
+    profile_dir = FLAGS.profile_dir if i == 0 else ""
     try:
       record = bench_one(config, profile_dir=profile_dir)
     except ConfigError as e:
@@ -323,7 +316,18 @@ def main(argv):
       print(json.dumps({"profile": config.name, **profile_summary(profile_dir)}), flush=True)
 
 
+def define_flags():
+  """Defined here, not at import: tests import this module next to other absl entry points."""
+  config_flags.DEFINE_config_file("config", None, "Bench config (configs/bench/*.py[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_enum("xla_preset", "default", sorted(xla_flags.PRESETS),
+                    "GPU XLA flags added to XLA_FLAGS (pn_jax/parallel/xla_flags.py).")
+  flags.DEFINE_string("profile_dir", "", "If set, a jax.profiler trace of a few timed steps of "
+                      "the first configuration is written here.")
+
+
 def run():
+  define_flags()
   app.run(main)
 
 

@@ -28,14 +28,6 @@ from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import tokenizer as tok_lib
 from pn_jax.train import flops as flops_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/experiments/<name>.py")
-_ROOT = flags.DEFINE_string("root", "runs/exp", "Directory for every run of the experiment.")
-_DOCS = flags.DEFINE_string("docs", "docs", "Where results.md and the figure go.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from "
-                                  "<root>/results.json (e.g. for the finished cells of a "
-                                  "partial run, with --config.domains restricted to them).")
-_FIGURE = flags.DEFINE_string("figure", "results_ppl_vs_cost.png", "Figure file name under --docs.")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SLM-d",
           "slm_is": "SLM-is"}
@@ -374,23 +366,37 @@ def rows_by(rows, method):
 
 def main(argv):
   del argv
-  exp = _CONFIG.value
-  cache = os.path.join(os.path.abspath(_ROOT.value), "jit_cache")
+  FLAGS = flags.FLAGS
+  exp, root = FLAGS.config, FLAGS.root
+  cache = os.path.join(os.path.abspath(root), "jit_cache")
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   t0 = time.perf_counter()
-  if _REPORT_ONLY.value:
-    with open(os.path.join(_ROOT.value, "results.json")) as f:
+  if FLAGS.report_only:
+    with open(os.path.join(root, "results.json")) as f:
       results = json.load(f)
   else:
-    results = run(exp, _ROOT.value)
+    results = run(exp, root)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
-    with open(os.path.join(_ROOT.value, "results.json"), "w") as f:
+    with open(os.path.join(root, "results.json"), "w") as f:
       json.dump(results, f, indent=1, default=float)
-  write_report(results, exp, _DOCS.value, " ".join(os.sys.argv),
-               tag=os.path.basename(os.path.normpath(_ROOT.value)), figure=_FIGURE.value)
+  write_report(results, exp, FLAGS.docs, " ".join(os.sys.argv),
+               tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)
 
 
+def define_flags():
+  """Defined here, not at import: tests import this module next to other absl entry points."""
+  config_flags.DEFINE_config_file("config", None, "configs/experiments/<name>.py")
+  flags.DEFINE_string("root", "runs/exp", "Directory for every run of the experiment.")
+  flags.DEFINE_string("docs", "docs", "Where results.md and the figure go.")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the report from <root>/results.json "
+                    "(e.g. for the finished cells of a partial run, with --config.domains "
+                    "restricted to them).")
+  flags.DEFINE_string("figure", "results_ppl_vs_cost.png", "Figure file name under --docs.")
+  flags.mark_flags_as_required(["config"])
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
