@@ -55,3 +55,22 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
   change = 100 * (pn[4096]["macro"] / slm[4096]["macro"] - 1)
   better = sum(pn[4096]["per_domain"][d] < slm[4096]["per_domain"][d] for d in exp.domains)
   assert f"| {change:+.1f}% | {better}/2 |" in report
+
+
+def test_every_experiment_config_builds_valid_run_configs():
+  """Each configs/experiments/*.py: every method's pretraining config and the fine-tuning
+  configs pass the same validation the CLI applies (a typo in an override fails here, not an
+  hour into the run)."""
+  from pn_jax import config as config_lib
+  from pn_jax import experiment
+  files = sorted((REPO / "configs" / "experiments").glob("*.py"))
+  assert len(files) >= 2
+  for path in files:
+    exp = config_lib.load_config(str(path))
+    for name, (spec, overrides) in exp.methods.items():
+      c = experiment.pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model")
+      config_lib.validate(c, device_count=1)
+      assert c.train.steps * exp.batch_size * exp.seq_len <= exp.pretrain_tokens, (path, name)
+    for teacher in ("", "teacher_dir"):
+      c = experiment.finetune_config(exp, "pretrain_dir", exp.domains[0], exp.budgets[0], teacher)
+      config_lib.validate(c, device_count=1)
