@@ -151,3 +151,46 @@ def test_launcher_stops_all_when_one_fails():
   text = out.getvalue()
   assert all(f"[p{i}] coordinator localhost:" in text for i in range(3))
   assert "a process exited with 3: terminating the others" in text
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(prepared, tmp_path):
+  """A preemption notice reaching one process only (as on a multi-host job whose scheduler
+  signals one node first): every process stops at the same agreed step, the checkpoint of that
+  step is written by all of them, and every process exits 143 so the job is seen unfinished."""
+  import signal
+  import subprocess
+  import threading
+  prepared, corpus = prepared
+  work = tmp_path / "mh"
+  shutil.copytree(prepared, work)
+  cmd = [sys.executable, "-m", "pn_jax.main", "--config=configs/pn.py:tiny", f"--workdir={work}",
+         f"--config.data.corpus={corpus}", "--config.train.steps=100000",
+         "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+         "--config.train.eval_every=100000", "--config.train.progress_bar=false"]
+  env = {**os.environ, "XLA_FLAGS": FAST_XLA,
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+  port = local_launch.free_port()
+  procs, logs = [], [[], []]
+  for i in range(2):
+    procs.append(subprocess.Popen(
+        cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=local_launch.process_env(i, 2, port, cpu_devices=4, base=env)))
+    threading.Thread(target=lambda p=procs[-1], log=logs[i]: log.extend(p.stdout),
+                     daemon=True).start()
+  try:
+    deadline = time.time() + 240
+    while not any("[train] step 3 " in line for line in logs[0]):
+      assert time.time() < deadline and procs[0].poll() is None, "".join(logs[0][-30:])
+      time.sleep(0.2)
+    procs[0].send_signal(signal.SIGTERM)  # process 0 only
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert codes == [143, 143], "".join(logs[1][-30:])
+  results = [json.loads(next(l for l in reversed(log) if l.startswith('{"mode"')))
+             for log in logs]
+  stopped = {r["stopped_at"] for r in results}
+  assert len(stopped) == 1 and {r["stop_reason"] for r in results} == {"SIGTERM"}
+  assert os.listdir(work / "checkpoints") == [str(stopped.pop())]
