@@ -153,15 +153,39 @@ def specialize(exp, init_from, workdir, domain, budget, teacher="") -> dict:
   return result
 
 
+# Settings every finished stage depends on: a root's results are reused only if they match.
+# (domains, budgets and new methods may be added: they only add stages.)
+_REUSE_KEYS = ("source", "seed", "generic_chars", "heldout_chars", "domain_train_chars",
+               "vocab_size", "seq_len", "batch_size", "pretrain_tokens", "pretrain_lr",
+               "eval_batches", "finetune", "distill", "tokenizer_from")
+
+
+def check_reusable(saved_exp: dict, exp) -> None:
+  """ConfigError naming each setting that differs from the one the root's results were made
+  with: silently mixing stages of two configurations would corrupt the table."""
+  norm = lambda v: json.loads(json.dumps(v.to_dict() if hasattr(v, "to_dict") else v))
+  changed = [k for k in _REUSE_KEYS if k in saved_exp and norm(saved_exp[k]) != norm(exp[k])]
+  changed += [f"methods.{m}" for m, spec in saved_exp.get("methods", {}).items()
+              if m in exp.methods and norm(spec) != norm(exp.methods[m])]
+  if changed:
+    raise config_lib.ConfigError(
+        "this experiment root holds results made with other settings ("
+        + ", ".join(f"{k}: {saved_exp[k] if '.' not in k else saved_exp['methods'][k[8:]]!r}"
+                    for k in changed)
+        + "); use a new --root (or restore those settings to add stages to this one)")
+
+
 def run(exp, root: str) -> dict:
-  os.makedirs(root, exist_ok=True)
-  corpus = build_corpus(exp, root)
-  tokenizer = shared_tokenizer(exp, corpus, root)
   results = {"pretrain": {}, "specialize": {}, "exp": exp.to_dict()}
   path = os.path.join(root, "results.json")
   if os.path.exists(path):
     with open(path) as f:
-      results.update({k: v for k, v in json.load(f).items() if k != "exp"})
+      saved = json.load(f)
+    check_reusable(saved.get("exp", {}), exp)
+    results.update({k: v for k, v in saved.items() if k != "exp"})
+  os.makedirs(root, exist_ok=True)
+  corpus = build_corpus(exp, root)
+  tokenizer = shared_tokenizer(exp, corpus, root)
 
   def save():
     with open(path, "w") as f:

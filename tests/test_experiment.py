@@ -6,8 +6,10 @@ import math
 import os
 
 import ml_collections
+import pytest
 
 from conftest import REPO
+from pn_jax.config import ConfigError
 
 
 def _toy_experiment():
@@ -44,6 +46,11 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
   assert os.path.getmtime(generic) == generic_mtime
   assert second["specialize"]["legal/2048"] == json.loads(json.dumps(first["specialize"]["legal/2048"]))
   assert set(second["specialize"]["religious/4096"]) == {"slm", "pn"}
+
+  exp.finetune.steps = 5  # stages made with 4 steps must not be mixed with 5-step ones
+  with pytest.raises(ConfigError, match=r"other settings \(finetune: .*'steps': 4.*use a new --root"):
+    experiment.run(exp, root)
+  exp.finetune.steps = 4
 
   docs = tmp_path / "docs"
   experiment.write_report(second, exp, str(docs), "pytest", tag="toy", figure="toy.png")
