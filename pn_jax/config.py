@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 500
   t.checkpoint_every = 500
+  t.checkpoint_every_minutes = 0.0  # >0: also checkpoint when this much wall clock has passed
   t.keep_checkpoints = 3
   t.async_checkpoint = True
   t.nan_policy = "stop"  # stop | skip
@@ -185,6 +186,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0")
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+  if t.get("checkpoint_every_minutes", 0.0) < 0:
+    _fail("train.checkpoint_every_minutes", f"must be >= 0 (0: off), got "
+          f"{t.checkpoint_every_minutes}")
   if t.checkpoint_every < 1 or t.keep_checkpoints < 1 or t.log_every < 1 or t.eval_every < 1:
     _fail("train.checkpoint_every", "checkpoint_every, keep_checkpoints, log_every and "
           "eval_every must be >= 1")

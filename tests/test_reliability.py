@@ -410,3 +410,18 @@ def test_errors_that_are_not_storage_failures_are_not_relabelled():
   wrapped.__cause__ = PermissionError(13, "denied")
   assert _storage_failure(wrapped) == "Permission denied (errno 13)"
   assert _storage_failure(ValueError("shapes (2, 3) and (3, 4) differ")) is None
+
+
+def test_wall_clock_checkpoints(prepared, tmp_path):
+  """train.checkpoint_every_minutes saves whenever that much time has passed since the last
+  save, whatever the step interval (here: due at every step)."""
+  config = load_config("pn")
+  config.train.update(steps=4, checkpoint_every=1000, checkpoint_every_minutes=1e-9,
+                      keep_checkpoints=10, eval_every=100, async_checkpoint=False)
+  workdir = copy_workdir(prepared, tmp_path)
+  loop.pretrain(config, workdir)
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3, 4]
+
+  config.train.checkpoint_every_minutes = -1.0
+  with pytest.raises(loop.ConfigError, match="train.checkpoint_every_minutes: must be >= 0"):
+    loop.pretrain(config, copy_workdir(prepared, tmp_path, "bad"))

@@ -140,6 +140,27 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+class _WallClockSaves:
+  """Checkpoints by wall clock as well as by step count: with varying step times (evals, shared
+  hosts, a slow data shard) a step interval is a poor bound on the work a crash loses. In
+  multi-process runs the processes decide together at the sync points, so all save one step."""
+
+  def __init__(self, minutes: float):
+    self.seconds = 60.0 * minutes
+    self.last = time.monotonic()
+
+  def due(self, step: int, every: int) -> bool:
+    if not self.seconds:
+      return False
+    late = time.monotonic() - self.last >= self.seconds
+    if not distributed.is_multiprocess():
+      return late
+    return step % every == 0 and bool(distributed.max_over_processes(int(late)))
+
+  def saved(self) -> None:
+    self.last = time.monotonic()
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics."""
   preflight.check_writable(workdir)  # before data preparation writes there
@@ -200,6 +221,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
                desc=desc, dynamic_ncols=True)
     pending = None  # (step, device metrics) of the last dispatched step
+    clock = _WallClockSaves(t.get("checkpoint_every_minutes", 0.0))
     window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
 
     def check(step, metrics):
@@ -256,8 +278,9 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
       stop.sync(step, t.log_every)
       if step == t.stop_at_step and not stop.received:
         stop.received = "stop_at_step"
+      timed = clock.due(step, t.log_every)
       boundary = (step % t.checkpoint_every == 0 or step == t.steps or stop.received
-                  or step % t.eval_every == 0)
+                  or step % t.eval_every == 0 or timed)
       if boundary:
         host = check(*pending)
         if step % t.log_every == 0 or step == t.steps:
@@ -273,8 +296,9 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
             best["evals_since"] += 1
           if t.early_stop_patience and best["evals_since"] >= t.early_stop_patience:
             stop.received = stop.received or "early_stopping"
-        if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
+        if step % t.checkpoint_every == 0 or step == t.steps or stop.received or timed:
           ckpt.save(step, state, config, train_iter, force=True)
+          clock.saved()
         if stop.received:
           logging.warning("stopping (%s): saved step %d, exiting", stop.reason, step)
           final.update(stopped_at=step, stop_reason=stop.reason)
