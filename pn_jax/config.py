@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.1
   o.clip_norm = 5.0
+  # PN only: multiplies the learning rate of the shared basis tensors T (see
+  # pn_jax/train/optimizer.py::scale_basis_updates; 1/sqrt(h) gives projected weights the dense
+  # model's Adam step size).
+  o.basis_lr_scale = 1.0
 
   # --- training loop -----------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -186,6 +190,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0")
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+  basis_scale = o.get("basis_lr_scale", 1.0)
+  if not basis_scale > 0:
+    _fail("optim.basis_lr_scale", f"must be > 0, got {basis_scale}")
+  if basis_scale != 1.0 and m.mlp_kind != "projected":
+    _fail("optim.basis_lr_scale", f"scales a projected model's basis tensors; this model is "
+          f"mlp_kind={m.mlp_kind!r} (leave it at 1.0)")
   if t.get("checkpoint_every_minutes", 0.0) < 0:
     _fail("train.checkpoint_every_minutes", f"must be >= 0 (0: off), got "
           f"{t.checkpoint_every_minutes}")

@@ -30,7 +30,11 @@ from pn_jax.train import flops as flops_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SLM-d",
-          "slm_is": "SLM-is"}
+          "slm_is": "SLM-is", "pn_lrs": "PN, T lr/sqrt(h)"}  # other method names (variants a config adds) print as they are
+
+
+def label(method: str) -> str:
+  return LABELS.get(method, method)
 
 
 def load_run_config(spec: str) -> ml_collections.ConfigDict:
@@ -203,7 +207,8 @@ def run(exp, root: str) -> dict:
                                    "steps": out["step"], "tokens": exp.pretrain_tokens}
       save()
 
-  order = [m for m in ("llm", "slm", "mix", "pn") if m in exp.methods]
+  # The LLM first (SLM-d's teacher), then the config's order; SLM-is pretrains per cell below.
+  order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
   for domain in exp.domains:
     for budget in exp.budgets:
       cell = f"{domain}/{budget}"
@@ -249,7 +254,8 @@ def macro(cells: list[dict], key: str) -> float:
 
 
 def table_rows(results, exp):
-  methods = [m for m in ("slm", "mix", "pn", "llm", "slm_d", "slm_is")
+  known = ["slm", "mix", "pn", "llm", "slm_d", "slm_is"]
+  methods = [m for m in known + [m for m in exp.methods if m not in known]
              if all(m in results["specialize"].get(f"{d}/{b}", {})
                     for d in exp.domains for b in exp.budgets)]
   rows = []
@@ -287,7 +293,7 @@ def vs_slm_table(rows, exp) -> list[str]:
       better = sum(r[b]["per_domain"][d] < slm[b]["per_domain"][d] for d in exp.domains)
       cells += [f"{100 * (r[b]['macro'] / slm[b]['macro'] - 1):+.1f}%",
                 f"{better}/{len(exp.domains)}"]
-    out.append(f"| {LABELS[r['method']]} | " + " | ".join(cells) + " |")
+    out.append(f"| {label(r['method'])} | " + " | ".join(cells) + " |")
   return out
 
 
@@ -324,7 +330,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
     sf = [r[b]["spec_flops"] + (rows_by(rows, "llm")[b]["spec_flops"] if m == "slm_d" else 0)
           for b in (b_small, b_large)]
     lines.append(
-        f"| {LABELS[m]} | {pf:.2e} | {ps:.0f} | {gen} | {r[b_large]['noft']:.2f} | "
+        f"| {label(m)} | {pf:.2e} | {ps:.0f} | {gen} | {r[b_large]['noft']:.2f} | "
         + " | ".join(f"{r[b]['macro']:.2f}" for b in exp.budgets)
         + f" | {sf[0]:.2e} / {sf[1]:.2e} | "
         f"{r[b_small]['spec_seconds']:.0f} / {r[b_large]['spec_seconds']:.0f} |")
@@ -332,7 +338,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
                 "|---" * (2 + len(exp.domains)) + "|"]
   for r in rows:
     for b in exp.budgets:
-      per_domain.append(f"| {LABELS[r['method']]} | {b:.0e} | "
+      per_domain.append(f"| {label(r['method'])} | {b:.0e} | "
                         + " | ".join(f"{r[b]['per_domain'][d]:.2f}" for d in exp.domains) + " |")
   versus = vs_slm_table(rows, exp)
 
@@ -341,7 +347,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
     for r in rows:
       pf, _ = pretrain_cost(results, r["method"], r, b)
       ax.scatter(pf, r[b]["macro"], marker=marker, color=f"C{rows.index(r)}",
-                 label=f"{LABELS[r['method']]}" if b == b_small else None)
+                 label=f"{label(r['method'])}" if b == b_small else None)
       ax.annotate(f"{b:.0e}", (pf, r[b]["macro"]), fontsize=6, xytext=(3, 2),
                   textcoords="offset points")
   ax.set_xscale("log")

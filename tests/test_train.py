@@ -180,3 +180,30 @@ def test_cli_pretrains_writes_events_and_resumes(prepared, tmp_path):
   bad = cmd[:-3] + ["--config.model.m=99"]
   out = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and "config.model.m: code length m=99 exceeds basis size" in out.stderr
+
+
+def test_basis_lr_scale_scales_only_the_pn_basis_updates():
+  """optim.basis_lr_scale multiplies the Adam updates of T_in/T_out (the same step otherwise)
+  and leaves E, M, attention and embeddings alone; non-PN models refuse it."""
+  from flax import linen as nn
+  from pn_jax.config import ConfigError, validate
+  from pn_jax.model.transformer import init_params
+  config = load_config("pn")
+  params = nn.unbox(init_params(LM(config.model), jax.random.key(0)))
+  grads = jax.tree.map(lambda p: 1e-2 * jax.random.normal(jax.random.key(1), p.shape), params)
+  updates = {}
+  for scale in (1.0, 0.25):
+    config.optim.basis_lr_scale = scale
+    tx, _ = make_optimizer(config)
+    updates[scale], _ = tx.update(grads, tx.init(params), params)
+  flat = dict(jax.tree_util.tree_flatten_with_path(updates[0.25])[0])
+  for path, base in jax.tree_util.tree_flatten_with_path(updates[1.0])[0]:
+    want = 0.25 if path[-1].key in ("T_in", "T_out") else 1.0
+    np.testing.assert_allclose(flat[path], want * base, rtol=1e-6, atol=1e-12,
+                               err_msg=jax.tree_util.keystr(path))
+  assert {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]} >= {
+      "T_in", "T_out", "E", "M"}
+  slm = load_config("slm")
+  slm.optim.basis_lr_scale = 0.5
+  with pytest.raises(ConfigError, match="optim.basis_lr_scale: scales a projected model"):
+    validate(slm)

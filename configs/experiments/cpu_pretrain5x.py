@@ -1,6 +1,6 @@
-"""cpu_small with 5x the generic pretraining tokens, for SLM, SLM-mix and PN only: does PN's
-deficit at cpu_small's scale shrink when each expert is trained on more data (the paper's
-100 -> 400 GPUh rows)?
+"""cpu_small with 5x the generic pretraining tokens, for SLM, SLM-mix and PN (both T learning
+rates) only: does PN's deficit at cpu_small's scale shrink when each expert is trained on more
+data (the paper's 100 -> 400 GPUh rows)?
 
     python -m pn_jax.experiment --config=configs/experiments/cpu_pretrain5x.py \\
         --root=runs/exp_cpu_pretrain5x --figure=results_ppl_vs_cost_pretrain5x.png
@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.generic_chars *= 5
   c.pretrain_tokens *= 5
   c.tokenizer_from = "runs/exp_cpu_small/tokenizer.model"
-  c.methods = ml_collections.ConfigDict({k: c.methods[k] for k in ("slm", "mix", "pn")})
+  c.methods = ml_collections.ConfigDict(
+      {k: c.methods[k] for k in ("slm", "mix", "pn", "pn_lrs")})
   c.distill = False
   return c

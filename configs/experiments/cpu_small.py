@@ -37,6 +37,9 @@ def get_config(arg=None):
       slm=("configs/slm.py:tiny", ""),
       mix=("configs/mix.py:tiny", "model.k=4"),
       pn=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4"),
+      # PN with its basis tensors' learning rate scaled by 1/sqrt(h) (optim.basis_lr_scale):
+      # the projected weights then take the dense model's Adam step size.
+      pn_lrs=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4,optim.basis_lr_scale=0.3536"),
       llm=("configs/llm.py:tiny", ""),
       slm_is=("configs/importance.py:tiny", "model.k=16"),
   ))

@@ -27,15 +27,34 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+def scale_basis_updates(scale: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the PN's shared basis tensors (T_in, T_out) by `scale`.
+
+  Why: Adam moves every element of T by about lr per step, and a projected weight is
+  W = sum_r c_r T_r with |c|_2 = 1 (c = E[i] M), so W moves by about lr * |c|_1, up to
+  sqrt(h) times a dense weight's step. `scale` ~ 1/sqrt(h) gives W the dense model's step.
+  """
+  def scale_tree(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * scale if getattr(path[-1], "key", None) in BASIS else u, updates)
+  return optax.stateless(scale_tree)
+
+
+BASIS = ("T_in", "T_out")
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = None):
   """-> (optax transformation, schedule). `train.nan_policy='skip'` drops non-finite updates."""
   o = config.optim
   schedule = learning_rate_schedule(o, total_steps or config.train.steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                  mask=decay_mask),
-  )
+  parts = [optax.clip_by_global_norm(o.clip_norm),
+           optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=decay_mask)]
+  basis_scale = o.get("basis_lr_scale", 1.0)
+  if basis_scale != 1.0:  # only then: the optimizer state of existing runs keeps its structure
+    parts.append(scale_basis_updates(basis_scale))
+  tx = optax.chain(*parts)
   if config.train.nan_policy == "skip":
     tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
   return tx, schedule
