@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.clip_norm = 5.0
   # PN only: multiplies the learning rate of the shared basis tensors T (see
   # pn_jax/train/optimizer.py::scale_basis_updates; 1/sqrt(h) gives projected weights the dense
-  # model's Adam step size).
+  # model's Adam step size, which trained worse at the scale of docs/results.md).
   o.basis_lr_scale = 1.0
 
   # --- training loop -----------------------------------------------------------------------

@@ -40,6 +40,10 @@ def get_config(arg=None):
       # PN with its basis tensors' learning rate scaled by 1/sqrt(h) (optim.basis_lr_scale):
       # the projected weights then take the dense model's Adam step size.
       pn_lrs=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4,optim.basis_lr_scale=0.3536"),
+      # PN and SLM-mix pretrained on mixed-cluster batches (every step updates every expert)
+      # instead of the default one-cluster-per-step batches (docs/data.md).
+      pn_mixed=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4,data.cluster_batching=mixed"),
+      mix_mixed=("configs/mix.py:tiny", "model.k=4,data.cluster_batching=mixed"),
       llm=("configs/llm.py:tiny", ""),
       slm_is=("configs/importance.py:tiny", "model.k=16"),
   ))
