@@ -170,14 +170,14 @@ def check_reusable(saved_exp: dict, exp) -> None:
   """ConfigError naming each setting that differs from the one the root's results were made
   with: silently mixing stages of two configurations would corrupt the table."""
   norm = lambda v: json.loads(json.dumps(v.to_dict() if hasattr(v, "to_dict") else v))
-  changed = [k for k in _REUSE_KEYS if k in saved_exp and norm(saved_exp[k]) != norm(exp[k])]
-  changed += [f"methods.{m}" for m, spec in saved_exp.get("methods", {}).items()
+  changed = [(k, saved_exp[k]) for k in _REUSE_KEYS
+             if k in saved_exp and norm(saved_exp[k]) != norm(exp[k])]
+  changed += [(f"methods.{m}", spec) for m, spec in saved_exp.get("methods", {}).items()
               if m in exp.methods and norm(spec) != norm(exp.methods[m])]
   if changed:
     raise config_lib.ConfigError(
         "this experiment root holds results made with other settings ("
-        + ", ".join(f"{k}: {saved_exp[k] if '.' not in k else saved_exp['methods'][k[8:]]!r}"
-                    for k in changed)
+        + ", ".join(f"{k}: {v!r}" for k, v in changed)
         + "); use a new --root (or restore those settings to add stages to this one)")
 
 
@@ -193,9 +193,8 @@ def run(exp, root: str) -> dict:
   corpus = build_corpus(exp, root)
   tokenizer = shared_tokenizer(exp, corpus, root)
 
-  def save():
-    with open(path, "w") as f:
-      json.dump(results, f, indent=1, default=float)
+  def save():  # atomically: a kill mid-write must not lose the finished stages
+    corpus_lib.write_json(path, results)
 
   for name, (spec, overrides) in exp.methods.items():
     if name == "slm_is":
@@ -410,8 +409,7 @@ def main(argv):
   else:
     results = run(exp, root)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
-    with open(os.path.join(root, "results.json"), "w") as f:
-      json.dump(results, f, indent=1, default=float)
+    corpus_lib.write_json(os.path.join(root, "results.json"), results)
   write_report(results, exp, FLAGS.docs, " ".join(os.sys.argv),
                tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)

@@ -175,9 +175,10 @@ def _atomic_path(path: str) -> str:
 
 
 def write_json(path: str, obj) -> None:
+  """Atomically (temp file + rename); numpy scalars are written as floats."""
   tmp = _atomic_path(path)
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
+    json.dump(obj, f, indent=1, sort_keys=True, default=float)
   os.replace(tmp, path)
 
 

@@ -111,7 +111,8 @@ class Checkpointer:
       cause = _storage_failure(e)
       if cause is None:
         raise
-      failed = self._in_flight if step is None or self._in_flight not in (None, step) else step
+      # An async save's failure surfaces at the next save or wait: name the step in flight.
+      failed = self._in_flight if self._in_flight is not None else step
       self._in_flight = None
       kept = self.manager.latest_step()
       raise CheckpointError(
