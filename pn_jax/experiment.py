@@ -410,7 +410,9 @@ def main(argv):
     results = run(exp, root)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
     corpus_lib.write_json(os.path.join(root, "results.json"), results)
-  write_report(results, exp, FLAGS.docs, " ".join(os.sys.argv),
+  # The command that makes these results (a --report_only rewrite shows the run's command).
+  args = [a for a in os.sys.argv[1:] if not a.startswith(("--report_only", "--docs"))]
+  write_report(results, exp, FLAGS.docs, " ".join(["python -m pn_jax.experiment", *args]),
                tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)
 
