@@ -170,13 +170,14 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(prepared, 
   env = {**os.environ, "XLA_FLAGS": FAST_XLA,
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
   port = local_launch.free_port()
-  procs, logs = [], [[], []]
+  procs, logs, readers = [], [[], []], []
   for i in range(2):
     procs.append(subprocess.Popen(
         cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=local_launch.process_env(i, 2, port, cpu_devices=4, base=env)))
-    threading.Thread(target=lambda p=procs[-1], log=logs[i]: log.extend(p.stdout),
-                     daemon=True).start()
+    readers.append(threading.Thread(target=lambda p=procs[-1], log=logs[i]: log.extend(p.stdout),
+                                    daemon=True))
+    readers[-1].start()
   try:
     deadline = time.time() + 240
     while not any("[train] step 3 " in line for line in logs[0]):
@@ -188,6 +189,8 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(prepared, 
     for p in procs:
       if p.poll() is None:
         p.kill()
+  for reader in readers:  # the last lines (the result JSON) may still be in the pipe
+    reader.join(timeout=30)
   assert codes == [143, 143], "".join(logs[1][-30:])
   results = [json.loads(next(l for l in reversed(log) if l.startswith('{"mode"')))
              for log in logs]
