@@ -1,5 +1,5 @@
-"""cpu_small with 5x the generic pretraining tokens, for SLM, SLM-mix and PN (both T learning
-rates) only: does PN's deficit at cpu_small's scale shrink when each expert is trained on more
+"""cpu_small with 5x the generic pretraining tokens, for SLM, SLM-mix and PN (and the PN/mixture
+variants) only: does PN's deficit at cpu_small's scale shrink when each expert is trained on more
 data (the paper's 100 -> 400 GPUh rows)?
 
     python -m pn_jax.experiment --config=configs/experiments/cpu_pretrain5x.py \\
@@ -23,6 +23,6 @@ def get_config(arg=None):
   c.pretrain_tokens *= 5
   c.tokenizer_from = "runs/exp_cpu_small/tokenizer.model"
   c.methods = ml_collections.ConfigDict(
-      {k: c.methods[k] for k in ("slm", "mix", "pn", "pn_lrs")})
+      {k: c.methods[k] for k in ("slm", "mix", "pn", "pn_lrs", "pn_mixed", "mix_mixed")})
   c.distill = False
   return c
