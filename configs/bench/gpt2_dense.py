@@ -3,8 +3,8 @@
 python -m pn_jax.bench --config=configs/bench/gpt2_dense.py        (H100: batch 32, bf16)
 python -m pn_jax.bench --config=configs/bench/gpt2_dense.py:tiny   (CPU in seconds; tests)
 
-`gpt2_small(arg)` is shared by the PN and mixture bench configs, so all three differ in the MLP
-kind alone. The `bench` block is read by pn_jax/bench.py only.
+`gpt2_small(arg)` is shared by the PN and mixture bench configs (through `routed`), so all three
+differ in the MLP kind alone. The `bench` block is read by pn_jax/bench.py only.
 """
 
 import ml_collections
@@ -42,4 +42,22 @@ def gpt2_small(arg=None) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   c = gpt2_small(arg)
   c.name = "gpt2_dense"
+  return c
+
+
+def routed(arg, name: str, mlp_kind: str, full: dict, tiny: dict) -> ml_collections.ConfigDict:
+  """gpt2_small with a routed MLP: `full` sets its k/h/m, `tiny` replaces them under `:tiny`, and
+  `:key=..` overrides any of them; `:finetune` times one projected expert (a dense model)."""
+  args = parse_arg(arg)
+  c = gpt2_small(arg)
+  c.name = name
+  c.model.update(mlp_kind=mlp_kind, **full)
+  if args.get("size") == "tiny":
+    c.model.update(**tiny)
+  for key in full:
+    if key in args:
+      c.model[key] = int(args[key])
+  if "finetune" in args or args.get("size") == "finetune":
+    c.name = f"{name}_projected_finetune"
+    c.bench.project_finetune = True
   return c

@@ -5,23 +5,9 @@
 
 import pathlib
 
-from pn_jax.config import load_module, parse_arg
-
-
-def _gpt2_small(arg):
-  return load_module(pathlib.Path(__file__).with_name("gpt2_dense.py")).gpt2_small(arg)
+from pn_jax.config import load_module
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
-  c = _gpt2_small(arg)
-  c.name = "gpt2_mix"
-  c.model.update(mlp_kind="mixture", k=16)
-  if args.get("size") == "tiny":
-    c.model.k = 4
-  if "k" in args:
-    c.model.k = int(args["k"])
-  if "finetune" in args or args.get("size") == "finetune":
-    c.name = "gpt2_mix_projected_finetune"
-    c.bench.project_finetune = True
-  return c
+  dense = load_module(pathlib.Path(__file__).with_name("gpt2_dense.py"))
+  return dense.routed(arg, "gpt2_mix", "mixture", full=dict(k=16), tiny=dict(k=4))

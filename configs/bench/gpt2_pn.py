@@ -7,24 +7,9 @@ a freshly initialised PN, then train the dense result).
 
 import pathlib
 
-from pn_jax.config import load_module, parse_arg
-
-
-def _gpt2_small(arg):
-  return load_module(pathlib.Path(__file__).with_name("gpt2_dense.py")).gpt2_small(arg)
+from pn_jax.config import load_module
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
-  c = _gpt2_small(arg)
-  c.name = "gpt2_pn"
-  c.model.update(mlp_kind="projected", k=32, h=24, m=16)
-  if args.get("size") == "tiny":
-    c.model.update(k=4, h=8, m=4)
-  for key in ("k", "h", "m"):
-    if key in args:
-      c.model[key] = int(args[key])
-  if "finetune" in args or args.get("size") == "finetune":
-    c.name = "gpt2_pn_projected_finetune"
-    c.bench.project_finetune = True
-  return c
+  dense = load_module(pathlib.Path(__file__).with_name("gpt2_dense.py"))
+  return dense.routed(arg, "gpt2_pn", "projected", full=dict(k=32, h=24, m=16), tiny=dict(k=4, h=8, m=4))
