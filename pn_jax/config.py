@@ -190,13 +190,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0")
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-  basis_scale = o.get("basis_lr_scale", 1.0)
-  if not basis_scale > 0:
-    _fail("optim.basis_lr_scale", f"must be > 0, got {basis_scale}")
-  if basis_scale != 1.0 and m.mlp_kind != "projected":
+  if not o.basis_lr_scale > 0:
+    _fail("optim.basis_lr_scale", f"must be > 0, got {o.basis_lr_scale}")
+  if o.basis_lr_scale != 1.0 and m.mlp_kind != "projected":
     _fail("optim.basis_lr_scale", f"scales a projected model's basis tensors; this model is "
           f"mlp_kind={m.mlp_kind!r} (leave it at 1.0)")
-  if t.get("checkpoint_every_minutes", 0.0) < 0:
+  if t.checkpoint_every_minutes < 0:
     _fail("train.checkpoint_every_minutes", f"must be >= 0 (0: off), got "
           f"{t.checkpoint_every_minutes}")
   if t.checkpoint_every < 1 or t.keep_checkpoints < 1 or t.log_every < 1 or t.eval_every < 1:

@@ -221,7 +221,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
                desc=desc, dynamic_ncols=True)
     pending = None  # (step, device metrics) of the last dispatched step
-    clock = _WallClockSaves(t.get("checkpoint_every_minutes", 0.0))
+    clock = _WallClockSaves(t.checkpoint_every_minutes)
     window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
 
     def check(step, metrics):

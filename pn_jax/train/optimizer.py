@@ -27,6 +27,9 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+BASIS = ("T_in", "T_out")  # the PN's shared basis tensors (pn_jax/model/mlp.py)
+
+
 def scale_basis_updates(scale: float) -> optax.GradientTransformation:
   """Multiplies the updates of the PN's shared basis tensors (T_in, T_out) by `scale`.
 
@@ -43,9 +46,6 @@ def scale_basis_updates(scale: float) -> optax.GradientTransformation:
   return optax.stateless(scale_tree)
 
 
-BASIS = ("T_in", "T_out")
-
-
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = None):
   """-> (optax transformation, schedule). `train.nan_policy='skip'` drops non-finite updates."""
   o = config.optim
@@ -53,9 +53,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = 
   parts = [optax.clip_by_global_norm(o.clip_norm),
            optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                        mask=decay_mask)]
-  basis_scale = o.get("basis_lr_scale", 1.0)
-  if basis_scale != 1.0:  # only then: the optimizer state of existing runs keeps its structure
-    parts.append(scale_basis_updates(basis_scale))
+  if o.basis_lr_scale != 1.0:  # only then: existing runs' optimizer state keeps its structure
+    parts.append(scale_basis_updates(o.basis_lr_scale))
   tx = optax.chain(*parts)
   if config.train.nan_policy == "skip":
     tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
