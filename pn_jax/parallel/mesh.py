@@ -66,8 +66,8 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """Per-process numpy batch -> globally sharded jax arrays (works for 1 or N processes).
-  Values that already are global jax.Arrays (e.g. a teacher's soft targets computed on the
-  devices, pn_jax/specialize/distill.py) pass through."""
+  Values that already are global jax.Arrays (e.g. the inputs and soft targets of a teacher run
+  on the devices, pn_jax/specialize/distill.py) pass through."""
   sharding = batch_sharding(mesh)
   return {k: v if isinstance(v, jax.Array) else
           jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

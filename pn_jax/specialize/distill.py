@@ -40,9 +40,9 @@ class TeacherIterator:
 
   def __next__(self):
     batch = dict(next(self.inner))
-    inputs = mesh_lib.global_batch({k: batch[k] for k in ("inputs", "cluster")}, self.mesh)
-    batch["teacher_logprobs"] = self._soft_targets(self.params, inputs["inputs"],
-                                                   inputs["cluster"])
+    # Sent to the devices once: fit's global_batch passes these and the log-probs through.
+    batch.update(mesh_lib.global_batch({k: batch[k] for k in ("inputs", "cluster")}, self.mesh))
+    batch["teacher_logprobs"] = self._soft_targets(self.params, batch["inputs"], batch["cluster"])
     return batch
 
   # grain.checkpoint.CheckpointHandler protocol for non-DatasetIterator items (bytes state).
