@@ -63,7 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.cluster_window = 0  # tokens per clustered window; 0: seq_len (the paper: 1,024)
   d.cluster_dim = 64  # TF-IDF -> SVD dimensions
   d.tokenizer_sample_chars = 20_000_000  # generic text the sentencepiece model trains on
-  d.cluster_batching = "homogeneous"  # homogeneous: one cluster per step | mixed
+  # mixed: batches drawn from the whole generic set, the paper's objective (expected loss over
+  # generic data); homogeneous: one cluster per step, cheaper for PN (one weight per step) but
+  # measurably worse (docs/data.md): an option for speed studies.
+  d.cluster_batching = "mixed"
   d.num_workers = 0
   d.domain = ""  # specialization domain name (finetune / eval); eval: "all" = every domain
   d.domain_tokens = 0  # specialize: >0 keeps a fixed prefix of this many domain training tokens

@@ -88,8 +88,13 @@ def test_sequence_cluster_matches_assignment(run):
     np.testing.assert_array_equal(stream, expected)
 
 
+def test_batches_mix_clusters_by_default():
+  assert base_config().data.cluster_batching == "mixed"  # the paper's objective (docs/data.md)
+
+
 def test_homogeneous_visits_clusters_by_size(run):
   config, rd, _ = run
+  config = tiny_config(cluster_batching="homogeneous")
   n = epoch_len(config, rd)
   counts = collections.Counter(int(b["cluster"][0]) for b in take(
       pipeline.train_iterator(config, rd), n))
