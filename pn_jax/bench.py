@@ -72,8 +72,8 @@ def _initial_state(config, model, tx, mesh, rules):
   """-> (config, model, tx, state, shardings) of the model to train: `model` freshly
   initialised, or (bench.project_finetune) the dense projection of a PN/mixture expert."""
   import jax
-  from pn_jax.config import ConfigError, small_model_config
-  from pn_jax.model.transformer import LM
+  from pn_jax.config import ConfigError, routed, small_model_config
+  from pn_jax.model import build_model
   from pn_jax.specialize.project import project
   from pn_jax.train.optimizer import make_optimizer
   from pn_jax.train.state import create_state
@@ -82,8 +82,9 @@ def _initial_state(config, model, tx, mesh, rules):
   if not config.bench.project_finetune:
     state, shardings = create_state(model, tx, mesh, rules, rng)
     return config, model, tx, state, shardings
-  if config.model.mlp_kind == "dense":
-    raise ConfigError("config.bench.project_finetune: needs a projected or mixture model")
+  if not routed(config.model):
+    raise ConfigError("config.bench.project_finetune: needs a projected, mixture or "
+                      "independent-experts model")
   big, _ = create_state(model, tx, mesh, rules, rng)
   dense_params = jax.jit(lambda p: project(p, config.model, config.bench.cluster)[0])(big.params)
   small_cfg = small_model_config(config.model)
@@ -91,7 +92,7 @@ def _initial_state(config, model, tx, mesh, rules):
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model = small_cfg
-  model = LM(config.model)
+  model = build_model(config.model)
   tx, _ = make_optimizer(config)
   state, shardings = create_state(model, tx, mesh, rules, rng, params=dense_params)
   return config, model, tx, state, shardings
@@ -102,7 +103,7 @@ def bench_one(config, *, profile_dir: str = "") -> dict:
   import jax
   import numpy as np
   from pn_jax.config import ConfigError, small_model_config, validate
-  from pn_jax.model.transformer import LM
+  from pn_jax.model import build_model
   from pn_jax.parallel import mesh as mesh_lib
   from pn_jax.train import flops as flops_lib
   from pn_jax.train.optimizer import make_optimizer
@@ -114,7 +115,7 @@ def bench_one(config, *, profile_dir: str = "") -> dict:
                       f"steps={config.bench.steps}, warmup={config.bench.warmup}")
   mesh = mesh_lib.make_mesh(config)
   rules = mesh_lib.logical_rules(config)
-  model = LM(config.model)
+  model = build_model(config.model)
   tx, _ = make_optimizer(config)
   device = jax.devices()[0]
   with mesh_lib.activate(mesh, rules):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 MLP_KINDS = ("dense", "mixture", "projected")
+CLUSTER_BATCHING = ("mixed", "homogeneous", "stratified")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_out")
 NAN_POLICIES = ("stop", "skip")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.k = 1  # experts = clusters (mixture, projected)
   m.h = 1  # basis slices of the shared tensor T (projected)
   m.m = 1  # code length per expert: E is [k, m] (projected)
+  # True: the paper's SLM-mix, k independent copies of the dense model above (no shared
+  # parameter), trained batched over a leading expert axis on stratified batches
+  # (pn_jax/model/experts.py). Needs mlp_kind=dense and data.cluster_batching=stratified.
+  m.independent_experts = False
   m.activation = "gelu"  # gelu | relu | silu
   m.tie_embeddings = True
   m.max_len = 1024  # RoPE table length; >= data.seq_len
@@ -65,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer_sample_chars = 20_000_000  # generic text the sentencepiece model trains on
   # mixed: batches drawn from the whole generic set, the paper's objective (expected loss over
   # generic data); homogeneous: one cluster per step, cheaper for PN (one weight per step) but
-  # measurably worse (docs/data.md): an option for speed studies.
+  # measurably worse (docs/data.md): an option for speed studies; stratified: batch_size/k rows
+  # of each cluster per step, in cluster order (the independent experts' batches).
   d.cluster_batching = "mixed"
   d.num_workers = 0
   d.domain = ""  # specialization domain name (finetune / eval); eval: "all" = every domain
@@ -172,6 +178,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     if m.m > m.h:
       _fail("model.m", f"code length m={m.m} exceeds basis size h={m.h}: M [m, h] would be "
             "rank-deficient by construction; use m <= h")
+  _validate_experts(config)
   if m.remat not in REMAT_POLICIES:
     _fail("model.remat", f"unknown policy {m.remat!r}; choose one of {REMAT_POLICIES}")
   if m.attention not in ("auto", "xla", "cudnn"):
@@ -219,6 +226,34 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
             f"data*fsdp mesh size {shards}")
     if m.n_heads % batch_shards["tensor"]:
       _fail("mesh.tensor", f"tensor={batch_shards['tensor']} does not divide n_heads={m.n_heads}")
+
+
+def routed(model: ml_collections.ConfigDict) -> bool:
+  """Whether the model picks weights by cluster (so a cluster must be chosen to project it).
+
+  `.get`: configs saved in checkpoints before `independent_experts` existed lack the key.
+  """
+  return model.mlp_kind != "dense" or bool(model.get("independent_experts", False))
+
+
+def _validate_experts(config: ml_collections.ConfigDict) -> None:
+  m, d = config.model, config.data
+  mode = d.get("cluster_batching", "mixed")
+  if mode not in CLUSTER_BATCHING:
+    _fail("data.cluster_batching", f"unknown mode {mode!r}; choose one of {CLUSTER_BATCHING}")
+  if mode == "stratified" and d.batch_size % m.k:
+    _fail("data.batch_size", f"stratified batches give each of the k={m.k} clusters "
+          f"batch_size/k rows; {d.batch_size} is not a multiple of {m.k}")
+  if not m.get("independent_experts", False):
+    return
+  if m.mlp_kind != "dense":
+    _fail("model.independent_experts", f"independent experts are copies of a dense model; set "
+          f"model.mlp_kind='dense' (got {m.mlp_kind!r}) or independent_experts=False")
+  if m.k < 2:
+    _fail("model.independent_experts", f"needs model.k >= 2 experts, got k={m.k}")
+  if mode != "stratified":
+    _fail("data.cluster_batching", f"independent experts train on stratified batches (rows "
+          f"[c*b, (c+1)*b) of cluster c); set data.cluster_batching='stratified', got {mode!r}")
 
 
 SELECT_RULES = ("frequent", "lowest_loss")
@@ -271,10 +306,11 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
 
 
 def small_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The dense model a projected/mixture model's expert turns into (same everything but MLP)."""
+  """The dense model one expert of a routed model turns into (same everything but the routing)."""
   small = ml_collections.ConfigDict(model.to_dict())
   small.mlp_kind = "dense"
   small.k, small.h, small.m = 1, 1, 1
+  small.independent_experts = False
   return small
 
 

@@ -125,7 +125,7 @@ def sample_mode(config, workdir: str) -> dict:
 
   from pn_jax.data import tokenizer as tok_lib
   from pn_jax.parallel import mesh as mesh_lib
-  from pn_jax.model.transformer import LM
+  from pn_jax.model import build_model
   from pn_jax.specialize import checkpoints
   from pn_jax.specialize.finetune import unlocked
 
@@ -143,7 +143,7 @@ def sample_mode(config, workdir: str) -> dict:
   s = config.sample
   prompt = [tok.bos_id] + tok.encode(s.prompt)
   mesh, rules = mesh_lib.make_mesh(cfg), mesh_lib.logical_rules(cfg)
-  model = LM(saved.model)
+  model = build_model(saved.model)
   with mesh_lib.activate(mesh, rules):
     params = checkpoints.restore_params(saved, mesh, rules)
     new = min(int(s.max_new_tokens), saved.model.max_len - len(prompt))

@@ -43,8 +43,10 @@ def final_metrics(workdir: str) -> dict:
 def param_count(config) -> int:
   """Total parameters of the run's model (abstract init: no memory, no device work)."""
   import jax
-  from pn_jax.model.transformer import LM, init_params
-  shapes = jax.eval_shape(lambda r: init_params(LM(config.model), r), jax.random.key(0))
+  from pn_jax.model import build_model
+  from pn_jax.model.transformer import init_params
+  shapes = jax.eval_shape(lambda r: init_params(build_model(config.model), r),
+                          jax.random.key(0))
   leaves = jax.tree.leaves(shapes, is_leaf=lambda x: hasattr(x, "shape"))
   total = 0
   for leaf in leaves:

@@ -197,12 +197,13 @@ def unit_rows_init(key, shape, dtype=jnp.float32):
   return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).astype(dtype)
 
 
-def make_model(model_cfg: ml_collections.ConfigDict) -> LM:
-  return LM(model_cfg)
+def init_params(model, rng: Array, batch_size: int = 1, seq_len: int = 8):
+  """Boxed params (nn.Partitioned leaves carry logical axes); use nn.unbox for plain arrays.
 
-
-def init_params(model: LM, rng: Array, batch_size: int = 1, seq_len: int = 8):
-  """Boxed params (nn.Partitioned leaves carry logical axes); use nn.unbox for plain arrays."""
+  `model` is an LM or an IndependentLM (which needs one row per expert at least).
+  """
+  if model.cfg.get("independent_experts", False):
+    batch_size *= model.cfg.k
   tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
   cluster = jnp.zeros((batch_size,), jnp.int32)
   return jax.jit(model.init)(rng, tokens, cluster)["params"]

@@ -15,7 +15,7 @@ import optax
 
 from pn_jax.config import MLP_KINDS
 from pn_jax.data import pipeline
-from pn_jax.model.transformer import LM
+from pn_jax.model import build_model
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.state import state_shardings
 
@@ -70,7 +70,7 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
 
 def restore_params(saved: Saved, mesh, rules, step: int | None = None):
   """Params only, onto the current mesh (shapes checked against the saved model config)."""
-  model = LM(saved.model)
+  model = build_model(saved.model)
   abstract, _ = state_shardings(model, optax.identity(), mesh, rules)
   ckpt = Checkpointer(saved.workdir, read_only=True)
   try:

@@ -15,7 +15,7 @@ import numpy as np
 
 from pn_jax.config import validate
 from pn_jax.data import corpus as corpus_lib
-from pn_jax.model.transformer import LM
+from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints
 from pn_jax.specialize.finetune import check_domain, unlocked
@@ -37,7 +37,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   validate(config, device_count=jax.device_count())
   run_data = checkpoints.pretraining_run_data(workdir)
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-  run = loop.Run(config, workdir, mesh, rules, LM(config.model), run_data)
+  run = loop.Run(config, workdir, mesh, rules, build_model(config.model), run_data)
   domain = config.data.domain
   with mesh_lib.activate(mesh, rules):
     params = checkpoints.restore_params(saved, mesh, rules)

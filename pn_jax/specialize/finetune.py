@@ -25,7 +25,7 @@ from pn_jax.config import ConfigError, small_model_config, validate
 from pn_jax.data import DataError
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
-from pn_jax.model.transformer import LM
+from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints, select
 from pn_jax.specialize.distill import TeacherIterator
@@ -82,7 +82,7 @@ def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, d
   info = {"domain_histogram": [round(float(x), 4) for x in hist]}
   if config.specialize.select == "frequent":
     return int(hist.argmax()), info
-  pre_model = LM(pre.model)
+  pre_model = build_model(pre.model)
   pre_cfg = unlocked(config)
   pre_cfg.model = pre.model
   eval_step = jax.jit(make_eval_step(pre_model, pre_cfg))
@@ -105,7 +105,7 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = finetune_config(config, pre)
   validate(config, device_count=jax.device_count())
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-  run = loop.Run(config, workdir, mesh, rules, LM(config.model), run_data)
+  run = loop.Run(config, workdir, mesh, rules, build_model(config.model), run_data)
   budget = config.data.domain_tokens or None
   summary = {"domain": config.data.domain, "init_from": pre.workdir, "init_step": pre.step,
              "pretrained_kind": pre.model.mlp_kind, "domain_tokens": budget or "all"}
@@ -164,7 +164,8 @@ def _with_teacher(config, train_iter, mesh, rules):
     raise CheckpointError(f"teacher {teacher.describe()} has vocab_size "
                           f"{teacher.model.vocab_size}, the student {config.model.vocab_size}")
   params = checkpoints.restore_params(teacher, mesh, rules)
-  it = TeacherIterator(train_iter, LM(teacher.model), params, config.distill.temperature, mesh)
+  it = TeacherIterator(train_iter, build_model(teacher.model), params,
+                       config.distill.temperature, mesh)
   # A forward pass is a third of a training step's 6N FLOPs per token.
   fwd = flops_lib.train_flops_per_step(teacher.model, config.data.batch_size,
                                        config.data.seq_len) / 3

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pn_jax.config import ConfigError, validate
 from pn_jax.data import pipeline
-from pn_jax.model.transformer import LM
+from pn_jax.model import build_model
 from pn_jax.parallel import distributed, mesh as mesh_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import preflight
@@ -61,7 +61,7 @@ class Run:
   workdir: str
   mesh: jax.sharding.Mesh
   rules: tuple
-  model: LM
+  model: object  # LM or IndependentLM (pn_jax.model.build_model)
   run_data: object
 
 
@@ -73,7 +73,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   if vocab > config.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
                       f"tokenizer's vocabulary ({vocab})")
-  return Run(config, workdir, mesh, mesh_lib.logical_rules(config), LM(config.model), run_data)
+  return Run(config, workdir, mesh, mesh_lib.logical_rules(config), build_model(config.model),
+             run_data)
 
 
 def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[str, float]:
@@ -206,8 +207,8 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
                               params=init_params)
       start = 0
     # Under nan_policy='skip', optax.apply_if_finite counts skipped updates in the optimizer
-    # state, so the count survives resumes.
-    skipped = int(jax.device_get(getattr(state.opt_state, "total_notfinite", 0)))
+    # state, so the count survives resumes (one count per expert for independent experts).
+    skipped = int(np.sum(jax.device_get(getattr(state.opt_state, "total_notfinite", 0))))
     batch_sharding = mesh_lib.batch_sharding(run.mesh)
     train_step = jax.jit(make_train_step(run.model, tx, schedule, config),
                          in_shardings=(shardings, batch_sharding),

@@ -46,8 +46,21 @@ def scale_basis_updates(scale: float) -> optax.GradientTransformation:
   return optax.stateless(scale_tree)
 
 
+def per_expert(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` applied independently to each slice of every leaf's leading (expert) axis.
+
+  Independent experts (pn_jax/model/experts.py) are k separate runs: each clips its own
+  gradient norm, keeps its own Adam moments and step count, and (nan_policy='skip') skips its
+  own non-finite updates, so no expert's update depends on another's gradient.
+  """
+  def update(updates, state, params=None):
+    return jax.vmap(tx.update)(updates, state, params)
+  return optax.GradientTransformation(jax.vmap(tx.init), update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = None):
-  """-> (optax transformation, schedule). `train.nan_policy='skip'` drops non-finite updates."""
+  """-> (optax transformation, schedule). `train.nan_policy='skip'` drops non-finite updates;
+  independent experts get one optimizer each (`per_expert`)."""
   o = config.optim
   schedule = learning_rate_schedule(o, total_steps or config.train.steps)
   parts = [optax.clip_by_global_norm(o.clip_norm),
@@ -58,4 +71,6 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = 
   tx = optax.chain(*parts)
   if config.train.nan_policy == "skip":
     tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+  if config.model.get("independent_experts", False):
+    tx = per_expert(tx)
   return tx, schedule

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,15 +14,29 @@ from pn_jax.train.state import TrainState
 
 
 def loss_fn(params, batch, *, model, config: ml_collections.ConfigDict, one_cluster: bool):
-  """Mean masked next-token loss and its (sum, count) pieces."""
+  """The training objective and the (sum, count) pieces of the mean masked next-token loss."""
   hidden, unembed = model.apply({"params": params}, batch["inputs"], batch["cluster"],
                                 one_cluster=one_cluster, return_hidden=True)
+  if unembed.ndim == 3:  # independent experts: hidden [k, b, T, D], unembed [k, D, V]
+    return expert_losses(hidden, unembed, batch, config)
   total, count = cross_entropy(hidden, unembed, batch["targets"], batch["mask"],
                                chunk=config.model.logits_chunk)
   loss = total / jnp.maximum(count, 1.0)
   if "teacher_logprobs" in batch:  # SLM-d (pn_jax/specialize/distill.py attaches the targets)
     loss = distill_loss(loss, hidden, unembed, batch, config)
   return loss, (total, count)
+
+
+def expert_losses(hidden_kbTD, unembed_kDV, batch, config: ml_collections.ConfigDict):
+  """Sum over experts of each expert's own mean token loss: expert c's gradient is that of an
+  independent run on its b rows (a token-weighted mean would scale it by its token share)."""
+  k, b = hidden_kbTD.shape[:2]
+  per_expert = lambda a: a.reshape(k, b, *a.shape[1:])
+  xent = functools.partial(cross_entropy, chunk=config.model.logits_chunk)
+  total_k, count_k = jax.vmap(xent)(hidden_kbTD, unembed_kDV, per_expert(batch["targets"]),
+                                    per_expert(batch["mask"]))
+  loss = jnp.sum(total_k / jnp.maximum(count_k, 1.0))
+  return loss, (jnp.sum(total_k), jnp.sum(count_k))
 
 
 def distill_loss(lm_loss, hidden_BTD, unembed_DV, batch, config: ml_collections.ConfigDict):
@@ -42,8 +58,10 @@ def make_train_step(model, tx, schedule, config: ml_collections.ConfigDict):
 
   def train_step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (_, count)), grads = grad_fn(state.params, batch, model=model, config=config,
-                                        one_cluster=one_cluster)
+    (loss, (total, count)), grads = grad_fn(state.params, batch, model=model, config=config,
+                                            one_cluster=one_cluster)
+    if config.model.get("independent_experts", False):
+      loss = total / jnp.maximum(count, 1.0)  # report the token-weighted mean, as other models
     with jax.named_scope("optimizer"):  # names the update's kernels in profiles (pn_jax.bench)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
