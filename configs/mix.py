@@ -1,4 +1,10 @@
-"""SLM-mix: k independent small experts (the SLM's size), one per cluster, hard-routed."""
+"""SLM-mix (the paper's baseline): k independent small models (the SLM's shape), one per cluster.
+
+No parameter is shared: every expert is a whole dense SLM trained on its own cluster's sequences
+(pn_jax/model/experts.py). Batches are stratified, batch_size/k sequences per expert, so the
+batch size is rounded up to a multiple of k. Specialization fine-tunes the domain's most frequent
+cluster's model. For the shared-attention hard mixture (a PN special case) see mix_shared.py.
+"""
 
 from pn_jax.config import base_config, parse_arg, use_tiny
 
@@ -7,10 +13,13 @@ def get_config(arg=None):
   args = parse_arg(arg)
   c = base_config()
   c.name = "mix"
-  c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="mixture", k=16)
+  c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="dense", k=16,
+                 independent_experts=True)
+  c.data.cluster_batching = "stratified"
   if args.get("size") == "tiny":
     use_tiny(c)
     c.model.k = 4
   if "k" in args:
     c.model.k = int(args["k"])
+  c.data.batch_size = -(-c.data.batch_size // c.model.k) * c.model.k
   return c

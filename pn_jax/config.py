@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   sa.top_k = 0  # 0: off
   sa.top_p = 1.0  # 1: off
   sa.num_samples = 1
-  sa.cluster = -1  # PN/mixture checkpoints: the expert to sample from (-1: cluster 0)
+  sa.cluster = -1  # routed checkpoints (PN, mixture, SLM-mix): the expert (-1: cluster 0)
 
   # --- parallelism -------------------------------------------------------------------------
   c.mesh = ml = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ writes <workdir>/export/{model.safetensors, config.json, tokenizer.model}. Tenso
 flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
 holds the model config that pn_jax.model.transformer.LM needs, so `load(dir)` rebuilds the model
 and reproduces the checkpoint's logits exactly (tests/test_export.py). A PN or mixture checkpoint
-is projected onto config.sample.cluster first: what is exported is always a dense model.
+(or independent experts) is projected onto config.sample.cluster first: what is exported is always a dense model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from pn_jax.config import ConfigError
+from pn_jax.config import ConfigError, routed
 from pn_jax.model.transformer import LM
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints
@@ -81,12 +81,12 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with mesh_lib.activate(mesh, rules):
     params = checkpoints.restore_params(saved, mesh, rules)
   model_cfg, meta = saved.model, {"step": saved.step, "source": saved.workdir}
-  if model_cfg.mlp_kind != "dense":
+  if routed(model_cfg):
     cluster = int(config.sample.cluster)
     if cluster < 0:
-      raise ConfigError(f"config.sample.cluster: {saved.describe()} is a {model_cfg.mlp_kind} "
-                        "model; pass the expert to export (--config.sample.cluster=<id>) or "
-                        "export a specialized run")
+      raise ConfigError(f"config.sample.cluster: {saved.describe()} has one expert per cluster; "
+                        "pass the expert to export (--config.sample.cluster=<id>) or export a "
+                        "specialized run")
     params, model_cfg = project(params, model_cfg, cluster)
     meta["cluster"] = cluster
   meta.update({k: saved.config.get(k) for k in ("init_from",) if saved.config.get(k)})

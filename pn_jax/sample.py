@@ -128,6 +128,7 @@ def sample_mode(config, workdir: str) -> dict:
   from pn_jax.model import build_model
   from pn_jax.specialize import checkpoints
   from pn_jax.specialize.finetune import unlocked
+  from pn_jax.specialize.project import project
 
   saved = checkpoints.load_saved(workdir)
   cfg = unlocked(config)
@@ -146,6 +147,9 @@ def sample_mode(config, workdir: str) -> dict:
   model = build_model(saved.model)
   with mesh_lib.activate(mesh, rules):
     params = checkpoints.restore_params(saved, mesh, rules)
+    if saved.model.get("independent_experts", False):  # sample the chosen expert's own SLM
+      params, small = project(params, saved.model, max(int(s.cluster), 0))
+      model = build_model(small)
     new = min(int(s.max_new_tokens), saved.model.max_len - len(prompt))
     out = generate(model, params, prompt, new_tokens=new, seed=int(config.seed),
                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,

@@ -12,6 +12,13 @@ Batching (per step, deterministic in (seed, epoch), no state but the step index)
                padded with empty rows, mask 0), then all batches are shuffled: every global batch
                holds one cluster, and clusters are visited in proportion to their size.
   mixed        all sequences shuffled and cut into global batches.
+  stratified   (independent experts) slot c of every batch, rows [c*b, (c+1)*b) with b = B/k,
+               holds cluster c. Training: row j of slot c at step s is index i = s*b + j of
+               cluster c's own stream of shuffled epochs (epoch i // n_c, reshuffled with a seed
+               from (seed, c, epoch)), so each expert sees all its cluster's sequences and small
+               clusters repeat more epochs; a cluster without sequences is a DataError. Finite
+               passes (eval): each cluster's sequences once, b per batch, padding rows (mask 0,
+               the slot's cluster) where a cluster runs out.
 Each process reads rows [p * B/P, (p+1) * B/P) of each global batch, so processes agree on the
 step's cluster, their shards are disjoint and together cover the batch. The iterator is a grain
 `MapDataset.source(...).to_iter_dataset()` whose state is the next step index: `get_state()` /
@@ -111,13 +118,14 @@ def pack_stream(docs: list[np.ndarray], seq_len: int, bos_id: int, cluster: int)
 
 
 def make_batch(packed: Packed, rows: np.ndarray, seq_len: int, pad_id: int,
-               pad_cluster: int = 0) -> dict[str, np.ndarray]:
-  """rows: sequence ids, -1 for an empty (fully masked) row."""
+               pad_cluster: int | np.ndarray = 0) -> dict[str, np.ndarray]:
+  """rows: sequence ids, -1 for an empty (fully masked) row, whose cluster is `pad_cluster`
+  (one id, or one per row)."""
   b = len(rows)
   inputs = np.full((b, seq_len), pad_id, np.int32)
   targets = np.full((b, seq_len), pad_id, np.int32)
   mask = np.zeros((b, seq_len), np.float32)
-  cluster = np.full((b,), pad_cluster, np.int32)
+  cluster = np.zeros((b,), np.int32) + np.asarray(pad_cluster, np.int32)
   for r, s in enumerate(rows):
     if s < 0:
       continue
@@ -129,24 +137,46 @@ def make_batch(packed: Packed, rows: np.ndarray, seq_len: int, pad_id: int,
 
 
 def batch_plan(cluster: np.ndarray, batch_size: int, mode: str,
-               rng: np.random.Generator | None) -> np.ndarray:
-  """int64 [num_batches, batch_size] of sequence ids (-1 = empty row); see the module doc."""
+               rng: np.random.Generator | None, num_clusters: int = 0) -> np.ndarray:
+  """int64 [num_batches, batch_size] of sequence ids (-1 = empty row); see the module doc.
+
+  `num_clusters` (k) is needed by mode 'stratified' only (the finite pass).
+  """
   cluster = np.asarray(cluster)
   perm = (lambda a: rng.permutation(a)) if rng is not None else (lambda a: a)
 
-  def cut(ids):
-    ids = np.concatenate([ids, np.full((-len(ids)) % batch_size, -1, np.int64)])
-    return ids.reshape(-1, batch_size)
+  def cut(ids, size=batch_size, rows=None):
+    rows = -(-len(ids) // size) if rows is None else rows
+    ids = np.concatenate([ids, np.full(rows * size - len(ids), -1, np.int64)])
+    return ids.reshape(-1, size)
 
   if mode == "mixed":
     return cut(perm(np.arange(len(cluster), dtype=np.int64)))
+  if mode == "stratified":
+    b = _rows_per_expert(batch_size, num_clusters)
+    members = [perm(np.flatnonzero(cluster == c).astype(np.int64)) for c in range(num_clusters)]
+    n = max(-(-len(m) // b) for m in members)
+    return np.concatenate([cut(m, b, n) for m in members], axis=1)  # [n, k * b]
   if mode != "homogeneous":
-    raise DataError(f"unknown config.data.cluster_batching {mode!r}; use 'homogeneous' or "
-                    "'mixed'")
+    raise DataError(f"unknown config.data.cluster_batching {mode!r}; use 'homogeneous', 'mixed' "
+                    "or 'stratified'")
   groups = [cut(perm(np.flatnonzero(cluster == c).astype(np.int64)))
             for c in np.unique(cluster)]
   plan = np.concatenate(groups) if groups else np.zeros((0, batch_size), np.int64)
   return plan[perm(np.arange(len(plan)))] if len(plan) else plan
+
+
+def _rows_per_expert(batch_size: int, num_clusters: int) -> int:
+  if num_clusters < 1 or batch_size % num_clusters:
+    raise DataError(f"stratified batches split config.data.batch_size={batch_size} evenly between "
+                    f"k={num_clusters} clusters; use a multiple of config.model.k")
+  return batch_size // num_clusters
+
+
+def stratified_clusters(batch_size: int, num_clusters: int) -> np.ndarray:
+  """int32 [batch_size]: the cluster of each row of a stratified batch (slot c = cluster c)."""
+  b = _rows_per_expert(batch_size, num_clusters)
+  return np.repeat(np.arange(num_clusters, dtype=np.int32), b)
 
 
 # --- run data ------------------------------------------------------------------------------------
@@ -372,6 +402,54 @@ class _EpochBatches:
     return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id, pad_cluster)
 
 
+class _StratifiedBatches:
+  """Random-access source: step -> this process's rows of a stratified batch (module doc)."""
+
+  def __init__(self, packed: Packed, *, batch_size: int, num_clusters: int, seq_len: int,
+               pad_id: int, seed: int, process_index: int, process_count: int):
+    self.packed, self.t, self.pad_id, self.seed = packed, seq_len, pad_id, seed
+    self.b = _rows_per_expert(batch_size, num_clusters)
+    self.members = [np.flatnonzero(packed.cluster == c) for c in range(num_clusters)]
+    empty = [c for c, m in enumerate(self.members) if not len(m)]
+    if empty:
+      raise DataError(f"clusters {empty} of the training set hold no sequence, so their "
+                      "independent experts could never train: use a larger corpus or a smaller "
+                      "config.model.k")
+    self.lo = process_index * (batch_size // process_count)
+    self.hi = self.lo + batch_size // process_count
+    self._lock, self._orders = threading.Lock(), {}
+
+  def order(self, c: int, epoch: int) -> np.ndarray:
+    """Cluster c's sequence ids in its epoch `epoch` (the latest two epochs per cluster kept)."""
+    with self._lock:
+      if (c, epoch) not in self._orders:
+        rng = np.random.default_rng([self.seed, c, epoch])
+        self._orders = {key: o for key, o in self._orders.items()
+                        if key[0] != c or key[1] == epoch - 1}
+        self._orders[(c, epoch)] = self.members[c][rng.permutation(len(self.members[c]))]
+      return self._orders[(c, epoch)]
+
+  def __getstate__(self):  # picklable for grain's multiprocessing workers
+    state = dict(self.__dict__)
+    state["_lock"], state["_orders"] = None, {}
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, step: int):
+    rows = []
+    for c, members in enumerate(self.members):
+      epoch, pos = np.divmod(int(step) * self.b + np.arange(self.b), len(members))
+      rows.append([self.order(c, int(e))[p] for e, p in zip(epoch, pos)])
+    rows = np.concatenate(rows).astype(np.int64)
+    return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id)
+
+
 def _to_iterator(source, config, finite_len: int | None = None):
   import grain
   ds = grain.MapDataset.source(source)
@@ -399,10 +477,13 @@ def train_iterator(config, run_data: RunData, *, process_index: int = 0, process
   """Infinite grain DatasetIterator of local batches {inputs, targets, mask, cluster}."""
   _local_size(config, process_count)
   _check_enough(run_data.train, config, f"the training set of corpus {run_data.root!r}")
-  source = _EpochBatches(run_data.train, batch_size=int(config.data.batch_size),
-                         seq_len=run_data.seq_len, pad_id=run_data.tokenizer.pad_id,
-                         mode=config.data.cluster_batching, seed=int(config.seed),
-                         process_index=process_index, process_count=process_count)
+  common = dict(batch_size=int(config.data.batch_size), seq_len=run_data.seq_len,
+                pad_id=run_data.tokenizer.pad_id, seed=int(config.seed),
+                process_index=process_index, process_count=process_count)
+  if config.data.cluster_batching == "stratified":
+    source = _StratifiedBatches(run_data.train, num_clusters=run_data.num_clusters, **common)
+  else:
+    source = _EpochBatches(run_data.train, mode=config.data.cluster_batching, **common)
   return _to_iterator(source, config)
 
 
@@ -445,18 +526,24 @@ def packed_split(run_data: RunData, split: str, domain: str = "",
 
 
 class _FixedBatches:
+  """A finite plan's batches; padding rows get `pad_clusters` (stratified: the slot's cluster)
+  or else the batch's first row's cluster."""
+
   def __init__(self, packed: Packed, plan: np.ndarray, seq_len: int, pad_id: int,
-               lo: int, hi: int):
+               lo: int, hi: int, pad_clusters: np.ndarray | None = None):
     self.packed, self.plan, self.t, self.pad_id = packed, plan, seq_len, pad_id
-    self.lo, self.hi = lo, hi
+    self.lo, self.hi, self.pad_clusters = lo, hi, pad_clusters
 
   def __len__(self):
     return len(self.plan)
 
   def __getitem__(self, j):
     rows = self.plan[j]
-    pad_cluster = int(self.packed.cluster[rows[0]])
-    return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id, pad_cluster)
+    if self.pad_clusters is not None:
+      pad = self.pad_clusters[self.lo:self.hi]
+    else:
+      pad = int(self.packed.cluster[rows[0]])
+    return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id, pad)
 
 
 def eval_iterator(config, run_data: RunData, *, split: str = "validation", process_index: int = 0,
@@ -474,12 +561,13 @@ def _eval_generic(config, run_data, split, process_index, process_count):
   packed = packed_split(run_data, split)
   if not len(packed):
     raise DataError(f"split {split!r} of {run_data.root!r} has no tokens to evaluate")
-  mode = config.data.cluster_batching
-  plan = batch_plan(packed.cluster, int(config.data.batch_size), mode,
-                    np.random.default_rng(EVAL_SEED))[:int(config.data.eval_batches)]
+  mode, b, k = config.data.cluster_batching, int(config.data.batch_size), run_data.num_clusters
+  plan = batch_plan(packed.cluster, b, mode, np.random.default_rng(EVAL_SEED),
+                    num_clusters=k)[:int(config.data.eval_batches)]
+  pad = stratified_clusters(b, k) if mode == "stratified" else None
   lo = process_index * local
   return _to_iterator(_FixedBatches(packed, plan, run_data.seq_len, run_data.tokenizer.pad_id,
-                                    lo, lo + local), config)
+                                    lo, lo + local, pad), config)
 
 
 def domain_iterator(config, run_data: RunData, domain: str, split: str = "train",

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import optax
 
-from pn_jax.config import MLP_KINDS
+from pn_jax.config import MLP_KINDS, routed
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
@@ -34,7 +34,10 @@ class Saved:
 
   def describe(self) -> str:
     m = self.model
-    extra = f", k={m.k}, h={m.h}, m={m.m}" if m.mlp_kind != "dense" else ""
+    if m.get("independent_experts", False):
+      extra = f", k={m.k} independent experts"
+    else:
+      extra = f", k={m.k}, h={m.h}, m={m.m}" if routed(m) else ""
     return (f"{self.config.get('name', '?')!r} step {self.step}: mlp_kind={m.mlp_kind}, "
             f"d_model={m.d_model}, mlp_dim={m.mlp_dim}, n_layers={m.n_layers}{extra}")
 

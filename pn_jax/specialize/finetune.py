@@ -1,7 +1,8 @@
 """The specialize mode: pretrained checkpoint -> (projected) small model -> fine-tuned on a domain.
 
-PN / mixture checkpoints are projected onto one expert (the domain's most frequent cluster, or
-the expert with the lowest loss on the domain's training set); dense ones (SLM, LLM) are
+PN / mixture / independent-experts (SLM-mix) checkpoints are projected onto one expert (the
+domain's most frequent cluster, or the expert with the lowest loss on the domain's training set);
+dense ones (SLM, LLM) are
 fine-tuned as they are. With config.distill.teacher set the fine-tuning loss also matches a
 teacher's soft targets (SLM-d). Fine-tuning is pn_jax.train.loop.fit on the domain's limited
 training set (a fixed `data.domain_tokens` prefix) with early stopping on its validation split;
@@ -21,7 +22,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pn_jax.config import ConfigError, small_model_config, validate
+from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
@@ -53,7 +54,7 @@ def check_domain(run_data: pipeline.RunData, domain: str) -> None:
 def finetune_config(config, pre: checkpoints.Saved) -> ml_collections.ConfigDict:
   """The run's config: the small model's architecture and the pretraining run's data settings."""
   config = unlocked(config)
-  config.model = (pre.model if pre.model.mlp_kind == "dense" else small_model_config(pre.model))
+  config.model = small_model_config(pre.model) if routed(pre.model) else pre.model
   checkpoints.inherit_data(config, pre)
   root = checkpoints.root_run(pre.workdir)
   config.data.tokenizer_path = (root.config.data.tokenizer_path or
@@ -76,18 +77,27 @@ def _check_inputs(config) -> None:
                       f"{config.data.domain!r}")
 
 
+def _kind(model_cfg) -> str:
+  return "independent" if model_cfg.get("independent_experts", False) else model_cfg.mlp_kind
+
+
 def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, dict]:
   domain, budget = config.data.domain, config.data.domain_tokens or None
   hist = select.domain_histogram(run_data, domain, budget)
   info = {"domain_histogram": [round(float(x), 4) for x in hist]}
   if config.specialize.select == "frequent":
     return int(hist.argmax()), info
-  pre_model = build_model(pre.model)
   pre_cfg = unlocked(config)
-  pre_cfg.model = pre.model
-  eval_step = jax.jit(make_eval_step(pre_model, pre_cfg))
+  expert_params = None
+  if pre.model.get("independent_experts", False):  # each expert scored as its dense model
+    pre_cfg.model = small_model_config(pre.model)
+    expert_params = lambda c: project(pre_params, pre.model, c)[0]
+  else:
+    pre_cfg.model = pre.model
+  eval_step = jax.jit(make_eval_step(build_model(pre_cfg.model), pre_cfg))
   losses = select.expert_losses(pre_cfg, run_data, eval_step, pre_params, mesh, domain,
-                                pre.model.k, budget, config.specialize.select_batches)
+                                pre.model.k, budget, config.specialize.select_batches,
+                                expert_params=expert_params)
   info["expert_losses"] = [round(float(x), 4) for x in losses]
   return int(losses.argmin()), info
 
@@ -108,11 +118,11 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = loop.Run(config, workdir, mesh, rules, build_model(config.model), run_data)
   budget = config.data.domain_tokens or None
   summary = {"domain": config.data.domain, "init_from": pre.workdir, "init_step": pre.step,
-             "pretrained_kind": pre.model.mlp_kind, "domain_tokens": budget or "all"}
+             "pretrained_kind": _kind(pre.model), "domain_tokens": budget or "all"}
 
   with mesh_lib.activate(mesh, rules):
     pre_params = checkpoints.restore_params(pre, mesh, rules)
-    if pre.model.mlp_kind == "dense":
+    if not routed(pre.model):
       params = pre_params
     else:
       cluster, info = _pick_expert(config, pre, pre_params, run_data, mesh, rules)

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pn_jax.config import ConfigError
+from pn_jax.config import ConfigError, routed
 from pn_jax.data import pipeline
 from pn_jax.specialize import select
 from pn_jax.specialize.finetune import check_domain
@@ -79,9 +79,10 @@ def pretrain_importance(config: ml_collections.ConfigDict, workdir: str) -> dict
   domain = config.data.domain
   if not domain or domain == "all":
     raise ConfigError(f"config.data.domain: importance sampling needs one domain, got {domain!r}")
-  if config.model.mlp_kind != "dense":
-    raise ConfigError(f"config.model.mlp_kind: SLM-is trains a dense model, got "
-                      f"{config.model.mlp_kind!r}")
+  if routed(config.model):
+    raise ConfigError(f"config.model.mlp_kind: SLM-is trains one dense model, got "
+                      f"mlp_kind={config.model.mlp_kind!r}, independent_experts="
+                      f"{config.model.get('independent_experts', False)}")
   run = loop.setup(config, workdir)
   check_domain(run.run_data, domain)
   hist = select.domain_histogram(run.run_data, domain, config.data.domain_tokens or None)

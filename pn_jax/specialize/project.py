@@ -1,7 +1,8 @@
-"""Turn one expert of a PN (or a hard mixture) into a plain dense small model.
+"""Turn one expert of a PN, a hard mixture or independent experts into a plain dense small model.
 
 Evaluating the PN equation once per layer for the chosen cluster gives the dense MLP weights;
-attention, embeddings and norms are copied. The dense model's logits equal the PN's logits on
+attention, embeddings and norms are copied. Independent experts (SLM-mix) are already dense
+models stacked on a leading expert axis: the expert is sliced out of every leaf. The dense model's logits equal the PN's logits on
 that cluster's sequences (tests/test_project.py checks it to float tolerance).
 """
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pn_jax.config import small_model_config
+from pn_jax.config import routed, small_model_config
 from pn_jax.model.mlp import pn_weight
 
 
@@ -25,9 +26,15 @@ def expert_code(params, model_cfg: ml_collections.ConfigDict, cluster: int) -> j
 
 
 def project(params, model_cfg: ml_collections.ConfigDict, cluster: int):
-  """PN/mixture params + a cluster -> (dense small params, dense small model config)."""
-  if model_cfg.mlp_kind == "dense":
-    raise ValueError("project() needs a projected or mixture model; this one is already dense")
+  """PN/mixture/independent-experts params + a cluster -> (dense small params, its config)."""
+  if not routed(model_cfg):
+    raise ValueError("project() needs a projected, mixture or independent-experts model; this "
+                     "one is already dense")
+  if model_cfg.get("independent_experts", False):
+    if not 0 <= cluster < model_cfg.k:
+      raise ValueError(f"cluster {cluster} is out of range for a model with k={model_cfg.k}")
+    return (jax.tree.map(lambda x: x[cluster], params["experts"]),
+            small_model_config(model_cfg))
   code = expert_code(params, model_cfg, cluster)
   mlp = params["blocks"]["mlp"]
   T_in, T_out = mlp["T_in"], mlp["T_out"]  # [L, D, F, h], [L, F, D, h]

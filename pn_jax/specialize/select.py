@@ -35,8 +35,13 @@ def most_frequent(run_data: pipeline.RunData, domain: str, max_tokens: int | Non
 
 
 def expert_losses(config, run_data, eval_step, params, mesh, domain: str, num_experts: int,
-                  max_tokens: int | None, batches: int) -> np.ndarray:
-  """Mean token loss of every expert on the first `batches` domain training batches."""
+                  max_tokens: int | None, batches: int, *, expert_params=None) -> np.ndarray:
+  """Mean token loss of every expert on the first `batches` domain training batches.
+
+  The batches are routed to expert c through their cluster column; or, with `expert_params`
+  (c -> that expert's own params, e.g. a projected independent expert), `eval_step` runs on
+  `expert_params(c)`.
+  """
   it = pipeline.domain_iterator(config, run_data, domain, "train", max_tokens=max_tokens,
                                 repeat=False, max_batches=batches,
                                 process_index=jax.process_index(),
@@ -45,9 +50,10 @@ def expert_losses(config, run_data, eval_step, params, mesh, domain: str, num_ex
   losses = np.zeros(num_experts)
   for c in range(num_experts):
     total, count = 0.0, 0.0
+    params_c = params if expert_params is None else expert_params(c)
     for local in local_batches:
       local = dict(local, cluster=np.full_like(local["cluster"], c))
-      out = eval_step(params, mesh_lib.global_batch(local, mesh))
+      out = eval_step(params_c, mesh_lib.global_batch(local, mesh))
       total += float(out["loss_sum"])
       count += float(out["tokens"])
     losses[c] = total / max(count, 1.0)
