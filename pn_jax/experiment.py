@@ -31,8 +31,9 @@ from pn_jax.train import flops as flops_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table names; a method a config adds without one here prints as its key.
 LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SLM-d",
-          "slm_is": "SLM-is", "pn_lrs": "PN, T lr/sqrt(h)", "pn_mixed": "PN, mixed batches",
-          "mix_mixed": "SLM-mix, mixed batches"}
+          "slm_is": "SLM-is", "pn_lrs": "PN, T lr/sqrt(h)",
+          "pn_homogeneous": "PN, one cluster per batch",
+          "mix_shared": "SLM-mix (shared attention)"}
 
 
 def label(method: str) -> str:

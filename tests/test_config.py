@@ -6,7 +6,7 @@ from conftest import load_config
 from pn_jax.config import ConfigError, mesh_shape, validate
 
 
-@pytest.mark.parametrize("name", ["slm", "llm", "mix", "pn", "quickstart"])
+@pytest.mark.parametrize("name", ["slm", "llm", "mix", "mix_shared", "pn", "quickstart"])
 def test_shipped_configs_validate(name):
   for arg in ("", "tiny"):
     cfg = load_config(name, arg)

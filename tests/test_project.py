@@ -1,4 +1,4 @@
-"""project(): the dense small model equals the PN (or mixture) on its cluster's path."""
+"""project(): the dense small model equals the PN (or shared mixture) on its cluster's path."""
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,7 @@ def _apply(model):
   return jax.jit(model.apply, static_argnames=("one_cluster",))
 
 
-@pytest.mark.parametrize("kind", ["pn", "mix"])
+@pytest.mark.parametrize("kind", ["pn", "mix_shared"])  # independent experts: test_experts.py
 def test_projected_small_model_equals_cluster_path(kind):
   cfg, model, params = _model_and_params(kind)
   tokens = jax.random.randint(jax.random.key(2), (3, 32), 0, cfg.vocab_size)

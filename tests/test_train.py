@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, copy_workdir, load_config
 from pn_jax.data import pipeline
-from pn_jax.model.transformer import LM
+from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train import loop
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
@@ -27,7 +27,7 @@ def small_run(config, **train):
 
 
 def final_params(workdir, config):
-  model, (tx, _) = LM(config.model), make_optimizer(config)
+  model, (tx, _) = build_model(config.model), make_optimizer(config)
   mesh = mesh_lib.make_mesh(config)
   rules = mesh_lib.logical_rules(config)
   with mesh_lib.activate(mesh, rules):
@@ -76,7 +76,7 @@ def _one_step(config, devices, batch, rng=0):
   """Init + one train step + a forward on the given devices; -> (metrics, params, logits)."""
   mesh = mesh_lib.make_mesh(config, devices)
   rules = mesh_lib.logical_rules(config)
-  model = LM(config.model)
+  model = build_model(config.model)
   tx, schedule = make_optimizer(config)
   with mesh_lib.activate(mesh, rules):
     state, shardings = create_state(model, tx, mesh, rules, jax.random.key(rng))
@@ -120,7 +120,7 @@ def test_params_are_really_sharded():
   rules = mesh_lib.logical_rules(config)
   tx, _ = make_optimizer(config)
   with mesh_lib.activate(mesh, rules):
-    state, _ = create_state(LM(config.model), tx, mesh, rules, jax.random.key(0))
+    state, _ = create_state(build_model(config.model), tx, mesh, rules, jax.random.key(0))
   T_in = state.params["blocks"]["mlp"]["T_in"]  # [L, D, F, h]: D over fsdp, F over tensor
   assert T_in.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   shard = T_in.addressable_shards[0].data.shape
@@ -137,7 +137,7 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
   one = load_config("pn")
   one.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = mesh_lib.make_mesh(one, jax.devices()[:1])
-  run = loop.Run(one, workdir, mesh, mesh_lib.logical_rules(one), LM(one.model),
+  run = loop.Run(one, workdir, mesh, mesh_lib.logical_rules(one), build_model(one.model),
                  pipeline.prepare_run_data(one, workdir))
   tx, _ = make_optimizer(one)
   with mesh_lib.activate(mesh, run.rules):
@@ -189,7 +189,7 @@ def test_basis_lr_scale_scales_only_the_pn_basis_updates():
   from pn_jax.config import ConfigError, validate
   from pn_jax.model.transformer import init_params
   config = load_config("pn")
-  params = nn.unbox(init_params(LM(config.model), jax.random.key(0)))
+  params = nn.unbox(init_params(build_model(config.model), jax.random.key(0)))
   grads = jax.tree.map(lambda p: 1e-2 * jax.random.normal(jax.random.key(1), p.shape), params)
   updates = {}
   for scale in (1.0, 0.25):

@@ -35,15 +35,18 @@ def get_config(arg=None):
   # name -> (config file:arg, extra overrides as "key=value" strings)
   c.methods = ml_collections.ConfigDict(dict(
       slm=("configs/slm.py:tiny", ""),
+      # SLM-mix: k independent SLMs, each trained on its cluster (stratified batches, 16/k rows
+      # per expert and step); mix_shared: the shared-attention hard mixture (PN's h=k special case).
       mix=("configs/mix.py:tiny", "model.k=4"),
+      mix_shared=("configs/mix_shared.py:tiny", "model.k=4"),
       pn=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4"),
       # PN with its basis tensors' learning rate scaled by 1/sqrt(h) (optim.basis_lr_scale):
       # the projected weights then take the dense model's Adam step size.
       pn_lrs=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4,optim.basis_lr_scale=0.3536"),
-      # PN and SLM-mix pretrained on mixed-cluster batches (every step updates every expert)
-      # instead of the default one-cluster-per-step batches (docs/data.md).
-      pn_mixed=("configs/pn.py:tiny", "model.k=4,model.h=8,model.m=4,data.cluster_batching=mixed"),
-      mix_mixed=("configs/mix.py:tiny", "model.k=4,data.cluster_batching=mixed"),
+      # PN pretrained on one-cluster-per-step batches instead of the default mixed ones
+      # (docs/data.md).
+      pn_homogeneous=("configs/pn.py:tiny",
+                      "model.k=4,model.h=8,model.m=4,data.cluster_batching=homogeneous"),
       llm=("configs/llm.py:tiny", ""),
       slm_is=("configs/importance.py:tiny", "model.k=16"),
   ))
