@@ -22,7 +22,7 @@ from pn_jax.specialize import checkpoints, select
 from pn_jax.specialize.project import project
 from pn_jax.train import loop
 from pn_jax.train.optimizer import make_optimizer
-from pn_jax.train.state import create_state
+from pn_jax.train.state import TrainState, create_state
 from pn_jax.train.step import loss_fn, make_train_step
 
 DOMAIN = "legal"
@@ -138,6 +138,23 @@ def test_train_step_leaves_other_experts_bit_identical():
   before = jax.device_get(state.params)
   for j in range(config.model.k):  # every expert moved
     assert not np.array_equal(a.params["experts"]["embed"][j], before["experts"]["embed"][j])
+
+
+def test_nan_skip_is_per_expert():
+  """nan_policy='skip': an expert whose gradient is non-finite keeps its params; the others
+  still update, and the skip counter has one entry per expert."""
+  config = load_config("mix")
+  config.optim.warmup_steps = 0
+  config.train.nan_policy = "skip"
+  model = build_model(config.model)
+  tx, schedule = make_optimizer(config)
+  params = jax.tree.map(np.array, _params(model))  # writable host copies
+  params["experts"]["final_norm"]["scale"][2] = np.nan
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  new, _ = jax.jit(make_train_step(model, tx, schedule, config))(state, _batch(config))
+  np.testing.assert_array_equal(new.opt_state.total_notfinite, [0, 0, 1, 0])
+  np.testing.assert_array_equal(new.params["experts"]["embed"][2], params["experts"]["embed"][2])
+  assert not np.array_equal(new.params["experts"]["embed"][0], params["experts"]["embed"][0])
 
 
 # --- projection --------------------------------------------------------------------------------
