@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.specialize = sp = ml_collections.ConfigDict()
   sp.select = "frequent"  # frequent: the domain's most frequent cluster | lowest_loss: best expert
   sp.select_batches = 4  # lowest_loss: domain training batches scored per expert
-  sp.expect_kind = ""  # "" any; else refuse an init_from checkpoint whose mlp_kind differs
+  sp.expect_kind = ""  # "" any; else refuse an init_from of another kind (an mlp_kind or
+  # "independent": SLM-mix's independent experts)
   c.distill = ds = ml_collections.ConfigDict()
   ds.teacher = ""  # workdir of the (fine-tuned) teacher; set => distillation loss
   ds.temperature = 2.0  # soft-target temperature
@@ -265,7 +266,7 @@ def _validate_specialize(config: ml_collections.ConfigDict) -> None:
     if config.specialize.select not in SELECT_RULES:
       _fail("specialize.select", f"unknown rule {config.specialize.select!r}; choose one of "
             f"{SELECT_RULES}")
-    if config.specialize.expect_kind not in ("",) + MLP_KINDS:
+    if config.specialize.expect_kind not in ("", "independent") + MLP_KINDS:
       _fail("specialize.expect_kind", f"unknown kind {config.specialize.expect_kind!r}")
   if config.data.get("domain_tokens", 0) < 0:
     _fail("data.domain_tokens", f"must be >= 0 (0: the whole split), got "

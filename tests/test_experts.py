@@ -18,7 +18,7 @@ from pn_jax.model import build_model
 from pn_jax.model.experts import IndependentLM
 from pn_jax.model.transformer import LM, init_params
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints, select
+from pn_jax.specialize import checkpoints, finetune, select
 from pn_jax.specialize.project import project
 from pn_jax.train import loop
 from pn_jax.train.optimizer import make_optimizer
@@ -313,3 +313,23 @@ def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
   ev.data.domain = DOMAIN
   got = modes.MODES["eval"](ev, pre)
   np.testing.assert_allclose(got["perplexity"], spec["noft_test_ppl"], rtol=1e-4)
+
+  # select=lowest_loss scores each expert as its own dense model
+  sel = finetune.finetune_config(load_config("finetune", "tiny,select=lowest_loss"), saved)
+  sel.data.domain = DOMAIN
+  mesh, rules = mesh_lib.make_mesh(sel), mesh_lib.logical_rules(sel)
+  with mesh_lib.activate(mesh, rules):
+    params = checkpoints.restore_params(saved, mesh, rules)
+    cluster, info = finetune._pick_expert(sel, saved, params, run_data, mesh, rules)
+  losses = info["expert_losses"]
+  assert len(losses) == 4 and cluster == int(np.argmin(losses)) and np.ptp(losses) > 1e-4
+
+  # export / sample take one expert (sample.cluster) as a dense model
+  out_cfg = load_config("finetune")
+  out_cfg.sample.update(cluster=1, max_new_tokens=2)
+  exported = modes.MODES["export"](out_cfg, pre)
+  assert exported["cluster"] == 1
+  dense_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      project(jax.device_get(params), saved.model, 1)[0]))
+  assert exported["parameters"] == dense_params
+  assert len(modes.MODES["sample"](out_cfg, pre)["samples"]) == 1

@@ -43,13 +43,8 @@ class IndependentLM(nn.Module):
     rules = tuple((name, None if name == "act_batch" else axes)
                   for name, axes in nn.get_logical_axis_rules())
     with nn.logical_axis_rules(rules):
-      out = experts(LM(expert_config(self.cfg), name="experts"),
+      out = experts(LM(small_model_config(self.cfg), name="experts"),
                     tokens_BT.reshape(k, B // k, T))
     if return_hidden:
       return out  # hidden [k, b, T, D], unembed [k, D, V]
     return out.reshape(B, T, out.shape[-1])
-
-
-def expert_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """One expert's (dense, k=1) model config."""
-  return small_model_config(model_cfg)

@@ -2,9 +2,8 @@
 
 PN / mixture / independent-experts (SLM-mix) checkpoints are projected onto one expert (the
 domain's most frequent cluster, or the expert with the lowest loss on the domain's training set);
-dense ones (SLM, LLM) are
-fine-tuned as they are. With config.distill.teacher set the fine-tuning loss also matches a
-teacher's soft targets (SLM-d). Fine-tuning is pn_jax.train.loop.fit on the domain's limited
+dense ones (SLM, LLM) are fine-tuned as they are. With config.distill.teacher set the fine-tuning
+loss also matches a teacher's soft targets (SLM-d). Fine-tuning is pn_jax.train.loop.fit on the domain's limited
 training set (a fixed `data.domain_tokens` prefix) with early stopping on its validation split;
 the best checkpoint is kept and its held-out test perplexity reported. The small model is a
 normal run: its workdir holds checkpoints (with a config whose `model` is the small model and
@@ -107,7 +106,7 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.perf_counter()
   pre = checkpoints.load_saved(config.init_from)
   expect = config.specialize.expect_kind
-  if expect and pre.model.mlp_kind != expect:
+  if expect and _kind(pre.model) != expect:  # independent experts are not "dense"
     raise CheckpointError(f"config.init_from={config.init_from!r} holds {pre.describe()}, but "
                           f"config.specialize.expect_kind={expect!r}")
   run_data = checkpoints.pretraining_run_data(pre.workdir)
