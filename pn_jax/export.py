@@ -5,8 +5,9 @@
 writes <workdir>/export/{model.safetensors, config.json, tokenizer.model}. Tensor names are the
 flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
 holds the model config that pn_jax.model.transformer.LM needs, so `load(dir)` rebuilds the model
-and reproduces the checkpoint's logits exactly (tests/test_export.py). A PN or mixture checkpoint
-(or independent experts) is projected onto config.sample.cluster first: what is exported is always a dense model.
+and reproduces the checkpoint's logits exactly (tests/test_export.py). A PN, mixture or
+independent-experts checkpoint is projected onto config.sample.cluster first: what is exported is
+always a dense model.
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 PN / mixture / independent-experts (SLM-mix) checkpoints are projected onto one expert (the
 domain's most frequent cluster, or the expert with the lowest loss on the domain's training set);
 dense ones (SLM, LLM) are fine-tuned as they are. With config.distill.teacher set the fine-tuning
-loss also matches a teacher's soft targets (SLM-d). Fine-tuning is pn_jax.train.loop.fit on the domain's limited
-training set (a fixed `data.domain_tokens` prefix) with early stopping on its validation split;
-the best checkpoint is kept and its held-out test perplexity reported. The small model is a
-normal run: its workdir holds checkpoints (with a config whose `model` is the small model and
-`init_from` the pretraining run), metrics, specialize.json and a copy of the tokenizer.
+loss also matches a teacher's soft targets (SLM-d). Fine-tuning is pn_jax.train.loop.fit on the
+domain's limited training set (a fixed `data.domain_tokens` prefix) with early stopping on its
+validation split; the best checkpoint is kept and its held-out test perplexity reported. The
+small model is a normal run: its workdir holds checkpoints (with a config whose `model` is the
+small model and `init_from` the pretraining run), metrics, specialize.json and a copy of the
+tokenizer.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Evaluating the PN equation once per layer for the chosen cluster gives the dense MLP weights;
 attention, embeddings and norms are copied. Independent experts (SLM-mix) are already dense
-models stacked on a leading expert axis: the expert is sliced out of every leaf. The dense model's logits equal the PN's logits on
-that cluster's sequences (tests/test_project.py checks it to float tolerance).
+models stacked on a leading expert axis: the expert is sliced out of every leaf. The dense
+model's logits equal the routed model's on that cluster's sequences (tests/test_project.py,
+tests/test_experts.py check it to float tolerance).
 """
 
 from __future__ import annotations
