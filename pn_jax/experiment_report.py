@@ -51,6 +51,8 @@ def table_rows(results, exp, view: str = "tokens"):
   methods = [m for m in known + [m for m in exp.methods if m not in known]
              if all(view_cell(results, view, f"{d}/{b}", m) is not None
                     for d in exp.domains for b in exp.budgets)]
+  # The cap the cells were made with (results.json's settings; a --report_only config may differ).
+  cap = results.get("exp", {}).get("finetune", {}).get("steps", exp.finetune.steps)
   rows = []
   for m in methods:
     row = {"method": m}
@@ -58,7 +60,7 @@ def table_rows(results, exp, view: str = "tokens"):
       cells = [view_cell(results, view, f"{d}/{b}", m) for d in exp.domains]
       row[b] = {"macro": macro(cells, "test_ppl"),
                 "per_domain": {d: c["test_ppl"] for d, c in zip(exp.domains, cells)},
-                "capped": {d: bool(c.get("hit_step_cap")) for d, c in zip(exp.domains, cells)},
+                "capped": {d: hit_step_cap(c, cap) for d, c in zip(exp.domains, cells)},
                 "noft": macro(cells, "noft_test_ppl"),
                 "spec_flops": float(np.mean([c["specialize_flops"] for c in cells])),
                 "spec_seconds": float(np.mean([c["fit_seconds"] for c in cells])),
@@ -68,6 +70,13 @@ def table_rows(results, exp, view: str = "tokens"):
         row[b]["is_seconds"] = float(np.mean([_is_seconds(c) for c in cells]))
     rows.append(row)
   return rows
+
+
+def hit_step_cap(cell: dict, cap: int) -> bool:
+  """Recorded by the specialize mode; cells made before it recorded it: ran to the cap."""
+  if "hit_step_cap" in cell:
+    return bool(cell["hit_step_cap"])
+  return int(cell["steps"]) >= cap
 
 
 def rows_by(rows, method):
