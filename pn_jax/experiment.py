@@ -389,6 +389,10 @@ def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
 def run(exp, root: str, stop: StopRequest | None = None) -> dict:
   """Every stage not done yet; -> results (also saved to <root>/results.json after each).
   Raises Preempted (after saving) when a signal stops a stage or arrives between stages."""
+  if exp.equal_time_reference not in exp.methods or exp.equal_time_reference == "slm_is":
+    raise config_lib.ConfigError(
+        f"exp.equal_time_reference={exp.equal_time_reference!r}: the method whose pretraining "
+        f"time defines the equal-time budget, one of {sorted(set(exp.methods) - {'slm_is'})}")
   results = {"pretrain": {}, "specialize": {}, "exp": exp.to_dict()}
   path = os.path.join(root, "results.json")
   if os.path.exists(path):
@@ -474,8 +478,6 @@ def _run_stages(exp, root, results, save, stop) -> None:
         spec_out.update(pre_is[cell])
         res["slm_is"] = spec_out
         save()
-  if stop:
-    stop.check()
 
 
 def main(argv):

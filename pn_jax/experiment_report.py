@@ -211,21 +211,32 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
   return lines, rows
 
 
-def write_figure(results, rows, exp, path: str) -> None:
+def write_figure(results, rows, time_rows, exp, path: str) -> None:
+  """Perplexity vs pretraining FLOPs: filled markers at equal tokens, hollow ones for the
+  equal-time view's earlier checkpoints."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  colors = {r["method"]: f"C{i}" for i, r in enumerate(rows)}
   for b, marker in zip(exp.budgets, ("o", "s", "^")):
     for r in rows:
       pf, _ = pretrain_cost(results, r["method"], r, b)
-      ax.scatter(pf, r[b]["macro"], marker=marker, color=f"C{rows.index(r)}",
+      ax.scatter(pf, r[b]["macro"], marker=marker, color=colors[r["method"]],
                  label=f"{label(r['method'])}" if b == exp.budgets[0] else None)
       ax.annotate(f"{b:.0e}", (pf, r[b]["macro"]), fontsize=6, xytext=(3, 2),
                   textcoords="offset points")
+    for r in time_rows:
+      if results["equal_time"]["methods"][r["method"]]["final"]:
+        continue
+      pf, _ = pretrain_cost(results, r["method"], r, b, "time")
+      ax.scatter(pf, r[b]["macro"], marker=marker, facecolors="none",
+                 edgecolors=colors.get(r["method"], "k"))
   ax.set_xscale("log")
-  ax.set_xlabel("pretraining FLOPs per specialized model (SLM-is: per domain; SLM-d: + teacher)")
+  ax.set_xlabel("pretraining FLOPs per specialized model (SLM-is: per domain; SLM-d: + teacher)"
+                + ("\nhollow: the equal-device-time checkpoint" if time_rows else ""),
+                fontsize=8)
   ax.set_ylabel("macro-averaged test perplexity after fine-tuning")
   shapes = ", ".join(f"{m}: {b:.0e}" for b, m in zip(exp.budgets, ("o", "s", "^")))
   ax.set_title(f"Specialized perplexity vs pretraining cost ({shapes} domain tokens)",
@@ -255,8 +266,9 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
   """Rewrites the block between this tag's markers in <docs>/results.md (the rest is by hand)."""
   os.makedirs(docs, exist_ok=True)
   tokens, rows = view_section(results, exp, "tokens")
-  time_view, _ = view_section(results, exp, "time")
-  write_figure(results, rows, exp, os.path.join(docs, figure))
+  time_view, time_rows = view_section(results, exp, "time")
+  write_figure(results, rows, time_rows if results.get("equal_time") else [], exp,
+               os.path.join(docs, figure))
   f = exp.finetune
   begin, end = (f"<!-- experiment {tag}:begin (written by pn_jax.experiment) -->",
                 f"<!-- experiment {tag}:end -->")

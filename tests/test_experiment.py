@@ -202,6 +202,10 @@ def test_equal_time_selection_picks_checkpoints_by_cost():
   assert experiment.equal_time_steps(costs, "pn")["slm"] == 100
   with pytest.raises(ConfigError, match="equal_time_reference='nope'"):
     experiment.equal_time_steps(costs, "nope")
+  exp = _toy_experiment()
+  exp.equal_time_reference = "nope"
+  with pytest.raises(ConfigError, match=r"equal_time_reference='nope'.*\['pn', 'slm'\]"):
+    experiment.run(exp, "/nonexistent/root")
 
 
 def test_milestones_are_checkpointed_and_kept():
