@@ -1,20 +1,32 @@
 """The comparison experiment: pretrain every method, specialize each on each domain and budget,
-write docs/results.md and docs/results_ppl_vs_cost.png.
+write docs/results.md and docs/results_ppl_vs_cost.png (pn_jax/experiment_report.py).
 
     python -m pn_jax.experiment --config=configs/experiments/cpu_small.py --root=runs/exp
 
 Every stage is an ordinary run under --root (pretrain/<method>, specialize/<method>/<domain>-<n>,
-...) made with the same mode functions as the CLI, so any cell of the table can be re-run or
-inspected alone. Finished stages are skipped on a rerun (a pretraining run resumes from its
-checkpoint; a specialization is done when its specialize.json exists).
+specialize/<method>@<step>/... for the equal-time view) made with the same mode functions as
+the CLI, so any cell of the table can be re-run or inspected alone. Finished stages are skipped
+on a rerun (a pretraining run resumes from its checkpoint; a specialization is done when its
+specialize.json exists). A signal (or --max_seconds) stops the experiment at a stage boundary
+or through the running stage's own checkpoint-and-stop, with exit code 128 + signum; the same
+command resumes it.
+
+Two views of the comparison (the paper compares methods at equal pretraining GPU hours):
+equal tokens (every method from its final checkpoint) and equal device time (every method
+from its latest pretraining milestone within the reference method's training seconds).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from fractions import Fraction
 
 import jax
 import ml_collections
@@ -26,6 +38,7 @@ from pn_jax import config as config_lib
 from pn_jax import modes
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import tokenizer as tok_lib
+from pn_jax.experiment_report import write_report
 from pn_jax.train import flops as flops_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,12 +119,103 @@ def shared_tokenizer(exp, corpus: str, root: str) -> str:
   return path
 
 
+# --- stopping: preemption and --max_seconds --------------------------------------------------
+
+class Preempted(Exception):
+  """A signal stopped the experiment: finished stages are saved, the interrupted one is not
+  recorded (its workdir keeps its checkpoints, so a rerun resumes it). `main` exits with
+  128 + signum, the code of a process killed by that signal, so a wrapper knows to call again."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume")
+    self.signum = signum
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+
+class StopRequest:
+  """SIGTERM/SIGINT received between stages, acted on at the next stage boundary.
+
+  While a stage trains, the mode's own handler (pn_jax.train.loop) takes the signal, saves a
+  checkpoint and returns a stop_reason "SIG..."; this object covers the rest of the time (data
+  preparation, evaluation, between stages). A second signal exits at once, as in the loop.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.in_stage = False
+
+  def install(self) -> "StopRequest":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      raise SystemExit(128 + signum)
+    logging.warning("%s: stopping at the next stage boundary", signal.Signals(signum).name)
+    self.signum = signum
+
+  def check(self) -> None:
+    if self.signum is not None:
+      raise Preempted(self.signum)
+
+  def deadline(self, seconds: float) -> threading.Thread:
+    """After `seconds` of wall clock, SIGTERM to this process, the way a scheduler preempts it.
+    If a stage is still preparing (our handler is installed while it runs), the signal waits
+    until its training loop has installed its own, so the stage checkpoints and stops instead
+    of training to the end."""
+    def fire():
+      time.sleep(seconds)
+      while self.in_stage and signal.getsignal(signal.SIGTERM) == self._handle:
+        time.sleep(0.5)
+      logging.warning("--max_seconds=%g reached: stopping", seconds)
+      os.kill(os.getpid(), signal.SIGTERM)
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stage(stop: StopRequest | None, fn, config, workdir) -> tuple[dict, float]:
+  """Runs one stage (a mode function) -> (result, wall seconds); raises Preempted instead of
+  returning a result that a signal cut short."""
+  if stop:
+    stop.check()
+    stop.in_stage = True
+  t0 = time.perf_counter()
+  try:
+    result = fn(config, workdir)
+  finally:
+    if stop:
+      stop.in_stage = False
+  reason = str(result.get("stop_reason", ""))
+  if reason.startswith("SIG"):
+    raise Preempted(signal.Signals[reason].value)
+  return result, time.perf_counter() - t0
+
+
 # --- stages ---------------------------------------------------------------------------------
 
-def _timed(fn, *args):
-  t0 = time.perf_counter()
-  result = fn(*args)
-  return result, time.perf_counter() - t0
+def milestone_steps(steps: int, fractions) -> tuple[int, list[int]]:
+  """-> (checkpoint/eval interval, the step of each milestone fraction). The interval is the
+  fractions' common step (0.25, 0.5, ... -> steps/4, rounded); each milestone is the nearest
+  multiple of it, and the last milestone (fraction 1) is the final step, which the loop always
+  checkpoints even when the interval does not divide it."""
+  fracs = [Fraction(f).limit_denominator(1000) for f in fractions]
+  if not fracs or any(f <= 0 or f > 1 for f in fracs) or max(fracs) != 1:
+    raise config_lib.ConfigError(f"exp.milestones={tuple(fractions)!r}: fractions of the "
+                                 "pretraining steps in (0, 1], the last one 1.0")
+  unit = fracs[0]
+  for f in fracs[1:]:  # gcd of fractions: gcd of numerators / lcm of denominators
+    unit = Fraction(math.gcd(unit.numerator, f.numerator),
+                    math.lcm(unit.denominator, f.denominator))
+  every = max(1, round(steps * unit))
+  points = sorted({steps if f == 1 else min(max(round(f / unit) * every, every), steps)
+                   for f in fracs})
+  return every, points
 
 
 def pretrain_config(exp, spec, overrides, corpus, tokenizer):
@@ -123,7 +227,12 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer):
                 batch_size=exp.batch_size, eval_batches=exp.eval_batches)
   steps = int(exp.pretrain_tokens // (exp.batch_size * exp.seq_len))
   c.optim.update(lr=exp.pretrain_lr, warmup_steps=max(steps // 20, 1))
-  c.train.update(steps=steps, eval_every=steps, checkpoint_every=steps, log_every=25,
+  # Checkpoint and eval at every milestone (the equal-time view specializes from them) and keep
+  # them all, plus room for 8 extra saves (preemptions, wall-clock saves) before the oldest goes.
+  every, _ = milestone_steps(steps, exp.milestones)
+  saves = steps // every + (steps % every != 0)
+  c.train.update(steps=steps, eval_every=every, checkpoint_every=every,
+                 keep_checkpoints=max(c.train.keep_checkpoints, saves + 8), log_every=25,
                  progress_bar=False, async_checkpoint=False)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   return c
@@ -134,13 +243,24 @@ def pretrain_flops(c) -> float:
                                                          c.data.seq_len)
 
 
-def finetune_config(exp, init_from, domain, budget, teacher=""):
+def finetune_lr(exp, budget: int) -> float:
+  """The paper's rule (Section 3): fine-tune at the pretraining lr / 3 on small domain sets
+  (1M tokens), at the pretraining lr from 8M tokens on; exp.finetune.lr > 0 overrides it."""
+  f = exp.finetune
+  if f.lr > 0:
+    return float(f.lr)
+  return exp.pretrain_lr / 3 if budget < f.full_lr_tokens else float(exp.pretrain_lr)
+
+
+def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0):
+  """init_step: 0 = init_from's latest checkpoint, > 0 = that step (a pretraining milestone)."""
   c = load_run_config("configs/distill.py:tiny" if teacher else "configs/finetune.py:tiny")
   f = exp.finetune
   c.seed = exp.seed
   c.init_from = init_from
+  c.init_step = int(init_step)
   c.distill.teacher = teacher
-  c.optim.update(lr=f.lr)
+  c.optim.update(lr=finetune_lr(exp, budget))
   c.train.update(steps=f.steps, eval_every=f.eval_every, checkpoint_every=f.eval_every,
                  early_stop_patience=f.early_stop_patience, progress_bar=False,
                  async_checkpoint=False, log_every=10)
@@ -150,21 +270,96 @@ def finetune_config(exp, init_from, domain, budget, teacher=""):
   return c
 
 
-def specialize(exp, init_from, workdir, domain, budget, teacher="") -> dict:
+def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_step=0) -> dict:
+  """One fine-tuning cell; done when its specialize.json exists (a preempted one has only
+  checkpoints, and the mode resumes from them)."""
   done = os.path.join(workdir, "specialize.json")
   if os.path.exists(done):
     with open(done) as f:
-      return json.load(f)
-  result, _ = _timed(modes.specialize, finetune_config(exp, init_from, domain, budget, teacher),
-                     workdir)
+      result = json.load(f)
+  else:
+    c = finetune_config(exp, init_from, domain, budget, teacher, init_step)
+    result, _ = _stage(stop, modes.specialize, c, workdir)
+  if "hit_step_cap" not in result:  # specialize.json written before the mode recorded it
+    result["hit_step_cap"] = (int(result["steps"]) >= exp.finetune.steps
+                              and result.get("stop_reason") != "early_stopping")
+  result["pretrain_step"] = int(init_step) or None  # None: the final checkpoint
   return result
+
+
+# --- costs and the equal-time view ------------------------------------------------------------
+
+def read_costs(workdir: str) -> dict | None:
+  """A pretraining run's costs.json (device, cumulative train seconds and FLOPs per saved
+  step), or None for a run made before the loop wrote it."""
+  try:
+    from pn_jax.train.costs import read_costs as read  # the training loop's own reader
+  except ImportError:
+    read = None
+  path = os.path.join(workdir, "costs.json")
+  if not os.path.exists(path):
+    return None
+  if read is not None:
+    return read(workdir)
+  with open(path) as f:
+    return json.load(f)
+
+
+def equal_time_steps(costs_by_method: dict[str, dict[int, float]], reference: str
+                     ) -> dict[str, int]:
+  """{method: {milestone step: cumulative train seconds}} -> {method: step}: each method's
+  latest milestone whose cost is within the reference's total (its last milestone's), else its
+  first milestone (the caller flags it as over budget)."""
+  if reference not in costs_by_method:
+    raise config_lib.ConfigError(f"exp.equal_time_reference={reference!r} has no pretraining "
+                                 f"costs; methods with costs: {sorted(costs_by_method)}")
+  ref = costs_by_method[reference]
+  budget = ref[max(ref)]
+  chosen = {}
+  for method, seconds in costs_by_method.items():
+    affordable = [s for s, secs in seconds.items() if secs <= budget]
+    chosen[method] = max(affordable) if affordable else min(seconds)
+  return chosen
+
+
+def equal_time_choice(exp, results: dict, root: str) -> dict:
+  """The equal-time view's pretraining checkpoint per method (step, train seconds, FLOPs,
+  generic valid ppl there), from each run's costs.json at the milestone steps. SLM-d and
+  SLM-is are compared at equal tokens only (their costs add up differently: teacher + student,
+  per-domain pretraining), so they are not part of it. {} when the reference has no costs."""
+  per_method, info = {}, {}
+  for name, pre in results["pretrain"].items():
+    costs = read_costs(os.path.join(root, "pretrain", name))
+    if not costs:
+      continue
+    _, points = milestone_steps(pre["steps"], exp.milestones)
+    steps = {int(s): v for s, v in costs["steps"].items()}
+    if not all(p in steps for p in points):
+      continue
+    per_method[name] = {p: float(steps[p]["train_seconds"]) for p in points}
+    info[name] = steps
+  if exp.equal_time_reference not in per_method:
+    return {}
+  chosen = equal_time_steps(per_method, exp.equal_time_reference)
+  ref = per_method[exp.equal_time_reference]
+  budget = ref[max(ref)]
+  out = {"reference": exp.equal_time_reference, "budget_seconds": budget, "methods": {}}
+  for name, step in chosen.items():
+    at = info[name][step]
+    out["methods"][name] = {
+        "step": step, "final": step == results["pretrain"][name]["steps"],
+        "seconds": float(at["train_seconds"]), "flops": float(at["flops"]),
+        "generic_valid_ppl": at.get("eval_perplexity"),
+        "over_budget": float(at["train_seconds"]) > budget}
+  return out
 
 
 # Settings every finished stage depends on: a root's results are reused only if they match.
 # (domains, budgets and new methods may be added: they only add stages.)
 _REUSE_KEYS = ("source", "seed", "generic_chars", "heldout_chars", "domain_train_chars",
                "vocab_size", "seq_len", "batch_size", "pretrain_tokens", "pretrain_lr",
-               "eval_batches", "finetune", "distill", "tokenizer_from")
+               "eval_batches", "finetune", "distill", "tokenizer_from", "milestones",
+               "equal_time_reference")
 
 
 def check_reusable(saved_exp: dict, exp) -> None:
@@ -182,7 +377,23 @@ def check_reusable(saved_exp: dict, exp) -> None:
         + "); use a new --root (or restore those settings to add stages to this one)")
 
 
-def run(exp, root: str) -> dict:
+def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
+  costs = read_costs(workdir) or {}
+  final = costs.get("steps", {}).get(str(c.train.steps), {})
+  ppl = out.get("eval_perplexity", final.get("eval_perplexity"))
+  return {"flops": pretrain_flops(c), "seconds": secs, "generic_valid_ppl": ppl,
+          "steps": c.train.steps, "tokens": exp.pretrain_tokens,
+          "train_seconds": final.get("train_seconds"), "device": costs.get("device"),
+          "device_count": costs.get("device_count")}
+
+
+def run(exp, root: str, stop: StopRequest | None = None) -> dict:
+  """Every stage not done yet; -> results (also saved to <root>/results.json after each).
+  Raises Preempted (after saving) when a signal stops a stage or arrives between stages."""
+  if exp.equal_time_reference not in exp.methods or exp.equal_time_reference == "slm_is":
+    raise config_lib.ConfigError(
+        f"exp.equal_time_reference={exp.equal_time_reference!r}: the method whose pretraining "
+        f"time defines the equal-time budget, one of {sorted(set(exp.methods) - {'slm_is'})}")
   results = {"pretrain": {}, "specialize": {}, "exp": exp.to_dict()}
   path = os.path.join(root, "results.json")
   if os.path.exists(path):
@@ -191,209 +402,83 @@ def run(exp, root: str) -> dict:
     check_reusable(saved.get("exp", {}), exp)
     results.update({k: v for k, v in saved.items() if k != "exp"})
   os.makedirs(root, exist_ok=True)
-  corpus = build_corpus(exp, root)
-  tokenizer = shared_tokenizer(exp, corpus, root)
 
   def save():  # atomically: a kill mid-write must not lose the finished stages
     corpus_lib.write_json(path, results)
 
+  try:
+    _run_stages(exp, root, results, save, stop)
+  except Preempted:
+    save()
+    raise
+  return results
+
+
+def _run_stages(exp, root, results, save, stop) -> None:
+  corpus = build_corpus(exp, root)
+  tokenizer = shared_tokenizer(exp, corpus, root)
   for name, (spec, overrides) in exp.methods.items():
     if name == "slm_is":
       continue  # per domain, below
     c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
     workdir = os.path.join(root, "pretrain", name)
     if name not in results["pretrain"]:
-      out, secs = _timed(modes.pretrain, c, workdir)
-      results["pretrain"][name] = {"flops": pretrain_flops(c), "seconds": secs,
-                                   "generic_valid_ppl": out["eval_perplexity"],
-                                   "steps": out["step"], "tokens": exp.pretrain_tokens}
+      out, secs = _stage(stop, modes.pretrain, c, workdir)
+      results["pretrain"][name] = _pretrain_record(exp, c, out, secs, workdir)
       save()
+  results["equal_time"] = equal_time_choice(exp, results, root)
+  save()
+  eq_time = results["equal_time"].get("methods", {})
+
+  def spec_dir(name, cell, step=0):
+    return os.path.join(root, "specialize", name + (f"@{step}" if step else ""), cell)
 
   # The LLM first (SLM-d's teacher), then the config's order; SLM-is pretrains per cell below.
   order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
   for domain in exp.domains:
     for budget in exp.budgets:
-      cell = f"{domain}/{budget}"
+      cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
       res = results["specialize"].setdefault(cell, {})
       for name in order:
         if name not in res:
-          res[name] = specialize(exp, os.path.join(root, "pretrain", name),
-                                 os.path.join(root, "specialize", name, f"{domain}-{budget}"),
-                                 domain, budget)
+          res[name] = specialize(exp, stop, os.path.join(root, "pretrain", name),
+                                 spec_dir(name, cell_dir), domain, budget)
+          save()
+      # Equal device time: methods whose affordable checkpoint is an earlier milestone.
+      res_t = results.setdefault("specialize_equal_time", {}).setdefault(cell, {})
+      for name in order:
+        choice = eq_time.get(name)
+        if not choice or choice["final"]:
+          continue  # the equal-token cell is the equal-time one
+        if res_t.get(name, {}).get("pretrain_step") != choice["step"]:
+          res_t[name] = specialize(exp, stop, os.path.join(root, "pretrain", name),
+                                   spec_dir(name, cell_dir, choice["step"]), domain, budget,
+                                   init_step=choice["step"])
           save()
       if exp.distill and "slm_d" not in res:
-        res["slm_d"] = specialize(
-            exp, os.path.join(root, "pretrain", "slm"),
-            os.path.join(root, "specialize", "slm_d", f"{domain}-{budget}"), domain, budget,
-            teacher=os.path.join(root, "specialize", "llm", f"{domain}-{budget}"))
+        res["slm_d"] = specialize(exp, stop, os.path.join(root, "pretrain", "slm"),
+                                  spec_dir("slm_d", cell_dir), domain, budget,
+                                  teacher=spec_dir("llm", cell_dir))
         save()
       if "slm_is" in exp.methods and "slm_is" not in res:
         spec, overrides = exp.methods.slm_is
         c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
         c.data.update(domain=domain, domain_tokens=int(budget))
-        pre_dir = os.path.join(root, "pretrain_is", f"{domain}-{budget}")
+        pre_dir = os.path.join(root, "pretrain_is", cell_dir)
         pre_is = results.setdefault("pretrain_is", {})
         if cell not in pre_is:
-          out, secs = _timed(modes.importance, c, pre_dir)
+          out, secs = _stage(stop, modes.importance, c, pre_dir)
+          costs = read_costs(pre_dir) or {}
+          final = costs.get("steps", {}).get(str(c.train.steps), {})
           pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
+                              is_pretrain_train_seconds=final.get("train_seconds"),
                               is_pretrain_domain_valid_ppl=out["eval_perplexity"],
                               ess_sequences=out["ess_sequences"])
           save()
-        spec_out = specialize(exp, pre_dir,
-                              os.path.join(root, "specialize", "slm_is", f"{domain}-{budget}"),
-                              domain, budget)
+        spec_out = specialize(exp, stop, pre_dir, spec_dir("slm_is", cell_dir), domain, budget)
         spec_out.update(pre_is[cell])
         res["slm_is"] = spec_out
         save()
-  return results
-
-
-# --- report ------------------------------------------------------------------------------------
-
-def macro(cells: list[dict], key: str) -> float:
-  """exp(mean over domains of the per-token NLL): the paper's macro-averaged perplexity."""
-  return float(np.exp(np.mean([np.log(c[key]) for c in cells])))
-
-
-def table_rows(results, exp):
-  known = ["slm", "mix", "pn", "llm", "slm_d", "slm_is"]
-  methods = [m for m in known + [m for m in exp.methods if m not in known]
-             if all(m in results["specialize"].get(f"{d}/{b}", {})
-                    for d in exp.domains for b in exp.budgets)]
-  rows = []
-  for m in methods:
-    row = {"method": m}
-    for b in exp.budgets:
-      cells = [results["specialize"][f"{d}/{b}"][m] for d in exp.domains]
-      row[b] = {"macro": macro(cells, "test_ppl"),
-                "per_domain": {d: c["test_ppl"] for d, c in zip(exp.domains, cells)},
-                "noft": macro(cells, "noft_test_ppl"),
-                "spec_flops": float(np.mean([c["specialize_flops"] for c in cells])),
-                "spec_seconds": float(np.mean([c["fit_seconds"] for c in cells])),
-                "steps": float(np.mean([c["steps"] for c in cells]))}
-      if m == "slm_is":
-        row[b]["is_flops"] = float(np.mean([c["is_pretrain_flops"] for c in cells]))
-        row[b]["is_seconds"] = float(np.mean([c["is_pretrain_seconds"] for c in cells]))
-    rows.append(row)
-  return rows
-
-
-def vs_slm_table(rows, exp) -> list[str]:
-  """Each method's macro perplexity relative to the SLM's (the paper's comparison), and on how
-  many domains it beats the SLM (a sign test's count: a few % macro can be one domain)."""
-  if not any(r["method"] == "slm" for r in rows):
-    return []
-  slm = rows_by(rows, "slm")
-  out = ["| method | " + " | ".join(f"vs SLM, ft {b:.0e} | domains better ({b:.0e})"
-                                   for b in exp.budgets) + " |",
-         "|---" * (1 + 2 * len(exp.budgets)) + "|"]
-  for r in rows:
-    if r["method"] == "slm":
-      continue
-    cells = []
-    for b in exp.budgets:
-      better = sum(r[b]["per_domain"][d] < slm[b]["per_domain"][d] for d in exp.domains)
-      cells += [f"{100 * (r[b]['macro'] / slm[b]['macro'] - 1):+.1f}%",
-                f"{better}/{len(exp.domains)}"]
-    out.append(f"| {label(r['method'])} | " + " | ".join(cells) + " |")
-  return out
-
-
-def pretrain_cost(results, m, row, budget):
-  """Pretraining FLOPs and seconds attributable to one domain's model."""
-  if m == "slm_is":
-    return row[budget]["is_flops"], row[budget]["is_seconds"]
-  if m == "slm_d":  # the student's and the teacher's pretraining
-    p, q = results["pretrain"]["slm"], results["pretrain"]["llm"]
-    return p["flops"] + q["flops"], p["seconds"] + q["seconds"]
-  p = results["pretrain"][m]
-  return p["flops"], p["seconds"]
-
-
-def write_report(results, exp, docs: str, command: str, tag: str = "",
-                 figure: str = "results_ppl_vs_cost.png") -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = table_rows(results, exp)
-  os.makedirs(docs, exist_ok=True)
-  b_small, b_large = exp.budgets[0], exp.budgets[-1]
-  lines = [
-      "| method | pretrain FLOPs | pretrain s | generic valid ppl | no ft | "
-      + " | ".join(f"ft {b:.0e}" for b in exp.budgets) + " | spec FLOPs (small / large) | "
-      "spec s (small / large) |",
-      "|---" * (7 + len(exp.budgets)) + "|"]
-  for r in rows:
-    m = r["method"]
-    pf, ps = pretrain_cost(results, m, r, b_large)
-    gen = (f'{results["pretrain"][m]["generic_valid_ppl"]:.2f}' if m in results["pretrain"] else
-           f'{results["pretrain"]["slm"]["generic_valid_ppl"]:.2f}' if m == "slm_d" else "-")
-    sf = [r[b]["spec_flops"] + (rows_by(rows, "llm")[b]["spec_flops"] if m == "slm_d" else 0)
-          for b in (b_small, b_large)]
-    lines.append(
-        f"| {label(m)} | {pf:.2e} | {ps:.0f} | {gen} | {r[b_large]['noft']:.2f} | "
-        + " | ".join(f"{r[b]['macro']:.2f}" for b in exp.budgets)
-        + f" | {sf[0]:.2e} / {sf[1]:.2e} | "
-        f"{r[b_small]['spec_seconds']:.0f} / {r[b_large]['spec_seconds']:.0f} |")
-  per_domain = ["| method | budget | " + " | ".join(exp.domains) + " |",
-                "|---" * (2 + len(exp.domains)) + "|"]
-  for r in rows:
-    for b in exp.budgets:
-      per_domain.append(f"| {label(r['method'])} | {b:.0e} | "
-                        + " | ".join(f"{r[b]['per_domain'][d]:.2f}" for d in exp.domains) + " |")
-  versus = vs_slm_table(rows, exp)
-
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for b, marker in zip(exp.budgets, ("o", "s", "^")):
-    for r in rows:
-      pf, _ = pretrain_cost(results, r["method"], r, b)
-      ax.scatter(pf, r[b]["macro"], marker=marker, color=f"C{rows.index(r)}",
-                 label=f"{label(r['method'])}" if b == b_small else None)
-      ax.annotate(f"{b:.0e}", (pf, r[b]["macro"]), fontsize=6, xytext=(3, 2),
-                  textcoords="offset points")
-  ax.set_xscale("log")
-  ax.set_xlabel("pretraining FLOPs per specialized model (SLM-is: per domain; SLM-d: + teacher)")
-  ax.set_ylabel("macro-averaged test perplexity after fine-tuning")
-  shapes = ", ".join(f"{m}: {b:.0e}" for b, m in zip(exp.budgets, ("o", "s", "^")))
-  ax.set_title(f"Specialized perplexity vs pretraining cost ({shapes} domain tokens)",
-               fontsize=9)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(docs, figure), dpi=130)
-  plt.close(fig)
-
-  begin, end = f"<!-- experiment {tag}:begin (written by pn_jax.experiment) -->", \
-      f"<!-- experiment {tag}:end -->"
-  auto = "\n".join([
-      begin, "", f"Command: `{command}` (config: `{exp_summary(exp)}`).", "",
-      "Macro-averaged test perplexity over the domains (exp of the mean per-token NLL), the "
-      "cost of each method, then the per-domain numbers. FLOPs from pn_jax.train.flops "
-      "(6 N per token + attention); seconds are wall-clock on this machine.", "",
-      *lines, "", *versus, "", *per_domain, "", f"![ppl vs cost]({figure})", "", end])
-  path = os.path.join(docs, "results.md")
-  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
-  if begin in text and end in text:
-    text = text[:text.index(begin)] + auto + text[text.index(end) + len(end):]
-  else:
-    text = text.rstrip() + "\n\n" + auto + "\n"
-  with open(path, "w") as f:
-    f.write(text)
-  print("\n".join(lines + [""] + versus))
-  print("\n".join(per_domain))
-
-
-def exp_summary(exp) -> str:
-  keys = ("source", "domains", "budgets", "pretrain_tokens", "vocab_size", "seq_len",
-          "batch_size", "generic_chars")
-  return ", ".join(f"{k}={exp[k]}" for k in keys)
-
-
-def rows_by(rows, method):
-  for r in rows:
-    if r["method"] == method:
-      return r
-  raise KeyError(method)
 
 
 def main(argv):
@@ -408,11 +493,20 @@ def main(argv):
     with open(os.path.join(root, "results.json")) as f:
       results = json.load(f)
   else:
-    results = run(exp, root)
+    stop = StopRequest().install()
+    if FLAGS.max_seconds > 0:
+      stop.deadline(FLAGS.max_seconds)
+    try:
+      results = run(exp, root, stop)
+    except Preempted as e:
+      logging.warning("%s (finished stages saved in %s)", e, os.path.join(root, "results.json"))
+      print(f"experiment stopped: {e}", flush=True)
+      sys.exit(e.exit_code)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
     corpus_lib.write_json(os.path.join(root, "results.json"), results)
   # The command that makes these results (a --report_only rewrite shows the run's command).
-  args = [a for a in os.sys.argv[1:] if not a.startswith(("--report_only", "--docs"))]
+  args = [a for a in sys.argv[1:]
+          if not a.startswith(("--report_only", "--docs", "--max_seconds"))]
   write_report(results, exp, FLAGS.docs, " ".join(["python -m pn_jax.experiment", *args]),
                tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)
@@ -427,6 +521,8 @@ def define_flags():
                     "(e.g. for the finished cells of a partial run, with --config.domains "
                     "restricted to them).")
   flags.DEFINE_string("figure", "results_ppl_vs_cost.png", "Figure file name under --docs.")
+  flags.DEFINE_float("max_seconds", 0, "> 0: after this much wall clock, stop as on SIGTERM "
+                     "(the running stage checkpoints) and exit 143; rerun to resume. 0: no limit.")
   flags.mark_flags_as_required(["config"])
 
 

@@ -1,15 +1,22 @@
-"""The comparison driver end to end at toy scale: every stage runs, the table and figure are
-written, and adding a domain later reuses the pretraining instead of redoing it."""
+"""The comparison driver end to end at toy scale: every stage runs, both views of the table and
+the figure are written, adding a domain later reuses the pretraining instead of redoing it, and
+a preempted stage stops the driver without being recorded."""
 
+import copy
 import json
 import math
 import os
+import signal
 
 import ml_collections
 import pytest
 
 from conftest import REPO
 from pn_jax.config import ConfigError
+
+# Fake training seconds per pretraining step (costs.json): PN costs twice the SLM per step, so at
+# the SLM's total time it affords half its steps (the milestone at 0.5).
+SECONDS_PER_STEP = {"slm": 1.0, "pn": 2.0}
 
 
 def _toy_experiment():
@@ -26,8 +33,41 @@ def _toy_experiment():
   return exp
 
 
-def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
-  from pn_jax import experiment
+def _write_fake_costs(workdir, config, per_step):
+  """costs.json as the training loop writes it (pn_jax.train.costs), with made-up seconds so
+  the equal-time choice is deterministic."""
+  t = config.train
+  steps = sorted({*range(t.checkpoint_every, t.steps + 1, t.checkpoint_every), t.steps})
+  costs = {"device": "fake-cpu", "device_count": 1, "steps": {
+      str(s): {"train_seconds": per_step * s, "flops": 1e6 * s, "tokens": 512 * s,
+               "eval_loss": 1.0, "eval_perplexity": 100.0 / s} for s in steps}}
+  with open(os.path.join(workdir, "costs.json"), "w") as f:
+    json.dump(costs, f)
+
+
+@pytest.fixture
+def fake_costs(monkeypatch):
+  """modes.pretrain followed by a fake costs.json; records every specialization config."""
+  from pn_jax import modes
+  real_pretrain, real_specialize = modes.pretrain, modes.specialize
+  calls = []
+
+  def pretrain(config, workdir):
+    out = real_pretrain(config, workdir)
+    _write_fake_costs(workdir, config, SECONDS_PER_STEP[os.path.basename(workdir)])
+    return out
+
+  def specialize(config, workdir):
+    calls.append((workdir, config.init_step))
+    return real_specialize(config, workdir)
+
+  monkeypatch.setattr(modes, "pretrain", pretrain)
+  monkeypatch.setattr(modes, "specialize", specialize)
+  return calls
+
+
+def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path, fake_costs):
+  from pn_jax import experiment, experiment_report
 
   exp, root = _toy_experiment(), str(tmp_path / "exp")
   first = experiment.run(exp, root)
@@ -37,6 +77,18 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
     assert set(cell) == {"slm", "pn"}
     for result in cell.values():
       assert math.isfinite(result["test_ppl"]) and result["train_domain_tokens"] == budget
+      # 4 steps, 2 evals: early stopping (patience 2) cannot end it before the cap
+      assert result["hit_step_cap"] and result["pretrain_step"] is None
+  # Equal time: the SLM's 8 steps cost 8 s; PN's milestone at step 4 costs 8 s.
+  eq = first["equal_time"]
+  assert eq["reference"] == "slm" and eq["budget_seconds"] == 8.0
+  assert eq["methods"]["slm"] == dict(step=8, final=True, seconds=8.0, flops=8e6,
+                                      generic_valid_ppl=12.5, over_budget=False)
+  assert eq["methods"]["pn"]["step"] == 4 and not eq["methods"]["pn"]["final"]
+  assert set(first["specialize_equal_time"]["legal/2048"]) == {"pn"}  # the SLM's is reused
+  assert first["specialize_equal_time"]["legal/2048"]["pn"]["pretrain_step"] == 4
+  assert sorted(step for _, step in fake_costs) == [0, 0, 0, 0, 4, 4]
+  assert all("pn@4" in w for w, step in fake_costs if step == 4)
   generic = os.path.join(root, "corpus", "generic", "train.array_record")
   generic_mtime = os.path.getmtime(generic)
 
@@ -46,6 +98,7 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
   assert os.path.getmtime(generic) == generic_mtime
   assert second["specialize"]["legal/2048"] == json.loads(json.dumps(first["specialize"]["legal/2048"]))
   assert set(second["specialize"]["religious/4096"]) == {"slm", "pn"}
+  assert len(fake_costs) == 12  # legal's 6 cells are not run again
 
   exp.finetune.steps = 5  # stages made with 4 steps must not be mixed with 5-step ones
   with pytest.raises(ConfigError, match=r"other settings \(finetune: .*'steps': 4.*use a new --root"):
@@ -56,12 +109,117 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path):
   experiment.write_report(second, exp, str(docs), "pytest", tag="toy", figure="toy.png")
   report = (docs / "results.md").read_text()
   assert "<!-- experiment toy:begin" in report and "| legal | religious |" in report
-  assert report.count("| PN | 2e+03 |") == 1 and (docs / "toy.png").stat().st_size > 1000
-  rows = experiment.table_rows(second, exp)
-  pn, slm = experiment.rows_by(rows, "pn"), experiment.rows_by(rows, "slm")
-  change = 100 * (pn[4096]["macro"] / slm[4096]["macro"] - 1)
-  better = sum(pn[4096]["per_domain"][d] < slm[4096]["per_domain"][d] for d in exp.domains)
-  assert f"| {change:+.1f}% | {better}/2 |" in report
+  assert (docs / "toy.png").stat().st_size > 1000
+  tokens, timed = report.split("### equal pretraining device time")
+  assert "### equal pretraining tokens" in tokens and "fake-cpu x1" in tokens
+  assert tokens.count("| PN | 2e+03 |") == 1 and timed.count("| PN | 2e+03 |") == 1
+  assert "| PN | 4 | 4.00e+06 | 8 | 25.00 |" in timed and "| SLM | 8 (final) |" in timed
+  for view, text in (("tokens", tokens), ("time", timed)):
+    rows = experiment_report.table_rows(second, exp, view)
+    pn, slm = experiment_report.rows_by(rows, "pn"), experiment_report.rows_by(rows, "slm")
+    change = 100 * (pn[4096]["macro"] / slm[4096]["macro"] - 1)
+    better = sum(pn[4096]["per_domain"][d] < slm[4096]["per_domain"][d] for d in exp.domains)
+    assert f"| {change:+.1f}% | {better}/2 |" in text
+    assert f"| {pn[4096]['macro']:.2f}* |" in text  # the cap-hit cells are flagged
+  assert "fine-tuning hit the step cap: not converged" in report
+  # PN's equal-time cells come from its step-4 runs, not the equal-token ones.
+  assert (experiment_report.rows_by(experiment_report.table_rows(second, exp, "time"), "pn")
+          [2048]["per_domain"]["legal"]
+          == second["specialize_equal_time"]["legal/2048"]["pn"]["test_ppl"])
+
+  converged = copy.deepcopy(second)  # the same results, every run stopped early
+  for view in ("specialize", "specialize_equal_time"):
+    for cell in converged[view].values():
+      for result in cell.values():
+        result["hit_step_cap"] = False
+  experiment.write_report(converged, exp, str(docs), "pytest", tag="toy", figure="toy.png")
+  report = (docs / "results.md").read_text()
+  assert "* |" not in report
+
+
+def test_preempted_stage_stops_the_driver_and_a_rerun_completes_it(tmp_path, monkeypatch):
+  """A stage that returns stop_reason SIGTERM (the mode's signal handler saved a checkpoint)
+  ends the experiment with exit code 143 and is not recorded; the rerun resumes it."""
+  from pn_jax import experiment, modes
+  exp, root = _toy_experiment(), str(tmp_path / "exp")
+  exp.methods = ml_collections.ConfigDict(dict(slm=("configs/slm.py:tiny", "")))
+  exp.budgets = (2048,)
+  real_pretrain, real_specialize = modes.pretrain, modes.specialize
+
+  stop = experiment.StopRequest()
+  stop._handle(signal.SIGTERM, None)  # a SIGTERM between stages: nothing starts
+  with pytest.raises(experiment.Preempted) as e:
+    experiment.run(exp, root, stop)
+  assert e.value.exit_code == 143
+  assert json.load(open(os.path.join(root, "results.json")))["pretrain"] == {}
+
+  def preempted_pretrain(config, workdir):  # stops at step 4 as SIGTERM would
+    config.train.stop_at_step = 4
+    return {**real_pretrain(config, workdir), "stop_reason": "SIGTERM"}
+
+  monkeypatch.setattr(modes, "pretrain", preempted_pretrain)
+  with pytest.raises(experiment.Preempted) as e:
+    experiment.run(exp, root, experiment.StopRequest())
+  assert e.value.exit_code == 143
+  assert json.load(open(os.path.join(root, "results.json")))["pretrain"] == {}
+  assert os.path.isdir(os.path.join(root, "pretrain", "slm", "checkpoints", "4"))
+
+  monkeypatch.setattr(modes, "pretrain", real_pretrain)
+  monkeypatch.setattr(modes, "specialize", lambda c, w: {"stop_reason": "SIGTERM", "step": 2})
+  with pytest.raises(experiment.Preempted):
+    experiment.run(exp, root, experiment.StopRequest())
+  saved = json.load(open(os.path.join(root, "results.json")))
+  assert saved["pretrain"]["slm"]["steps"] == 8  # resumed from step 4, finished, recorded
+  assert saved["specialize"]["legal/2048"] == {}  # the preempted cell is not
+
+  monkeypatch.setattr(modes, "specialize", real_specialize)
+  done = experiment.run(exp, root, experiment.StopRequest())
+  assert math.isfinite(done["specialize"]["legal/2048"]["slm"]["test_ppl"])
+
+
+def test_finetune_lr_follows_the_papers_rule():
+  from pn_jax import experiment
+  exp = _toy_experiment()
+  exp.pretrain_lr = 3e-3
+  assert exp.finetune.lr == 0 and exp.finetune.full_lr_tokens == 8_000_000
+  assert experiment.finetune_lr(exp, 1_000_000) == pytest.approx(1e-3)  # 1M: lr / 3
+  assert experiment.finetune_lr(exp, 8_000_000) == 3e-3  # 8M and 64M: the pretraining lr
+  assert experiment.finetune_lr(exp, 64_000_000) == 3e-3
+  c = experiment.finetune_config(exp, "pre", "legal", 100_000, init_step=7)
+  assert c.optim.lr == pytest.approx(1e-3) and c.init_step == 7
+  exp.finetune.lr = 5e-4  # a positive value overrides the rule
+  assert experiment.finetune_lr(exp, 64_000_000) == 5e-4
+
+
+def test_equal_time_selection_picks_checkpoints_by_cost():
+  from pn_jax import experiment
+  costs = {"slm": {25: 10.0, 50: 20.0, 75: 30.0, 100: 40.0},
+           "pn": {25: 16.0, 50: 33.0, 75: 49.0, 100: 66.0},  # 1.64x the SLM
+           "mix": {25: 10.0, 50: 20.0, 75: 30.0, 100: 40.0},  # exactly the budget: final
+           "llm": {25: 77.0, 50: 154.0, 75: 231.0, 100: 308.0}}  # over budget from the start
+  assert experiment.equal_time_steps(costs, "slm") == {"slm": 100, "pn": 50, "mix": 100,
+                                                       "llm": 25}
+  assert experiment.equal_time_steps(costs, "pn")["slm"] == 100
+  with pytest.raises(ConfigError, match="equal_time_reference='nope'"):
+    experiment.equal_time_steps(costs, "nope")
+  exp = _toy_experiment()
+  exp.equal_time_reference = "nope"
+  with pytest.raises(ConfigError, match=r"equal_time_reference='nope'.*\['pn', 'slm'\]"):
+    experiment.run(exp, "/nonexistent/root")
+
+
+def test_milestones_are_checkpointed_and_kept():
+  from pn_jax import experiment
+  assert experiment.milestone_steps(8, (0.25, 0.5, 0.75, 1.0)) == (2, [2, 4, 6, 8])
+  assert experiment.milestone_steps(146, (0.25, 0.5, 0.75, 1.0)) == (36, [36, 72, 108, 146])
+  assert experiment.milestone_steps(10, (0.5, 1.0)) == (5, [5, 10])
+  with pytest.raises(ConfigError, match="exp.milestones"):
+    experiment.milestone_steps(10, (0.5, 0.75))
+  exp = _toy_experiment()
+  exp.pretrain_tokens = 146 * exp.batch_size * exp.seq_len
+  c = experiment.pretrain_config(exp, "configs/slm.py:tiny", "", "corpus", "tok")
+  assert c.train.checkpoint_every == c.train.eval_every == 36
+  assert c.train.keep_checkpoints >= 5  # 36, 72, 108, 144 and the final 146
 
 
 def test_every_experiment_config_builds_valid_run_configs():

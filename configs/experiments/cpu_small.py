@@ -52,6 +52,17 @@ def get_config(arg=None):
   ))
   c.distill = True  # SLM-d: the pretrained SLM distilled from the fine-tuned LLM per domain/budget
 
+  # Pretraining checkpoints (and generic evals) at these fractions of the steps; the
+  # equal-device-time view specializes each method from its latest milestone whose training
+  # seconds fit in the reference method's total (the paper compares at equal GPU hours).
+  c.milestones = (0.25, 0.5, 0.75, 1.0)
+  c.equal_time_reference = "slm"
+
+  # Fine-tuning (the paper: Adam, early stopping; < 2k steps at 1M tokens, at most 4k at 8M).
+  # lr 0: the paper's rule, the pretraining lr / 3 below full_lr_tokens domain tokens and the
+  # pretraining lr from there on (pn_jax/experiment.py::finetune_lr); > 0 overrides it.
+  # steps is a cap that early stopping normally ends before; cells that reach it are flagged.
   c.finetune = ml_collections.ConfigDict(dict(
-      lr=1e-3, steps=300, eval_every=25, early_stop_patience=2, eval_batches=8))
+      lr=0.0, full_lr_tokens=8_000_000, steps=1000, eval_every=25, early_stop_patience=2,
+      eval_batches=8))
   return c

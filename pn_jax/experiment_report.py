@@ -1,0 +1,294 @@
+"""docs/results.md and the figure from an experiment's results.json (pn_jax/experiment.py runs
+it; `python -m pn_jax.experiment ... --report_only` rewrites the report alone).
+
+Two views, each a table of macro-averaged test perplexity and cost, a vs-SLM table and the
+per-domain numbers:
+- equal tokens: every method specialized from its final pretraining checkpoint;
+- equal device time: every method from its latest milestone checkpoint whose training seconds
+  fit in the reference method's total (Table 8 of the paper compares at equal GPU hours).
+Cells whose fine-tuning ran into the step cap (not converged) carry a `*`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+VIEWS = {"tokens": "equal pretraining tokens (every method's final checkpoint)",
+         "time": "equal pretraining device time"}
+CAP = "*"  # a cell with a fine-tuning run that hit the step cap
+OVER = "†"  # equal time: even the method's first milestone cost more than the reference
+
+
+def label(method: str) -> str:
+  from pn_jax.experiment import LABELS  # the table names live with the methods they name
+  return LABELS.get(method, method)
+
+
+def macro(cells: list[dict], key: str) -> float:
+  """exp(mean over domains of the per-token NLL): the paper's macro-averaged perplexity."""
+  return float(np.exp(np.mean([np.log(c[key]) for c in cells])))
+
+
+def view_cell(results, view: str, cell: str, method: str) -> dict | None:
+  """One specialization result of a view; the equal-time view reuses the equal-token cell of a
+  method whose affordable checkpoint is its final one."""
+  tokens = results["specialize"].get(cell, {}).get(method)
+  if view == "tokens":
+    return tokens
+  choice = results.get("equal_time", {}).get("methods", {}).get(method)
+  if not choice:
+    return None
+  if choice["final"]:
+    return tokens
+  out = results.get("specialize_equal_time", {}).get(cell, {}).get(method)
+  return out if out and out.get("pretrain_step") == choice["step"] else None
+
+
+def table_rows(results, exp, view: str = "tokens"):
+  known = ["slm", "mix", "pn", "llm", "slm_d", "slm_is"]
+  methods = [m for m in known + [m for m in exp.methods if m not in known]
+             if all(view_cell(results, view, f"{d}/{b}", m) is not None
+                    for d in exp.domains for b in exp.budgets)]
+  # The cap the cells were made with (results.json's settings; a --report_only config may differ).
+  cap = results.get("exp", {}).get("finetune", {}).get("steps", exp.finetune.steps)
+  rows = []
+  for m in methods:
+    row = {"method": m}
+    for b in exp.budgets:
+      cells = [view_cell(results, view, f"{d}/{b}", m) for d in exp.domains]
+      row[b] = {"macro": macro(cells, "test_ppl"),
+                "per_domain": {d: c["test_ppl"] for d, c in zip(exp.domains, cells)},
+                "capped": {d: hit_step_cap(c, cap) for d, c in zip(exp.domains, cells)},
+                "noft": macro(cells, "noft_test_ppl"),
+                "spec_flops": float(np.mean([c["specialize_flops"] for c in cells])),
+                "spec_seconds": float(np.mean([c["fit_seconds"] for c in cells])),
+                "steps": float(np.mean([c["steps"] for c in cells]))}
+      if m == "slm_is":
+        row[b]["is_flops"] = float(np.mean([c["is_pretrain_flops"] for c in cells]))
+        row[b]["is_seconds"] = float(np.mean([_is_seconds(c) for c in cells]))
+    rows.append(row)
+  return rows
+
+
+def hit_step_cap(cell: dict, cap: int) -> bool:
+  """Recorded by the specialize mode; cells made before it recorded it: ran to the cap."""
+  if "hit_step_cap" in cell:
+    return bool(cell["hit_step_cap"])
+  return int(cell["steps"]) >= cap
+
+
+def rows_by(rows, method):
+  for r in rows:
+    if r["method"] == method:
+      return r
+  raise KeyError(method)
+
+
+def _seconds(p: dict) -> float:
+  """Training seconds from costs.json; runs made before it: the stage's wall seconds."""
+  return p["train_seconds"] if p.get("train_seconds") is not None else p["seconds"]
+
+
+def _is_seconds(c: dict) -> float:
+  s = c.get("is_pretrain_train_seconds")
+  return s if s is not None else c["is_pretrain_seconds"]
+
+
+def pretrain_cost(results, m, row, budget, view: str = "tokens"):
+  """Pretraining FLOPs and seconds attributable to one domain's model."""
+  if view == "time":
+    choice = results["equal_time"]["methods"][m]
+    return choice["flops"], choice["seconds"]
+  if m == "slm_is":
+    return row[budget]["is_flops"], row[budget]["is_seconds"]
+  if m == "slm_d":  # the student's and the teacher's pretraining
+    p, q = results["pretrain"]["slm"], results["pretrain"]["llm"]
+    return p["flops"] + q["flops"], _seconds(p) + _seconds(q)
+  p = results["pretrain"][m]
+  return p["flops"], _seconds(p)
+
+
+def _generic_ppl(results, m, view) -> str:
+  if view == "time":
+    ppl = results["equal_time"]["methods"][m]["generic_valid_ppl"]
+  else:
+    pre = results["pretrain"]
+    ppl = (pre[m]["generic_valid_ppl"] if m in pre else
+           pre["slm"]["generic_valid_ppl"] if m == "slm_d" else None)
+  return "-" if ppl is None else f"{ppl:.2f}"
+
+
+def _ppl(value: float, capped) -> str:
+  return f"{value:.2f}" + (CAP if capped else "")
+
+
+def cost_table(results, rows, exp, view: str) -> list[str]:
+  b_small, b_large = exp.budgets[0], exp.budgets[-1]
+  ckpt = ["pretrain step"] if view == "time" else []
+  head = (["method", *ckpt, "pretrain FLOPs", "pretrain s", "generic valid ppl", "no ft"]
+          + [f"ft {b:.0e}" for b in exp.budgets]
+          + ["spec FLOPs (small / large)", "spec s (small / large)"])
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for r in rows:
+    m = r["method"]
+    pf, ps = pretrain_cost(results, m, r, b_large, view)
+    step = []
+    if view == "time":
+      choice = results["equal_time"]["methods"][m]
+      step = [f"{choice['step']}" + (" (final)" if choice["final"] else "")
+              + (f" {OVER}" if choice["over_budget"] else "")]
+    sf = [r[b]["spec_flops"] + (rows_by(rows, "llm")[b]["spec_flops"] if m == "slm_d" else 0)
+          for b in (b_small, b_large)]
+    lines.append(
+        f"| {label(m)} | " + "".join(s + " | " for s in step)
+        + f"{pf:.2e} | {ps:.0f} | {_generic_ppl(results, m, view)} | {r[b_large]['noft']:.2f} | "
+        + " | ".join(_ppl(r[b]["macro"], any(r[b]["capped"].values())) for b in exp.budgets)
+        + f" | {sf[0]:.2e} / {sf[1]:.2e} | "
+        f"{r[b_small]['spec_seconds']:.0f} / {r[b_large]['spec_seconds']:.0f} |")
+  return lines
+
+
+def vs_slm_table(rows, exp) -> list[str]:
+  """Each method's macro perplexity relative to the SLM's (the paper's comparison), and on how
+  many domains it beats the SLM (a sign test's count: a few % macro can be one domain)."""
+  if not any(r["method"] == "slm" for r in rows):
+    return []
+  slm = rows_by(rows, "slm")
+  out = ["| method | " + " | ".join(f"vs SLM, ft {b:.0e} | domains better ({b:.0e})"
+                                   for b in exp.budgets) + " |",
+         "|---" * (1 + 2 * len(exp.budgets)) + "|"]
+  for r in rows:
+    if r["method"] == "slm":
+      continue
+    cells = []
+    for b in exp.budgets:
+      better = sum(r[b]["per_domain"][d] < slm[b]["per_domain"][d] for d in exp.domains)
+      cells += [f"{100 * (r[b]['macro'] / slm[b]['macro'] - 1):+.1f}%",
+                f"{better}/{len(exp.domains)}"]
+    out.append(f"| {label(r['method'])} | " + " | ".join(cells) + " |")
+  return out
+
+
+def per_domain_table(rows, exp) -> list[str]:
+  out = ["| method | budget | " + " | ".join(exp.domains) + " |",
+         "|---" * (2 + len(exp.domains)) + "|"]
+  for r in rows:
+    for b in exp.budgets:
+      out.append(f"| {label(r['method'])} | {b:.0e} | "
+                 + " | ".join(_ppl(r[b]["per_domain"][d], r[b]["capped"][d])
+                              for d in exp.domains) + " |")
+  return out
+
+
+def devices(results) -> str:
+  """Where the pretraining seconds were measured (costs.json), e.g. 'NVIDIA H200 x1'."""
+  seen = sorted({f"{p['device']} x{p.get('device_count') or 1}"
+                 for p in results["pretrain"].values() if p.get("device")})
+  return ", ".join(seen) or "unknown (runs made before costs.json: stage wall seconds)"
+
+
+def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
+  rows = table_rows(results, exp, view)
+  if view == "time":
+    eq = results.get("equal_time") or {}
+    if not eq or not rows:
+      return [f"### {VIEWS[view]}", "",
+              "Not available: the reference's pretraining run has no costs.json with every "
+              "milestone (runs made before the training loop wrote it).", ""], rows
+    intro = (f"Each method specialized from its latest pretraining milestone "
+             f"({', '.join(f'{f:g}' for f in exp.milestones)} of its steps) whose training "
+             f"seconds are within {label(eq['reference'])}'s total, {eq['budget_seconds']:.0f} "
+             f"s; \"(final)\" reuses the equal-token cell. {OVER}: even the first milestone "
+             "cost more. SLM-d and SLM-is are compared at equal tokens only (their cost is "
+             "the SLM's plus the LLM's, and a per-domain pretraining run).")
+  else:
+    intro = ("Every method specialized from its final checkpoint (the same generic tokens; "
+             "SLM-is: per domain; SLM-d: the SLM's + the LLM's pretraining).")
+  lines = [f"### {VIEWS[view]}", "", intro, "", *cost_table(results, rows, exp, view), "",
+           *vs_slm_table(rows, exp), "", *per_domain_table(rows, exp), ""]
+  return lines, rows
+
+
+def write_figure(results, rows, time_rows, exp, path: str) -> None:
+  """Perplexity vs pretraining FLOPs: filled markers at equal tokens, hollow ones for the
+  equal-time view's earlier checkpoints."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  colors = {r["method"]: f"C{i}" for i, r in enumerate(rows)}
+  for b, marker in zip(exp.budgets, ("o", "s", "^")):
+    for r in rows:
+      pf, _ = pretrain_cost(results, r["method"], r, b)
+      ax.scatter(pf, r[b]["macro"], marker=marker, color=colors[r["method"]],
+                 label=f"{label(r['method'])}" if b == exp.budgets[0] else None)
+      ax.annotate(f"{b:.0e}", (pf, r[b]["macro"]), fontsize=6, xytext=(3, 2),
+                  textcoords="offset points")
+    for r in time_rows:
+      if results["equal_time"]["methods"][r["method"]]["final"]:
+        continue
+      pf, _ = pretrain_cost(results, r["method"], r, b, "time")
+      ax.scatter(pf, r[b]["macro"], marker=marker, facecolors="none",
+                 edgecolors=colors.get(r["method"], "k"))
+  ax.set_xscale("log")
+  ax.set_xlabel("pretraining FLOPs per specialized model (SLM-is: per domain; SLM-d: + teacher)"
+                + ("\nhollow: the equal-device-time checkpoint" if time_rows else ""),
+                fontsize=8)
+  ax.set_ylabel("macro-averaged test perplexity after fine-tuning")
+  shapes = ", ".join(f"{m}: {b:.0e}" for b, m in zip(exp.budgets, ("o", "s", "^")))
+  ax.set_title(f"Specialized perplexity vs pretraining cost ({shapes} domain tokens)",
+               fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def _lr_rule(exp) -> str:
+  f = exp.finetune
+  if f.lr > 0:
+    return f"{f.lr:g}"
+  return (f"{exp.pretrain_lr / 3:g} (the pretraining lr / 3) below {f.full_lr_tokens:.0e} "
+          f"domain tokens, {exp.pretrain_lr:g} from there on (the paper's rule)")
+
+
+def exp_summary(exp) -> str:
+  keys = ("source", "domains", "budgets", "pretrain_tokens", "vocab_size", "seq_len",
+          "batch_size", "generic_chars")
+  return ", ".join(f"{k}={exp[k]}" for k in keys if k in exp)
+
+
+def write_report(results, exp, docs: str, command: str, tag: str = "",
+                 figure: str = "results_ppl_vs_cost.png") -> None:
+  """Rewrites the block between this tag's markers in <docs>/results.md (the rest is by hand)."""
+  os.makedirs(docs, exist_ok=True)
+  tokens, rows = view_section(results, exp, "tokens")
+  time_view, time_rows = view_section(results, exp, "time")
+  write_figure(results, rows, time_rows if results.get("equal_time") else [], exp,
+               os.path.join(docs, figure))
+  f = exp.finetune
+  begin, end = (f"<!-- experiment {tag}:begin (written by pn_jax.experiment) -->",
+                f"<!-- experiment {tag}:end -->")
+  auto = "\n".join([
+      begin, "", f"Command: `{command}` (config: `{exp_summary(exp)}`).", "",
+      "Macro-averaged test perplexity over the domains (exp of the mean per-token NLL), the "
+      "cost of each method, then the per-domain numbers. FLOPs from pn_jax.train.flops "
+      "(6 N per token + attention); pretraining seconds are training seconds on "
+      f"{devices(results)}; spec s are fine-tuning wall seconds. Fine-tuning: at most "
+      f"{f.steps} steps, early stopping (patience {f.early_stop_patience}, eval every "
+      f"{f.eval_every}), lr {_lr_rule(exp)}.", "",
+      *tokens, *time_view,
+      f"{CAP}: fine-tuning hit the step cap: not converged (the number is an upper bound).", "",
+      f"![ppl vs cost]({figure})", "", end])
+  path = os.path.join(docs, "results.md")
+  text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + auto + text[text.index(end) + len(end):]
+  else:
+    text = text.rstrip() + "\n\n" + auto + "\n"
+  with open(path, "w") as fh:
+    fh.write(text)
+  print("\n".join(tokens + time_view))
