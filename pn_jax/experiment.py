@@ -414,9 +414,23 @@ def run(exp, root: str, stop: StopRequest | None = None) -> dict:
   return results
 
 
+def domain_train_tokens(corpus: str, tokenizer: str, domains) -> dict[str, int]:
+  """Training tokens of each domain split (documents + eos, as the pipeline packs them)."""
+  tok = tok_lib.load_tokenizer(tokenizer)
+  return {d: sum(len(ids) + 1
+                 for ids in tok.encode_batch(corpus_lib.load_texts(corpus, "train", d)))
+          for d in domains}
+
+
 def _run_stages(exp, root, results, save, stop) -> None:
   corpus = build_corpus(exp, root)
   tokenizer = shared_tokenizer(exp, corpus, root)
+  # A (domain, budget) cell runs only if the domain holds `budget` training tokens: with fewer,
+  # "1M tokens" would silently mean the whole, smaller split (the paper's 8M and 64M columns
+  # use only the domains that have them).
+  counted = results.setdefault("domain_train_tokens", {})
+  counted.update(domain_train_tokens(corpus, tokenizer, [d for d in exp.domains
+                                                         if d not in counted]))
   for name, (spec, overrides) in exp.methods.items():
     if name == "slm_is":
       continue  # per domain, below
@@ -437,6 +451,8 @@ def _run_stages(exp, root, results, save, stop) -> None:
   order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
   for domain in exp.domains:
     for budget in exp.budgets:
+      if counted[domain] < budget:
+        continue
       cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
       res = results["specialize"].setdefault(cell, {})
       for name in order:

@@ -46,21 +46,29 @@ def view_cell(results, view: str, cell: str, method: str) -> dict | None:
   return out if out and out.get("pretrain_step") == choice["step"] else None
 
 
+def budget_domains(results, exp, budget: int) -> list[str]:
+  """The domains whose training split holds `budget` tokens (the paper's 8M/64M columns use only
+  the domains that have them); results made before the driver counted them: every domain."""
+  tokens = results.get("domain_train_tokens", {})
+  return [d for d in exp.domains if tokens.get(d, budget) >= budget]
+
+
 def table_rows(results, exp, view: str = "tokens"):
   known = ["slm", "mix", "pn", "llm", "slm_d", "slm_is"]
   methods = [m for m in known + [m for m in exp.methods if m not in known]
              if all(view_cell(results, view, f"{d}/{b}", m) is not None
-                    for d in exp.domains for b in exp.budgets)]
+                    for b in exp.budgets for d in budget_domains(results, exp, b))]
   # The cap the cells were made with (results.json's settings; a --report_only config may differ).
   cap = results.get("exp", {}).get("finetune", {}).get("steps", exp.finetune.steps)
   rows = []
   for m in methods:
     row = {"method": m}
     for b in exp.budgets:
-      cells = [view_cell(results, view, f"{d}/{b}", m) for d in exp.domains]
+      domains = budget_domains(results, exp, b)
+      cells = [view_cell(results, view, f"{d}/{b}", m) for d in domains]
       row[b] = {"macro": macro(cells, "test_ppl"),
-                "per_domain": {d: c["test_ppl"] for d, c in zip(exp.domains, cells)},
-                "capped": {d: hit_step_cap(c, cap) for d, c in zip(exp.domains, cells)},
+                "per_domain": {d: c["test_ppl"] for d, c in zip(domains, cells)},
+                "capped": {d: hit_step_cap(c, cap) for d, c in zip(domains, cells)},
                 "noft": macro(cells, "noft_test_ppl"),
                 "spec_flops": float(np.mean([c["specialize_flops"] for c in cells])),
                 "spec_seconds": float(np.mean([c["fit_seconds"] for c in cells])),
@@ -164,9 +172,10 @@ def vs_slm_table(rows, exp) -> list[str]:
       continue
     cells = []
     for b in exp.budgets:
-      better = sum(r[b]["per_domain"][d] < slm[b]["per_domain"][d] for d in exp.domains)
+      domains = r[b]["per_domain"]
+      better = sum(domains[d] < slm[b]["per_domain"][d] for d in domains)
       cells += [f"{100 * (r[b]['macro'] / slm[b]['macro'] - 1):+.1f}%",
-                f"{better}/{len(exp.domains)}"]
+                f"{better}/{len(domains)}"]
     out.append(f"| {label(r['method'])} | " + " | ".join(cells) + " |")
   return out
 
@@ -178,7 +187,7 @@ def per_domain_table(rows, exp) -> list[str]:
     for b in exp.budgets:
       out.append(f"| {label(r['method'])} | {b:.0e} | "
                  + " | ".join(_ppl(r[b]["per_domain"][d], r[b]["capped"][d])
-                              for d in exp.domains) + " |")
+                              if d in r[b]["per_domain"] else "-" for d in exp.domains) + " |")
   return out
 
 

@@ -239,3 +239,24 @@ def test_every_experiment_config_builds_valid_run_configs():
     for teacher in ("", "teacher_dir"):
       c = experiment.finetune_config(exp, "pretrain_dir", exp.domains[0], exp.budgets[0], teacher)
       config_lib.validate(c, device_count=1)
+
+
+def test_a_budget_larger_than_a_domain_skips_its_cells():
+  """The 8M column holds only the domains with 8M training tokens: its macro average and its
+  domains-won count are over those, and the per-domain table shows '-' for the others."""
+  from pn_jax import experiment_report as report
+  exp = _toy_experiment()
+  exp.domains, exp.budgets = ("legal", "religious"), (100, 1000)
+  cell = lambda ppl: {"test_ppl": ppl, "noft_test_ppl": 2 * ppl, "specialize_flops": 1.0,
+                      "fit_seconds": 1.0, "steps": 2, "hit_step_cap": False}
+  results = {"domain_train_tokens": {"legal": 5000, "religious": 500}, "specialize": {
+      "legal/100": {"slm": cell(10.0), "pn": cell(9.0)},
+      "religious/100": {"slm": cell(20.0), "pn": cell(22.0)},
+      "legal/1000": {"slm": cell(8.0), "pn": cell(7.0)}}}
+  assert report.budget_domains(results, exp, 1000) == ["legal"]
+  rows = report.table_rows(results, exp)
+  pn = report.rows_by(rows, "pn")
+  assert pn[1000]["per_domain"] == {"legal": 7.0}
+  assert math.isclose(pn[100]["macro"], math.sqrt(9.0 * 22.0))
+  assert "| PN | 1e+03 | 7.00 | - |" in report.per_domain_table(rows, exp)
+  assert "| PN | -0.5% | 1/2 | -12.5% | 1/1 |" in report.vs_slm_table(rows, exp)
