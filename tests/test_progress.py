@@ -115,3 +115,21 @@ def test_costs_record_every_checkpoint_and_survive_a_resume(prepared, tmp_path):
   assert after["2"] == steps["2"] and after["4"] == steps["4"]
   assert after["5"]["train_seconds"] >= after["4"]["train_seconds"]
   assert read_costs(str(tmp_path / "nothing")) == {}
+
+
+def test_checkpoints_without_progress_still_resume(prepared, tmp_path, monkeypatch):
+  """Checkpoints from before the `progress` item: resume with fresh early stopping and the
+  seconds of costs.json's entry for the restored step."""
+  real = Checkpointer.save
+  monkeypatch.setattr(Checkpointer, "save",
+                      lambda self, *a, progress=None, **k: real(self, *a, **k))
+  config = small_run(load_config("pn"), steps=2, checkpoint_every=2, eval_every=2, log_every=1)
+  workdir = copy_workdir(prepared, tmp_path)
+  loop.pretrain(config, workdir)
+  assert Checkpointer(workdir, read_only=True).saved_progress(2) is None
+  monkeypatch.setattr(Checkpointer, "save", real)
+  config.train.steps = 4
+  assert loop.pretrain(config, workdir)["best_step"] == 4  # the step-2 eval was forgotten
+  steps = read_costs(workdir)["steps"]
+  assert steps["4"]["train_seconds"] >= steps["2"]["train_seconds"] > 0
+  assert Checkpointer(workdir, read_only=True).saved_progress(4)["early_stop"]["best_step"] == 4

@@ -142,9 +142,9 @@ class Checkpointer:
 
   def saved_progress(self, step: int) -> dict | None:
     """The `progress` item of `step`; None for checkpoints written without one."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "progress")):
-      return None
     try:
+      if "progress" not in self.manager.item_metadata(step):  # works on object stores too
+        return None
       restored = self.manager.restore(
           step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises assorted types on missing or torn files
