@@ -176,6 +176,55 @@ def evaluator(run: Run, eval_step, split: str):
   return lambda params: evaluate(run, eval_step, params, split=split)
 
 
+class _Window:
+  """Host-side metrics between two log lines: applies the NaN policy to each step's metrics as
+  they arrive and averages the finite losses into the next log line's scalars."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, skipped: int, step_flops: float,
+               peak: float | None):
+    self.nan_policy = config.train.nan_policy
+    self.step_tokens = config.data.batch_size * config.data.seq_len
+    self.skipped, self.step_flops, self.peak = skipped, step_flops, peak
+    self._reset()
+
+  def _reset(self) -> None:
+    self.t0, self.steps, self.loss, self.finite = time.perf_counter(), 0, 0.0, 0
+
+  def add(self, step: int, metrics, ckpt: Checkpointer) -> dict:
+    """Blocks on one step's metrics; -> them on the host. TrainingDiverged under 'stop'."""
+    host = jax.device_get(metrics)
+    if host["nonfinite"]:
+      if self.nan_policy == "stop":
+        good = ckpt.latest_step()
+        raise TrainingDiverged(
+            f"non-finite loss ({host['loss']}) or grad norm ({host['grad_norm']}) at step "
+            f"{step}; " + (f"the last good checkpoint is step {good} in {ckpt.directory}"
+                           if good is not None else "no checkpoint was saved before it") +
+            " (train.nan_policy='skip' skips such updates instead)")
+      self.skipped += 1
+      logging.warning("step %d: non-finite loss (%s) or grad norm (%s): update skipped "
+                      "(%d skipped so far)", step, host["loss"], host["grad_norm"], self.skipped)
+    self.steps += 1
+    if not host["nonfinite"]:
+      self.finite += 1
+      self.loss += float(host["loss"])
+    return host
+
+  def scalars(self, host: dict) -> dict[str, float]:
+    """The log line for the window ending at `host`'s step; starts the next window."""
+    step_time = (time.perf_counter() - self.t0) / max(self.steps, 1)
+    loss = self.loss / self.finite if self.finite else float("nan")
+    scalars = {"loss": loss, "grad_norm": host["grad_norm"], "lr": host["lr"],
+               "step_time_s": step_time, "tokens_per_s": self.step_tokens / step_time,
+               "perplexity": float(np.exp(min(loss, 50.0)))}
+    if self.nan_policy == "skip":
+      scalars["skipped_steps"] = self.skipped
+    if self.peak:
+      scalars["mfu"] = self.step_flops / step_time / (self.peak * jax.device_count())
+    self._reset()
+    return scalars
+
+
 @dataclasses.dataclass(frozen=True)
 class _Boundary:
   """What the loop does after a step, decided once: eval and/or save (a boundary blocks on the
@@ -288,46 +337,17 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
                desc=desc, dynamic_ncols=True)
     pending = None  # (step, device metrics) of the last dispatched step
     clock = _WallClockSaves(t.checkpoint_every_minutes)
-    window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
+    window = _Window(config, skipped=skipped, step_flops=step_flops, peak=peak)
 
     def check(step, metrics):
-      """Blocks on one step's metrics; applies the NaN policy; accumulates the log window."""
-      nonlocal skipped
-      host = jax.device_get(metrics)
-      if host["nonfinite"]:
-        if t.nan_policy == "stop":
-          good = ckpt.latest_step()
-          raise TrainingDiverged(
-              f"non-finite loss ({host['loss']}) or grad norm ({host['grad_norm']}) at step "
-              f"{step}; " + (f"the last good checkpoint is step {good} in {ckpt.directory}"
-                             if good is not None else "no checkpoint was saved before it") +
-              " (train.nan_policy='skip' skips such updates instead)")
-        skipped += 1
-        logging.warning("step %d: non-finite loss (%s) or grad norm (%s): update skipped "
-                        "(%d skipped so far)", step, host["loss"], host["grad_norm"], skipped)
+      host = window.add(step, metrics, ckpt)
       progress.clock.start()  # (a no-op after the first step: see the docstring)
-      window["steps"] += 1
-      if not host["nonfinite"]:
-        window["finite"] += 1
-        window["loss"] += float(host["loss"])
       return host
 
     def log(step, host):
-      elapsed = time.perf_counter() - window["t0"]
-      steps = max(window["steps"], 1)
-      step_time = elapsed / steps
-      loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
-      scalars = {"loss": loss, "grad_norm": host["grad_norm"], "lr": host["lr"],
-                 "step_time_s": step_time,
-                 "tokens_per_s": config.data.batch_size * config.data.seq_len / step_time}
-      scalars["perplexity"] = float(np.exp(min(scalars["loss"], 50.0)))
-      if t.nan_policy == "skip":
-        scalars["skipped_steps"] = skipped
-      if peak:
-        scalars["mfu"] = step_flops / step_time / (peak * jax.device_count())
+      scalars = window.scalars(host)
       writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
-      window.update(t0=time.perf_counter(), steps=0, loss=0.0, finite=0)
       return scalars
 
     step = start
