@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- specialization (modes specialize / distill / importance / sample / export) -----------
   c.init_from = ""  # workdir of the pretraining (or, for distill, the student's) run
+  c.init_step = 0  # init_from's checkpoint to start from: 0 = its latest, >0 = that step
   c.specialize = sp = ml_collections.ConfigDict()
   sp.select = "frequent"  # frequent: the domain's most frequent cluster | lowest_loss: best expert
   sp.select_batches = 4  # lowest_loss: domain training batches scored per expert
@@ -193,6 +194,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     _fail("model.logits_chunk", f"{m.logits_chunk} must be 0 or divide seq_len={d.seq_len}")
   if t.early_stop_patience < 0 or t.stop_at_step < 0:
     _fail("train.early_stop_patience", "early_stop_patience and stop_at_step must be >= 0")
+  if config.get("init_step", 0) < 0:
+    _fail("init_step", f"must be 0 (the latest checkpoint of init_from) or a saved step, got "
+          f"{config.init_step}")
   if t.nan_policy not in NAN_POLICIES:
     _fail("train.nan_policy", f"unknown policy {t.nan_policy!r}; choose one of {NAN_POLICIES}")
   if o.lr <= 0:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -23,9 +24,10 @@ def _quiet(config, **train):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """A tiny PN pretrained for a few steps (its workdir holds tokenizer, clusters, checkpoint)."""
+  """A tiny PN pretrained for a few steps (its workdir holds tokenizer, clusters, checkpoints at
+  steps 10 and 20)."""
   workdir = str(tmp_path_factory.mktemp("pn"))
-  loop.pretrain(_quiet(load_config("pn"), steps=20, eval_every=20, checkpoint_every=20), workdir)
+  loop.pretrain(_quiet(load_config("pn"), steps=20, eval_every=20, checkpoint_every=10), workdir)
   return workdir
 
 
@@ -56,7 +58,11 @@ def test_specialize_end_to_end(pretrained, specialized):
   assert saved.model.mlp_kind == "dense" and saved.config.init_from == pretrained
   assert saved.step == result["steps"]
   with open(os.path.join(workdir, "specialize.json")) as f:
-    assert json.load(f)["test_ppl"] == pytest.approx(result["test_ppl"])
+    summary = json.load(f)
+  assert summary["test_ppl"] == pytest.approx(result["test_ppl"])
+  # 20 steps, evals at 10 and 20, patience 3: the step cap ended fine-tuning
+  assert (summary["stop_reason"], summary["hit_step_cap"]) == ("step_cap", True)
+  assert summary["init_step"] == 20 and summary["steps"] == 20
   assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
 
 
@@ -73,6 +79,104 @@ def test_projected_model_equals_pn_on_its_cluster_before_finetuning(pretrained, 
   _, spec = specialized
   got = modes.MODES["eval"](config, specialized[0])
   np.testing.assert_allclose(got["perplexity"], spec["test_ppl"], rtol=1e-5)
+
+
+def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, monkeypatch):
+  """Validation losses that only get worse after the first eval: with patience 3 the run stops
+  at the 4th eval (step 8 of 20), reports step 2 as best and says the cap did not bind."""
+  losses = iter([1.0, 2.0, 3.0, 4.0])
+  monkeypatch.setattr(loop, "evaluator", lambda run, eval_step, split: (
+      lambda params: {"loss": next(losses), "perplexity": 1.0, "tokens": 1.0}))
+  workdir = str(tmp_path / "early")
+  result = modes.MODES["specialize"](finetune_config(pretrained, steps=20, eval_every=2), workdir)
+  assert (result["stop_reason"], result["hit_step_cap"]) == ("early_stopping", False)
+  assert (result["steps"], result["best_step"], result["best_valid_loss"]) == (8, 2, 1.0)
+  assert np.isfinite(result["test_ppl"])
+  with open(os.path.join(workdir, "specialize.json")) as f:
+    assert json.load(f)["hit_step_cap"] is False
+
+
+def test_stopped_specialization_is_not_a_result_and_resumes(pretrained, specialized, tmp_path):
+  """Time-boxed at step 15 (between the evals at 10 and 20): no specialize.json; the same
+  command again resumes and ends exactly as the uninterrupted `specialized` run did."""
+  workdir = str(tmp_path / "resumed")
+  config = finetune_config(pretrained, steps=20, eval_every=10, stop_at_step=15)
+  first = modes.MODES["specialize"](config, workdir)
+  assert (first["stop_reason"], first["stopped_at"]) == ("stop_at_step", 15)
+  assert not os.path.exists(os.path.join(workdir, "specialize.json"))
+  result = modes.MODES["specialize"](finetune_config(pretrained, steps=20, eval_every=10),
+                                     workdir)
+  _, ref = specialized
+  for key in ("steps", "best_step", "best_valid_loss", "test_ppl", "stop_reason"):
+    assert result[key] == ref[key], key
+  assert os.path.exists(os.path.join(workdir, "specialize.json"))
+
+
+def test_init_step_picks_that_checkpoint(pretrained, specialized, tmp_path):
+  config = finetune_config(pretrained, steps=2, eval_every=2)
+  config.init_step = 10
+  result = modes.MODES["specialize"](config, str(tmp_path / "at10"))
+  assert result["init_step"] == 10
+  # the projected step-10 model is not the step-20 one the `specialized` run started from
+  assert result["noft_test_ppl"] > specialized[1]["noft_test_ppl"] * 1.01
+  config.init_step = 7
+  with pytest.raises(CheckpointError, match=r"config\.init_step=7: step 7 is not among the "
+                     r"checkpoints in .*: \[10, 20\]; pick one of those steps, or 0"):
+    modes.MODES["specialize"](config, str(tmp_path / "at7"))
+
+
+# Runs pn_jax.main, but once the step-3 train metrics are written, touches a marker file and
+# waits until the loop's SIGTERM handler has run: the test signals a run known to be training.
+PAUSE_AT_STEP_3 = """
+import os, time, runpy
+from pn_jax.train import loop, metrics
+handled, handle, write = [], loop._StopSignal._handle, metrics.MetricWriter.write
+def on_signal(self, *a):
+  handle(self, *a)
+  handled.append(1)
+def paused(self, step, scalars, prefix="train"):
+  write(self, step, scalars, prefix=prefix)
+  if prefix == "train" and step == 3:
+    open(os.environ["PN_TEST_MARKER"], "w").close()
+    while not handled:
+      time.sleep(0.01)
+loop._StopSignal._handle = on_signal
+metrics.MetricWriter.write = paused
+runpy.run_module("pn_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigterm_during_specialize_exits_143_and_the_rerun_finishes(pretrained, specialized,
+                                                                     tmp_path):
+  from test_reliability import ENV, cli, latest, result_line, run_cli, start_cli, wait_for
+  workdir, marker = tmp_path / "spec", tmp_path / "training"
+  flags = ["--mode=specialize", f"--config.init_from={pretrained}",
+           f"--config.data.domain={DOMAIN}", "--config.train.steps=20",
+           "--config.train.eval_every=10", "--config.train.log_every=1",
+           "--config.train.progress_bar=False"]
+  proc = start_cli(cli(workdir, *flags, config="configs/finetune.py:tiny", code=PAUSE_AT_STEP_3),
+                   tmp_path, env={**ENV, "PN_TEST_MARKER": str(marker)})
+  try:
+    wait_for(marker.exists, proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  err = (tmp_path / "stderr").read_text()
+  assert rc == 128 + signal.SIGTERM, err[-3000:]
+  stopped = result_line((tmp_path / "stdout").read_text())
+  assert (stopped["stop_reason"], stopped["stopped_at"]) == ("SIGTERM", 4)
+  assert latest(workdir) == 4 and not (workdir / "specialize.json").exists()
+
+  rerun = run_cli(cli(workdir, *flags, config="configs/finetune.py:tiny"))
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resumed from step 4 " in rerun.stderr
+  summary = json.loads((workdir / "specialize.json").read_text())
+  assert result_line(rerun.stdout)["test_ppl"] == pytest.approx(summary["test_ppl"])
+  assert (summary["steps"], summary["stop_reason"], summary["hit_step_cap"]) == (
+      20, "step_cap", True)
+  assert summary["best_step"] == specialized[1]["best_step"]
 
 
 def test_dense_checkpoint_fine_tunes_and_distills(specialized, tmp_path):

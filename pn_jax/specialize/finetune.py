@@ -9,11 +9,15 @@ validation split; the best checkpoint is kept and its held-out test perplexity r
 small model is a normal run: its workdir holds checkpoints (with a config whose `model` is the
 small model and `init_from` the pretraining run), metrics, specialize.json and a copy of the
 tokenizer.
+
+specialize.json is the result, written only when fine-tuning ended by early stopping or at the
+step cap (`stop_reason`, `hit_step_cap`): a preempted (SIGTERM/SIGINT) or time-boxed
+(train.stop_at_step) run returns the fit's result and writes nothing, and rerunning the same
+command resumes from the workdir's checkpoint (early-stopping state included).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -33,7 +37,7 @@ from pn_jax.specialize.distill import TeacherIterator
 from pn_jax.specialize.project import project
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import loop
-from pn_jax.train.checkpoint import CheckpointError
+from pn_jax.train.checkpoint import CheckpointError, MissingStep
 from pn_jax.train.step import make_eval_step
 
 SUMMARY = "specialize.json"
@@ -105,7 +109,7 @@ def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, d
 def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_inputs(config)
   t0 = time.perf_counter()
-  pre = checkpoints.load_saved(config.init_from)
+  pre = _load_init(config)
   expect = config.specialize.expect_kind
   if expect and _kind(pre.model) != expect:  # independent experts are not "dense"
     raise CheckpointError(f"config.init_from={config.init_from!r} holds {pre.describe()}, but "
@@ -145,6 +149,11 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = loop.fit(run, train_iter, init_params=params, eval_split="validation",
                       desc="specialize")
     fit_seconds = time.perf_counter() - fit_t0
+    stop_reason = result.get("stop_reason") or "step_cap"
+    if stop_reason not in ("early_stopping", "step_cap"):
+      logging.warning("specialization stopped (%s) at step %d: not a result; rerun the same "
+                      "command to resume", stop_reason, result["step"])
+      return result  # preempted or time-boxed: no best-step restore, test eval or summary
     best_step = int(result.get("best_step") or result["step"])
     params = checkpoints.restore_params(checkpoints.Saved(workdir, config, best_step), mesh,
                                         rules)
@@ -154,7 +163,8 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
                                               config.data.seq_len)
   summary.update(
-      steps=steps, best_step=best_step, best_valid_loss=result.get("best_eval_loss"),
+      steps=steps, stop_reason=stop_reason, hit_step_cap=stop_reason == "step_cap",
+      best_step=best_step, best_valid_loss=result.get("best_eval_loss"),
       test_loss=test["loss"], test_ppl=test["perplexity"], test_tokens=test["tokens"],
       train_domain_tokens=pipeline.packed_split(run_data, "train", config.data.domain,
                                                 budget).num_targets,
@@ -164,6 +174,15 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("specialized %s on %s: test ppl %.3f (no fine-tuning %.3f)", pre.describe(),
                config.data.domain, test["perplexity"], before["test"]["perplexity"])
   return summary
+
+
+def _load_init(config) -> checkpoints.Saved:
+  """init_from's checkpoint at config.init_step (0: the latest)."""
+  try:
+    return checkpoints.load_saved(config.init_from, config.init_step or None)
+  except MissingStep as e:
+    raise CheckpointError(f"config.init_step={config.init_step}: {e}; pick one of those steps, "
+                          "or 0 for the latest") from e
 
 
 def _with_teacher(config, train_iter, mesh, rules):
@@ -188,5 +207,4 @@ def _write_outputs(workdir: str, run_data: pipeline.RunData, summary: dict) -> N
   tok = run_data.tokenizer
   if tok.kind != "byte" and os.path.exists(tok.path):
     shutil.copyfile(tok.path, os.path.join(workdir, "tokenizer.model"))
-  with open(os.path.join(workdir, SUMMARY), "w") as f:
-    json.dump(summary, f, indent=1, default=float)
+  corpus_lib.write_json(os.path.join(workdir, SUMMARY), summary)  # atomic: it marks "done"

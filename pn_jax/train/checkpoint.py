@@ -1,4 +1,5 @@
-"""Orbax checkpoints: params, optimizer state, config and data-iterator state, by step.
+"""Orbax checkpoints: params, optimizer state, config, data-iterator state and the loop's
+progress (early stopping, training seconds), by step.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
 mid-save never leaves a checkpoint that `latest_step` would pick. Restores go through an abstract
@@ -21,6 +22,14 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, unreadable, or belongs to a different model."""
+
+
+class MissingStep(CheckpointError):
+  """A step asked for by number that the run did not save (or no longer keeps)."""
+
+  def __init__(self, message: str, steps: list[int]):
+    super().__init__(message)
+    self.steps = steps
 
 
 def _brief(e: Exception) -> str:
@@ -80,6 +89,7 @@ class Checkpointer:
         item_handlers={"params": ocp.StandardCheckpointHandler(),
                        "opt_state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler(),
+                       "progress": ocp.JsonCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
     self._async = async_save
     self._in_flight = None  # the last step handed to an async save, until it is known written
@@ -88,10 +98,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None, *,
-           force: bool = False) -> bool:
+           progress: dict | None = None, force: bool = False) -> bool:
+    """`progress`: the loop's small JSON state, committed atomically with the arrays (so it is
+    always the state of exactly this step, unlike a log that may run ahead of the checkpoint)."""
     items = dict(params=ocp.args.StandardSave(state.params),
                  opt_state=ocp.args.StandardSave(state.opt_state),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
+    if progress is not None:
+      items["progress"] = ocp.args.JsonSave(progress)
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     with self._writing(step):  # also surfaces a failed earlier async save
@@ -126,6 +140,17 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(restored["config"])
 
+  def saved_progress(self, step: int) -> dict | None:
+    """The `progress` item of `step`; None for checkpoints written without one."""
+    try:
+      if "progress" not in self.manager.item_metadata(step):  # works on object stores too
+        return None
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises assorted types on missing or torn files
+      raise self._unreadable(step, e, ": its progress item is unreadable") from e
+    return dict(restored["progress"])
+
   def restore_params(self, abstract_params, step: int | None = None):
     step = self.resolve_step(step)
     self._check(step, "params", abstract_params)
@@ -158,9 +183,10 @@ class Checkpointer:
       step = self.latest_step()
     if step is None:
       raise CheckpointError(f"no checkpoint found in {self.directory}")
-    if step not in self.manager.all_steps():
-      raise CheckpointError(f"step {step} is not among the checkpoints in {self.directory}: "
-                            f"{sorted(self.manager.all_steps())}")
+    steps = sorted(self.manager.all_steps())
+    if step not in steps:
+      raise MissingStep(f"step {step} is not among the checkpoints in {self.directory}: "
+                        f"{steps}", steps)
     return step
 
   def _unreadable(self, step: int, e: Exception, what: str = "") -> CheckpointError:

@@ -21,9 +21,11 @@ from pn_jax.config import ConfigError, validate
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
 from pn_jax.parallel import distributed, mesh as mesh_lib
+from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import preflight
 from pn_jax.train.checkpoint import Checkpointer
+from pn_jax.train.early_stop import EarlyStop
 from pn_jax.train.metrics import MetricWriter
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state, state_shardings
@@ -175,13 +177,125 @@ def evaluator(run: Run, eval_step, split: str):
   return lambda params: evaluate(run, eval_step, params, split=split)
 
 
+class _Window:
+  """Host-side metrics between two log lines: applies the NaN policy to each step's metrics as
+  they arrive and averages the finite losses into the next log line's scalars."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, skipped: int, step_flops: float,
+               peak: float | None):
+    self.nan_policy = config.train.nan_policy
+    self.step_tokens = config.data.batch_size * config.data.seq_len
+    self.skipped, self.step_flops, self.peak = skipped, step_flops, peak
+    self._reset()
+
+  def _reset(self) -> None:
+    self.t0, self.steps, self.loss, self.finite = time.perf_counter(), 0, 0.0, 0
+
+  def add(self, step: int, metrics, ckpt: Checkpointer) -> dict:
+    """Blocks on one step's metrics; -> them on the host. TrainingDiverged under 'stop'."""
+    host = jax.device_get(metrics)
+    if host["nonfinite"]:
+      if self.nan_policy == "stop":
+        good = ckpt.latest_step()
+        raise TrainingDiverged(
+            f"non-finite loss ({host['loss']}) or grad norm ({host['grad_norm']}) at step "
+            f"{step}; " + (f"the last good checkpoint is step {good} in {ckpt.directory}"
+                           if good is not None else "no checkpoint was saved before it") +
+            " (train.nan_policy='skip' skips such updates instead)")
+      self.skipped += 1
+      logging.warning("step %d: non-finite loss (%s) or grad norm (%s): update skipped "
+                      "(%d skipped so far)", step, host["loss"], host["grad_norm"], self.skipped)
+    self.steps += 1
+    if not host["nonfinite"]:
+      self.finite += 1
+      self.loss += float(host["loss"])
+    return host
+
+  def scalars(self, host: dict) -> dict[str, float]:
+    """The log line for the window ending at `host`'s step; starts the next window."""
+    step_time = (time.perf_counter() - self.t0) / max(self.steps, 1)
+    loss = self.loss / self.finite if self.finite else float("nan")
+    scalars = {"loss": loss, "grad_norm": host["grad_norm"], "lr": host["lr"],
+               "step_time_s": step_time, "tokens_per_s": self.step_tokens / step_time,
+               "perplexity": float(np.exp(min(loss, 50.0)))}
+    if self.nan_policy == "skip":
+      scalars["skipped_steps"] = self.skipped
+    if self.peak:
+      scalars["mfu"] = self.step_flops / step_time / (self.peak * jax.device_count())
+    self._reset()
+    return scalars
+
+
+@dataclasses.dataclass(frozen=True)
+class _Boundary:
+  """What the loop does after a step, decided once: eval and/or save (a boundary blocks on the
+  step's metrics); `log` applies at a boundary (other steps are logged one step late)."""
+
+  log: bool
+  eval: bool
+  save: bool
+
+  @classmethod
+  def at(cls, step: int, t: ml_collections.ConfigDict, *, stopping: bool, timed: bool):
+    last = step == t.steps
+    return cls(log=step % t.log_every == 0 or last, eval=step % t.eval_every == 0 or last,
+               save=step % t.checkpoint_every == 0 or last or stopping or timed)
+
+  @property
+  def any(self) -> bool:
+    return self.eval or self.save
+
+
+class _Progress:
+  """The loop's bookkeeping that outlives a process: early stopping and training seconds, saved
+  in each checkpoint's `progress` item; and the costs.json entry for each checkpoint."""
+
+  def __init__(self, run: Run, step_flops: float):
+    t, d = run.config.train, run.config.data
+    self.early = EarlyStop(t.early_stop_patience)
+    self.clock = costs_lib.Stopwatch()
+    self.costs = costs_lib.CostLog(run.workdir, step_flops=step_flops,
+                                   step_tokens=d.batch_size * d.seq_len)
+    self.last_eval: tuple[int, dict] | None = None
+
+  def restore(self, ckpt: Checkpointer, step: int) -> None:
+    saved = ckpt.saved_progress(step) or {}
+    self.early = EarlyStop.from_json(self.early.patience, saved.get("early_stop"))
+    seconds = self.costs.resume(step)
+    if "train_seconds" in saved:
+      seconds = saved["train_seconds"]
+    self.clock = costs_lib.Stopwatch(seconds or 0.0)
+
+  def evaluated(self, step: int, ev: dict) -> bool:
+    """Records an eval; -> True when early stopping says stop."""
+    self.last_eval = (step, ev)
+    return self.early.update(step, ev["loss"])
+
+  def to_json(self) -> dict:
+    return {"early_stop": self.early.to_json(), "train_seconds": self.clock.seconds}
+
+  def saved(self, step: int) -> None:
+    """After the checkpoint of `step`: its costs.json entry (with the eval, if one ran there)."""
+    ev = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
+    self.costs.record(step, self.clock.seconds, ev)
+
+
 def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation",
         desc: str = "pretrain") -> dict[str, float]:
   """The training loop shared by pretraining and fine-tuning.
 
   Resumes from the latest checkpoint in run.workdir if there is one; otherwise starts from
   `init_params` (a params tree, e.g. a projected small model) or a fresh init. With
-  train.early_stop_patience > 0, stops after that many evals without a better eval loss.
+  train.early_stop_patience > 0, stops after that many evals without a better eval loss; the
+  early-stopping state (best loss, best step, evals since) is saved with every checkpoint and
+  restored on resume, so a resumed run stops where an uninterrupted one would.
+
+  Costs: each checkpoint's cumulative `train_seconds` goes to <workdir>/costs.json
+  (pn_jax/train/costs.py). It counts host wall-clock time from the end of the first step this
+  process runs (that step, dominated by XLA compilation, is left out, once per start or resume)
+  up to the checkpoint, minus the time spent in eval passes and in checkpoint/costs writes; it
+  includes everything else the loop does per step (data loading, dispatch, metric logging).
+  Every eval and save first blocks on the step's metrics, so no training work overlaps them.
   """
   config, workdir = run.config, run.workdir
   t = config.train
@@ -192,7 +306,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
   step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
                                               config.data.seq_len)
   final: dict[str, float] = {}
-  best = {"loss": float("inf"), "step": 0, "evals_since": 0}
+  progress = _Progress(run, step_flops)
 
   with mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop, _CloseOnError(ckpt, writer):
     abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
@@ -201,6 +315,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     start = ckpt.latest_step()
     if start is not None:
       state, start = ckpt.restore(abstract, data_iter=train_iter)
+      progress.restore(ckpt, start)
       logging.info("resumed from step %d in %s", start, ckpt.directory)
     else:
       state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed),
@@ -223,49 +338,23 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
                desc=desc, dynamic_ncols=True)
     pending = None  # (step, device metrics) of the last dispatched step
     clock = _WallClockSaves(t.checkpoint_every_minutes)
-    window = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "finite": 0}
+    window = _Window(config, skipped=skipped, step_flops=step_flops, peak=peak)
 
     def check(step, metrics):
-      """Blocks on one step's metrics; applies the NaN policy; accumulates the log window."""
-      nonlocal skipped
-      host = jax.device_get(metrics)
-      if host["nonfinite"]:
-        if t.nan_policy == "stop":
-          good = ckpt.latest_step()
-          raise TrainingDiverged(
-              f"non-finite loss ({host['loss']}) or grad norm ({host['grad_norm']}) at step "
-              f"{step}; " + (f"the last good checkpoint is step {good} in {ckpt.directory}"
-                             if good is not None else "no checkpoint was saved before it") +
-              " (train.nan_policy='skip' skips such updates instead)")
-        skipped += 1
-        logging.warning("step %d: non-finite loss (%s) or grad norm (%s): update skipped "
-                        "(%d skipped so far)", step, host["loss"], host["grad_norm"], skipped)
-      window["steps"] += 1
-      if not host["nonfinite"]:
-        window["finite"] += 1
-        window["loss"] += float(host["loss"])
+      host = window.add(step, metrics, ckpt)
+      progress.clock.start()  # (a no-op after the first step: see the docstring)
       return host
 
     def log(step, host):
-      elapsed = time.perf_counter() - window["t0"]
-      steps = max(window["steps"], 1)
-      step_time = elapsed / steps
-      loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
-      scalars = {"loss": loss, "grad_norm": host["grad_norm"], "lr": host["lr"],
-                 "step_time_s": step_time,
-                 "tokens_per_s": config.data.batch_size * config.data.seq_len / step_time}
-      scalars["perplexity"] = float(np.exp(min(scalars["loss"], 50.0)))
-      if t.nan_policy == "skip":
-        scalars["skipped_steps"] = skipped
-      if peak:
-        scalars["mfu"] = step_flops / step_time / (peak * jax.device_count())
+      scalars = window.scalars(host)
       writer.write(step, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
-      window.update(t0=time.perf_counter(), steps=0, loss=0.0, finite=0)
       return scalars
 
     step = start
-    while step < t.steps:
+    if progress.early.stopped:  # resumed after early stopping had ended the run
+      final.update(stopped_at=step, stop_reason="early_stopping")
+    while step < t.steps and not progress.early.stopped:
       batch = mesh_lib.global_batch(next(train_iter), run.mesh)
       state, metrics = train_step(state, batch)
       step += 1
@@ -279,35 +368,34 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
       stop.sync(step, t.log_every)
       if step == t.stop_at_step and not stop.received:
         stop.received = "stop_at_step"
-      timed = clock.due(step, t.log_every)
-      boundary = (step % t.checkpoint_every == 0 or step == t.steps or stop.received
-                  or step % t.eval_every == 0 or timed)
-      if boundary:
-        host = check(*pending)
-        if step % t.log_every == 0 or step == t.steps:
-          final.update(log(step, host))
-        pending = None
-        if step % t.eval_every == 0 or step == t.steps:
+      due = _Boundary.at(step, t, stopping=bool(stop.received),
+                         timed=clock.due(step, t.log_every))
+      if not due.any:
+        continue
+      host = check(*pending)
+      pending = None
+      if due.log:
+        final.update(log(step, host))
+      if due.eval:
+        with progress.clock.paused():
           ev = run_eval(state.params)
-          writer.write(step, ev, prefix="eval")
-          final.update({f"eval_{k}": v for k, v in ev.items()})
-          if ev["loss"] < best["loss"]:
-            best.update(loss=ev["loss"], step=step, evals_since=0)
-          else:
-            best["evals_since"] += 1
-          if t.early_stop_patience and best["evals_since"] >= t.early_stop_patience:
-            stop.received = stop.received or "early_stopping"
-        if step % t.checkpoint_every == 0 or step == t.steps or stop.received or timed:
-          ckpt.save(step, state, config, train_iter, force=True)
-          clock.saved()
-        if stop.received:
-          logging.warning("stopping (%s): saved step %d, exiting", stop.reason, step)
-          final.update(stopped_at=step, stop_reason=stop.reason)
-          break
+        writer.write(step, ev, prefix="eval")
+        final.update({f"eval_{k}": v for k, v in ev.items()})
+        if progress.evaluated(step, ev):
+          stop.received = stop.received or "early_stopping"
+      if due.save or stop.received:
+        with progress.clock.paused():
+          ckpt.save(step, state, config, train_iter, progress=progress.to_json(), force=True)
+          progress.saved(step)
+        clock.saved()
+      if stop.received:
+        logging.warning("stopping (%s): saved step %d, exiting", stop.reason, step)
+        final.update(stopped_at=step, stop_reason=stop.reason)
+        break
     bar.close()
     ckpt.close()
     writer.close()
   final["step"] = step
-  if best["step"]:
-    final.update(best_eval_loss=best["loss"], best_step=best["step"])
+  if progress.early.best_step:
+    final.update(best_eval_loss=progress.early.best_loss, best_step=progress.early.best_step)
   return final
