@@ -39,6 +39,7 @@ from pn_jax import modes
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import tokenizer as tok_lib
 from pn_jax.experiment_report import write_report
+from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,22 +290,6 @@ def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_s
 
 # --- costs and the equal-time view ------------------------------------------------------------
 
-def read_costs(workdir: str) -> dict | None:
-  """A pretraining run's costs.json (device, cumulative train seconds and FLOPs per saved
-  step), or None for a run made before the loop wrote it."""
-  try:
-    from pn_jax.train.costs import read_costs as read  # the training loop's own reader
-  except ImportError:
-    read = None
-  path = os.path.join(workdir, "costs.json")
-  if not os.path.exists(path):
-    return None
-  if read is not None:
-    return read(workdir)
-  with open(path) as f:
-    return json.load(f)
-
-
 def equal_time_steps(costs_by_method: dict[str, dict[int, float]], reference: str
                      ) -> dict[str, int]:
   """{method: {milestone step: cumulative train seconds}} -> {method: step}: each method's
@@ -329,7 +314,7 @@ def equal_time_choice(exp, results: dict, root: str) -> dict:
   per-domain pretraining), so they are not part of it. {} when the reference has no costs."""
   per_method, info = {}, {}
   for name, pre in results["pretrain"].items():
-    costs = read_costs(os.path.join(root, "pretrain", name))
+    costs = costs_lib.read_costs(os.path.join(root, "pretrain", name))
     if not costs:
       continue
     _, points = milestone_steps(pre["steps"], exp.milestones)
@@ -378,7 +363,7 @@ def check_reusable(saved_exp: dict, exp) -> None:
 
 
 def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
-  costs = read_costs(workdir) or {}
+  costs = costs_lib.read_costs(workdir) or {}
   final = costs.get("steps", {}).get(str(c.train.steps), {})
   ppl = out.get("eval_perplexity", final.get("eval_perplexity"))
   return {"flops": pretrain_flops(c), "seconds": secs, "generic_valid_ppl": ppl,
@@ -484,7 +469,7 @@ def _run_stages(exp, root, results, save, stop) -> None:
         pre_is = results.setdefault("pretrain_is", {})
         if cell not in pre_is:
           out, secs = _stage(stop, modes.importance, c, pre_dir)
-          costs = read_costs(pre_dir) or {}
+          costs = costs_lib.read_costs(pre_dir) or {}
           final = costs.get("steps", {}).get(str(c.train.steps), {})
           pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
                               is_pretrain_train_seconds=final.get("train_seconds"),
