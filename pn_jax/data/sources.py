@@ -331,16 +331,22 @@ def detokenize(words: list[str]) -> str:
 
 def brown_to_text(src: str) -> str:
   """Tagged Brown corpus file (word/tag tokens, a sentence a line, blank lines between
-  paragraphs) -> paragraphs of plain text."""
+  paragraphs) -> paragraphs of plain text; headline lines (every tag `-hl`) stay on their own."""
   paras = []
   for block in re.split(r"\n\s*\n", src):
-    words = []
-    for tok in block.split():
-      word = tok.rsplit("/", 1)[0]
-      if not (word == ";" and words and words[-1] == ";"):  # this release doubles some `;`
-        words.append(word)
+    lines, words = [], []
+    for line in block.split("\n"):
+      toks = [t.rsplit("/", 1) for t in line.split() if "/" in t]
+      for word, _ in toks:
+        if not (word == ";" and words and words[-1] == ";"):  # this release doubles some `;`
+          words.append(word)
+      if toks and all(tag.endswith("-hl") for _, tag in toks):
+        lines.append(detokenize(words))
+        words = []
     if words:
-      paras.append(detokenize(words))
+      lines.append(detokenize(words))
+    if lines:
+      paras.append("\n".join(lines))
   return "\n\n".join(paras)
 
 
