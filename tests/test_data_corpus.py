@@ -96,13 +96,17 @@ def test_prose_extractors(tmp_path):
   (_, text), = sources_lib.extract_recipes(str(tmp_path), ("recipes.json",))
   assert text.startswith("Tea\n\nCategory: Drinks. Servings: 2.\n\nIngredients:\n- 2 cups water\n")
   assert "\n1. Boil the water.\n2. Steep the tea" in text and "Time" not in text
-  brown = ("\n\n\tJury/nn-hl says/vbz-hl \nThe/at jury/nn said/vbd ,/, ``/`` it/pps is/bez fine/jj ''/'' ./.\n"
+  brown = ("\n\n\tJury/nn-hl says/vbz-hl \n"
+           "The/at jury/nn said/vbd ,/, ``/`` it/pps is/bez fine/jj ''/'' ./.\n"
            "Costs/nns were/bed $/$ 5/cd (/( or/cc less/ap )/) ;/. ;/.\n"
-           "it/pps was/bedz '/' pro/jj '/' ./.\n\n\n\tNext/ap paragraph/nn ./.\n") * 3
+           "it/pps was/bedz '/' pro/jj '/' ./.\n``/`` Why/wrb ''/'' ?/. ?/.\n"
+           "``/`` Me/ppo ?/. ?/. ''/'' ,/, she/pps said/vbd ./.\n\n\n\tNext/ap paragraph/nn ./.\n"
+           ) * 3
   (tmp_path / "ca01").write_text(brown)
   (_, text), = sources_lib.extract_brown(str(tmp_path), ("c[a-r][0-9][0-9]",))
-  assert text.startswith('Jury says\nThe jury said, "it is fine". Costs were $5 (or less); it was \'pro\'.'
-                         "\n\nNext paragraph.\n\nJury says\n") and "/" not in text
+  assert text.startswith('Jury says\nThe jury said, "it is fine." Costs were $5 (or less); it was '
+                         '\'pro\'. "Why?" "Me?", she said.\n\nNext paragraph.\n\nJury says\n')
+  assert "/" not in text
   book = tmp_path / "html" / "book"
   (book / "hello").mkdir(parents=True)
   (book / "book.js").write_text("")

@@ -331,15 +331,22 @@ def detokenize(words: list[str]) -> str:
 
 def brown_to_text(src: str) -> str:
   """Tagged Brown corpus file (word/tag tokens, a sentence a line, blank lines between
-  paragraphs) -> paragraphs of plain text; headline lines (every tag `-hl`) stay on their own."""
+  paragraphs) -> paragraphs of plain text; headline lines (every tag `-hl`) stay on their own,
+  and `.,?!` go inside a closing quote as in American print."""
   paras = []
   for block in re.split(r"\n\s*\n", src):
     lines, words = [], []
     for line in block.split("\n"):
       toks = [t.rsplit("/", 1) for t in line.split() if "/" in t]
+      prev = ""
       for word, _ in toks:
-        if not (word == ";" and words and words[-1] == ";"):  # this release doubles some `;`
-          words.append(word)
+        if word in ";?!" and word == prev:
+          continue  # this release doubles every `;`, `?` and `!`
+        prev = word
+        if word in ".,?!" and len(words) > 1 and words[-1] == "''" and words[-2] not in ".,?!;:":
+          words.insert(len(words) - 1, word)  # Brown puts it after the quote; print, inside
+          continue
+        words.append(word)
       if toks and all(tag.endswith("-hl") for _, tag in toks):
         lines.append(detokenize(words))
         words = []
