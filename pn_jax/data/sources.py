@@ -311,6 +311,7 @@ def extract_recipes(root, patterns):
 
 
 _OPEN, _CLOSE = set("([{$"), set(",.;:!?)]}%")
+_DOUBLED, _INSIDE, _STOPS = set(";?!"), set(".,?!"), set(".,?!;:")
 
 
 def detokenize(words: list[str]) -> str:
@@ -340,10 +341,10 @@ def brown_to_text(src: str) -> str:
       toks = [t.rsplit("/", 1) for t in line.split() if "/" in t]
       prev = ""
       for word, _ in toks:
-        if word in ";?!" and word == prev:
+        if word in _DOUBLED and word == prev:
           continue  # this release doubles every `;`, `?` and `!`
         prev = word
-        if word in ".,?!" and len(words) > 1 and words[-1] == "''" and words[-2] not in ".,?!;:":
+        if word in _INSIDE and len(words) > 1 and words[-1] == "''" and words[-2] not in _STOPS:
           words.insert(len(words) - 1, word)  # Brown puts it after the quote; print, inside
           continue
         words.append(word)
