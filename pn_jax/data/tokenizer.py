@@ -102,7 +102,9 @@ def _lines(texts: Iterable[str], max_chars: int) -> Iterable[str]:
 
 def _coverage(lines: list[str], max_chars: int) -> float:
   """Character coverage keeping at most `max_chars` distinct characters as pieces (the rest go
-  through byte fallback): sentencepiece fails when characters + byte pieces exceed the vocab."""
+  through byte fallback): sentencepiece fails when characters + byte pieces exceed the vocab.
+  It also rejects coverage below 0.98 (a sample with many rare characters, e.g. some CJK lines in
+  a small vocab, asks for less), so that is the floor."""
   import collections
   counts = collections.Counter()
   for line in lines:
@@ -110,7 +112,7 @@ def _coverage(lines: list[str], max_chars: int) -> float:
   freq = np.sort(np.fromiter(counts.values(), np.float64))[::-1]
   if len(freq) <= max_chars:
     return 0.9995
-  return float(min(0.9995, freq[:max_chars].sum() / freq.sum() - 1e-6))
+  return float(min(0.9995, max(0.98, freq[:max_chars].sum() / freq.sum() - 1e-6)))
 
 
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, seed: int, *,
