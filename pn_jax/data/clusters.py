@@ -21,6 +21,7 @@ from pn_jax.data import DataError
 from pn_jax.data.corpus import write_json
 
 TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"  # words of >= 2 letters
+MAX_FIT = 50_000  # texts (windows) the embedding and k-means are fitted on, at most
 
 
 class ClusterModel:
@@ -32,7 +33,6 @@ class ClusterModel:
     self.arrays = arrays
     self.meta = meta
     self._counter = None
-    self.fit_texts, self.fit_assignment = None, None
 
   @property
   def k(self) -> int:
@@ -177,39 +177,93 @@ def _find_st_dir(path: str) -> str:
 
 # --- fitting -----------------------------------------------------------------------------------------
 
-def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf", dim: int = 64,
-                 max_fit: int = 50_000) -> ClusterModel:
-  """Fits the embedding and k-means on (a seeded sample of at most `max_fit` of) `texts`."""
-  from sklearn.cluster import KMeans
+def check_k(k: int, n: int) -> None:
+  """DataError unless 1 <= k <= n (the number of non-empty texts to cluster)."""
   if k < 1:
     raise DataError(f"config.model.k must be >= 1, got {k}")
-  texts = [t for t in texts if t.strip()]
-  if len(texts) < k:
-    raise DataError(f"cannot form k={k} clusters from {len(texts)} non-empty documents/windows: "
+  if n < k:
+    raise DataError(f"cannot form k={k} clusters from {n} non-empty documents/windows: "
                     "lower config.model.k or use a larger corpus")
-  rng = np.random.default_rng(seed)
-  sample = ([texts[i] for i in np.sort(rng.choice(len(texts), max_fit, replace=False))]
-            if len(texts) > max_fit else texts)
-  meta = {"k": k, "seed": seed, "n_fit": len(sample)}
+
+
+def fit_rows(texts: list[str], seed: int, max_fit: int = MAX_FIT) -> np.ndarray:
+  """Indices of the texts the embedding and k-means are fitted on: the non-empty ones, or a seeded
+  sorted sample of `max_fit` of them (independent of k, so runs of any k share the embedding)."""
+  rows = np.array([i for i, t in enumerate(texts) if t.strip()], np.int64)
+  if len(rows) > max_fit:
+    rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), max_fit, replace=False))]
+  return rows
+
+
+def fit_embedding(texts: list[str], seed: int, *, embedding: str = "tfidf",
+                  dim: int = 64) -> ClusterModel:
+  """The embedding half of the routing, fitted on `texts`; no centroids yet (see fit_centroids)."""
+  meta = {"seed": seed, "n_fit": len(texts)}
   if embedding == "tfidf":
-    arrays = _fit_tfidf(sample, dim, seed)
-    model = ClusterModel("tfidf", np.zeros((k, arrays["svd"].shape[0]), np.float32), arrays, meta)
-  elif embedding == "minilm":
+    arrays = _fit_tfidf(texts, dim, seed)
+    return ClusterModel("tfidf", np.zeros((0, arrays["svd"].shape[0]), np.float32), arrays, meta)
+  if embedding == "minilm":
     meta["minilm_path"] = minilm_path()
-    model = ClusterModel("minilm", np.zeros((k, 1), np.float32), {}, meta)
-  else:
-    raise DataError(f"unknown config.data.cluster_embedding {embedding!r}; use 'tfidf' or 'minilm'")
-  x = model.embed(sample)
+    return ClusterModel("minilm", np.zeros((0, 1), np.float32), {}, meta)
+  raise DataError(f"unknown config.data.cluster_embedding {embedding!r}; use 'tfidf' or 'minilm'")
+
+
+def fit_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """float32 [k, dim]: seeded k-means on unit-norm embeddings (k=1: their mean)."""
+  from sklearn.cluster import KMeans
   if k == 1:
-    centroids = x.mean(0, keepdims=True)
-  else:
-    km = KMeans(n_clusters=k, random_state=seed, n_init=3, max_iter=300)
-    km.fit(x.astype(np.float64))
-    centroids = km.cluster_centers_
-  model.centroids = np.asarray(centroids, np.float32)
-  model.fit_texts = sample  # the fitted sample and its assignment, so callers need not re-embed
-  model.fit_assignment = nearest(x.astype(np.float32), model.centroids)
-  return model
+    return x.mean(0, keepdims=True).astype(np.float32)
+  km = KMeans(n_clusters=k, random_state=seed, n_init=3, max_iter=300)
+  km.fit(x.astype(np.float64))
+  return np.asarray(km.cluster_centers_, np.float32)
+
+
+def with_centroids(model: ClusterModel, centroids: np.ndarray, **meta) -> ClusterModel:
+  """A copy of the (embedding) model with these centroids and extra meta."""
+  return ClusterModel(model.embedding, centroids, model.arrays,
+                      dict(model.meta, k=int(len(centroids)), **meta))
+
+
+def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf", dim: int = 64,
+                 max_fit: int = MAX_FIT) -> ClusterModel:
+  """Fits the embedding and k-means on (a seeded sample of at most `max_fit` of) `texts`."""
+  rows = fit_rows(texts, seed, max_fit)
+  check_k(k, len(rows))
+  sample = [texts[i] for i in rows]
+  model = fit_embedding(sample, seed, embedding=embedding, dim=dim)
+  return with_centroids(model, fit_centroids(model.embed(sample), k, seed), seed=seed)
+
+
+def embed_many(model: ClusterModel, texts: list[str], *, workers: int = 1,
+               chunk: int = 4096) -> np.ndarray:
+  """float32 [len(texts), dim]: model.embed over chunks, TF-IDF chunks spread over `workers`
+  processes (the regex tokenizer holds the GIL). Each row depends on its text alone, so the
+  result equals model.embed(texts) whatever the chunking."""
+  parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+  if not parts:
+    return np.zeros((0, model.arrays["svd"].shape[0] if model.embedding == "tfidf" else 0),
+                    np.float32)
+  workers = min(workers, len(parts))
+  if model.embedding != "tfidf" or workers <= 1:
+    return np.concatenate([model.embed(p) for p in parts])
+  import concurrent.futures
+  import multiprocessing
+  # spawn, not fork: the caller may hold JAX's threads, which a fork would copy mid-flight.
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+      initargs=(model.arrays,)) as pool:
+    return np.concatenate(list(pool.map(_worker_embed, parts)))
+
+
+_WORKER_MODEL = {}  # one per pool worker process, set by _worker_init
+
+
+def _worker_init(arrays: dict) -> None:
+  _WORKER_MODEL["model"] = ClusterModel("tfidf", np.zeros((0, 1), np.float32), arrays, {})
+
+
+def _worker_embed(texts: list[str]) -> np.ndarray:
+  return _WORKER_MODEL["model"].embed(texts)
 
 
 def cluster_sizes(assignment: np.ndarray, k: int) -> list[int]:
