@@ -113,7 +113,9 @@ def _timed(fn, *args):
   return result, time.perf_counter() - t0
 
 
-def pretrain_config(exp, spec, overrides, corpus, tokenizer):
+def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
+  """`root`: the experiment root, whose data_cache/ every pretraining run (the importance-sampling
+  ones too) shares: the corpus is tokenized, embedded and clustered once per experiment."""
   c = load_run_config(spec)
   apply_overrides(c, overrides)
   c.seed = exp.seed
@@ -125,6 +127,8 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer):
   c.train.update(steps=steps, eval_every=steps, checkpoint_every=steps, log_every=25,
                  progress_bar=False, async_checkpoint=False)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
+  if root:
+    c.data.cache_dir = os.path.join(root, "data_cache")
   return c
 
 
@@ -199,7 +203,7 @@ def run(exp, root: str) -> dict:
   for name, (spec, overrides) in exp.methods.items():
     if name == "slm_is":
       continue  # per domain, below
-    c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
+    c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
     workdir = os.path.join(root, "pretrain", name)
     if name not in results["pretrain"]:
       out, secs = _timed(modes.pretrain, c, workdir)
@@ -228,7 +232,7 @@ def run(exp, root: str) -> dict:
         save()
       if "slm_is" in exp.methods and "slm_is" not in res:
         spec, overrides = exp.methods.slm_is
-        c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
+        c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
         c.data.update(domain=domain, domain_tokens=int(budget))
         pre_dir = os.path.join(root, "pretrain_is", f"{domain}-{budget}")
         pre_is = results.setdefault("pretrain_is", {})

@@ -91,6 +91,7 @@ class ArtefactStore:
     try:
       with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)
+      os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
       os.replace(tmp, path)
     except BaseException:
       if os.path.exists(tmp):

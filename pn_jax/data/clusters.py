@@ -246,24 +246,15 @@ def embed_many(model: ClusterModel, texts: list[str], *, workers: int = 1,
   workers = min(workers, len(parts))
   if model.embedding != "tfidf" or workers <= 1:
     return np.concatenate([model.embed(p) for p in parts])
-  import concurrent.futures
-  import multiprocessing
-  # spawn, not fork: the caller may hold JAX's threads, which a fork would copy mid-flight.
-  with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-      initargs=(model.arrays,)) as pool:
-    return np.concatenate(list(pool.map(_worker_embed, parts)))
+  import joblib
+  # loky processes: no fork of a caller that may hold JAX's threads, and, unlike
+  # multiprocessing's spawn, no re-run of an unguarded __main__ script in the workers.
+  run = joblib.Parallel(n_jobs=workers, backend="loky")
+  return np.concatenate(run(joblib.delayed(_embed_chunk)(model.arrays, p) for p in parts))
 
 
-_WORKER_MODEL = {}  # one per pool worker process, set by _worker_init
-
-
-def _worker_init(arrays: dict) -> None:
-  _WORKER_MODEL["model"] = ClusterModel("tfidf", np.zeros((0, 1), np.float32), arrays, {})
-
-
-def _worker_embed(texts: list[str]) -> np.ndarray:
-  return _WORKER_MODEL["model"].embed(texts)
+def _embed_chunk(arrays: dict, texts: list[str]) -> np.ndarray:
+  return ClusterModel("tfidf", np.zeros((0, 1), np.float32), arrays, {}).embed(texts)
 
 
 def cluster_sizes(assignment: np.ndarray, k: int) -> list[int]:

@@ -316,32 +316,32 @@ def _fit_routing(config, store, x, rows, embed_key) -> tuple[np.ndarray, np.ndar
   return centroids, assignment, key
 
 
-def _workdir_routing(cdir: str, fitted: clusters_lib.ClusterModel, wins, tok):
-  """The run's own clusters/: -> (model, None) when it is the fitted one, else (the saved model,
-  its assignment of the windows). A workdir's clusters define a trained model's routing."""
+def _saved_routing(cdir: str, expect: dict) -> clusters_lib.ClusterModel | None:
+  """The run's own clusters/ (None if absent), checked against the config before any work: a
+  workdir's clusters define a trained model's routing and are never refitted."""
   if not os.path.exists(os.path.join(cdir, "meta.json")):
-    return fitted, None
+    return None
   saved = clusters_lib.load_clusters(cdir)
-  keys = ("k", "embedding", "window", "tokenizer", "seed")
-  got = {k: saved.meta.get(k) for k in keys}
+  got = {k: saved.meta.get(k) for k in expect}
   got["k"], got["embedding"] = saved.k, saved.embedding
-  expect = {k: fitted.meta.get(k) for k in keys}
-  expect["embedding"] = fitted.embedding
   if got != expect:
     raise DataError(f"{cdir} holds clusters for {got} but the config asks for {expect}; use a "
                     "fresh --workdir (clusters define the routing of a trained model)")
-  same = np.array_equal(saved.centroids, fitted.centroids) and saved.arrays.keys() == \
-      fitted.arrays.keys() and all(np.array_equal(saved.arrays[a], fitted.arrays[a])
-                                   for a in saved.arrays)
-  if same:
-    return saved, None
-  return saved, saved.assign(tok.decode_batch(wins))  # fitted by an earlier build: keep it
+  return saved
+
+
+def _same_model(a: clusters_lib.ClusterModel, b: clusters_lib.ClusterModel) -> bool:
+  return (np.array_equal(a.centroids, b.centroids) and a.arrays.keys() == b.arrays.keys()
+          and all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays))
 
 
 def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple:
   """Tokenize, window, embed, cluster, pack the generic training set, each stage through the
   store (cache.py); -> (the run's cluster model, packed set, stats)."""
   k, seed, window = int(config.model.k), int(config.seed), _window(config)
+  cdir = os.path.join(workdir, "clusters")
+  saved = _saved_routing(cdir, {"k": k, "embedding": str(config.data.cluster_embedding),
+                                "window": window, "tokenizer": tok.fingerprint(), "seed": seed})
   t0 = time.time()
   docs, docs_key = _cached_docs(store, root, "train", "", tok)
   wins = windows_of(docs, window)
@@ -349,11 +349,11 @@ def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple
   centroids, assignment, routing_key = _fit_routing(config, store, x, rows, embed_key)
   fitted = clusters_lib.with_centroids(emb, centroids, embedding=emb.embedding, window=window,
                                        tokenizer=tok.fingerprint(), seed=seed)
-  cdir = os.path.join(workdir, "clusters")
-  model, own = _workdir_routing(cdir, fitted, wins, tok)
-  if own is not None:
-    assignment = own
-    routing_key = cache_lib.key("workdir-clusters", hashlib.sha256(own.tobytes()).hexdigest())
+  model = fitted if saved is None else saved
+  if saved is not None and not _same_model(saved, fitted):
+    # fitted by an earlier build (other code): the run keeps its routing, the cache is bypassed
+    assignment = saved.assign(tok.decode_batch(wins))
+    routing_key = cache_lib.key("workdir-clusters", hashlib.sha256(assignment).hexdigest())
   key = cache_lib.key("packed", routing_key, int(config.data.seq_len), tok.bos_id)
   hit = store.load("packed", key, ("tokens", "starts", "ends", "cluster", "stats"))
   if hit is not None:
@@ -371,7 +371,7 @@ def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple
     store.save("packed", key, {"tokens": packed.tokens, "starts": packed.starts,
                                "ends": packed.ends, "cluster": packed.cluster,
                                "stats": cache_lib.json_array(stats)})
-  if model is fitted and store.write:
+  if saved is None and store.write:
     fitted.meta["train_stats"] = stats
     fitted.save(cdir)
   if progress:
