@@ -193,7 +193,22 @@ def test_workdir_clusters_of_an_earlier_build_are_kept(tmp_path, tokenizer_path)
   old = clusters_lib.load_clusters(cdir)
   old.centroids = old.centroids[::-1].copy()  # the same clusters under other ids
   old.save(cdir)
+  os.remove(os.path.join(workdir, "data", "READY.json"))  # an earlier build's workdir
   b = pipeline.prepare_run_data(config_for(tokenizer_path, cache), workdir, progress=False)
   np.testing.assert_array_equal(b.clusters.centroids, old.centroids)
   np.testing.assert_array_equal(np.bincount(b.train.cluster, minlength=4),
                                 np.bincount(a.train.cluster, minlength=4)[::-1])
+
+
+def test_rerun_and_follower_reuse_the_workdir(tmp_path, tokenizer_path, calls):
+  """Without cache_dir, a resumed run and a follower process read READY.json's packed set: no
+  tokenizing, embedding or k-means again."""
+  config, workdir = config_for(tokenizer_path), str(tmp_path / "w")
+  a = pipeline.prepare_run_data(config, workdir, progress=False)
+  done = dict(calls)
+  again = pipeline.prepare_run_data(config, workdir, progress=False)
+  follower = pipeline.prepare_run_data(config, workdir, process_index=1, wait_timeout_s=5,
+                                       progress=False)
+  assert calls == done
+  assert_same(a, again)
+  assert_same(a, follower)

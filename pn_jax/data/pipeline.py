@@ -355,10 +355,9 @@ def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple
     assignment = saved.assign(tok.decode_batch(wins))
     routing_key = cache_lib.key("workdir-clusters", hashlib.sha256(assignment).hexdigest())
   key = cache_lib.key("packed", routing_key, int(config.data.seq_len), tok.bos_id)
-  hit = store.load("packed", key, ("tokens", "starts", "ends", "cluster", "stats"))
+  hit = _load_packed(store, key)
   if hit is not None:
-    packed = Packed(hit["tokens"], hit["starts"], hit["ends"], hit["cluster"])
-    stats = cache_lib.from_json_array(hit["stats"])
+    packed, stats = hit
   else:
     packed = pack(wins, assignment, int(config.data.seq_len), tok.bos_id, k)
     stats = {"documents": len(docs), "windows": len(wins), "tokens": int(sum(map(len, docs))),
@@ -377,7 +376,31 @@ def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple
   if progress:
     print(f"pn_jax.data: {stats['tokens']:,} tokens of {root} in {len(packed):,} sequences in "
           f"{k} clusters ({time.time() - t0:.1f} s; cache {store.directory})", file=sys.stderr)
-  return model, packed, stats
+  return model, packed, stats, key
+
+
+def _load_packed(store, key: str) -> tuple[Packed, dict] | None:
+  hit = store.load("packed", key, ("tokens", "starts", "ends", "cluster", "stats"))
+  if hit is None:
+    return None
+  return (Packed(hit["tokens"], hit["starts"], hit["ends"], hit["cluster"]),
+          cache_lib.from_json_array(hit["stats"]))
+
+
+def _prepared(ready: str, expect: dict, store, cdir: str) -> tuple | None:
+  """(clusters, packed, stats) of an earlier preparation of this workdir (a resumed run, or a
+  follower process reading process 0's), if its READY.json matches settings and inputs."""
+  try:
+    with open(ready) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if any(info.get(k) != v for k, v in expect.items()) or "packed" not in info:
+    return None
+  hit = _load_packed(store, info["packed"])
+  if hit is None or not os.path.exists(os.path.join(cdir, "meta.json")):
+    return None
+  return (clusters_lib.load_clusters(cdir), *hit)
 
 
 def _check_root(config) -> str:
@@ -416,9 +439,15 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
   write = process_index == 0
   tok = _load_or_train_tokenizer(config, root, workdir, write=write)
   store = _store(config, workdir, write)
-  model, packed, stats = _build(config, root, workdir, tok, store, progress and write)
-  if write:
-    corpus_lib.write_json(ready, {"settings": settings, "stats": stats})
+  source = cache_lib.content_id(_split_file(root, "train"))
+  expect = {"settings": settings, "inputs": {"train": source, "tokenizer": tok.fingerprint()}}
+  done = _prepared(ready, expect, store, os.path.join(workdir, "clusters"))
+  if done is not None:
+    model, packed, stats = done
+  else:
+    model, packed, stats, key = _build(config, root, workdir, tok, store, progress and write)
+    if write:
+      corpus_lib.write_json(ready, {**expect, "packed": key, "stats": stats})
   return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, root=root,
                  workdir=workdir, seq_len=int(config.data.seq_len), window=_window(config),
                  stats=stats, store=store, train_set=packed)
