@@ -49,7 +49,6 @@ def calls(monkeypatch):
 
   counted(pipeline, "tokenize_docs")
   counted(clusters_lib, "fit_embedding")
-  counted(clusters_lib, "embed_many")
   counted(clusters_lib, "fit_centroids")
   return n
 
@@ -68,12 +67,12 @@ def test_runs_share_the_cache(tmp_path, tokenizer_path, calls):
   cache = str(tmp_path / "cache")
   a = pipeline.prepare_run_data(config_for(tokenizer_path, cache), str(tmp_path / "a"),
                                 progress=False)
-  assert calls == {"tokenize_docs": 1, "fit_embedding": 1, "embed_many": 1, "fit_centroids": 1}
+  assert calls == {"tokenize_docs": 1, "fit_embedding": 1, "fit_centroids": 1}
   assert stages(cache) == ["clusters", "docs", "embed", "packed"]
   # same k, another workdir: nothing recomputed, the run still gets its own clusters/ and READY
   b = pipeline.prepare_run_data(config_for(tokenizer_path, cache), str(tmp_path / "b"),
                                 progress=False)
-  assert calls == {"tokenize_docs": 1, "fit_embedding": 1, "embed_many": 1, "fit_centroids": 1}
+  assert calls == {"tokenize_docs": 1, "fit_embedding": 1, "fit_centroids": 1}
   assert_same(a, b)
   for f in ("clusters/meta.json", "clusters/model.npz", "data/READY.json"):
     assert os.path.exists(tmp_path / "b" / f), f
@@ -85,7 +84,7 @@ def test_runs_share_the_cache(tmp_path, tokenizer_path, calls):
   # another k: tokens and embeddings reused, only k-means and packing run
   c = pipeline.prepare_run_data(config_for(tokenizer_path, cache, k=3), str(tmp_path / "c"),
                                 progress=False)
-  assert calls == {"tokenize_docs": 1, "fit_embedding": 1, "embed_many": 1, "fit_centroids": 2}
+  assert calls == {"tokenize_docs": 1, "fit_embedding": 1, "fit_centroids": 2}
   assert c.clusters.k == 3 and set(np.unique(c.train.cluster)) <= {0, 1, 2}
   assert stages(cache) == ["clusters", "clusters", "docs", "embed", "packed", "packed"]
   # an uncached build gives the same arrays

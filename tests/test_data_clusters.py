@@ -31,6 +31,15 @@ def test_kmeans_stable_under_seed(texts, tmp_path):
   assert loaded.k == 4 and loaded.meta["seed"] == 3
 
 
+def test_fit_embeds_its_texts_as_embed_does(texts):
+  """The fit's own embeddings (one regex pass) equal a second pass through the saved arrays."""
+  model, x = clusters_lib.fit_embedding(texts, seed=0)
+  np.testing.assert_array_equal(x, model.embed(texts))
+  blank = [t if i % 7 else "   " for i, t in enumerate(texts[:200])]
+  model, x = clusters_lib.fit_embedding(blank, seed=1, dim=16)
+  np.testing.assert_array_equal(x, model.embed(blank))
+
+
 def test_assignment_is_nearest_centroid(texts):
   model = clusters_lib.fit_clusters(texts, 3, seed=0)
   x = model.embed(texts[:50])

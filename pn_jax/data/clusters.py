@@ -115,24 +115,32 @@ def _tfidf_embed(model: ClusterModel, texts: list[str]) -> np.ndarray:
   return _unit(np.asarray(x @ model.arrays["svd"].T))
 
 
-def _fit_tfidf(texts: list[str], dim: int, seed: int) -> dict:
+def _fit_tfidf(texts: list[str], dim: int, seed: int) -> tuple[dict, np.ndarray]:
+  """-> (vocabulary/idf/SVD arrays, the texts' embeddings). The embeddings come from the fit's own
+  counts, so the texts go through the regex tokenizer once; they equal _tfidf_embed(texts)
+  exactly (same counts with sorted indices, same arithmetic; tested)."""
   from sklearn.decomposition import TruncatedSVD
-  from sklearn.feature_extraction.text import TfidfVectorizer
-  min_df = 2 if len(texts) >= 100 else 1
-  vec = TfidfVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True, sublinear_tf=True,
-                        stop_words="english", min_df=min_df, max_df=0.5 if len(texts) >= 100
-                        else 1.0, max_features=50_000, dtype=np.float32)
+  from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
+  big = len(texts) >= 100
+  # = TfidfVectorizer(sublinear_tf=True, same options), split to keep the counts
+  vec = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True, stop_words="english",
+                        min_df=2 if big else 1, max_df=0.5 if big else 1.0, max_features=50_000,
+                        dtype=np.float32)
   try:
-    x = vec.fit_transform(texts)
+    counts = vec.fit_transform(texts)
   except ValueError as e:  # empty vocabulary
     raise DataError(f"cannot embed the corpus with TF-IDF ({e}): the documents contain no words; "
                     "check the corpus or use config.data.cluster_embedding='minilm'") from e
+  tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
+  x = tfidf.transform(counts, copy=True)
   dim = max(1, min(dim, x.shape[1] - 1, len(texts) - 1))
   svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
   svd.fit(x)
-  vocab = np.array(vec.get_feature_names_out(), dtype=np.str_)
-  return {"vocab": vocab, "idf": vec.idf_.astype(np.float32),
-          "svd": svd.components_.astype(np.float32)}
+  arrays = {"vocab": np.array(vec.get_feature_names_out(), dtype=np.str_),
+            "idf": tfidf.idf_.astype(np.float32), "svd": svd.components_.astype(np.float32)}
+  counts = counts.tocsr(copy=True)
+  counts.sort_indices()  # as CountVectorizer(vocabulary=...).transform returns them
+  return arrays, _unit(np.asarray(_tfidf_matrix(counts, arrays["idf"]) @ arrays["svd"].T))
 
 
 # --- MiniLM (optional) -----------------------------------------------------------------------------
@@ -196,15 +204,18 @@ def fit_rows(texts: list[str], seed: int, max_fit: int = MAX_FIT) -> np.ndarray:
 
 
 def fit_embedding(texts: list[str], seed: int, *, embedding: str = "tfidf",
-                  dim: int = 64) -> ClusterModel:
-  """The embedding half of the routing, fitted on `texts`; no centroids yet (see fit_centroids)."""
+                  dim: int = 64) -> tuple[ClusterModel, np.ndarray]:
+  """-> (the embedding half of the routing fitted on `texts`, without centroids (see
+  fit_centroids); float32 [len(texts), dim], the texts' embeddings)."""
   meta = {"seed": seed, "n_fit": len(texts)}
   if embedding == "tfidf":
-    arrays = _fit_tfidf(texts, dim, seed)
-    return ClusterModel("tfidf", np.zeros((0, arrays["svd"].shape[0]), np.float32), arrays, meta)
+    arrays, x = _fit_tfidf(texts, dim, seed)
+    return ClusterModel("tfidf", np.zeros((0, arrays["svd"].shape[0]), np.float32), arrays,
+                        meta), x
   if embedding == "minilm":
     meta["minilm_path"] = minilm_path()
-    return ClusterModel("minilm", np.zeros((0, 1), np.float32), {}, meta)
+    model = ClusterModel("minilm", np.zeros((0, 1), np.float32), {}, meta)
+    return model, model.embed(texts)
   raise DataError(f"unknown config.data.cluster_embedding {embedding!r}; use 'tfidf' or 'minilm'")
 
 
@@ -230,8 +241,8 @@ def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf
   rows = fit_rows(texts, seed, max_fit)
   check_k(k, len(rows))
   sample = [texts[i] for i in rows]
-  model = fit_embedding(sample, seed, embedding=embedding, dim=dim)
-  return with_centroids(model, fit_centroids(model.embed(sample), k, seed), seed=seed)
+  model, x = fit_embedding(sample, seed, embedding=embedding, dim=dim)
+  return with_centroids(model, fit_centroids(x, k, seed), seed=seed)
 
 
 def embed_many(model: ClusterModel, texts: list[str], *, workers: int = 1,

@@ -291,9 +291,14 @@ def _embed_windows(config, store, wins, docs_key, tok, progress) -> tuple:
   t1 = time.time()
   rows = clusters_lib.fit_rows(texts, seed)
   clusters_lib.check_k(int(config.model.k), len(rows))
-  model = clusters_lib.fit_embedding([texts[i] for i in rows], seed, embedding=embedding, dim=dim)
+  model, x_fit = clusters_lib.fit_embedding([texts[i] for i in rows], seed, embedding=embedding,
+                                            dim=dim)
   t2 = time.time()
-  x = clusters_lib.embed_many(model, texts, workers=_workers(config))
+  x = np.empty((len(texts), x_fit.shape[1]), np.float32)
+  x[rows] = x_fit  # the fit sample is embedded by the fit itself
+  rest = np.setdiff1d(np.arange(len(texts)), rows)  # beyond the 50k sample, or blank
+  if len(rest):
+    x[rest] = clusters_lib.embed_many(model, [texts[i] for i in rest], workers=_workers(config))
   if progress:
     print(f"pn_jax.data: embedded {len(wins):,} windows: decode {t1 - t0:.1f} s, fit "
           f"{embedding} {t2 - t1:.1f} s, embed {time.time() - t2:.1f} s", file=sys.stderr)
