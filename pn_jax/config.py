@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.cluster_window = 0  # tokens per clustered window; 0: seq_len (the paper: 1,024)
   d.cluster_dim = 64  # TF-IDF -> SVD dimensions
   d.tokenizer_sample_chars = 20_000_000  # generic text the sentencepiece model trains on
+  # Content-addressed data-preparation artefacts (tokens, embeddings, clusters, packed set) shared
+  # by the runs that point here ("": only this run's packed set, under <workdir>/data).
+  d.cache_dir = ""
+  d.prep_workers = 0  # processes embedding the clustering windows; 0: os.cpu_count()
   # mixed: batches drawn from the whole generic set, the paper's objective (expected loss over
   # generic data); homogeneous: one cluster per step, cheaper for PN (one weight per step) but
   # measurably worse (docs/data.md): an option for speed studies; stratified: batch_size/k rows

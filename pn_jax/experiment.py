@@ -219,7 +219,9 @@ def milestone_steps(steps: int, fractions) -> tuple[int, list[int]]:
   return every, points
 
 
-def pretrain_config(exp, spec, overrides, corpus, tokenizer):
+def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
+  """`root`: the experiment root, whose data_cache/ every pretraining run (the importance-sampling
+  ones too) shares: the corpus is tokenized, embedded and clustered once per experiment."""
   c = load_run_config(spec)
   apply_overrides(c, overrides)
   c.seed = exp.seed
@@ -236,6 +238,8 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer):
                  keep_checkpoints=max(c.train.keep_checkpoints, saves + 8), log_every=25,
                  progress_bar=False, async_checkpoint=False)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
+  if root:
+    c.data.cache_dir = os.path.join(root, "data_cache")
   return c
 
 
@@ -419,7 +423,7 @@ def _run_stages(exp, root, results, save, stop) -> None:
   for name, (spec, overrides) in exp.methods.items():
     if name == "slm_is":
       continue  # per domain, below
-    c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
+    c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
     workdir = os.path.join(root, "pretrain", name)
     if name not in results["pretrain"]:
       out, secs = _stage(stop, modes.pretrain, c, workdir)
@@ -463,7 +467,7 @@ def _run_stages(exp, root, results, save, stop) -> None:
         save()
       if "slm_is" in exp.methods and "slm_is" not in res:
         spec, overrides = exp.methods.slm_is
-        c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
+        c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
         c.data.update(domain=domain, domain_tokens=int(budget))
         pre_dir = os.path.join(root, "pretrain_is", cell_dir)
         pre_is = results.setdefault("pretrain_is", {})

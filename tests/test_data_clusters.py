@@ -21,12 +21,23 @@ def test_kmeans_stable_under_seed(texts, tmp_path):
   np.testing.assert_array_equal(a.centroids, b.centroids)
   ids = a.assign(texts)
   np.testing.assert_array_equal(ids, b.assign(texts))
-  np.testing.assert_array_equal(ids, a.fit_assignment)
+  x = a.embed(texts)
+  np.testing.assert_array_equal(ids, clusters_lib.nearest(x, a.centroids))
+  np.testing.assert_array_equal(clusters_lib.embed_many(a, texts, chunk=100), x)  # chunking
   assert ids.dtype == np.int32 and set(ids.tolist()) == {0, 1, 2, 3}
   a.save(str(tmp_path / "c"))
   loaded = clusters_lib.load_clusters(str(tmp_path / "c"))
   np.testing.assert_array_equal(loaded.assign(texts), ids)
   assert loaded.k == 4 and loaded.meta["seed"] == 3
+
+
+def test_fit_embeds_its_texts_as_embed_does(texts):
+  """The fit's own embeddings (one regex pass) equal a second pass through the saved arrays."""
+  model, x = clusters_lib.fit_embedding(texts, seed=0)
+  np.testing.assert_array_equal(x, model.embed(texts))
+  blank = [t if i % 7 else "   " for i, t in enumerate(texts[:200])]
+  model, x = clusters_lib.fit_embedding(blank, seed=1, dim=16)
+  np.testing.assert_array_equal(x, model.embed(blank))
 
 
 def test_assignment_is_nearest_centroid(texts):
@@ -68,11 +79,10 @@ def test_minilm_embedding(tmp_path):
   texts = ["The king said unto his servants, go ye into the field."] * 3 + [
       "def f(x):\n    return x + 1"] * 3 + ["SELECT name FROM users WHERE id = 1;"] * 3
   model = clusters_lib.fit_clusters(texts, 3, seed=0, embedding="minilm")
-  fit = model.fit_assignment
+  fit = model.assign(texts)
   assert len({fit[0], fit[3], fit[6]}) == 3 and model.centroids.shape == (3, 384)
   ids = model.assign(["The king said unto his people, go ye into the city.",
                       "def g(y):\n    return y * 2", "SELECT id FROM users WHERE name = 'a';"])
   np.testing.assert_array_equal(ids, fit[[0, 3, 6]])
   model.save(str(tmp_path))
-  np.testing.assert_array_equal(clusters_lib.load_clusters(str(tmp_path)).assign(texts),
-                                model.fit_assignment)
+  np.testing.assert_array_equal(clusters_lib.load_clusters(str(tmp_path)).assign(texts), fit)

@@ -1,5 +1,6 @@
 """specialize: PN checkpoint -> projected small model -> fine-tuned on a domain, end to end."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import load_config
 from pn_jax import modes
+from pn_jax.data import pipeline
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints, finetune, importance, select
 from pn_jax.train import loop
@@ -31,6 +33,19 @@ def pretrained(tmp_path_factory):
   return workdir
 
 
+@contextlib.contextmanager
+def no_generic_training_set():
+  """Later stages need the tokenizer and clusters only: building or reading the packed generic
+  training set fails the test."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("the packed generic training set was built or loaded")
+  with pytest.MonkeyPatch.context() as mp:
+    for name in ("_build", "prepare_run_data"):
+      mp.setattr(pipeline, name, forbidden)
+    mp.setattr(pipeline.Packed, "load", forbidden)
+    yield
+
+
 def finetune_config(init_from, arg="tiny", **train):
   config = load_config("finetune", arg)
   config.init_from = init_from
@@ -42,7 +57,8 @@ def finetune_config(init_from, arg="tiny", **train):
 def specialized(pretrained, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pn_legal"))
   config = finetune_config(pretrained, steps=20, eval_every=10)
-  return workdir, modes.MODES["specialize"](config, workdir)
+  with no_generic_training_set():
+    return workdir, modes.MODES["specialize"](config, workdir)
 
 
 def test_specialize_end_to_end(pretrained, specialized):
@@ -72,7 +88,8 @@ def test_projected_model_equals_pn_on_its_cluster_before_finetuning(pretrained, 
   _, result = specialized
   config = load_config("finetune")
   config.data.domain = DOMAIN
-  pn = modes.MODES["eval"](config, pretrained)
+  with no_generic_training_set():
+    pn = modes.MODES["eval"](config, pretrained)
   assert pn["step"] == 20
   np.testing.assert_allclose(result["noft_test_ppl"], pn["perplexity"], rtol=1e-4)
   # and eval of the specialized run reproduces its reported test perplexity
@@ -197,10 +214,11 @@ def test_lowest_loss_selection(pretrained):
   """select='lowest_loss' scores every expert on the domain set and takes the best."""
   config = finetune_config(pretrained, "tiny,select=lowest_loss")
   pre = checkpoints.load_saved(pretrained)
-  run_data = checkpoints.pretraining_run_data(pretrained)
+  with no_generic_training_set():
+    run_data = checkpoints.pretraining_run_data(pretrained)
   config = finetune.finetune_config(config, pre)
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-  with mesh_lib.activate(mesh, rules):
+  with mesh_lib.activate(mesh, rules), no_generic_training_set():
     params = checkpoints.restore_params(pre, mesh, rules)
     cluster, info = finetune._pick_expert(config, pre, params, run_data, mesh, rules)
   losses = info["expert_losses"]

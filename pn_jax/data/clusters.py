@@ -21,6 +21,7 @@ from pn_jax.data import DataError
 from pn_jax.data.corpus import write_json
 
 TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"  # words of >= 2 letters
+MAX_FIT = 50_000  # texts (windows) the embedding and k-means are fitted on, at most
 
 
 class ClusterModel:
@@ -32,7 +33,6 @@ class ClusterModel:
     self.arrays = arrays
     self.meta = meta
     self._counter = None
-    self.fit_texts, self.fit_assignment = None, None
 
   @property
   def k(self) -> int:
@@ -115,24 +115,32 @@ def _tfidf_embed(model: ClusterModel, texts: list[str]) -> np.ndarray:
   return _unit(np.asarray(x @ model.arrays["svd"].T))
 
 
-def _fit_tfidf(texts: list[str], dim: int, seed: int) -> dict:
+def _fit_tfidf(texts: list[str], dim: int, seed: int) -> tuple[dict, np.ndarray]:
+  """-> (vocabulary/idf/SVD arrays, the texts' embeddings). The embeddings come from the fit's own
+  counts, so the texts go through the regex tokenizer once; they equal _tfidf_embed(texts)
+  exactly (same counts with sorted indices, same arithmetic; tested)."""
   from sklearn.decomposition import TruncatedSVD
-  from sklearn.feature_extraction.text import TfidfVectorizer
-  min_df = 2 if len(texts) >= 100 else 1
-  vec = TfidfVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True, sublinear_tf=True,
-                        stop_words="english", min_df=min_df, max_df=0.5 if len(texts) >= 100
-                        else 1.0, max_features=50_000, dtype=np.float32)
+  from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
+  big = len(texts) >= 100
+  # = TfidfVectorizer(sublinear_tf=True, same options), split to keep the counts
+  vec = CountVectorizer(token_pattern=TOKEN_PATTERN, lowercase=True, stop_words="english",
+                        min_df=2 if big else 1, max_df=0.5 if big else 1.0, max_features=50_000,
+                        dtype=np.float32)
   try:
-    x = vec.fit_transform(texts)
+    counts = vec.fit_transform(texts)
   except ValueError as e:  # empty vocabulary
     raise DataError(f"cannot embed the corpus with TF-IDF ({e}): the documents contain no words; "
                     "check the corpus or use config.data.cluster_embedding='minilm'") from e
+  tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
+  x = tfidf.transform(counts, copy=True)
   dim = max(1, min(dim, x.shape[1] - 1, len(texts) - 1))
   svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=7, random_state=seed)
   svd.fit(x)
-  vocab = np.array(vec.get_feature_names_out(), dtype=np.str_)
-  return {"vocab": vocab, "idf": vec.idf_.astype(np.float32),
-          "svd": svd.components_.astype(np.float32)}
+  arrays = {"vocab": np.array(vec.get_feature_names_out(), dtype=np.str_),
+            "idf": tfidf.idf_.astype(np.float32), "svd": svd.components_.astype(np.float32)}
+  counts = counts.tocsr(copy=True)
+  counts.sort_indices()  # as CountVectorizer(vocabulary=...).transform returns them
+  return arrays, _unit(np.asarray(_tfidf_matrix(counts, arrays["idf"]) @ arrays["svd"].T))
 
 
 # --- MiniLM (optional) -----------------------------------------------------------------------------
@@ -177,39 +185,87 @@ def _find_st_dir(path: str) -> str:
 
 # --- fitting -----------------------------------------------------------------------------------------
 
-def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf", dim: int = 64,
-                 max_fit: int = 50_000) -> ClusterModel:
-  """Fits the embedding and k-means on (a seeded sample of at most `max_fit` of) `texts`."""
-  from sklearn.cluster import KMeans
+def check_k(k: int, n: int) -> None:
+  """DataError unless 1 <= k <= n (the number of non-empty texts to cluster)."""
   if k < 1:
     raise DataError(f"config.model.k must be >= 1, got {k}")
-  texts = [t for t in texts if t.strip()]
-  if len(texts) < k:
-    raise DataError(f"cannot form k={k} clusters from {len(texts)} non-empty documents/windows: "
+  if n < k:
+    raise DataError(f"cannot form k={k} clusters from {n} non-empty documents/windows: "
                     "lower config.model.k or use a larger corpus")
-  rng = np.random.default_rng(seed)
-  sample = ([texts[i] for i in np.sort(rng.choice(len(texts), max_fit, replace=False))]
-            if len(texts) > max_fit else texts)
-  meta = {"k": k, "seed": seed, "n_fit": len(sample)}
+
+
+def fit_rows(texts: list[str], seed: int, max_fit: int = MAX_FIT) -> np.ndarray:
+  """Indices of the texts the embedding and k-means are fitted on: the non-empty ones, or a seeded
+  sorted sample of `max_fit` of them (independent of k, so runs of any k share the embedding)."""
+  rows = np.array([i for i, t in enumerate(texts) if t.strip()], np.int64)
+  if len(rows) > max_fit:
+    rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), max_fit, replace=False))]
+  return rows
+
+
+def fit_embedding(texts: list[str], seed: int, *, embedding: str = "tfidf",
+                  dim: int = 64) -> tuple[ClusterModel, np.ndarray]:
+  """-> (the embedding half of the routing fitted on `texts`, without centroids (see
+  fit_centroids); float32 [len(texts), dim], the texts' embeddings)."""
+  meta = {"seed": seed, "n_fit": len(texts)}
   if embedding == "tfidf":
-    arrays = _fit_tfidf(sample, dim, seed)
-    model = ClusterModel("tfidf", np.zeros((k, arrays["svd"].shape[0]), np.float32), arrays, meta)
-  elif embedding == "minilm":
+    arrays, x = _fit_tfidf(texts, dim, seed)
+    return ClusterModel("tfidf", np.zeros((0, arrays["svd"].shape[0]), np.float32), arrays,
+                        meta), x
+  if embedding == "minilm":
     meta["minilm_path"] = minilm_path()
-    model = ClusterModel("minilm", np.zeros((k, 1), np.float32), {}, meta)
-  else:
-    raise DataError(f"unknown config.data.cluster_embedding {embedding!r}; use 'tfidf' or 'minilm'")
-  x = model.embed(sample)
+    model = ClusterModel("minilm", np.zeros((0, 1), np.float32), {}, meta)
+    return model, model.embed(texts)
+  raise DataError(f"unknown config.data.cluster_embedding {embedding!r}; use 'tfidf' or 'minilm'")
+
+
+def fit_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """float32 [k, dim]: seeded k-means on unit-norm embeddings (k=1: their mean)."""
+  from sklearn.cluster import KMeans
   if k == 1:
-    centroids = x.mean(0, keepdims=True)
-  else:
-    km = KMeans(n_clusters=k, random_state=seed, n_init=3, max_iter=300)
-    km.fit(x.astype(np.float64))
-    centroids = km.cluster_centers_
-  model.centroids = np.asarray(centroids, np.float32)
-  model.fit_texts = sample  # the fitted sample and its assignment, so callers need not re-embed
-  model.fit_assignment = nearest(x.astype(np.float32), model.centroids)
-  return model
+    return x.mean(0, keepdims=True).astype(np.float32)
+  km = KMeans(n_clusters=k, random_state=seed, n_init=3, max_iter=300)
+  km.fit(x.astype(np.float64))
+  return np.asarray(km.cluster_centers_, np.float32)
+
+
+def with_centroids(model: ClusterModel, centroids: np.ndarray, **meta) -> ClusterModel:
+  """A copy of the (embedding) model with these centroids and extra meta."""
+  return ClusterModel(model.embedding, centroids, model.arrays,
+                      dict(model.meta, k=int(len(centroids)), **meta))
+
+
+def fit_clusters(texts: list[str], k: int, seed: int, *, embedding: str = "tfidf", dim: int = 64,
+                 max_fit: int = MAX_FIT) -> ClusterModel:
+  """Fits the embedding and k-means on (a seeded sample of at most `max_fit` of) `texts`."""
+  rows = fit_rows(texts, seed, max_fit)
+  check_k(k, len(rows))
+  sample = [texts[i] for i in rows]
+  model, x = fit_embedding(sample, seed, embedding=embedding, dim=dim)
+  return with_centroids(model, fit_centroids(x, k, seed), seed=seed)
+
+
+def embed_many(model: ClusterModel, texts: list[str], *, workers: int = 1,
+               chunk: int = 4096) -> np.ndarray:
+  """float32 [len(texts), dim]: model.embed over chunks, TF-IDF chunks spread over `workers`
+  processes (the regex tokenizer holds the GIL). Each row depends on its text alone, so the
+  result equals model.embed(texts) whatever the chunking."""
+  parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+  if not parts:
+    return np.zeros((0, model.arrays["svd"].shape[0] if model.embedding == "tfidf" else 0),
+                    np.float32)
+  workers = min(workers, len(parts))
+  if model.embedding != "tfidf" or workers <= 1:
+    return np.concatenate([model.embed(p) for p in parts])
+  import joblib
+  # loky processes: no fork of a caller that may hold JAX's threads, and, unlike
+  # multiprocessing's spawn, no re-run of an unguarded __main__ script in the workers.
+  run = joblib.Parallel(n_jobs=workers, backend="loky")
+  return np.concatenate(run(joblib.delayed(_embed_chunk)(model.arrays, p) for p in parts))
+
+
+def _embed_chunk(arrays: dict, texts: list[str]) -> np.ndarray:
+  return ClusterModel("tfidf", np.zeros((0, 1), np.float32), arrays, {}).embed(texts)
 
 
 def cluster_sizes(assignment: np.ndarray, k: int) -> list[int]:

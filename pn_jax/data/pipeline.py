@@ -38,11 +38,12 @@ import time
 import numpy as np
 
 from pn_jax.data import DataError
+from pn_jax.data import cache as cache_lib
 from pn_jax.data import clusters as clusters_lib
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import tokenizer as tok_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 EVAL_SEED = 1234  # eval/domain subsets do not depend on the run seed: comparable across runs
 
 
@@ -183,24 +184,38 @@ def stratified_clusters(batch_size: int, num_clusters: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class RunData:
+  """A run's tokenizer and routing, and (training modes only) its packed generic training set.
+
+  prepare_run_data (pretraining) builds or loads everything; load_run_data (specialize, eval,
+  expert selection) loads only the tokenizer and clusters: `train` then raises, so a mode that
+  never trains on generic data cannot pay for reading it by accident.
+  """
   tokenizer: tok_lib.Tokenizer
   num_clusters: int
   clusters: clusters_lib.ClusterModel
-  train: Packed
   root: str  # prepared corpus root
   workdir: str
   seq_len: int
   window: int
-  stats: dict  # documents / windows / tokens / cluster sizes of the training set
+  stats: dict  # documents / windows / tokens / cluster sizes of the training set ({}: unknown)
+  store: cache_lib.ArtefactStore  # where tokenized splits are cached (see split_docs)
+  train_set: Packed | None = None
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def train(self) -> Packed:
+    if self.train_set is None:
+      raise DataError(f"the run data of {self.workdir!r} was loaded without its packed generic "
+                      "training set (load_run_data: specialize/eval need only the tokenizer and "
+                      "clusters); use prepare_run_data to train on generic data")
+    return self.train_set
 
   def domain_cluster(self, domain: str) -> int:
     """The most frequent cluster of the domain's training windows (ties: lowest id)."""
     key = ("domain_cluster", domain)
     if key not in self._cache:
-      docs = tokenize_docs(self.tokenizer, corpus_lib.load_texts(self.root, "train", domain))
-      wins = windows_of(docs, self.window)
-      ids = self.clusters.assign([self.tokenizer.decode(w) for w in wins])
+      wins = windows_of(split_docs(self, "train", domain), self.window)
+      ids = self.clusters.assign(self.tokenizer.decode_batch(wins))
       self._cache[key] = int(np.bincount(ids, minlength=self.num_clusters).argmax())
     return self._cache[key]
 
@@ -218,13 +233,17 @@ def _window(config) -> int:
   return int(config.data.get("cluster_window", 0) or config.data.seq_len)
 
 
-def _file_id(path: str) -> str:
-  st = os.stat(path)
-  return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+def _store(config, workdir: str, write: bool) -> cache_lib.ArtefactStore:
+  """config.data.cache_dir: every stage, shared by the runs that point there; else only the
+  packed set, under <workdir>/data (the behaviour before the cache existed)."""
+  cache_dir = config.data.get("cache_dir", "") or ""
+  if cache_dir:
+    return cache_lib.ArtefactStore(cache_dir, write=write)
+  return cache_lib.ArtefactStore(os.path.join(workdir, "data"), keep=("packed",), write=write)
 
 
-def _key(obj) -> str:
-  return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+def _workers(config) -> int:
+  return int(config.data.get("prep_workers", 0) or os.cpu_count() or 1)
 
 
 def _load_or_train_tokenizer(config, root: str, workdir: str, write: bool) -> tok_lib.Tokenizer:
@@ -252,77 +271,191 @@ def _load_or_train_tokenizer(config, root: str, workdir: str, write: bool) -> to
   return tok
 
 
-def _build(config, root: str, workdir: str, tok, progress: bool, write: bool = True) -> tuple:
-  """Tokenize, window, cluster, pack the generic training set; only `write` saves files."""
-  d, k = config.data, int(config.model.k)
-  settings = _data_settings(config)
-  train_path = corpus_lib.existing_split_file(corpus_lib.split_path(root, "train"))
-  texts = corpus_lib.load_texts(root, "train")  # validates the file before _file_id
-  key = _key([settings, _file_id(train_path), tok.fingerprint()])
-  data_dir = os.path.join(workdir, "data")
-  packed_path = os.path.join(data_dir, f"train-{key}.npz")
-  stats_path = os.path.join(data_dir, f"train-{key}.json")
-  cdir = os.path.join(workdir, "clusters")
-  if os.path.exists(packed_path) and os.path.exists(stats_path):
-    with open(stats_path) as f:
-      return clusters_lib.load_clusters(cdir), Packed.load(packed_path), json.load(f)
+def _split_file(root: str, split: str, domain: str = "") -> str:
+  """The split's file; the DataError of load_texts (naming the file or domain) if unusable."""
+  path = corpus_lib.existing_split_file(corpus_lib.split_path(root, split, domain))
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    corpus_lib.load_texts(root, split, domain)  # raises, naming what is missing
+  return path
+
+
+def _docs_key(root: str, split: str, domain: str, tok: tok_lib.Tokenizer) -> str:
+  source = cache_lib.content_id(_split_file(root, split, domain))
+  return cache_lib.key("docs", FORMAT_VERSION, source, tok.fingerprint())
+
+
+def _cached_docs(store, root: str, split: str, domain: str,
+                 tok: tok_lib.Tokenizer) -> tuple[list[np.ndarray], str]:
+  """-> (a split's tokenized documents in file order, their key), through the store."""
+  key = _docs_key(root, split, domain, tok)
+  hit = store.load("docs", key, ("tokens", "doc_lens"))
+  if hit is not None:
+    return cache_lib.unflatten_docs(hit), key
+  docs = tokenize_docs(tok, corpus_lib.load_texts(root, split, domain))
+  store.save("docs", key, cache_lib.flatten_docs(docs))
+  return docs, key
+
+
+def split_docs(run_data: RunData, split: str, domain: str = "") -> list[np.ndarray]:
+  """A split's tokenized documents in file order. Cached by (file content, tokenizer) in the
+  run's store, so the specialization cells of an experiment (each a separate mode call, with its
+  own RunData) tokenize each domain split once; without config.data.cache_dir, not cached."""
+  return _cached_docs(run_data.store, run_data.root, split, domain, run_data.tokenizer)[0]
+
+
+def _embed_windows(config, store, wins, docs_key, tok, progress) -> tuple:
+  """-> (embedding model without centroids, float32 [W, dim] embeddings of every window,
+  rows the fit used, stage key). Decoding windows back to text is needed only on a miss."""
+  d, seed = config.data, int(config.seed)
+  embedding, dim = str(d.cluster_embedding), int(d.get("cluster_dim", 64))
+  key = cache_lib.key("embed", docs_key, _window(config), embedding, dim, seed,
+                      clusters_lib.MAX_FIT)
+  hit = store.load("embed", key, ("x", "rows", "meta"))
+  if hit is not None:
+    meta = cache_lib.from_json_array(hit.pop("meta"))
+    x, rows = hit.pop("x"), hit.pop("rows")
+    return clusters_lib.ClusterModel(embedding, np.zeros((0, x.shape[1]), np.float32), hit,
+                                     meta), x, rows, key
   t0 = time.time()
-  docs = tokenize_docs(tok, texts)
-  window = _window(config)
-  wins = windows_of(docs, window)
-  win_texts = [tok.decode(w) for w in wins]
-  expect = {"k": k, "embedding": d.cluster_embedding, "window": window,
-            "tokenizer": tok.fingerprint(), "seed": int(config.seed)}
-  if os.path.exists(os.path.join(cdir, "meta.json")):
-    model = clusters_lib.load_clusters(cdir)
-    got = {key_: model.meta.get(key_) for key_ in expect}
-    got["k"], got["embedding"] = model.k, model.embedding
-    if got != expect:
-      raise DataError(f"{cdir} holds clusters for {got} but the config asks for {expect}; use a "
-                      "fresh --workdir (clusters define the routing of a trained model)")
-  else:
-    model = clusters_lib.fit_clusters(win_texts, k, int(config.seed),
-                                      embedding=d.cluster_embedding,
-                                      dim=int(d.get("cluster_dim", 64)))
-    model.meta.update(expect)
-  if model.fit_texts is not None and len(model.fit_texts) == len(win_texts):
-    assignment = model.fit_assignment  # fitted on every window: no second embedding pass
-  else:
-    assignment = model.assign(win_texts)
-  packed = pack(wins, assignment, int(d.seq_len), tok.bos_id, k)
-  sizes = clusters_lib.cluster_sizes(assignment, k)
-  win_tokens = np.bincount(assignment, weights=[len(w) for w in wins], minlength=k)
-  stats = {"documents": len(docs), "windows": len(wins), "tokens": int(sum(map(len, docs))),
-           "sequences": len(packed), "cluster_windows": sizes,
-           "cluster_tokens": win_tokens.astype(int).tolist(),
-           "cluster_sequences": clusters_lib.cluster_sizes(packed.cluster, k),
-           "build_seconds": round(time.time() - t0, 2)}
-  model.meta["train_stats"] = stats
-  if not write:  # a follower process that cannot see process 0's files: same result, in memory
-    return model, packed, stats
-  if not os.path.exists(os.path.join(cdir, "meta.json")):
-    model.save(cdir)
-  os.makedirs(data_dir, exist_ok=True)
-  packed.save(packed_path)
-  corpus_lib.write_json(stats_path, stats)
+  texts = tok.decode_batch(wins)
+  t1 = time.time()
+  rows = clusters_lib.fit_rows(texts, seed)
+  clusters_lib.check_k(int(config.model.k), len(rows))
+  model, x_fit = clusters_lib.fit_embedding([texts[i] for i in rows], seed, embedding=embedding,
+                                            dim=dim)
+  t2 = time.time()
+  x = np.empty((len(texts), x_fit.shape[1]), np.float32)
+  x[rows] = x_fit  # the fit sample is embedded by the fit itself
+  rest = np.setdiff1d(np.arange(len(texts)), rows)  # beyond the 50k sample, or blank
+  if len(rest):
+    x[rest] = clusters_lib.embed_many(model, [texts[i] for i in rest], workers=_workers(config))
   if progress:
-    print(f"pn_jax.data: packed {stats['tokens']:,} tokens of {root} into {len(packed):,} "
-          f"sequences in {k} clusters ({stats['build_seconds']} s)", file=sys.stderr)
-  return model, packed, stats
+    print(f"pn_jax.data: embedded {len(wins):,} windows: decode {t1 - t0:.1f} s, fit "
+          f"{embedding} {t2 - t1:.1f} s, embed {time.time() - t2:.1f} s", file=sys.stderr)
+  store.save("embed", key, dict(model.arrays, x=x, rows=rows,
+                                meta=cache_lib.json_array(model.meta)))
+  return model, x, rows, key
+
+
+def _fit_routing(config, store, x, rows, embed_key) -> tuple[np.ndarray, np.ndarray, str]:
+  """-> (centroids, every window's cluster, stage key): k-means on the fit rows."""
+  k, seed = int(config.model.k), int(config.seed)
+  clusters_lib.check_k(k, len(rows))
+  key = cache_lib.key("clusters", embed_key, k, seed)
+  hit = store.load("clusters", key, ("centroids", "assignment"))
+  if hit is not None:
+    return hit["centroids"], hit["assignment"], key
+  centroids = clusters_lib.fit_centroids(x[rows], k, seed)
+  assignment = clusters_lib.nearest(x, centroids)
+  store.save("clusters", key, {"centroids": centroids, "assignment": assignment})
+  return centroids, assignment, key
+
+
+def _saved_routing(cdir: str, expect: dict) -> clusters_lib.ClusterModel | None:
+  """The run's own clusters/ (None if absent), checked against the config before any work: a
+  workdir's clusters define a trained model's routing and are never refitted."""
+  if not os.path.exists(os.path.join(cdir, "meta.json")):
+    return None
+  saved = clusters_lib.load_clusters(cdir)
+  got = {k: saved.meta.get(k) for k in expect}
+  got["k"], got["embedding"] = saved.k, saved.embedding
+  if got != expect:
+    raise DataError(f"{cdir} holds clusters for {got} but the config asks for {expect}; use a "
+                    "fresh --workdir (clusters define the routing of a trained model)")
+  return saved
+
+
+def _same_model(a: clusters_lib.ClusterModel, b: clusters_lib.ClusterModel) -> bool:
+  return (np.array_equal(a.centroids, b.centroids) and a.arrays.keys() == b.arrays.keys()
+          and all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays))
+
+
+def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple:
+  """Tokenize, window, embed, cluster, pack the generic training set, each stage through the
+  store (cache.py); -> (the run's cluster model, packed set, stats)."""
+  k, seed, window = int(config.model.k), int(config.seed), _window(config)
+  cdir = os.path.join(workdir, "clusters")
+  saved = _saved_routing(cdir, {"k": k, "embedding": str(config.data.cluster_embedding),
+                                "window": window, "tokenizer": tok.fingerprint(), "seed": seed})
+  t0 = time.time()
+  docs, docs_key = _cached_docs(store, root, "train", "", tok)
+  wins = windows_of(docs, window)
+  emb, x, rows, embed_key = _embed_windows(config, store, wins, docs_key, tok, progress)
+  centroids, assignment, routing_key = _fit_routing(config, store, x, rows, embed_key)
+  fitted = clusters_lib.with_centroids(emb, centroids, embedding=emb.embedding, window=window,
+                                       tokenizer=tok.fingerprint(), seed=seed)
+  model = fitted if saved is None else saved
+  if saved is not None and not _same_model(saved, fitted):
+    # fitted by an earlier build (other code): the run keeps its routing, the cache is bypassed
+    assignment = saved.assign(tok.decode_batch(wins))
+    routing_key = cache_lib.key("workdir-clusters", hashlib.sha256(assignment).hexdigest())
+  key = cache_lib.key("packed", routing_key, int(config.data.seq_len), tok.bos_id)
+  hit = _load_packed(store, key)
+  if hit is not None:
+    packed, stats = hit
+  else:
+    packed = pack(wins, assignment, int(config.data.seq_len), tok.bos_id, k)
+    stats = {"documents": len(docs), "windows": len(wins), "tokens": int(sum(map(len, docs))),
+             "sequences": len(packed),
+             "cluster_windows": clusters_lib.cluster_sizes(assignment, k),
+             "cluster_tokens": np.bincount(assignment, weights=[len(w) for w in wins],
+                                           minlength=k).astype(int).tolist(),
+             "cluster_sequences": clusters_lib.cluster_sizes(packed.cluster, k),
+             "build_seconds": round(time.time() - t0, 2)}
+    store.save("packed", key, {"tokens": packed.tokens, "starts": packed.starts,
+                               "ends": packed.ends, "cluster": packed.cluster,
+                               "stats": cache_lib.json_array(stats)})
+  if saved is None and store.write:
+    fitted.meta["train_stats"] = stats
+    fitted.save(cdir)
+  if progress:
+    print(f"pn_jax.data: {stats['tokens']:,} tokens of {root} in {len(packed):,} sequences in "
+          f"{k} clusters ({time.time() - t0:.1f} s; cache {store.directory})", file=sys.stderr)
+  return model, packed, stats, key
+
+
+def _load_packed(store, key: str) -> tuple[Packed, dict] | None:
+  hit = store.load("packed", key, ("tokens", "starts", "ends", "cluster", "stats"))
+  if hit is None:
+    return None
+  return (Packed(hit["tokens"], hit["starts"], hit["ends"], hit["cluster"]),
+          cache_lib.from_json_array(hit["stats"]))
+
+
+def _prepared(ready: str, expect: dict, store, cdir: str) -> tuple | None:
+  """(clusters, packed, stats) of an earlier preparation of this workdir (a resumed run, or a
+  follower process reading process 0's), if its READY.json matches settings and inputs."""
+  try:
+    with open(ready) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if any(info.get(k) != v for k, v in expect.items()) or "packed" not in info:
+    return None
+  hit = _load_packed(store, info["packed"])
+  if hit is None or not os.path.exists(os.path.join(cdir, "meta.json")):
+    return None
+  return (clusters_lib.load_clusters(cdir), *hit)
+
+
+def _check_root(config) -> str:
+  root = corpus_lib.resolve_root(config.data.corpus, config.data.data_dir)
+  if not os.path.isdir(root):
+    raise DataError(f"corpus {config.data.corpus!r} resolves to {root!r}, which does not exist: "
+                    "run `python -m pn_jax.data prepare --out=<data_dir>` and set "
+                    "config.data.data_dir, or use config.data.corpus='tiny'")
+  return root
 
 
 def prepare_run_data(config, workdir: str, *, process_index: int = 0,
                      wait_timeout_s: float = 3600.0, progress: bool = True) -> RunData:
   """Tokenizer + clusters + packed training sequences for this run (idempotent, cached).
 
-  Process 0 builds and writes everything under `workdir`; other processes wait for its READY
-  marker (written last) and then load the same files.
+  Process 0 builds (or takes from config.data.cache_dir) every artefact and writes the run's
+  own tokenizer/clusters under `workdir`; other processes wait for its READY marker (written
+  last) and then load the same files.
   """
-  root = corpus_lib.resolve_root(config.data.corpus, config.data.data_dir)
-  if not os.path.isdir(root):
-    raise DataError(f"corpus {config.data.corpus!r} resolves to {root!r}, which does not exist: "
-                    "run `python -m pn_jax.data prepare --out=<data_dir>` and set "
-                    "config.data.data_dir, or use config.data.corpus='tiny'")
+  root = _check_root(config)
   os.makedirs(workdir, exist_ok=True)
   ready = os.path.join(workdir, "data", "READY.json")
   settings = _data_settings(config)
@@ -338,14 +471,37 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
                         f"write {ready}; check process 0's log, or that --workdir is on a "
                         "filesystem shared by all hosts")
       time.sleep(1.0)
-  tok = _load_or_train_tokenizer(config, root, workdir, write=process_index == 0)
-  model, packed, stats = _build(config, root, workdir, tok, progress and process_index == 0,
-                                write=process_index == 0)
-  if process_index == 0:
-    corpus_lib.write_json(ready, {"settings": settings, "stats": stats})
-  return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, train=packed,
-                 root=root, workdir=workdir, seq_len=int(config.data.seq_len),
-                 window=_window(config), stats=stats)
+  write = process_index == 0
+  tok = _load_or_train_tokenizer(config, root, workdir, write=write)
+  store = _store(config, workdir, write)
+  source = cache_lib.content_id(_split_file(root, "train"))
+  expect = {"settings": settings, "inputs": {"train": source, "tokenizer": tok.fingerprint()}}
+  done = _prepared(ready, expect, store, os.path.join(workdir, "clusters"))
+  if done is not None:
+    model, packed, stats = done
+  else:
+    model, packed, stats, key = _build(config, root, workdir, tok, store, progress and write)
+    if write:
+      corpus_lib.write_json(ready, {**expect, "packed": key, "stats": stats})
+  return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, root=root,
+                 workdir=workdir, seq_len=int(config.data.seq_len), window=_window(config),
+                 stats=stats, store=store, train_set=packed)
+
+
+def load_run_data(config, workdir: str) -> RunData:
+  """A prepared run's tokenizer and clusters, without its packed generic training set: what
+  specialization, evaluation and expert selection need. Builds nothing."""
+  root = _check_root(config)
+  tok = _load_or_train_tokenizer(config, root, workdir, write=False)
+  model = clusters_lib.load_clusters(os.path.join(workdir, "clusters"))
+  ready = os.path.join(workdir, "data", "READY.json")
+  stats = {}
+  if os.path.exists(ready):
+    with open(ready) as f:
+      stats = json.load(f).get("stats", {})
+  return RunData(tokenizer=tok, num_clusters=model.k, clusters=model, root=root, workdir=workdir,
+                 seq_len=int(config.data.seq_len), window=_window(config), stats=stats,
+                 store=_store(config, workdir, write=True))
 
 
 def assign_clusters(run_data: RunData, texts: list[str]) -> np.ndarray:
@@ -492,9 +648,9 @@ def domain_docs(run_data: RunData, domain: str, split: str,
   """A domain split's tokenized documents in a fixed (seed-independent) order, cut after
   `max_tokens` tokens: the 1M subset is a prefix of the 8M one. Shared by the domain iterators
   and the specialization stage's cluster assignment, so both see the same documents."""
-  texts = corpus_lib.load_texts(run_data.root, split, domain)
-  order = np.random.default_rng(EVAL_SEED).permutation(len(texts))
-  docs = tokenize_docs(run_data.tokenizer, [texts[i] for i in order])
+  docs = split_docs(run_data, split, domain)
+  order = np.random.default_rng(EVAL_SEED).permutation(len(docs))
+  docs = [docs[i] for i in order]
   if max_tokens:
     kept, total = [], 0
     for d in docs:
@@ -517,9 +673,8 @@ def packed_split(run_data: RunData, split: str, domain: str = "",
     docs = domain_docs(run_data, domain, split, max_tokens)
     packed = pack_stream(docs, run_data.seq_len, tok.bos_id, run_data.domain_cluster(domain))
   else:
-    docs = tokenize_docs(tok, corpus_lib.load_texts(run_data.root, split))
-    wins = windows_of(docs, run_data.window)
-    ids = run_data.clusters.assign([tok.decode(w) for w in wins])
+    wins = windows_of(split_docs(run_data, split), run_data.window)
+    ids = run_data.clusters.assign(tok.decode_batch(wins))
     packed = pack(wins, ids, run_data.seq_len, tok.bos_id, run_data.num_clusters)
   run_data._cache[key] = packed
   return packed

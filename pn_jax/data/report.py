@@ -104,10 +104,10 @@ def compare_embeddings(run_data, k: int, sample: int = 8000, seed: int = 0) -> s
   texts = [tok.decode(wins[i]) for i in pick]
   src = np.array([src[i] for i in pick])
   t0 = time.time()
-  a_tfidf = clusters_lib.fit_clusters(texts, k, seed, embedding="tfidf").fit_assignment
+  a_tfidf = clusters_lib.fit_clusters(texts, k, seed, embedding="tfidf").assign(texts)
   t_tfidf = time.time() - t0
   t0 = time.time()
-  a_minilm = clusters_lib.fit_clusters(texts, k, seed, embedding="minilm").fit_assignment
+  a_minilm = clusters_lib.fit_clusters(texts, k, seed, embedding="minilm").assign(texts)
   t_minilm = time.time() - t0
 
   def purity(a):

@@ -52,6 +52,19 @@ class Tokenizer:
     specials = (self.pad_id, self.bos_id, self.eos_id)
     return self._sp.decode([i for i in ids if i not in specials])
 
+  def decode_batch(self, seqs: Sequence[np.ndarray], num_threads: int = -1) -> list[str]:
+    """[decode(s) for s in seqs], without a Python int per token: specials are dropped on one
+    flat array and sentencepiece decodes the batch on its own threads."""
+    if self._sp is None or not len(seqs):
+      return [self.decode(s) for s in seqs]
+    flat = np.concatenate([np.asarray(s).reshape(-1) for s in seqs])
+    keep = (flat != self.pad_id) & (flat != self.bos_id) & (flat != self.eos_id)
+    bounds = np.concatenate([[0], np.cumsum([np.size(s) for s in seqs])]).astype(np.int64)
+    kept = np.concatenate([[0], np.cumsum(keep)])[bounds]  # kept ids before each boundary
+    ids, ends = flat[keep].tolist(), kept.tolist()
+    lists = [ids[a:b] for a, b in zip(ends[:-1], ends[1:])]
+    return self._sp.decode(lists, num_threads=num_threads)
+
   def fingerprint(self) -> str:
     """A short hash of the model, to key caches built with this tokenizer."""
     import hashlib

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import ml_collections
 import optax
 
@@ -103,13 +102,12 @@ def inherit_data(config: ml_collections.ConfigDict, pretraining: Saved) -> None:
     config.data[key] = pretraining.config.data[key]
 
 
-def pretraining_run_data(workdir: str, progress: bool = False) -> pipeline.RunData:
-  """The pretraining run's tokenizer, clusters and packed data, loaded from its workdir's cache.
+def pretraining_run_data(workdir: str) -> pipeline.RunData:
+  """The pretraining run's tokenizer and clusters, loaded from its workdir.
 
-  The pretraining config as saved makes prepare_run_data hit every cached artefact (the
-  tokenizer at <root>/tokenizer.model, <root>/clusters, <root>/data/train-*.npz): nothing is
-  retrained or refitted.
+  Nothing is built, and the packed generic training set is not read (specialization and
+  evaluation never train on it); tokenized domain splits are cached in the pretraining config's
+  data.cache_dir, shared by every cell of an experiment.
   """
   root = root_run(workdir)
-  return pipeline.prepare_run_data(root.config, root.workdir,
-                                   process_index=jax.process_index(), progress=progress)
+  return pipeline.load_run_data(root.config, root.workdir)

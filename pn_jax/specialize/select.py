@@ -24,7 +24,7 @@ def domain_histogram(run_data: pipeline.RunData, domain: str,
                      max_tokens: int | None = None) -> np.ndarray:
   """float64 [k]: fraction of the domain's training tokens in each cluster."""
   wins = domain_windows(run_data, domain, max_tokens)
-  ids = pipeline.assign_clusters(run_data, [run_data.tokenizer.decode(w) for w in wins])
+  ids = pipeline.assign_clusters(run_data, run_data.tokenizer.decode_batch(wins))
   counts = np.bincount(ids, weights=[len(w) for w in wins], minlength=run_data.num_clusters)
   return counts / max(counts.sum(), 1.0)
 
