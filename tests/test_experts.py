@@ -278,7 +278,7 @@ def test_a_cluster_without_sequences_is_a_data_error(mix_data):
   train = pipeline.Packed(rd.train.tokens, rd.train.starts[keep], rd.train.ends[keep],
                           rd.train.cluster[keep])
   with pytest.raises(DataError, match=r"clusters \[3\].*config\.model\.k"):
-    pipeline.train_iterator(config, dataclasses.replace(rd, train=train))
+    pipeline.train_iterator(config, dataclasses.replace(rd, train_set=train))
 
 
 # --- end to end --------------------------------------------------------------------------------
