@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
 import numpy as np
 
 VIEWS = {"tokens": "equal pretraining tokens (every method's final checkpoint)",
@@ -274,6 +275,9 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
                  figure: str = "results_ppl_vs_cost.png") -> None:
   """Rewrites the block between this tag's markers in <docs>/results.md (the rest is by hand)."""
   os.makedirs(docs, exist_ok=True)
+  # Budgets no domain holds (e.g. 8M for the small domains only) have no column.
+  exp = ml_collections.ConfigDict(exp.to_dict())
+  exp.budgets = tuple(b for b in exp.budgets if budget_domains(results, exp, b))
   tokens, rows = view_section(results, exp, "tokens")
   time_view, time_rows = view_section(results, exp, "time")
   write_figure(results, rows, time_rows if results.get("equal_time") else [], exp,

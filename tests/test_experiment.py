@@ -241,7 +241,7 @@ def test_every_experiment_config_builds_valid_run_configs():
       config_lib.validate(c, device_count=1)
 
 
-def test_a_budget_larger_than_a_domain_skips_its_cells():
+def test_a_budget_larger_than_a_domain_skips_its_cells(tmp_path):
   """The 8M column holds only the domains with 8M training tokens: its macro average and its
   domains-won count are over those, and the per-domain table shows '-' for the others."""
   from pn_jax import experiment_report as report
@@ -260,3 +260,9 @@ def test_a_budget_larger_than_a_domain_skips_its_cells():
   assert math.isclose(pn[100]["macro"], math.sqrt(9.0 * 22.0))
   assert "| PN | 1e+03 | 7.00 | - |" in report.per_domain_table(rows, exp)
   assert "| PN | -0.5% | 1/2 | -12.5% | 1/1 |" in report.vs_slm_table(rows, exp)
+  exp.budgets = (100, 1000, 10_000)  # no domain holds 10k tokens: no column, no nan
+  results["pretrain"] = {m: {"flops": 1.0, "seconds": 1.0, "generic_valid_ppl": 30.0}
+                         for m in ("slm", "pn")}
+  report.write_report(results, exp, str(tmp_path), "pytest", tag="t", figure="t.png")
+  text = (tmp_path / "results.md").read_text()
+  assert "ft 1e+03" in text and "1e+04" not in text and "nan" not in text
