@@ -23,7 +23,6 @@ def get_config(arg=None):
   c.pretrain_tokens *= 5
   c.tokenizer_from = "runs/exp_cpu_small/tokenizer.model"
   c.methods = ml_collections.ConfigDict(
-      {k: c.methods[k] for k in ("slm", "mix", "mix_shared", "pn", "pn_lrs",
-                                         "pn_homogeneous")})
+      {k: c.methods[k] for k in ("slm", "mix", "mix_shared", "pn", "pn_homogeneous")})
   c.distill = False
   return c
