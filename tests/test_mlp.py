@@ -73,3 +73,17 @@ def test_shared_weight_path_equals_per_sequence_path():
   shared = mlp.apply(params, x, code)
   per_seq = mlp.apply(params, x, jnp.repeat(code, 4, axis=0))
   np.testing.assert_allclose(shared, per_seq, atol=1e-5)
+
+
+def test_auto_attention_uses_cudnn_only_where_it_runs(monkeypatch):
+  """cuDNN flash attention takes 16-bit inputs only: a float32 model (the tiny configs) on a GPU
+  must get the XLA kernel, not a NotImplementedError at its first step."""
+  import jax.numpy as jnp
+  from pn_jax.model import transformer
+  monkeypatch.setattr(transformer.jax, "default_backend", lambda: "gpu")
+  assert transformer.attention_impl("auto", jnp.bfloat16) == "cudnn"
+  assert transformer.attention_impl("auto", jnp.float16) == "cudnn"
+  assert transformer.attention_impl("auto", jnp.float32) == "xla"
+  monkeypatch.setattr(transformer.jax, "default_backend", lambda: "cpu")
+  assert transformer.attention_impl("auto", jnp.bfloat16) == "xla"
+  assert transformer.attention_impl("cudnn", jnp.float32) == "cudnn"  # explicit choice kept

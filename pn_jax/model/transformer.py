@@ -58,10 +58,12 @@ def rope(x_BTNH: Array, positions_T: Array, theta: float) -> Array:
   return out.astype(x_BTNH.dtype)
 
 
-def attention_impl(name: str) -> str | None:
-  """'auto' lets jax pick cuDNN flash attention on GPU and the XLA kernel elsewhere."""
+def attention_impl(name: str, dtype=jnp.bfloat16) -> str | None:
+  """'auto': cuDNN flash attention on GPU for the 16-bit dtypes it supports, the XLA kernel
+  otherwise (float32 models, e.g. the tiny configs, and other backends)."""
   if name == "auto":
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
   return name
 
 
@@ -94,7 +96,7 @@ class Attention(nn.Module):
       out = self._attend_cached(q, k, v, positions, index)
     else:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                         implementation=attention_impl(c.attention))
+                                         implementation=attention_impl(c.attention, q.dtype))
     return jnp.einsum("BTNH,NHD->BTD", out, wo)
 
   def _attend_cached(self, q_BTNH: Array, k_BTNH: Array, v_BTNH: Array, positions_T: Array,
