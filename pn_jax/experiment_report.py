@@ -152,7 +152,7 @@ def cost_table(results, rows, exp, view: str) -> list[str]:
           for b in (b_small, b_large)]
     lines.append(
         f"| {label(m)} | " + "".join(s + " | " for s in step)
-        + f"{pf:.2e} | {ps:.0f} | {_generic_ppl(results, m, view)} | {r[b_large]['noft']:.2f} | "
+        + f"{pf:.2e} | {ps:.3g} | {_generic_ppl(results, m, view)} | {r[b_large]['noft']:.2f} | "
         + " | ".join(_ppl(r[b]["macro"], any(r[b]["capped"].values())) for b in exp.budgets)
         + f" | {sf[0]:.2e} / {sf[1]:.2e} | "
         f"{r[b_small]['spec_seconds']:.0f} / {r[b_large]['spec_seconds']:.0f} |")
@@ -209,7 +209,7 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
               "milestone (runs made before the training loop wrote it).", ""], rows
     intro = (f"Each method specialized from its latest pretraining milestone "
              f"({', '.join(f'{f:g}' for f in exp.milestones)} of its steps) whose training "
-             f"seconds are within {label(eq['reference'])}'s total, {eq['budget_seconds']:.0f} "
+             f"seconds are within {label(eq['reference'])}'s total, {eq['budget_seconds']:.3g} "
              f"s; \"(final)\" reuses the equal-token cell. {OVER}: even the first milestone "
              "cost more. SLM-d and SLM-is are compared at equal tokens only (their cost is "
              "the SLM's plus the LLM's, and a per-domain pretraining run).")
