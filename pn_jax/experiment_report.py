@@ -204,7 +204,7 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
   if view == "time":
     eq = results.get("equal_time") or {}
     if not eq or not rows:
-      return [f"### {VIEWS[view]}", "",
+      return [f"#### {VIEWS[view]}", "",
               "Not available: the reference's pretraining run has no costs.json with every "
               "milestone (runs made before the training loop wrote it).", ""], rows
     intro = (f"Each method specialized from its latest pretraining milestone "
@@ -216,7 +216,7 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
   else:
     intro = ("Every method specialized from its final checkpoint (the same generic tokens; "
              "SLM-is: per domain; SLM-d: the SLM's + the LLM's pretraining).")
-  lines = [f"### {VIEWS[view]}", "", intro, "", *cost_table(results, rows, exp, view), "",
+  lines = [f"#### {VIEWS[view]}", "", intro, "", *cost_table(results, rows, exp, view), "",
            *vs_slm_table(rows, exp), "", *per_domain_table(rows, exp), ""]
   return lines, rows
 

@@ -13,7 +13,10 @@ SLM's inference cost; PN k=32, h=24, m=16 (configs/pn.py's h/k/m); SLM-mix k=16 
 SLM-is k=1024 clusters (the paper's). Domains: three at 1M tokens and the two that hold 8M
 (dictionary, source_code); a (domain, budget) cell whose domain holds fewer training tokens than
 the budget is skipped. Fine-tuning follows the paper's lr rule (experiment.finetune).
-Arg `validate` shrinks it to a few-minute run that exercises every stage of the runner.
+Arg `validate` shrinks it to a few-minute run that exercises every stage of the runner (on an
+H200: 514 s in two calls, docs/results.md). The full config needs an estimated 30-40 minutes of
+device time (preparation ~4, pretraining ~5, SLM-is ~6, ~75 fine-tuning cells ~15-25); to fit
+one session's 30 minutes drop a 1M-only domain or SLM-is's 8M cells (`--config.domains=...`).
 """
 
 import pathlib
