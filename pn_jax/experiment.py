@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from pn_jax import config as config_lib
 from pn_jax import modes
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
 from pn_jax.experiment_report import write_report
 from pn_jax.train import costs as costs_lib
@@ -409,10 +410,9 @@ def run(exp, root: str, stop: StopRequest | None = None) -> dict:
 
 
 def domain_train_tokens(corpus: str, tokenizer: str, domains) -> dict[str, int]:
-  """Training tokens of each domain split (documents + eos, as the pipeline packs them)."""
+  """Training tokens of each domain split, as the pipeline tokenizes them (documents + eos)."""
   tok = tok_lib.load_tokenizer(tokenizer)
-  return {d: sum(len(ids) + 1
-                 for ids in tok.encode_batch(corpus_lib.load_texts(corpus, "train", d)))
+  return {d: sum(map(len, pipeline.tokenize_docs(tok, corpus_lib.load_texts(corpus, "train", d))))
           for d in domains}
 
 
