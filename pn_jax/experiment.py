@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from pn_jax import config as config_lib
 from pn_jax import modes
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
 from pn_jax.experiment_report import write_report
 from pn_jax.train import costs as costs_lib
@@ -366,9 +367,14 @@ def check_reusable(saved_exp: dict, exp) -> None:
         + "); use a new --root (or restore those settings to add stages to this one)")
 
 
+def _final_costs(workdir: str, c) -> tuple[dict, dict]:
+  """-> (the run's costs.json, {} if none; its entry for the final step c.train.steps, or {})."""
+  costs = costs_lib.read_costs(workdir)
+  return costs, costs.get("steps", {}).get(str(c.train.steps), {})
+
+
 def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
-  costs = costs_lib.read_costs(workdir) or {}
-  final = costs.get("steps", {}).get(str(c.train.steps), {})
+  costs, final = _final_costs(workdir, c)
   ppl = out.get("eval_perplexity", final.get("eval_perplexity"))
   return {"flops": pretrain_flops(c), "seconds": secs, "generic_valid_ppl": ppl,
           "steps": c.train.steps, "tokens": exp.pretrain_tokens,
@@ -404,10 +410,9 @@ def run(exp, root: str, stop: StopRequest | None = None) -> dict:
 
 
 def domain_train_tokens(corpus: str, tokenizer: str, domains) -> dict[str, int]:
-  """Training tokens of each domain split (documents + eos, as the pipeline packs them)."""
+  """Training tokens of each domain split, as the pipeline tokenizes them (documents + eos)."""
   tok = tok_lib.load_tokenizer(tokenizer)
-  return {d: sum(len(ids) + 1
-                 for ids in tok.encode_batch(corpus_lib.load_texts(corpus, "train", d)))
+  return {d: sum(map(len, pipeline.tokenize_docs(tok, corpus_lib.load_texts(corpus, "train", d))))
           for d in domains}
 
 
@@ -473,8 +478,7 @@ def _run_stages(exp, root, results, save, stop) -> None:
         pre_is = results.setdefault("pretrain_is", {})
         if cell not in pre_is:
           out, secs = _stage(stop, modes.importance, c, pre_dir)
-          costs = costs_lib.read_costs(pre_dir) or {}
-          final = costs.get("steps", {}).get(str(c.train.steps), {})
+          _, final = _final_costs(pre_dir, c)
           pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
                               is_pretrain_train_seconds=final.get("train_seconds"),
                               is_pretrain_domain_valid_ppl=out["eval_perplexity"],

@@ -258,11 +258,14 @@ def write_figure(results, rows, time_rows, exp, path: str) -> None:
 
 
 def _lr_rule(exp) -> str:
+  """experiment.finetune_lr's rule in words, with its values."""
+  from pn_jax.experiment import finetune_lr
   f = exp.finetune
+  small, full = finetune_lr(exp, 0), finetune_lr(exp, f.full_lr_tokens)
   if f.lr > 0:
-    return f"{f.lr:g}"
-  return (f"{exp.pretrain_lr / 3:g} (the pretraining lr / 3) below {f.full_lr_tokens:.0e} "
-          f"domain tokens, {exp.pretrain_lr:g} from there on (the paper's rule)")
+    return f"{small:g}"
+  return (f"{small:g} (the pretraining lr / 3) below {f.full_lr_tokens:.0e} "
+          f"domain tokens, {full:g} from there on (the paper's rule)")
 
 
 def exp_summary(exp) -> str:

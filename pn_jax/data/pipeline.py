@@ -75,6 +75,7 @@ class Packed:
       return cls(z["tokens"], z["starts"], z["ends"], z["cluster"])
 
 
+
 def tokenize_docs(tokenizer: tok_lib.Tokenizer, texts: list[str]) -> list[np.ndarray]:
   """One int32 array per document: its tokens followed by eos."""
   out = []
@@ -519,29 +520,30 @@ def _local_size(config, process_count: int) -> int:
   return b // process_count
 
 
-class _EpochBatches:
-  """Random-access source: step -> this process's local batch (infinite, epochs reshuffled)."""
+class _EndlessBatches:
+  """Random-access source: step -> this process's rows [lo, hi) of an endless stream of global
+  batches. Subclasses build per-epoch orders lazily through `_per_epoch`, which keeps each
+  stream's latest two epochs (threads of grain's reader share them under a lock)."""
 
-  def __init__(self, packed: Packed, *, batch_size: int, seq_len: int, pad_id: int, mode: str,
-               seed: int, process_index: int, process_count: int, shuffle: bool = True):
-    self.packed, self.b, self.t, self.pad_id = packed, batch_size, seq_len, pad_id
-    self.mode, self.seed, self.shuffle = mode, seed, shuffle
+  def __init__(self, packed: Packed, *, batch_size: int, seq_len: int, pad_id: int, seed: int,
+               process_index: int, process_count: int):
+    self.packed, self.t, self.pad_id, self.seed = packed, seq_len, pad_id, seed
     self.lo = process_index * (batch_size // process_count)
     self.hi = self.lo + batch_size // process_count
-    self.num_batches = len(batch_plan(packed.cluster, batch_size, mode, None))
-    self._lock, self._plans = threading.Lock(), {}
+    self._lock, self._epochs = threading.Lock(), {}
 
-  def plan(self, epoch: int) -> np.ndarray:
+  def _per_epoch(self, stream, epoch: int, build):
+    """build()'s result for (stream, epoch), memoized; the stream's older epochs are dropped."""
     with self._lock:
-      if epoch not in self._plans:
-        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
-        self._plans = {epoch: batch_plan(self.packed.cluster, self.b, self.mode, rng),
-                       **{e: p for e, p in self._plans.items() if e == epoch - 1}}
-      return self._plans[epoch]
+      if (stream, epoch) not in self._epochs:
+        self._epochs = {(s, e): v for (s, e), v in self._epochs.items()
+                        if s != stream or e == epoch - 1}
+        self._epochs[(stream, epoch)] = build()
+      return self._epochs[(stream, epoch)]
 
   def __getstate__(self):  # picklable for grain's multiprocessing workers
     state = dict(self.__dict__)
-    state["_lock"], state["_plans"] = None, {}
+    state["_lock"], state["_epochs"] = None, {}
     return state
 
   def __setstate__(self, state):
@@ -550,6 +552,22 @@ class _EpochBatches:
 
   def __len__(self):
     return sys.maxsize
+
+
+class _EpochBatches(_EndlessBatches):
+  """step -> this process's local batch (epochs of batch_plan, reshuffled)."""
+
+  def __init__(self, packed: Packed, *, batch_size: int, mode: str, shuffle: bool = True,
+               **common):
+    super().__init__(packed, batch_size=batch_size, **common)
+    self.b, self.mode, self.shuffle = batch_size, mode, shuffle
+    self.num_batches = len(batch_plan(packed.cluster, batch_size, mode, None))
+
+  def plan(self, epoch: int) -> np.ndarray:
+    def build():
+      rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+      return batch_plan(self.packed.cluster, self.b, self.mode, rng)
+    return self._per_epoch(None, epoch, build)
 
   def __getitem__(self, step: int):
     epoch, j = divmod(int(step), self.num_batches)
@@ -558,12 +576,11 @@ class _EpochBatches:
     return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id, pad_cluster)
 
 
-class _StratifiedBatches:
-  """Random-access source: step -> this process's rows of a stratified batch (module doc)."""
+class _StratifiedBatches(_EndlessBatches):
+  """step -> this process's rows of a stratified batch (module doc)."""
 
-  def __init__(self, packed: Packed, *, batch_size: int, num_clusters: int, seq_len: int,
-               pad_id: int, seed: int, process_index: int, process_count: int):
-    self.packed, self.t, self.pad_id, self.seed = packed, seq_len, pad_id, seed
+  def __init__(self, packed: Packed, *, batch_size: int, num_clusters: int, **common):
+    super().__init__(packed, batch_size=batch_size, **common)
     self.b = _rows_per_expert(batch_size, num_clusters)
     self.members = [np.flatnonzero(packed.cluster == c) for c in range(num_clusters)]
     empty = [c for c, m in enumerate(self.members) if not len(m)]
@@ -571,31 +588,13 @@ class _StratifiedBatches:
       raise DataError(f"clusters {empty} of the training set hold no sequence, so their "
                       "independent experts could never train: use a larger corpus or a smaller "
                       "config.model.k")
-    self.lo = process_index * (batch_size // process_count)
-    self.hi = self.lo + batch_size // process_count
-    self._lock, self._orders = threading.Lock(), {}
 
   def order(self, c: int, epoch: int) -> np.ndarray:
     """Cluster c's sequence ids in its epoch `epoch` (the latest two epochs per cluster kept)."""
-    with self._lock:
-      if (c, epoch) not in self._orders:
-        rng = np.random.default_rng([self.seed, c, epoch])
-        self._orders = {key: o for key, o in self._orders.items()
-                        if key[0] != c or key[1] == epoch - 1}
-        self._orders[(c, epoch)] = self.members[c][rng.permutation(len(self.members[c]))]
-      return self._orders[(c, epoch)]
-
-  def __getstate__(self):  # picklable for grain's multiprocessing workers
-    state = dict(self.__dict__)
-    state["_lock"], state["_orders"] = None, {}
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def __len__(self):
-    return sys.maxsize
+    def build():
+      rng = np.random.default_rng([self.seed, c, epoch])
+      return self.members[c][rng.permutation(len(self.members[c]))]
+    return self._per_epoch(c, epoch, build)
 
   def __getitem__(self, step: int):
     rows = []
