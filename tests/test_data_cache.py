@@ -157,7 +157,6 @@ def test_later_stages_do_not_load_the_training_set(tmp_path, tokenizer_path, cal
     raise AssertionError("the packed generic training set was loaded or built")
   for name in ("_build", "prepare_run_data"):
     monkeypatch.setattr(pipeline, name, forbidden)
-  monkeypatch.setattr(pipeline.Packed, "load", forbidden)
   monkeypatch.setattr(cache_lib.ArtefactStore, "load", lambda self, stage, *a: (
       forbidden() if stage == "packed" else STORE_LOAD(self, stage, *a)))
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import load_config
 from pn_jax import modes
+from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints, finetune, importance, select
@@ -42,7 +43,9 @@ def no_generic_training_set():
   with pytest.MonkeyPatch.context() as mp:
     for name in ("_build", "prepare_run_data"):
       mp.setattr(pipeline, name, forbidden)
-    mp.setattr(pipeline.Packed, "load", forbidden)
+    store_load = cache_lib.ArtefactStore.load  # the packed set is read through the store only
+    mp.setattr(cache_lib.ArtefactStore, "load", lambda self, stage, *a, **k: (
+        forbidden() if stage == "packed" else store_load(self, stage, *a, **k)))
     yield
 
 

@@ -64,16 +64,6 @@ class Packed:
   def num_targets(self) -> int:
     return int((self.ends - self.starts - 1).sum())
 
-  def save(self, path: str) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, tokens=self.tokens, starts=self.starts, ends=self.ends, cluster=self.cluster)
-    os.replace(tmp, path)
-
-  @classmethod
-  def load(cls, path: str) -> "Packed":
-    with np.load(path, allow_pickle=False) as z:
-      return cls(z["tokens"], z["starts"], z["ends"], z["cluster"])
-
 
 
 def tokenize_docs(tokenizer: tok_lib.Tokenizer, texts: list[str]) -> list[np.ndarray]:
