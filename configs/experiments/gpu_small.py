@@ -4,19 +4,25 @@
 
 On the lent device machine (prepared corpus and wheels carried, stages resumed call after call):
 `python launch/gpu_experiment.py pack` here, then `bash launch/gpu_experiment.sh
-configs/experiments/gpu_small.py` there until it prints `PN_EXPERIMENT done` (docs/launch.md).
+configs/experiments/gpu_small.py configs/experiments/gpu_small.py:seeds ...` there until it
+prints `PN_EXPERIMENT done` (docs/launch.md): the parts run as concurrent processes on the one
+GPU, the later ones on the first one's prepared data (`data_root`), and the report merges them.
 
 The miniature (../shared/MEASURED.md): the SLM has d_model 128, 4 layers, MLP 512 (~0.8M
 non-embedding parameters), vocab 8k, context 1,024, batch 32, so the generic budget gives it
 ~`pretrain_tokens / 0.8M` tokens per parameter (the paper: ~350 at 100 GPUh). The LLM is ~4x the
 SLM's inference cost; PN k=32, h=24, m=16 (configs/pn.py's h/k/m); SLM-mix k=16 independent SLMs;
-SLM-is k=1024 clusters (the paper's). Domains: three at 1M tokens and the two that hold 8M
-(dictionary, source_code); a (domain, budget) cell whose domain holds fewer training tokens than
-the budget is skipped. Fine-tuning follows the paper's lr rule (experiment.finetune).
-Arg `validate` shrinks it to a few-minute run that exercises every stage of the runner (on an
-H200: 514 s in two calls, docs/results.md). The full config needs an estimated 30-40 minutes of
-device time (preparation ~4, pretraining ~5, SLM-is ~6, ~75 fine-tuning cells ~15-25); to fit
-one session's 30 minutes drop a 1M-only domain or SLM-is's 8M cells (`--config.domains=...`).
+SLM-is k=1024 clusters (the paper's). Domains: legal and religious at 1M tokens, dictionary and
+source_code (the two that hold 8M) at 1M and 8M; a (domain, budget) cell whose domain holds
+fewer training tokens than the budget is skipped. Fine-tuning follows the paper's lr rule.
+
+Args (the parts of one comparison; each is its own experiment root):
+  (none)       the comparison: SLM, SLM-mix, PN (both expert-selection rules), LLM, SLM-d, SLM-is;
+  seeds        SLM and PN again with model seed 1 (GPU runs are not bit-deterministic either);
+  hypotheses1, hypotheses2
+               PN variants, one change each, at 1M tokens: why PN's capacity does or does not
+               pay (the "what mattered" table, `hypotheses` below);
+  validate     a few-minute run that exercises every stage of the runner.
 """
 
 import pathlib
@@ -27,37 +33,96 @@ from pn_jax.config import load_module, parse_arg
 
 SLM = "model.d_model=128,model.n_layers=4,model.n_heads=4,model.mlp_dim=512"
 LLM = "model.d_model=256,model.n_layers=4,model.n_heads=4,model.mlp_dim=1024"
+PN = SLM + ",model.k=32,model.h=24,model.m=16"
+LOWEST_LOSS = "specialize.select=lowest_loss"
+QUARTER = "train.steps=915"  # a quarter of the generic tokens (30M)
+
+# name -> (config file, pretraining overrides[, fine-tuning overrides]); the part that runs it.
+PARTS = {
+    "": dict(
+        slm=("configs/slm.py", SLM),
+        mix=("configs/mix.py", SLM + ",model.k=16"),
+        pn=("configs/pn.py", PN),
+        pn_lowest_loss=("configs/pn.py", PN, LOWEST_LOSS),  # reuses pn's pretraining
+        llm=("configs/llm.py", LLM),
+        slm_is=("configs/importance.py", SLM + ",model.k=1024"),
+    ),
+    "seeds": dict(
+        slm_s1=("configs/slm.py", SLM + ",seed=1"),
+        pn_s1=("configs/pn.py", PN + ",seed=1"),
+        pn_lowest_loss_s1=("configs/pn.py", PN + ",seed=1", LOWEST_LOSS),
+    ),
+    "hypotheses1": dict(
+        pn_code_shared=("configs/pn.py", PN + ",model.code_init=shared"),
+        pn_h8=("configs/pn.py", SLM + ",model.k=32,model.h=8,model.m=8"),
+        pn_h48=("configs/pn.py", SLM + ",model.k=32,model.h=48,model.m=16"),
+        pn_k16=("configs/pn.py", SLM + ",model.k=16,model.h=24,model.m=16"),
+    ),
+    "hypotheses2": dict(
+        pn_m32=("configs/pn.py", SLM + ",model.k=32,model.h=32,model.m=32"),
+        pn_codes_no_decay=("configs/pn.py", PN + ",optim.decay_codes=False"),
+        slm_30M=("configs/slm.py", SLM + "," + QUARTER),
+        pn_30M=("configs/pn.py", PN + "," + QUARTER),
+    ),
+}
+
+LABELS = dict(
+    pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)", pn_s1="PN (seed 1)",
+    pn_lowest_loss_s1="PN, lowest-loss expert (seed 1)", pn_code_shared="PN, shared code init",
+    pn_h8="PN h=8 m=8", pn_h48="PN h=48", pn_k16="PN k=16", pn_m32="PN h=m=32",
+    pn_codes_no_decay="PN, no decay on E, M", slm_30M="SLM, 30M tokens", pn_30M="PN, 30M tokens")
+
+# The "what mattered" table: method -> (the one change from PN's defaults, the SLM it is
+# compared with). pn is the baseline row.
+HYPOTHESES = dict(
+    pn=("none (k=32, h=24, m=16, random unit codes, most frequent cluster)", "slm"),
+    pn_s1=("none, model seed 1", "slm_s1"),
+    pn_lowest_loss=("expert with the lowest loss on the domain's training data", "slm"),
+    pn_lowest_loss_s1=("lowest-loss expert, model seed 1", "slm_s1"),
+    pn_code_shared=("codes start near one shared direction (experts start alike)", "slm"),
+    pn_h8=("a third of the basis: h=8 (m=8)", "slm"),
+    pn_h48=("twice the basis: h=48", "slm"),
+    pn_k16=("16 experts (twice the tokens per expert)", "slm"),
+    pn_m32=("code length >= experts: h=m=32", "slm"),
+    pn_codes_no_decay=("no weight decay on E and M", "slm"),
+    pn_30M=("a quarter of the pretraining tokens (30M), vs the SLM at 30M", "slm_30M"),
+)
 
 
 def get_config(arg=None):
   args = parse_arg(arg)
+  part = args.get("size", "")
   c = load_module(pathlib.Path(__file__).with_name("cpu_small.py")).get_config(None)
   c.source = "data_cache"
   c.generic_chars = 400_000_000  # the whole prepared generic set (~137 MB)
   c.heldout_chars = 1_000_000  # per held-out split: ~250k tokens, 8 eval batches of 32k
   c.domain_train_chars = 40_000_000  # >= 8M tokens where the domain has them
-  c.domains = ("legal", "religious", "manpages", "dictionary", "source_code")
+  c.domains = ("legal", "religious", "dictionary", "source_code")
   c.budgets = (1_000_000, 8_000_000)
   c.vocab_size = 8192
   c.seq_len = 1024
   c.batch_size = 32
-  c.pretrain_tokens = 120_000_000  # ~150 tokens per SLM parameter, ~2.4 epochs of generic
+  c.pretrain_tokens = 120_000_000  # ~150 tokens per SLM parameter, ~2.2 epochs of generic
   c.pretrain_lr = 2e-3
   c.eval_batches = 16
-  c.methods = ml_collections.ConfigDict(dict(
-      slm=("configs/slm.py", SLM),
-      mix=("configs/mix.py", SLM + ",model.k=16"),
-      mix_shared=("configs/mix_shared.py", SLM + ",model.k=16"),
-      pn=("configs/pn.py", SLM + ",model.k=32,model.h=24,model.m=16"),
-      llm=("configs/llm.py", LLM),
-      slm_is=("configs/importance.py", SLM + ",model.k=1024"),
-  ))
   c.distill = True
   c.finetune.update(steps=2000, eval_every=25, early_stop_patience=3, eval_batches=8)
-  if args.get("size") == "validate":
+  c.labels = ml_collections.ConfigDict(LABELS)
+  c.seed_groups = ml_collections.ConfigDict(dict(slm=("slm", "slm_s1"), pn=("pn", "pn_s1")))
+  c.hypotheses = ml_collections.ConfigDict(HYPOTHESES)
+  if part == "validate":
     c.domains = ("legal", "dictionary")
     c.pretrain_tokens = 8_000_000
     c.methods = ml_collections.ConfigDict(
-        {k: v for k, v in c.methods.items() if k in ("slm", "mix", "pn", "llm", "slm_is")})
+        {k: v for k, v in PARTS[""].items() if k != "pn_lowest_loss"})
     c.finetune.update(steps=200)
+    return c
+  if part not in PARTS:
+    raise ValueError(f"gpu_small: unknown part {part!r}; one of {sorted(PARTS)} or validate")
+  c.methods = ml_collections.ConfigDict(PARTS[part])
+  if part:  # the other parts: no SLM-d, and (hypotheses) 1M tokens only, no equal-time view
+    c.distill = False
+    c.equal_time_reference = "slm_s1" if part == "seeds" else ""
+    if part != "seeds":
+      c.budgets = (1_000_000,)
   return c
