@@ -12,6 +12,7 @@ import ml_collections
 MLP_KINDS = ("dense", "mixture", "projected")
 CLUSTER_BATCHING = ("mixed", "homogeneous", "stratified")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_out")
+CODE_INITS = ("random", "shared")  # pn_jax/model/transformer.py::CODE_INITS
 NAN_POLICIES = ("stop", "skip")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -37,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.k = 1  # experts = clusters (mixture, projected)
   m.h = 1  # basis slices of the shared tensor T (projected)
   m.m = 1  # code length per expert: E is [k, m] (projected)
+  # Expert codes' init (projected): random (independent unit rows) | shared (unit rows near one
+  # shared direction: the experts start alike; pn_jax/model/transformer.py::shared_rows_init).
+  m.code_init = "random"
   # True: the paper's SLM-mix, k independent copies of the dense model above (no shared
   # parameter), trained batched over a leading expert axis on stratified batches
   # (pn_jax/model/experts.py). Needs mlp_kind=dense and data.cluster_batching=stratified.
@@ -96,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   # pn_jax/train/optimizer.py::scale_basis_updates; 1/sqrt(h) gives projected weights the dense
   # model's Adam step size, which trained worse at the scale of docs/results.md).
   o.basis_lr_scale = 1.0
+  # PN only: False exempts the expert codes E and the per-layer maps M from weight decay (a
+  # product E M T is scaled by every factor's decay; T alone is the matrix a dense model decays).
+  o.decay_codes = True
 
   # --- training loop -----------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -181,6 +188,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   if m.mlp_kind == "projected":
     if m.h < 1 or m.m < 1:
       _fail("model.h", f"projected MLP needs h >= 1 and m >= 1, got h={m.h}, m={m.m}")
+    if m.code_init not in CODE_INITS:
+      _fail("model.code_init", f"unknown code init {m.code_init!r}; choose one of {CODE_INITS}")
     if m.m > m.h:
       _fail("model.m", f"code length m={m.m} exceeds basis size h={m.h}: M [m, h] would be "
             "rank-deficient by construction; use m <= h")

@@ -39,7 +39,7 @@ from pn_jax import modes
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
-from pn_jax.experiment_report import write_report
+from pn_jax.experiment_report import merge_results, write_report
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 
@@ -60,14 +60,25 @@ def load_run_config(spec: str) -> ml_collections.ConfigDict:
   return config_lib.load_config(os.path.join(REPO, spec))
 
 
+def override_keys(overrides: str) -> list[str]:
+  return [item.split("=", 1)[0] for item in filter(None, overrides.split(","))]
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: str) -> None:
+  """'a.b=1,c=x' -> config.a.b = 1, config.c = 'x' (each value cast to the key's type)."""
   for item in filter(None, overrides.split(",")):
     key, value = item.split("=", 1)
     *parents, leaf = key.split(".")
     node = config
     for p in parents:
       node = node[p]
-    node[leaf] = type(node[leaf])(value)
+    kind = type(node[leaf])
+    if kind is bool:  # bool("False") is True
+      if value.lower() not in ("true", "false"):
+        raise config_lib.ConfigError(f"override {item!r}: {key} takes true or false")
+      node[leaf] = value.lower() == "true"
+    else:
+      node[leaf] = kind(value)
 
 
 # --- corpus ---------------------------------------------------------------------------------
@@ -222,25 +233,31 @@ def milestone_steps(steps: int, fractions) -> tuple[int, list[int]]:
 
 def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   """`root`: the experiment root, whose data_cache/ every pretraining run (the importance-sampling
-  ones too) shares: the corpus is tokenized, embedded and clustered once per experiment."""
+  ones too) shares: the corpus is tokenized, embedded and clustered once per experiment
+  (`exp.data_root`: that root's instead). The method's overrides are applied last, so a method
+  may set its own seed, learning rate or length (`train.steps`); warmup and milestones follow
+  its length."""
   c = load_run_config(spec)
-  apply_overrides(c, overrides)
   c.seed = exp.seed
   c.model.update(vocab_size=exp.vocab_size, max_len=max(c.model.max_len, exp.seq_len))
   c.data.update(corpus=corpus, tokenizer_path=tokenizer, seq_len=exp.seq_len,
                 batch_size=exp.batch_size, eval_batches=exp.eval_batches)
-  steps = int(exp.pretrain_tokens // (exp.batch_size * exp.seq_len))
-  c.optim.update(lr=exp.pretrain_lr, warmup_steps=max(steps // 20, 1))
+  c.optim.lr = exp.pretrain_lr
+  c.train.steps = int(exp.pretrain_tokens // (exp.batch_size * exp.seq_len))
+  apply_overrides(c, overrides)
+  steps = c.train.steps
+  if "optim.warmup_steps" not in override_keys(overrides):
+    c.optim.warmup_steps = max(steps // 20, 1)
   # Checkpoint and eval at every milestone (the equal-time view specializes from them) and keep
   # them all, plus room for 8 extra saves (preemptions, wall-clock saves) before the oldest goes.
   every, _ = milestone_steps(steps, exp.milestones)
   saves = steps // every + (steps % every != 0)
-  c.train.update(steps=steps, eval_every=every, checkpoint_every=every,
+  c.train.update(eval_every=every, checkpoint_every=every,
                  keep_checkpoints=max(c.train.keep_checkpoints, saves + 8), log_every=25,
                  progress_bar=False, async_checkpoint=False)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   if root:
-    c.data.cache_dir = os.path.join(root, "data_cache")
+    c.data.cache_dir = os.path.join(exp.get("data_root") or root, "data_cache")
   return c
 
 
@@ -258,8 +275,9 @@ def finetune_lr(exp, budget: int) -> float:
   return exp.pretrain_lr / 3 if budget < f.full_lr_tokens else float(exp.pretrain_lr)
 
 
-def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0):
-  """init_step: 0 = init_from's latest checkpoint, > 0 = that step (a pretraining milestone)."""
+def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0, overrides=""):
+  """init_step: 0 = init_from's latest checkpoint, > 0 = that step (a pretraining milestone);
+  overrides: the method's fine-tuning overrides (e.g. `specialize.select=lowest_loss`)."""
   c = load_run_config("configs/distill.py:tiny" if teacher else "configs/finetune.py:tiny")
   f = exp.finetune
   c.seed = exp.seed
@@ -273,10 +291,12 @@ def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0):
   c.data.update(domain=domain, domain_tokens=int(budget), batch_size=exp.batch_size,
                 eval_batches=f.eval_batches)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
+  apply_overrides(c, overrides)
   return c
 
 
-def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_step=0) -> dict:
+def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_step=0,
+               overrides="") -> dict:
   """One fine-tuning cell; done when its specialize.json exists (a preempted one has only
   checkpoints, and the mode resumes from them)."""
   done = os.path.join(workdir, "specialize.json")
@@ -284,7 +304,7 @@ def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_s
     with open(done) as f:
       result = json.load(f)
   else:
-    c = finetune_config(exp, init_from, domain, budget, teacher, init_step)
+    c = finetune_config(exp, init_from, domain, budget, teacher, init_step, overrides)
     result, _ = _stage(stop, modes.specialize, c, workdir)
   if "hit_step_cap" not in result:  # specialize.json written before the mode recorded it
     result["hit_step_cap"] = (int(result["steps"]) >= exp.finetune.steps
@@ -318,8 +338,9 @@ def equal_time_choice(exp, results: dict, root: str) -> dict:
   SLM-is are compared at equal tokens only (their costs add up differently: teacher + student,
   per-domain pretraining), so they are not part of it. {} when the reference has no costs."""
   per_method, info = {}, {}
+  owners = pretraining_owners(exp)
   for name, pre in results["pretrain"].items():
-    costs = costs_lib.read_costs(os.path.join(root, "pretrain", name))
+    costs = costs_lib.read_costs(os.path.join(root, "pretrain", owners.get(name, name)))
     if not costs:
       continue
     _, points = milestone_steps(pre["steps"], exp.milestones)
@@ -377,7 +398,8 @@ def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
   costs, final = _final_costs(workdir, c)
   ppl = out.get("eval_perplexity", final.get("eval_perplexity"))
   return {"flops": pretrain_flops(c), "seconds": secs, "generic_valid_ppl": ppl,
-          "steps": c.train.steps, "tokens": exp.pretrain_tokens,
+          "steps": c.train.steps,
+          "tokens": c.train.steps * c.data.batch_size * c.data.seq_len,
           "train_seconds": final.get("train_seconds"), "device": costs.get("device"),
           "device_count": costs.get("device_count")}
 
@@ -385,10 +407,12 @@ def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
 def run(exp, root: str, stop: StopRequest | None = None) -> dict:
   """Every stage not done yet; -> results (also saved to <root>/results.json after each).
   Raises Preempted (after saving) when a signal stops a stage or arrives between stages."""
-  if exp.equal_time_reference not in exp.methods or exp.equal_time_reference == "slm_is":
+  ref = exp.equal_time_reference
+  if ref and (ref not in exp.methods or ref == "slm_is"):
     raise config_lib.ConfigError(
-        f"exp.equal_time_reference={exp.equal_time_reference!r}: the method whose pretraining "
-        f"time defines the equal-time budget, one of {sorted(set(exp.methods) - {'slm_is'})}")
+        f"exp.equal_time_reference={ref!r}: the method whose pretraining time defines the "
+        f"equal-time budget, one of {sorted(set(exp.methods) - {'slm_is'})}, or '' (no "
+        "equal-time view)")
   results = {"pretrain": {}, "specialize": {}, "exp": exp.to_dict()}
   path = os.path.join(root, "results.json")
   if os.path.exists(path):
@@ -416,85 +440,146 @@ def domain_train_tokens(corpus: str, tokenizer: str, domains) -> dict[str, int]:
           for d in domains}
 
 
+def method_spec(exp, name: str) -> tuple[str, str, str]:
+  """-> (config file, pretraining overrides, fine-tuning overrides) of a method."""
+  spec, overrides, *finetune = exp.methods[name]
+  return spec, overrides, (finetune[0] if finetune else "")
+
+
+def pretraining_owners(exp) -> dict[str, str]:
+  """{method: the method whose pretraining run it uses}: methods with the same config file and
+  pretraining overrides (e.g. one PN specialized with two expert-selection rules) share one."""
+  owners, first = {}, {}
+  for name in exp.methods:
+    spec, overrides, _ = method_spec(exp, name)
+    owners[name] = first.setdefault((spec, overrides), name)
+  return owners
+
+
+def shared_data(exp, root: str) -> tuple[str, str]:
+  """-> (corpus, tokenizer): this root's, or with `exp.data_root` another experiment's (the
+  parts of one comparison run concurrently on one machine and share one data preparation)."""
+  data_root = exp.get("data_root", "")
+  if not data_root:
+    corpus = build_corpus(exp, root)
+    return corpus, shared_tokenizer(exp, corpus, root)
+  corpus, tokenizer = os.path.join(data_root, "corpus"), os.path.join(data_root, "tokenizer.model")
+  if not os.path.isfile(tokenizer):
+    raise config_lib.ConfigError(f"data_root={data_root!r} holds no tokenizer.model yet: run "
+                                 "that experiment first (it prepares the shared data)")
+  return corpus, tokenizer
+
+
 def _run_stages(exp, root, results, save, stop) -> None:
-  corpus = build_corpus(exp, root)
-  tokenizer = shared_tokenizer(exp, corpus, root)
+  corpus, tokenizer = shared_data(exp, root)
   # A (domain, budget) cell runs only if the domain holds `budget` training tokens: with fewer,
   # "1M tokens" would silently mean the whole, smaller split (the paper's 8M and 64M columns
   # use only the domains that have them).
   counted = results.setdefault("domain_train_tokens", {})
   counted.update(domain_train_tokens(corpus, tokenizer, [d for d in exp.domains
                                                          if d not in counted]))
-  for name, (spec, overrides) in exp.methods.items():
-    if name == "slm_is":
-      continue  # per domain, below
+  owners = pretraining_owners(exp)
+  pre_dir = lambda name: os.path.join(root, "pretrain", owners[name])
+  for name in exp.methods:
+    if name == "slm_is" or name in results["pretrain"]:
+      continue  # SLM-is: per domain, below
+    if owners[name] != name:
+      results["pretrain"][name] = results["pretrain"][owners[name]]
+      continue
+    spec, overrides, _ = method_spec(exp, name)
     c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
-    workdir = os.path.join(root, "pretrain", name)
-    if name not in results["pretrain"]:
-      out, secs = _stage(stop, modes.pretrain, c, workdir)
-      results["pretrain"][name] = _pretrain_record(exp, c, out, secs, workdir)
-      save()
-  results["equal_time"] = equal_time_choice(exp, results, root)
+    out, secs = _stage(stop, modes.pretrain, c, pre_dir(name))
+    results["pretrain"][name] = _pretrain_record(exp, c, out, secs, pre_dir(name))
+    save()
+  results["equal_time"] = (equal_time_choice(exp, results, root)
+                           if exp.equal_time_reference else {})
   save()
   eq_time = results["equal_time"].get("methods", {})
 
   def spec_dir(name, cell, step=0):
     return os.path.join(root, "specialize", name + (f"@{step}" if step else ""), cell)
 
+  cells = [(d, b) for d in exp.domains for b in exp.budgets if counted[d] >= b]
   # The LLM first (SLM-d's teacher), then the config's order; SLM-is pretrains per cell below.
   order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
-  for domain in exp.domains:
-    for budget in exp.budgets:
-      if counted[domain] < budget:
-        continue
-      cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
-      res = results["specialize"].setdefault(cell, {})
-      for name in order:
-        if name not in res:
-          res[name] = specialize(exp, stop, os.path.join(root, "pretrain", name),
-                                 spec_dir(name, cell_dir), domain, budget)
-          save()
-      # Equal device time: methods whose affordable checkpoint is an earlier milestone.
-      res_t = results.setdefault("specialize_equal_time", {}).setdefault(cell, {})
-      for name in order:
-        choice = eq_time.get(name)
-        if not choice or choice["final"]:
-          continue  # the equal-token cell is the equal-time one
-        if res_t.get(name, {}).get("pretrain_step") != choice["step"]:
-          res_t[name] = specialize(exp, stop, os.path.join(root, "pretrain", name),
-                                   spec_dir(name, cell_dir, choice["step"]), domain, budget,
-                                   init_step=choice["step"])
-          save()
-      if exp.distill and "slm_d" not in res:
-        res["slm_d"] = specialize(exp, stop, os.path.join(root, "pretrain", "slm"),
-                                  spec_dir("slm_d", cell_dir), domain, budget,
-                                  teacher=spec_dir("llm", cell_dir))
+  # Equal tokens first, every cell; then the equal-time cells (a stopped run has the main view).
+  for domain, budget in cells:
+    cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
+    res = results["specialize"].setdefault(cell, {})
+    for name in order:
+      if name not in res:
+        res[name] = specialize(exp, stop, pre_dir(name), spec_dir(name, cell_dir), domain,
+                               budget, overrides=method_spec(exp, name)[2])
         save()
-      if "slm_is" in exp.methods and "slm_is" not in res:
-        spec, overrides = exp.methods.slm_is
-        c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
-        c.data.update(domain=domain, domain_tokens=int(budget))
-        pre_dir = os.path.join(root, "pretrain_is", cell_dir)
-        pre_is = results.setdefault("pretrain_is", {})
-        if cell not in pre_is:
-          out, secs = _stage(stop, modes.importance, c, pre_dir)
-          _, final = _final_costs(pre_dir, c)
-          pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
-                              is_pretrain_train_seconds=final.get("train_seconds"),
-                              is_pretrain_domain_valid_ppl=out["eval_perplexity"],
-                              ess_sequences=out["ess_sequences"])
-          save()
-        spec_out = specialize(exp, stop, pre_dir, spec_dir("slm_is", cell_dir), domain, budget)
-        spec_out.update(pre_is[cell])
-        res["slm_is"] = spec_out
+    if exp.distill and "slm_d" not in res:
+      res["slm_d"] = specialize(exp, stop, pre_dir("slm"), spec_dir("slm_d", cell_dir), domain,
+                                budget, teacher=spec_dir("llm", cell_dir))
+      save()
+    if "slm_is" in exp.methods and "slm_is" not in res:
+      res["slm_is"] = _importance_cell(exp, stop, results, save, root, corpus, tokenizer,
+                                       domain, budget, spec_dir("slm_is", cell_dir))
+      save()
+  for domain, budget in cells:
+    cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
+    res_t = results.setdefault("specialize_equal_time", {}).setdefault(cell, {})
+    for name in order:
+      choice = eq_time.get(name)
+      if not choice or choice["final"]:
+        continue  # the equal-token cell is the equal-time one
+      if res_t.get(name, {}).get("pretrain_step") != choice["step"]:
+        res_t[name] = specialize(exp, stop, pre_dir(name),
+                                 spec_dir(name, cell_dir, choice["step"]), domain, budget,
+                                 init_step=choice["step"], overrides=method_spec(exp, name)[2])
         save()
+
+
+def _importance_cell(exp, stop, results, save, root, corpus, tokenizer, domain, budget,
+                     workdir) -> dict:
+  """SLM-is for one (domain, budget): pretrain on the generic set resampled to the domain's
+  cluster histogram, then fine-tune it like every other method."""
+  cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
+  spec, overrides, _ = method_spec(exp, "slm_is")
+  c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
+  c.data.update(domain=domain, domain_tokens=int(budget))
+  pre_dir = os.path.join(root, "pretrain_is", cell_dir)
+  pre_is = results.setdefault("pretrain_is", {})
+  if cell not in pre_is:
+    out, secs = _stage(stop, modes.importance, c, pre_dir)
+    _, final = _final_costs(pre_dir, c)
+    pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
+                        is_pretrain_train_seconds=final.get("train_seconds"),
+                        is_pretrain_domain_valid_ppl=out["eval_perplexity"],
+                        ess_sequences=out["ess_sequences"])
+    save()
+  out = specialize(exp, stop, pre_dir, workdir, domain, budget)
+  out.update(pre_is[cell])
+  return out
+
+
+# Settings the parts of one comparison may differ in (each part's methods are its own).
+_PART_KEYS = ("distill", "equal_time_reference", "budgets", "domains", "data_root")
+
+
+def load_part(exp, root: str) -> dict:
+  """Another part's results.json (an experiment root run on this one's data, e.g. the seeds or
+  the hypotheses of gpu_small), checked to share this experiment's settings."""
+  path = os.path.join(root, "results.json")
+  if not os.path.isfile(path):
+    raise config_lib.ConfigError(f"--merge: no results.json in {root!r}")
+  with open(path) as f:
+    part = json.load(f)
+  saved = {k: v for k, v in part.get("exp", {}).items() if k not in _PART_KEYS}
+  check_reusable(dict(saved, methods={}), exp)
+  return part
 
 
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
   exp, root = FLAGS.config, FLAGS.root
-  cache = os.path.join(os.path.abspath(root), "jit_cache")
+  # The parts of one comparison share the first part's compilation cache too (the projected
+  # models' fine-tuning steps are the SLM's).
+  cache = os.path.join(os.path.abspath(exp.get("data_root") or root), "jit_cache")
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   t0 = time.perf_counter()
@@ -513,9 +598,11 @@ def main(argv):
       sys.exit(e.exit_code)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
     corpus_lib.write_json(os.path.join(root, "results.json"), results)
+  if FLAGS.merge:
+    results = merge_results(results, [load_part(exp, part) for part in FLAGS.merge])
   # The command that makes these results (a --report_only rewrite shows the run's command).
   args = [a for a in sys.argv[1:]
-          if not a.startswith(("--report_only", "--docs", "--max_seconds"))]
+          if not a.startswith(("--report_only", "--docs", "--max_seconds", "--merge"))]
   write_report(results, exp, FLAGS.docs, " ".join(["python -m pn_jax.experiment", *args]),
                tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)
@@ -530,6 +617,8 @@ def define_flags():
                     "(e.g. for the finished cells of a partial run, with --config.domains "
                     "restricted to them).")
   flags.DEFINE_string("figure", "results_ppl_vs_cost.png", "Figure file name under --docs.")
+  flags.DEFINE_list("merge", [], "Other experiment roots (parts of this comparison run on its "
+                    "data, e.g. gpu_small:seeds) whose results join this report.")
   flags.DEFINE_float("max_seconds", 0, "> 0: after this much wall clock, stop as on SIGTERM "
                      "(the running stage checkpoints) and exit 143; rerun to resume. 0: no limit.")
   flags.mark_flags_as_required(["config"])

@@ -266,3 +266,54 @@ def test_a_budget_larger_than_a_domain_skips_its_cells(tmp_path):
   report.write_report(results, exp, str(tmp_path), "pytest", tag="t", figure="t.png")
   text = (tmp_path / "results.md").read_text()
   assert "ft 1e+03" in text and "1e+04" not in text and "nan" not in text
+
+
+def test_parts_share_data_and_methods_share_pretraining(tmp_path):
+  """The parts of one comparison (gpu_small and gpu_small:seeds): a method with another's
+  pretraining config reuses that run and differs only in its fine-tuning overrides; a part with
+  `data_root` uses the first part's corpus and tokenizer; a method's overrides win over the
+  experiment's (own seed and length); the report merges the parts."""
+  from pn_jax import experiment
+  from pn_jax.specialize import checkpoints
+
+  exp, root = _toy_experiment(), str(tmp_path / "main")
+  exp.budgets = (2048,)
+  exp.equal_time_reference = ""  # no equal-time view
+  pn = exp.methods.pn[1]
+  exp.methods.pn_lowest = ("configs/pn.py:tiny", pn, "specialize.select=lowest_loss")
+  main = experiment.run(exp, root)
+  assert sorted(os.listdir(os.path.join(root, "pretrain"))) == ["pn", "slm"]
+  assert main["pretrain"]["pn_lowest"] == main["pretrain"]["pn"]
+  cell = main["specialize"]["legal/2048"]
+  assert cell["pn"]["select"] == "frequent" and cell["pn_lowest"]["select"] == "lowest_loss"
+  assert main["equal_time"] == {} and not any(main.get("specialize_equal_time", {}).values())
+
+  part = copy.deepcopy(exp)
+  part.data_root = root
+  part.methods = ml_collections.ConfigDict(dict(
+      slm_s1=("configs/slm.py:tiny", "seed=1,train.steps=4")))
+  seeds = experiment.run(part, str(tmp_path / "seeds"))
+  assert not os.path.exists(tmp_path / "seeds" / "tokenizer.model")
+  assert not os.path.exists(tmp_path / "seeds" / "corpus")
+  assert seeds["pretrain"]["slm_s1"]["steps"] == 4
+  assert seeds["pretrain"]["slm_s1"]["tokens"] == 4 * 8 * 64
+  saved = checkpoints.load_saved(str(tmp_path / "seeds" / "pretrain" / "slm_s1")).config
+  assert saved.seed == 1 and saved.optim.warmup_steps == 1
+
+  merged = experiment.merge_results(main, [experiment.load_part(exp, str(tmp_path / "seeds"))])
+  assert set(merged["pretrain"]) == {"slm", "pn", "pn_lowest", "slm_s1"}
+  assert set(merged["specialize"]["legal/2048"]) == {"slm", "pn", "pn_lowest", "slm_s1"}
+  part.pretrain_lr = 1.0  # a part made with other settings is refused
+  with open(tmp_path / "seeds" / "results.json", "w") as f:
+    json.dump(dict(seeds, exp=part.to_dict()), f)
+  with pytest.raises(ConfigError, match="pretrain_lr"):
+    experiment.load_part(exp, str(tmp_path / "seeds"))
+
+
+def test_method_overrides_are_typed():
+  from pn_jax import experiment
+  config = experiment.load_run_config("configs/pn.py:tiny")
+  experiment.apply_overrides(config, "optim.decay_codes=False,model.h=6,optim.lr=0.5")
+  assert config.optim.decay_codes is False and config.model.h == 6 and config.optim.lr == 0.5
+  with pytest.raises(ConfigError, match="optim.decay_codes takes true or false"):
+    experiment.apply_overrides(config, "optim.decay_codes=no")

@@ -87,3 +87,22 @@ def test_auto_attention_uses_cudnn_only_where_it_runs(monkeypatch):
   monkeypatch.setattr(transformer.jax, "default_backend", lambda: "cpu")
   assert transformer.attention_impl("auto", jnp.bfloat16) == "xla"
   assert transformer.attention_impl("cudnn", jnp.float32) == "cudnn"  # explicit choice kept
+
+
+def test_shared_code_init_gives_unit_codes_near_one_direction():
+  """code_init=shared: unit rows (so Var(W) stays the dense init's) that start alike (cosine
+  ~0.94), where random rows are nearly unrelated; the model builds E with the chosen init."""
+  from conftest import load_config
+  from pn_jax.model import build_model
+  from pn_jax.model.transformer import init_params, shared_rows_init, unit_rows_init
+  k, m = 32, 16
+  off_diagonal = ~np.eye(k, dtype=bool)
+  shared = shared_rows_init(jax.random.key(0), (k, m))
+  np.testing.assert_allclose(jnp.linalg.norm(shared, axis=-1), 1.0, rtol=1e-6)
+  assert (shared @ shared.T)[off_diagonal].min() > 0.8
+  rand = unit_rows_init(jax.random.key(0), (k, m))
+  assert abs(float((rand @ rand.T)[off_diagonal].mean())) < 0.1
+  config = load_config("pn")
+  config.model.code_init = "shared"
+  E = nn.unbox(init_params(build_model(config.model), jax.random.key(1)))["E"]
+  assert (E @ E.T)[~np.eye(len(E), dtype=bool)].min() > 0.8

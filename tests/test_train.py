@@ -207,3 +207,26 @@ def test_basis_lr_scale_scales_only_the_pn_basis_updates():
   slm.optim.basis_lr_scale = 0.5
   with pytest.raises(ConfigError, match="optim.basis_lr_scale: scales a projected model"):
     validate(slm)
+
+
+def test_decay_codes_false_exempts_only_E_and_M_from_weight_decay():
+  """optim.decay_codes=False: with zero gradients AdamW's update is the decay alone, so E and M
+  must get none while T, attention and embeddings still decay."""
+  from flax import linen as nn
+  from pn_jax.model.transformer import init_params
+  config = load_config("pn")
+  params = nn.unbox(init_params(build_model(config.model), jax.random.key(0)))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  flat = {}
+  for decay_codes in (True, False):
+    config.optim.decay_codes = decay_codes
+    config.optim.warmup_steps = 0
+    tx, _ = make_optimizer(config)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    flat[decay_codes] = {p[-1].key: u for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  for name in ("E", "M", "T_in", "embed"):
+    assert float(jnp.abs(flat[True][name]).max()) > 0, name
+  for name in ("E", "M"):
+    assert float(jnp.abs(flat[False][name]).max()) == 0, name
+  for name in ("T_in", "T_out", "embed"):
+    np.testing.assert_array_equal(flat[False][name], flat[True][name])

@@ -25,6 +25,9 @@ def get_config(arg=None):
   c.budgets = (100_000, 400_000)  # domain training tokens
   c.seed = 0
   c.tokenizer_from = ""  # another experiment's tokenizer.model, to compare across experiments
+  # Another experiment root whose corpus, tokenizer and data cache this one uses (parts of one
+  # comparison run as concurrent processes: launch/gpu_experiment.sh).
+  c.data_root = ""
 
   c.vocab_size = 1024
   c.seq_len = 128
@@ -33,7 +36,9 @@ def get_config(arg=None):
   c.pretrain_lr = 3e-3
   c.eval_batches = 8
 
-  # name -> (config file:arg, extra overrides as "key=value" strings)
+  # name -> (config file:arg, pretraining overrides as "key=value,..."[, fine-tuning overrides]);
+  # the overrides are applied last (a method may set its own seed, lr or train.steps), and
+  # methods with the same file and pretraining overrides share one pretraining run.
   c.methods = ml_collections.ConfigDict(dict(
       slm=("configs/slm.py:tiny", ""),
       # SLM-mix: k independent SLMs, each trained on its cluster (stratified batches, 16/k rows

@@ -164,7 +164,8 @@ class LM(nn.Module):
         raise ValueError(f"mlp_kind={c.mlp_kind!r} needs a cluster id per sequence")
       cluster = cluster_B[:1] if one_cluster else cluster_B
       if c.mlp_kind == "projected":
-        E = _param(self, "E", unit_rows_init, (c.k, c.m), ("expert", "code"), pdtype)
+        init = CODE_INITS[c.get("code_init", "random")]  # runs saved before the key: random
+        E = _param(self, "E", init, (c.k, c.m), ("expert", "code"), pdtype)
         code = jnp.take(E, cluster, axis=0)  # [B|1, m]
       else:
         code = jax.nn.one_hot(cluster, c.k, dtype=pdtype)  # [B|1, k]
@@ -197,6 +198,25 @@ def unit_rows_init(key, shape, dtype=jnp.float32):
   """Expert codes E [k, m] with unit-norm rows (see MLP: keeps Var(W) at the dense init's)."""
   e = jax.random.normal(key, shape, jnp.float32)
   return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).astype(dtype)
+
+
+SHARED_CODE_SPREAD = 0.25  # norm of each code's own part next to the shared unit direction
+
+
+def shared_rows_init(key, shape, dtype=jnp.float32):
+  """Unit-norm codes near one shared direction u: E[i] ~ u + 0.25 g_i / |g_i| (cosine between
+  experts ~0.94). Why: with independent random codes the part of the gradient that every
+  cluster shares reaches T as sum_i E[i] M G, whose terms point in unrelated directions; with a
+  shared direction they add up, so the experts start as one SLM and drift apart as their
+  clusters' gradients differ. The paper leaves the initialisation open (docs/design.md)."""
+  k_u, k_g = jax.random.split(key)
+  u = jax.random.normal(k_u, shape[-1:], jnp.float32)
+  g = jax.random.normal(k_g, shape, jnp.float32)
+  e = u / jnp.linalg.norm(u) + SHARED_CODE_SPREAD * g / jnp.linalg.norm(g, axis=-1, keepdims=True)
+  return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).astype(dtype)
+
+
+CODE_INITS = {"random": unit_rows_init, "shared": shared_rows_init}
 
 
 def init_params(model, rng: Array, batch_size: int = 1, seq_len: int = 8):

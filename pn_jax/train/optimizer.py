@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import optax
@@ -15,16 +17,22 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
       decay_steps=max(decay_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
 
 
-def decay_mask(params):
-  """Decay matrices (and higher-rank tensors); leave norm scales and biases alone.
+CODES = ("E", "M")  # the PN's expert codes and per-layer maps (pn_jax/model)
+
+
+def decay_mask(params, decay_codes: bool = True):
+  """Decay matrices (and higher-rank tensors); leave norm scales and biases alone, and the PN's
+  E and M too when not `decay_codes`.
 
   Stacked layers add a leading axis, so rank is read relative to it: a scanned norm scale is
   [L, D] but still a vector per layer.
   """
-  def is_matrix(path, leaf):
+  def decayed(path, leaf):
+    if not decay_codes and getattr(path[-1], "key", None) in CODES:
+      return False
     in_scan = any(getattr(k, "key", None) == "blocks" for k in path)
     return leaf.ndim - int(in_scan) >= 2
-  return jax.tree_util.tree_map_with_path(is_matrix, params)
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 BASIS = ("T_in", "T_out")  # the PN's shared basis tensors (pn_jax/model/mlp.py)
@@ -65,7 +73,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = 
   schedule = learning_rate_schedule(o, total_steps or config.train.steps)
   parts = [optax.clip_by_global_norm(o.clip_norm),
            optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=decay_mask)]
+                       mask=functools.partial(decay_mask, decay_codes=o.decay_codes))]
   if o.basis_lr_scale != 1.0:  # only then: existing runs' optimizer state keeps its structure
     parts.append(scale_basis_updates(o.basis_lr_scale))
   tx = optax.chain(*parts)
