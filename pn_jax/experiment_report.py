@@ -6,11 +6,15 @@ per-domain numbers:
 - equal tokens: every method specialized from its final pretraining checkpoint;
 - equal device time: every method from its latest milestone checkpoint whose training seconds
   fit in the reference method's total (Table 8 of the paper compares at equal GPU hours).
+Then, where the config has them, the seed groups (the same methods with another model seed) and
+the "what mattered" table (PN variants, one change each, against their SLM). A comparison run as
+several parts (experiment roots) is reported from `merge_results` of their results.
 Cells whose fine-tuning ran into the step cap (not converged) carry a `*`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import ml_collections
@@ -22,14 +26,48 @@ CAP = "*"  # a cell with a fine-tuning run that hit the step cap
 OVER = "†"  # equal time: even the method's first milestone cost more than the reference
 
 
-def label(method: str) -> str:
+def label(method: str, exp=None) -> str:
+  """The table name: the config's (`exp.labels`, for the methods it adds) before the module's."""
   from pn_jax.experiment import LABELS  # the table names live with the methods they name
-  return LABELS.get(method, method)
+  labels = (exp.get("labels") if exp is not None else None) or {}
+  return labels.get(method) or LABELS.get(method, method)
+
+
+def _union(parts: list[dict], depth: int = 1) -> dict:
+  """The union of dicts, the first one's entries winning; depth 2: per key of each key (per
+  cell, per method)."""
+  out = {}
+  for part in parts:
+    for k, v in part.items():
+      out[k] = _union([out.get(k, {}), v], depth - 1) if depth > 1 else out.get(k, v)
+  return out
+
+
+def merge_results(primary: dict, others: list[dict]) -> dict:
+  """One results dict from the parts of a comparison (each its own experiment root, run
+  concurrently): the union of their stages, the primary's entries winning a clash and its `exp`
+  kept. A part's equal-time entries were chosen against that part's own reference (e.g. the
+  seed-1 PN against the seed-1 SLM): each merged entry records it as "reference"."""
+  parts = [primary, *others]
+  out = dict(primary)
+  for key in ("pretrain", "pretrain_is", "domain_train_tokens"):
+    out[key] = _union([p.get(key, {}) for p in parts])
+  for key in ("specialize", "specialize_equal_time"):
+    out[key] = _union([p.get(key, {}) for p in parts], depth=2)
+  timed = [p["equal_time"] for p in parts if p.get("equal_time")]
+  out["equal_time"] = {**timed[0], "methods": _union(
+      [{m: {"reference": eq["reference"], **entry} for m, entry in eq["methods"].items()}
+       for eq in timed])} if timed else {}
+  return copy.deepcopy(out)
+
+
+def _geomean(values) -> float:
+  return float(np.exp(np.mean(np.log(values))))
 
 
 def macro(cells: list[dict], key: str) -> float:
   """exp(mean over domains of the per-token NLL): the paper's macro-averaged perplexity."""
-  return float(np.exp(np.mean([np.log(c[key]) for c in cells])))
+  return _geomean([c[key] for c in cells])
 
 
 def view_cell(results, view: str, cell: str, method: str) -> dict | None:
@@ -54,19 +92,46 @@ def budget_domains(results, exp, budget: int) -> list[str]:
   return [d for d in exp.domains if tokens.get(d, budget) >= budget]
 
 
-def table_rows(results, exp, view: str = "tokens"):
+def available_cells(results, exp, method: str, budget: int, view: str = "tokens"
+                    ) -> dict[str, dict]:
+  """{domain: specialization result} for the budget's domains the method has a cell for."""
+  cells = {d: view_cell(results, view, f"{d}/{budget}", method)
+           for d in budget_domains(results, exp, budget)}
+  return {d: c for d, c in cells.items() if c is not None}
+
+
+def method_cells(results, exp, method: str, budget: int, view: str = "tokens"
+                 ) -> dict[str, dict] | None:
+  """available_cells if the method has every domain of the budget, else None: a macro average
+  over fewer domains would not compare with the others'."""
+  cells = available_cells(results, exp, method, budget, view)
+  return cells if len(cells) == len(budget_domains(results, exp, budget)) else None
+
+
+def main_methods(exp) -> list[str]:
+  """The main tables' candidates: the paper's methods, the config's, then the seed groups'
+  members (run as another part); a part's hypothesis variants have their own table."""
   known = ["slm", "mix", "pn", "llm", "slm_d", "slm_is"]
-  methods = [m for m in known + [m for m in exp.methods if m not in known]
-             if all(view_cell(results, view, f"{d}/{b}", m) is not None
-                    for b in exp.budgets for d in budget_domains(results, exp, b))]
-  # The cap the cells were made with (results.json's settings; a --report_only config may differ).
-  cap = results.get("exp", {}).get("finetune", {}).get("steps", exp.finetune.steps)
+  seeds = [m for members in exp.get("seed_groups", {}).values() for m in members]
+  return list(dict.fromkeys([*known, *exp.methods, *seeds]))
+
+
+def step_cap(results, exp) -> int:
+  """The cap the cells were made with (results.json's settings; a --report_only config may
+  differ)."""
+  return results.get("exp", {}).get("finetune", {}).get("steps", exp.finetune.steps)
+
+
+def table_rows(results, exp, view: str = "tokens"):
+  methods = [m for m in main_methods(exp)
+             if all(method_cells(results, exp, m, b, view) is not None for b in exp.budgets)]
+  cap = step_cap(results, exp)
   rows = []
   for m in methods:
     row = {"method": m}
     for b in exp.budgets:
-      domains = budget_domains(results, exp, b)
-      cells = [view_cell(results, view, f"{d}/{b}", m) for d in domains]
+      by_domain = method_cells(results, exp, m, b, view)
+      domains, cells = list(by_domain), list(by_domain.values())
       row[b] = {"macro": macro(cells, "test_ppl"),
                 "per_domain": {d: c["test_ppl"] for d, c in zip(domains, cells)},
                 "capped": {d: hit_step_cap(c, cap) for d, c in zip(domains, cells)},
@@ -145,13 +210,15 @@ def cost_table(results, rows, exp, view: str) -> list[str]:
     pf, ps = pretrain_cost(results, m, r, b_large, view)
     step = []
     if view == "time":
-      choice = results["equal_time"]["methods"][m]
+      eq = results["equal_time"]
+      choice, ref = eq["methods"][m], eq["methods"][m].get("reference", eq["reference"])
       step = [f"{choice['step']}" + (" (final)" if choice["final"] else "")
-              + (f" {OVER}" if choice["over_budget"] else "")]
+              + (f" {OVER}" if choice["over_budget"] else "")
+              + (f" (vs {label(ref, exp)})" if ref != eq["reference"] else "")]
     sf = [r[b]["spec_flops"] + (rows_by(rows, "llm")[b]["spec_flops"] if m == "slm_d" else 0)
           for b in (b_small, b_large)]
     lines.append(
-        f"| {label(m)} | " + "".join(s + " | " for s in step)
+        f"| {label(m, exp)} | " + "".join(s + " | " for s in step)
         + f"{pf:.2e} | {ps:.3g} | {_generic_ppl(results, m, view)} | {r[b_large]['noft']:.2f} | "
         + " | ".join(_ppl(r[b]["macro"], any(r[b]["capped"].values())) for b in exp.budgets)
         + f" | {sf[0]:.2e} / {sf[1]:.2e} | "
@@ -177,7 +244,7 @@ def vs_slm_table(rows, exp) -> list[str]:
       better = sum(domains[d] < slm[b]["per_domain"][d] for d in domains)
       cells += [f"{100 * (r[b]['macro'] / slm[b]['macro'] - 1):+.1f}%",
                 f"{better}/{len(domains)}"]
-    out.append(f"| {label(r['method'])} | " + " | ".join(cells) + " |")
+    out.append(f"| {label(r['method'], exp)} | " + " | ".join(cells) + " |")
   return out
 
 
@@ -186,7 +253,7 @@ def per_domain_table(rows, exp) -> list[str]:
          "|---" * (2 + len(exp.domains)) + "|"]
   for r in rows:
     for b in exp.budgets:
-      out.append(f"| {label(r['method'])} | {b:.0e} | "
+      out.append(f"| {label(r['method'], exp)} | {b:.0e} | "
                  + " | ".join(_ppl(r[b]["per_domain"][d], r[b]["capped"][d])
                               if d in r[b]["per_domain"] else "-" for d in exp.domains) + " |")
   return out
@@ -207,10 +274,15 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
       return [f"#### {VIEWS[view]}", "",
               "Not available: the reference's pretraining run has no costs.json with every "
               "milestone (runs made before the training loop wrote it).", ""], rows
+    ref = label(eq["reference"], exp)
+    merged = any(eq["methods"][r["method"]].get("reference", eq["reference"]) != eq["reference"]
+                 for r in rows)  # rows from another part, chosen against its own reference
     intro = (f"Each method specialized from its latest pretraining milestone "
              f"({', '.join(f'{f:g}' for f in exp.milestones)} of its steps) whose training "
-             f"seconds are within {label(eq['reference'])}'s total, {eq['budget_seconds']:.3g} "
-             f"s; \"(final)\" reuses the equal-token cell. {OVER}: even the first milestone "
+             f"seconds are within {ref}'s total, {eq['budget_seconds']:.3g} s"
+             + (" (\"(vs X)\": within X's, the reference of the part it was run in)"
+                if merged else "")
+             + f"; \"(final)\" reuses the equal-token cell. {OVER}: even the first milestone "
              "cost more. SLM-d and SLM-is are compared at equal tokens only (their cost is "
              "the SLM's plus the LLM's, and a per-domain pretraining run).")
   else:
@@ -219,6 +291,117 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
   lines = [f"#### {VIEWS[view]}", "", intro, "", *cost_table(results, rows, exp, view), "",
            *vs_slm_table(rows, exp), "", *per_domain_table(rows, exp), ""]
   return lines, rows
+
+
+def versus(cells: dict[str, dict], ref: dict[str, dict]) -> tuple[float, int, int] | None:
+  """Macro test ppl relative to the reference's (%), on how many domains it is lower, out of
+  how many: over the domains both have (None if none)."""
+  common = [d for d in cells if d in ref]
+  if not common:
+    return None
+  a, b = [cells[d] for d in common], [ref[d] for d in common]
+  better = sum(x["test_ppl"] < y["test_ppl"] for x, y in zip(a, b))
+  return 100 * (macro(a, "test_ppl") / macro(b, "test_ppl") - 1), better, len(common)
+
+
+def seed_members(results, exp, budget: int) -> dict[str, list[str]]:
+  """Each seed group's members with every cell at the budget (equal tokens)."""
+  return {g: [m for m in members if method_cells(results, exp, m, budget) is not None]
+          for g, members in exp.get("seed_groups", {}).items()}
+
+
+def seed_table(results, exp, budget: int) -> list[str]:
+  """Each group's runs side by side and their mean (exp of the mean log macro ppl): the spread
+  a method's result has from the model seed alone."""
+  cap = step_cap(results, exp)
+  out = []
+  for g, members in seed_members(results, exp, budget).items():
+    if not members:
+      continue
+    cells = [list(method_cells(results, exp, m, budget).values()) for m in members]
+    macros = [macro(c, "test_ppl") for c in cells]
+    capped = [any(hit_step_cap(x, cap) for x in c) for c in cells]
+    out.append(f"| {label(g, exp)} | " + " / ".join(label(m, exp) for m in members) + " | "
+               + " / ".join(_generic_ppl(results, m, "tokens") for m in members) + " | "
+               + " / ".join(_ppl(v, c) for v, c in zip(macros, capped))
+               + f" | {_ppl(_geomean(macros), any(capped))} |")
+  if not out:
+    return []
+  return [f"| group | members | generic valid ppl | ft {budget:.0e} per member | mean |",
+          "|---" * 5 + "|", *out]
+
+
+def seed_pairs_table(results, exp, budget: int) -> list[str]:
+  """Each group's i-th member against the i-th of the group named slm (the same seed), then
+  mean against mean: whether a lead over the SLM holds seed by seed."""
+  groups = exp.get("seed_groups", {})
+  if "slm" not in groups:
+    return []
+  have = seed_members(results, exp, budget)
+  cells = lambda m: method_cells(results, exp, m, budget)
+  out = [f"| pair | ft {budget:.0e} macro vs | domains better |", "|---" * 3 + "|"]
+  for g, members in groups.items():
+    if g == "slm":
+      continue
+    for m, ref in zip(members, groups["slm"]):
+      if m in have[g] and ref in have["slm"]:
+        pct, better, n = versus(cells(m), cells(ref))
+        out.append(f"| {label(m, exp)} vs {label(ref, exp)} | {pct:+.1f}% | {better}/{n} |")
+    if have[g] and have["slm"]:
+      means = [_geomean([macro(list(cells(m).values()), "test_ppl") for m in have[k]])
+               for k in (g, "slm")]
+      out.append(f"| {label(g, exp)} vs {label('slm', exp)}, means of {len(have[g])} / "
+                 f"{len(have['slm'])} | {100 * (means[0] / means[1] - 1):+.1f}% | - |")
+  return out if len(out) > 2 else []
+
+
+def seeds_section(results, exp) -> list[str]:
+  """The seed groups at equal tokens, per budget; none unless a group has two runs."""
+  if not any(len(m) >= 2 for b in exp.budgets for m in seed_members(results, exp, b).values()):
+    return []
+  lines = ["#### seeds (equal pretraining tokens)", "",
+           "The same methods pretrained with other model seeds (GPU runs are not "
+           "bit-deterministic either): a difference between methods smaller than the one "
+           "between a method's seeds is noise. Mean: exp of the mean of the members' log macro "
+           "perplexity; the pairs compare runs of the same seed.", ""]
+  for b in exp.budgets:
+    for table in (seed_table(results, exp, b), seed_pairs_table(results, exp, b)):
+      lines += [*table, ""] if table else []
+  return lines
+
+
+def hypotheses_table(results, exp) -> list[str]:
+  """One row per PN variant (one change from PN's defaults) with every cell at the smallest
+  budget, each against the SLM pretrained like it (same seed, same tokens): which of PN's
+  choices its result depends on."""
+  b = min(exp.budgets)
+  cap = step_cap(results, exp)
+  out = []
+  for m, (change, ref) in exp.get("hypotheses", {}).items():
+    cells = method_cells(results, exp, m, b)
+    if cells is None:
+      continue
+    vs = versus(cells, available_cells(results, exp, ref, b))
+    capped = any(hit_step_cap(c, cap) for c in cells.values())
+    out.append(f"| {label(m, exp)} | {change} | {label(ref, exp)} | "
+               f"{_generic_ppl(results, m, 'tokens')} | "
+               f"{macro(list(cells.values()), 'noft_test_ppl'):.2f} | "
+               f"{_ppl(macro(list(cells.values()), 'test_ppl'), capped)} | "
+               + (f"{vs[0]:+.1f}% | {vs[1]}/{vs[2]}" if vs else "- | -") + " |")
+  if not out:
+    return []
+  return ["| method | change | reference | generic valid ppl | no ft | "
+          f"ft {b:.0e} | vs reference | domains better |", "|---" * 8 + "|", *out]
+
+
+def hypotheses_section(results, exp) -> list[str]:
+  table = hypotheses_table(results, exp)
+  if not table:
+    return []
+  return ["#### what mattered (PN variants, one change each)", "",
+          f"Equal pretraining tokens, fine-tuned on {min(exp.budgets):.0e} domain tokens; each "
+          "variant against its reference SLM (the same seed and pretraining tokens), over the "
+          "domains both have.", "", *table, ""]
 
 
 def write_figure(results, rows, time_rows, exp, path: str) -> None:
@@ -234,7 +417,7 @@ def write_figure(results, rows, time_rows, exp, path: str) -> None:
     for r in rows:
       pf, _ = pretrain_cost(results, r["method"], r, b)
       ax.scatter(pf, r[b]["macro"], marker=marker, color=colors[r["method"]],
-                 label=f"{label(r['method'])}" if b == exp.budgets[0] else None)
+                 label=f"{label(r['method'], exp)}" if b == exp.budgets[0] else None)
       ax.annotate(f"{b:.0e}", (pf, r[b]["macro"]), fontsize=6, xytext=(3, 2),
                   textcoords="offset points")
     for r in time_rows:
@@ -278,11 +461,13 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
                  figure: str = "results_ppl_vs_cost.png") -> None:
   """Rewrites the block between this tag's markers in <docs>/results.md (the rest is by hand)."""
   os.makedirs(docs, exist_ok=True)
-  # Budgets no domain holds (e.g. 8M for the small domains only) have no column.
-  exp = ml_collections.ConfigDict(exp.to_dict())
+  # Budgets no domain holds (e.g. 8M for the small domains only) have no column. (A shallow
+  # copy: a deep one would sort the keys of the config's unsorted dicts, e.g. the hypotheses'.)
+  exp = ml_collections.ConfigDict(exp)
   exp.budgets = tuple(b for b in exp.budgets if budget_domains(results, exp, b))
   tokens, rows = view_section(results, exp, "tokens")
   time_view, time_rows = view_section(results, exp, "time")
+  seeds, hypotheses = seeds_section(results, exp), hypotheses_section(results, exp)
   write_figure(results, rows, time_rows if results.get("equal_time") else [], exp,
                os.path.join(docs, figure))
   f = exp.finetune
@@ -296,7 +481,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
       f"{devices(results)}; spec s are fine-tuning wall seconds. Fine-tuning: at most "
       f"{f.steps} steps, early stopping (patience {f.early_stop_patience}, eval every "
       f"{f.eval_every}), lr {_lr_rule(exp)}.", "",
-      *tokens, *time_view,
+      *tokens, *time_view, *seeds, *hypotheses,
       f"{CAP}: fine-tuning hit the step cap: not converged (the number is an upper bound).", "",
       f"![ppl vs cost]({figure})", "", end])
   path = os.path.join(docs, "results.md")
@@ -307,4 +492,4 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
     text = text.rstrip() + "\n\n" + auto + "\n"
   with open(path, "w") as fh:
     fh.write(text)
-  print("\n".join(tokens + time_view))
+  print("\n".join(tokens + time_view + seeds + hypotheses))
