@@ -5,9 +5,10 @@
 # comparison). Installs the carried wheels, unpacks the carried corpus once per machine, and runs
 # each CONFIG as its own experiment root $ROOT/<tag> (outside the carried tree, so it survives
 # between calls on one machine), all as concurrent processes on the one GPU: the first prepares
-# the data (corpus, tokenizer, data cache); the others start once its tokenizer exists and use
-# its data (--config.data_root). Each runs for at most $CALL_SECONDS of this call, then stops at
-# a resumable point. Exit 0: every part done; 143: call again (back to back: an idle machine is
+# the data (corpus, tokenizer, data cache) and pretrains its methods alone (its equal-time view
+# compares training seconds, which a second process on the GPU would inflate); the others start
+# after that and use its data (--config.data_root). Each runs for at most $CALL_SECONDS of this
+# call, then stops at a resumable point. Exit 0: every part done; 143: call again (back to back: an idle machine is
 # given back after 30 s, and $ROOT with it). Each part's results.json, log and pretraining
 # metrics come back in $OUT as <tag>.tar.xz; `python -m pn_jax.experiment --report_only
 # --merge=...` writes the report here (docs/launch.md).
@@ -32,16 +33,18 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / ${#configs
 
 tag_of() { local base=${1##*/}; base=${base/.py/}; echo "${base/:/-}"; }
 first=$(tag_of "${configs[0]}")
+# The first part's results.json gets "equal_time" once all its pretraining runs are done.
+pretrained() {
+  python3 -c "import json, sys; sys.exit('equal_time' not in json.load(open(sys.argv[1])))" \
+    "$ROOT/$first/results.json" 2>/dev/null
+}
 pids=(); tags=()
 for i in "${!configs[@]}"; do
   cfg=${configs[$i]}; tag=$(tag_of "$cfg"); mkdir -p "$ROOT/$tag"
   extra=()
   if [ "$i" -gt 0 ]; then
-    # The first part trains the shared tokenizer; wait for it (or for that part to end).
-    while [ ! -f "$ROOT/$first/tokenizer.model" ] && kill -0 "${pids[0]}" 2>/dev/null; do
-      sleep 2
-    done
-    [ -f "$ROOT/$first/tokenizer.model" ] || break
+    while ! pretrained && kill -0 "${pids[0]}" 2>/dev/null; do sleep 2; done
+    pretrained || break  # the first part stopped before: the others start in the next call
     extra=(--config.data_root="$ROOT/$first")
   fi
   left=$((CALL_SECONDS - (SECONDS - start)))
@@ -61,7 +64,9 @@ for i in "${!pids[@]}"; do
     $(ls pretrain/*/metrics.jsonl pretrain/*/costs.json pretrain_is/*/metrics.jsonl 2>/dev/null))
   if [ $rc -ne 0 ] && [ $status -ne 1 ]; then status=$([ $rc -eq 143 ] && echo 143 || echo 1); fi
 done
-[ ${#pids[@]} -eq ${#configs[@]} ] || { echo "PN_EXPERIMENT failed: the first part made no tokenizer"; exit 1; }
+if [ ${#pids[@]} -lt ${#configs[@]} ] && [ $status -eq 0 ]; then
+  echo "the first part ended before its pretraining was done"; status=1
+fi
 case $status in
   0) echo "PN_EXPERIMENT done" ;;
   143) echo "PN_EXPERIMENT stopped at a resumable point: call again" ;;

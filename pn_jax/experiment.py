@@ -51,23 +51,25 @@ LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SL
           "mix_shared": "SLM-mix (shared attention)"}
 
 
-def label(method: str) -> str:
-  return LABELS.get(method, method)
-
-
 def load_run_config(spec: str) -> ml_collections.ConfigDict:
   """'configs/pn.py:tiny' (relative to the repo) -> that file's get_config('tiny')."""
   return config_lib.load_config(os.path.join(REPO, spec))
 
 
-def override_keys(overrides: str) -> list[str]:
-  return [item.split("=", 1)[0] for item in filter(None, overrides.split(","))]
+def override_items(overrides: str) -> list[tuple[str, str]]:
+  """'a.b=1,c=x' -> [('a.b', '1'), ('c', 'x')]."""
+  out = []
+  for item in filter(None, overrides.split(",")):
+    if "=" not in item:
+      raise config_lib.ConfigError(f"override {item!r}: expected key=value")
+    out.append(tuple(item.split("=", 1)))
+  return out
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: str) -> None:
   """'a.b=1,c=x' -> config.a.b = 1, config.c = 'x' (each value cast to the key's type)."""
-  for item in filter(None, overrides.split(",")):
-    key, value = item.split("=", 1)
+  for key, value in override_items(overrides):
+    item = f"{key}={value}"
     *parents, leaf = key.split(".")
     node = config
     for p in parents:
@@ -243,10 +245,14 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   c.data.update(corpus=corpus, tokenizer_path=tokenizer, seq_len=exp.seq_len,
                 batch_size=exp.batch_size, eval_batches=exp.eval_batches)
   c.optim.lr = exp.pretrain_lr
-  c.train.steps = int(exp.pretrain_tokens // (exp.batch_size * exp.seq_len))
-  apply_overrides(c, overrides)
+  # `pretrain_scale=<f>` (the experiment's, not a run config key): f x the generic tokens.
+  scale = [float(v) for k, v in override_items(overrides) if k == "pretrain_scale"]
+  tokens = exp.pretrain_tokens * (scale[-1] if scale else 1.0)
+  c.train.steps = max(int(tokens // (exp.batch_size * exp.seq_len)), 1)
+  apply_overrides(c, ",".join(f"{k}={v}" for k, v in override_items(overrides)
+                              if k != "pretrain_scale"))
   steps = c.train.steps
-  if "optim.warmup_steps" not in override_keys(overrides):
+  if "optim.warmup_steps" not in dict(override_items(overrides)):
     c.optim.warmup_steps = max(steps // 20, 1)
   # Checkpoint and eval at every milestone (the equal-time view specializes from them) and keep
   # them all, plus room for 8 extra saves (preemptions, wall-clock saves) before the oldest goes.

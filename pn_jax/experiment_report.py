@@ -404,6 +404,41 @@ def hypotheses_section(results, exp) -> list[str]:
           "domains both have.", "", *table, ""]
 
 
+# The paper's Table 8 at 100 GPUh of pretraining (../shared/paper.md): generic c4 ppl, and
+# macro-averaged specialized ppl with no fine-tuning, after 1M and after 8M domain tokens.
+PAPER_TABLE8 = {"slm": (20.51, 33.74, 19.31, 15.61), "mix": (17.13, 34.35, 19.82, 15.82),
+                "pn": (18.90, 33.44, 18.57, 15.58), "llm": (17.00, 29.22, 17.11, 15.49)}
+
+
+def paper_section(results, rows, exp) -> list[str]:
+  """Our equal-token numbers in the shape of the paper's Table 8, its numbers beside them, and
+  each method's change vs the SLM in both. Only for the paper's budgets (1M and 8M tokens)."""
+  if tuple(exp.budgets) != (1_000_000, 8_000_000):
+    return []
+  ours = {r["method"]: r for r in rows if r["method"] in PAPER_TABLE8}
+  if "slm" not in ours:
+    return []
+
+  def values(m):
+    r = ours[m]
+    return (results["pretrain"][m]["generic_valid_ppl"], r[1_000_000]["noft"],
+            r[1_000_000]["macro"], r[8_000_000]["macro"])
+
+  out = ["#### against the paper (Table 8, 100 GPUh)", "",
+         "Ours at equal tokens (macro over the domains of each column) | the paper's. "
+         "vs SLM: the change of ft 1M / ft 8M against the SLM's.", "",
+         "| method | generic ppl | no ft | ft 1M | ft 8M | vs SLM 1M / 8M | paper: generic | "
+         "no ft | ft 1M | ft 8M | vs SLM 1M / 8M |", "|---" * 11 + "|"]
+  slm, paper_slm = values("slm"), PAPER_TABLE8["slm"]
+  for m in ours:
+    mine, paper = values(m), PAPER_TABLE8[m]
+    vs = lambda v, ref: f"{100 * (v[2] / ref[2] - 1):+.1f}% / {100 * (v[3] / ref[3] - 1):+.1f}%"
+    out.append(f"| {label(m, exp)} | " + " | ".join(f"{v:.2f}" for v in mine)
+               + f" | {vs(mine, slm)} | " + " | ".join(f"{v:.2f}" for v in paper)
+               + f" | {vs(paper, paper_slm)} |")
+  return out + [""]
+
+
 def write_figure(results, rows, time_rows, exp, path: str) -> None:
   """Perplexity vs pretraining FLOPs: filled markers at equal tokens, hollow ones for the
   equal-time view's earlier checkpoints."""
@@ -468,6 +503,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
   tokens, rows = view_section(results, exp, "tokens")
   time_view, time_rows = view_section(results, exp, "time")
   seeds, hypotheses = seeds_section(results, exp), hypotheses_section(results, exp)
+  paper = paper_section(results, rows, exp)
   write_figure(results, rows, time_rows if results.get("equal_time") else [], exp,
                os.path.join(docs, figure))
   f = exp.finetune
@@ -481,7 +517,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
       f"{devices(results)}; spec s are fine-tuning wall seconds. Fine-tuning: at most "
       f"{f.steps} steps, early stopping (patience {f.early_stop_patience}, eval every "
       f"{f.eval_every}), lr {_lr_rule(exp)}.", "",
-      *tokens, *time_view, *seeds, *hypotheses,
+      *tokens, *paper, *time_view, *seeds, *hypotheses,
       f"{CAP}: fine-tuning hit the step cap: not converged (the number is an upper bound).", "",
       f"![ppl vs cost]({figure})", "", end])
   path = os.path.join(docs, "results.md")
@@ -492,4 +528,4 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
     text = text.rstrip() + "\n\n" + auto + "\n"
   with open(path, "w") as fh:
     fh.write(text)
-  print("\n".join(tokens + time_view + seeds + hypotheses))
+  print("\n".join(tokens + paper + time_view + seeds + hypotheses))

@@ -230,15 +230,19 @@ def test_every_experiment_config_builds_valid_run_configs():
   from pn_jax import experiment
   files = sorted((REPO / "configs" / "experiments").glob("*.py"))
   assert len(files) >= 2
-  for path in files:
-    exp = config_lib.load_config(str(path))
-    for name, (spec, overrides) in exp.methods.items():
+  gpu_parts = [":importance", ":seeds", ":hypotheses1", ":hypotheses2", ":validate"]
+  gpu_small = str(REPO / "configs" / "experiments" / "gpu_small.py")
+  for path in [str(f) for f in files] + [gpu_small + part for part in gpu_parts]:
+    exp = config_lib.load_config(path)
+    for name in exp.methods:
+      spec, overrides, finetune = experiment.method_spec(exp, name)
       c = experiment.pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model")
       config_lib.validate(c, device_count=1)
       assert c.train.steps * exp.batch_size * exp.seq_len <= exp.pretrain_tokens, (path, name)
-    for teacher in ("", "teacher_dir"):
-      c = experiment.finetune_config(exp, "pretrain_dir", exp.domains[0], exp.budgets[0], teacher)
-      config_lib.validate(c, device_count=1)
+      for teacher in ("", "teacher_dir"):
+        c = experiment.finetune_config(exp, "pretrain_dir", exp.domains[0], exp.budgets[0],
+                                       teacher, overrides=finetune)
+        config_lib.validate(c, device_count=1)
 
 
 def test_a_budget_larger_than_a_domain_skips_its_cells(tmp_path):
@@ -291,7 +295,7 @@ def test_parts_share_data_and_methods_share_pretraining(tmp_path):
   part = copy.deepcopy(exp)
   part.data_root = root
   part.methods = ml_collections.ConfigDict(dict(
-      slm_s1=("configs/slm.py:tiny", "seed=1,train.steps=4")))
+      slm_s1=("configs/slm.py:tiny", "seed=1,pretrain_scale=0.5")))
   seeds = experiment.run(part, str(tmp_path / "seeds"))
   assert not os.path.exists(tmp_path / "seeds" / "tokenizer.model")
   assert not os.path.exists(tmp_path / "seeds" / "corpus")

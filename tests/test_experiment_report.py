@@ -153,3 +153,24 @@ def test_a_config_without_parts_renders_as_before(tmp_path):
                              text.index("![ppl vs cost]")]
   with open(os.path.join(REPO, "docs/results.md")) as f:
     assert tables((tmp_path / "results.md").read_text()) == tables(f.read())
+
+
+def test_paper_section_puts_the_papers_table_8_beside_ours():
+  """At the paper's budgets (1M, 8M) the report sets our equal-token numbers beside Table 8's
+  (100 GPUh) with each method's change vs the SLM in both; at other budgets it says nothing."""
+  exp = _exp()
+  exp.budgets = (B, 8 * B)
+  results = copy.deepcopy(MAIN)
+  results["domain_train_tokens"] = {d: 9 * B for d in DOMAINS}
+  for m, ppl in (("slm", 10.0), ("pn", 9.0)):
+    for d in DOMAINS:
+      results["specialize"][f"{d}/{8 * B}"] = dict(results["specialize"].get(f"{d}/{8 * B}", {}),
+                                                   **{m: _cell(ppl)})
+  rows = report.table_rows(results, exp)
+  table = report.paper_section(results, rows, exp)
+  slm, pn = [line for line in table if line.startswith(("| SLM |", "| PN |"))]
+  assert slm.startswith("| SLM | 110.00 | 42.43 | 14.14 | 10.00 | +0.0% / +0.0% | 20.51 |")
+  assert pn.startswith("| PN | 109.00 | 42.21 | 14.07 | 9.00 | -0.5% / -10.0% | 18.90 |")
+  assert pn.endswith(f"| {100 * (18.57 / 19.31 - 1):+.1f}% / {100 * (15.58 / 15.61 - 1):+.1f}% |")
+  exp.budgets = (B,)
+  assert report.paper_section(results, report.table_rows(results, exp), exp) == []

@@ -37,8 +37,9 @@ def get_config(arg=None):
   c.eval_batches = 8
 
   # name -> (config file:arg, pretraining overrides as "key=value,..."[, fine-tuning overrides]);
-  # the overrides are applied last (a method may set its own seed, lr or train.steps), and
-  # methods with the same file and pretraining overrides share one pretraining run.
+  # the overrides are applied last (a method may set its own seed or lr; `pretrain_scale=f`
+  # trains it on f x pretrain_tokens), and methods with the same file and pretraining
+  # overrides share one pretraining run.
   c.methods = ml_collections.ConfigDict(dict(
       slm=("configs/slm.py:tiny", ""),
       # SLM-mix: k independent SLMs, each trained on its cluster (stratified batches, 16/k rows

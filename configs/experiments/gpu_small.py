@@ -17,8 +17,12 @@ source_code (the two that hold 8M) at 1M and 8M; a (domain, budget) cell whose d
 fewer training tokens than the budget is skipped. Fine-tuning follows the paper's lr rule.
 
 Args (the parts of one comparison; each is its own experiment root):
-  (none)       the comparison: SLM, SLM-mix, PN (both expert-selection rules), LLM, SLM-d, SLM-is;
-  seeds        SLM and PN again with model seed 1 (GPU runs are not bit-deterministic either);
+  (none)       the comparison: SLM, SLM-mix, PN (both expert-selection rules), LLM, SLM-d, and
+               both views (its pretraining runs alone on the GPU: launch/gpu_experiment.sh
+               starts the other parts after it, so the equal-time view's seconds are clean);
+  importance   SLM-is (a pretraining run per domain and budget);
+  seeds        SLM and PN again with seed 1 (model init, data order and k-means; GPU runs are
+               not bit-deterministic either), equal tokens only;
   hypotheses1, hypotheses2
                PN variants, one change each, at 1M tokens: why PN's capacity does or does not
                pay (the "what mattered" table, `hypotheses` below);
@@ -35,7 +39,7 @@ SLM = "model.d_model=128,model.n_layers=4,model.n_heads=4,model.mlp_dim=512"
 LLM = "model.d_model=256,model.n_layers=4,model.n_heads=4,model.mlp_dim=1024"
 PN = SLM + ",model.k=32,model.h=24,model.m=16"
 LOWEST_LOSS = "specialize.select=lowest_loss"
-QUARTER = "train.steps=915"  # a quarter of the generic tokens (30M)
+QUARTER = "pretrain_scale=0.25"  # a quarter of the generic tokens (30M)
 
 # name -> (config file, pretraining overrides[, fine-tuning overrides]); the part that runs it.
 PARTS = {
@@ -45,8 +49,8 @@ PARTS = {
         pn=("configs/pn.py", PN),
         pn_lowest_loss=("configs/pn.py", PN, LOWEST_LOSS),  # reuses pn's pretraining
         llm=("configs/llm.py", LLM),
-        slm_is=("configs/importance.py", SLM + ",model.k=1024"),
     ),
+    "importance": dict(slm_is=("configs/importance.py", SLM + ",model.k=1024")),
     "seeds": dict(
         slm_s1=("configs/slm.py", SLM + ",seed=1"),
         pn_s1=("configs/pn.py", PN + ",seed=1"),
@@ -107,22 +111,24 @@ def get_config(arg=None):
   c.eval_batches = 16
   c.distill = True
   c.finetune.update(steps=2000, eval_every=25, early_stop_patience=3, eval_batches=8)
-  c.labels = ml_collections.ConfigDict(LABELS)
-  c.seed_groups = ml_collections.ConfigDict(dict(slm=("slm", "slm_s1"), pn=("pn", "pn_s1")))
-  c.hypotheses = ml_collections.ConfigDict(HYPOTHESES)
+  c.labels = ml_collections.ConfigDict(LABELS, sort_keys=False)
+  c.seed_groups = ml_collections.ConfigDict(
+      dict(slm=("slm", "slm_s1"), pn=("pn", "pn_s1")), sort_keys=False)
+  c.hypotheses = ml_collections.ConfigDict(HYPOTHESES, sort_keys=False)
   if part == "validate":
     c.domains = ("legal", "dictionary")
     c.pretrain_tokens = 8_000_000
     c.methods = ml_collections.ConfigDict(
-        {k: v for k, v in PARTS[""].items() if k != "pn_lowest_loss"})
+        {k: v for k, v in {**PARTS[""], **PARTS["importance"]}.items() if k != "pn_lowest_loss"},
+        sort_keys=False)
     c.finetune.update(steps=200)
     return c
   if part not in PARTS:
     raise ValueError(f"gpu_small: unknown part {part!r}; one of {sorted(PARTS)} or validate")
-  c.methods = ml_collections.ConfigDict(PARTS[part])
-  if part:  # the other parts: no SLM-d, and (hypotheses) 1M tokens only, no equal-time view
+  c.methods = ml_collections.ConfigDict(PARTS[part], sort_keys=False)  # run in this order
+  if part:  # the other parts: no SLM-d, no equal-time view, and (hypotheses) 1M tokens only
     c.distill = False
-    c.equal_time_reference = "slm_s1" if part == "seeds" else ""
-    if part != "seeds":
+    c.equal_time_reference = ""
+    if part.startswith("hypotheses"):
       c.budgets = (1_000_000,)
   return c
