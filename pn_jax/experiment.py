@@ -608,7 +608,7 @@ def main(argv):
     results = merge_results(results, [load_part(exp, part) for part in FLAGS.merge])
   # The command that makes these results (a --report_only rewrite shows the run's command).
   args = [a for a in sys.argv[1:]
-          if not a.startswith(("--report_only", "--docs", "--max_seconds", "--merge"))]
+          if not a.startswith(("--report_only", "--docs", "--max_seconds"))]
   write_report(results, exp, FLAGS.docs, " ".join(["python -m pn_jax.experiment", *args]),
                tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)

@@ -219,7 +219,7 @@ def cost_table(results, rows, exp, view: str) -> list[str]:
           for b in (b_small, b_large)]
     lines.append(
         f"| {label(m, exp)} | " + "".join(s + " | " for s in step)
-        + f"{pf:.2e} | {ps:.3g} | {_generic_ppl(results, m, view)} | {r[b_large]['noft']:.2f} | "
+        + f"{pf:.2e} | {ps:.3g} | {_generic_ppl(results, m, view)} | {r[b_small]['noft']:.2f} | "
         + " | ".join(_ppl(r[b]["macro"], any(r[b]["capped"].values())) for b in exp.budgets)
         + f" | {sf[0]:.2e} / {sf[1]:.2e} | "
         f"{r[b_small]['spec_seconds']:.0f} / {r[b_large]['spec_seconds']:.0f} |")
@@ -290,7 +290,31 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
              "SLM-is: per domain; SLM-d: the SLM's + the LLM's pretraining).")
   lines = [f"#### {VIEWS[view]}", "", intro, "", *cost_table(results, rows, exp, view), "",
            *vs_slm_table(rows, exp), "", *per_domain_table(rows, exp), ""]
+  if view == "time":
+    lines += partial_time_table(results, exp, [r["method"] for r in rows])
   return lines, rows
+
+
+def partial_time_table(results, exp, complete: list[str]) -> list[str]:
+  """The equal-time view of methods whose cells did not all run (a run stopped before them):
+  their milestone, its generic perplexity and the cells there are, so nothing measured is
+  hidden and nothing missing is averaged."""
+  eq = results.get("equal_time") or {}
+  partial = [m for m in eq.get("methods", {}) if m not in complete]
+  if not partial:
+    return []
+  cells = [(d, b) for b in exp.budgets for d in budget_domains(results, exp, b)]
+  head = (["method", "pretrain step", "pretrain s", "generic valid ppl"]
+          + [f"{d} {b:.0e}" for d, b in cells])
+  lines = ["Methods whose equal-time fine-tuning did not all run (\"-\": not run), so no macro "
+           "average:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for m in partial:
+    choice = eq["methods"][m]
+    ppl = [view_cell(results, "time", f"{d}/{b}", m) for d, b in cells]
+    lines.append(f"| {label(m, exp)} | {choice['step']} | {choice['seconds']:.3g} | "
+                 f"{choice['generic_valid_ppl']:.2f} | "
+                 + " | ".join("-" if c is None else f"{c['test_ppl']:.2f}" for c in ppl) + " |")
+  return lines + [""]
 
 
 def versus(cells: dict[str, dict], ref: dict[str, dict]) -> tuple[float, int, int] | None:
@@ -441,7 +465,8 @@ def paper_section(results, rows, exp) -> list[str]:
 
 def write_figure(results, rows, time_rows, exp, path: str) -> None:
   """Perplexity vs pretraining FLOPs: filled markers at equal tokens, hollow ones for the
-  equal-time view's earlier checkpoints."""
+  equal-time view's earlier checkpoints, crosses for the hypothesis variants (smallest budget;
+  the ones pretrained on fewer tokens sit left of the rest)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -461,6 +486,15 @@ def write_figure(results, rows, time_rows, exp, path: str) -> None:
       pf, _ = pretrain_cost(results, r["method"], r, b, "time")
       ax.scatter(pf, r[b]["macro"], marker=marker, facecolors="none",
                  edgecolors=colors.get(r["method"], "k"))
+  b = min(exp.budgets)
+  shown = {r["method"] for r in rows}
+  hypotheses = exp.get("hypotheses", {})
+  variants = dict.fromkeys([*hypotheses, *(ref for _, ref in hypotheses.values())])
+  for i, m in enumerate(m for m in variants if m not in shown):
+    cells = method_cells(results, exp, m, b)
+    if cells is not None:
+      ax.scatter(results["pretrain"][m]["flops"], macro(list(cells.values()), "test_ppl"),
+                 marker="x", color=f"C{(len(rows) + i) % 10}", label=f"{label(m, exp)} (x)")
   ax.set_xscale("log")
   ax.set_xlabel("pretraining FLOPs per specialized model (SLM-is: per domain; SLM-d: + teacher)"
                 + ("\nhollow: the equal-device-time checkpoint" if time_rows else ""),

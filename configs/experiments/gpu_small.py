@@ -12,7 +12,7 @@ The miniature (../shared/MEASURED.md): the SLM has d_model 128, 4 layers, MLP 51
 non-embedding parameters), vocab 8k, context 1,024, batch 32, so the generic budget gives it
 ~`pretrain_tokens / 0.8M` tokens per parameter (the paper: ~350 at 100 GPUh). The LLM is ~4x the
 SLM's inference cost; PN k=32, h=24, m=16 (configs/pn.py's h/k/m); SLM-mix k=16 independent SLMs;
-SLM-is k=1024 clusters (the paper's). Domains: legal and religious at 1M tokens, dictionary and
+SLM-is k=1024 clusters (the paper's). Every PN here has random codes unless it says otherwise. Domains: legal and religious at 1M tokens, dictionary and
 source_code (the two that hold 8M) at 1M and 8M; a (domain, budget) cell whose domain holds
 fewer training tokens than the budget is skipped. Fine-tuning follows the paper's lr rule.
 
@@ -37,41 +37,49 @@ from pn_jax.config import load_module, parse_arg
 
 SLM = "model.d_model=128,model.n_layers=4,model.n_heads=4,model.mlp_dim=512"
 LLM = "model.d_model=256,model.n_layers=4,model.n_heads=4,model.mlp_dim=1024"
-PN = SLM + ",model.k=32,model.h=24,model.m=16"
+
+
+def pn(k=32, h=24, m=16, code_init="random", extra=""):
+  """PN's pretraining overrides. The comparison of docs/results.md was run with random codes,
+  pinned here so this config reproduces it; the repo's default is now shared codes (the
+  comparison's finding, row pn_code_shared)."""
+  return SLM + f",model.k={k},model.h={h},model.m={m},model.code_init={code_init}" + extra
+
+
 LOWEST_LOSS = "specialize.select=lowest_loss"
-QUARTER = "pretrain_scale=0.25"  # a quarter of the generic tokens (30M)
+QUARTER = ",pretrain_scale=0.25"  # a quarter of the generic tokens (30M)
 
 # name -> (config file, pretraining overrides[, fine-tuning overrides]); the part that runs it.
 PARTS = {
     "": dict(
         slm=("configs/slm.py", SLM),
         mix=("configs/mix.py", SLM + ",model.k=16"),
-        pn=("configs/pn.py", PN),
-        pn_lowest_loss=("configs/pn.py", PN, LOWEST_LOSS),  # reuses pn's pretraining
+        pn=("configs/pn.py", pn()),
+        pn_lowest_loss=("configs/pn.py", pn(), LOWEST_LOSS),  # reuses pn's pretraining
         llm=("configs/llm.py", LLM),
     ),
     "importance": dict(slm_is=("configs/importance.py", SLM + ",model.k=1024")),
     "seeds": dict(
         slm_s1=("configs/slm.py", SLM + ",seed=1"),
-        pn_s1=("configs/pn.py", PN + ",seed=1"),
-        pn_lowest_loss_s1=("configs/pn.py", PN + ",seed=1", LOWEST_LOSS),
+        pn_s1=("configs/pn.py", pn(extra=",seed=1")),
+        pn_lowest_loss_s1=("configs/pn.py", pn(extra=",seed=1"), LOWEST_LOSS),
     ),
     "hypotheses1": dict(
-        pn_code_shared=("configs/pn.py", PN + ",model.code_init=shared"),
-        pn_h8=("configs/pn.py", SLM + ",model.k=32,model.h=8,model.m=8"),
-        pn_h48=("configs/pn.py", SLM + ",model.k=32,model.h=48,model.m=16"),
-        pn_k16=("configs/pn.py", SLM + ",model.k=16,model.h=24,model.m=16"),
+        pn_code_shared=("configs/pn.py", pn(code_init="shared")),
+        pn_h8=("configs/pn.py", pn(h=8, m=8)),
+        pn_h48=("configs/pn.py", pn(h=48)),
+        pn_k16=("configs/pn.py", pn(k=16)),
     ),
     "hypotheses2": dict(
-        pn_m32=("configs/pn.py", SLM + ",model.k=32,model.h=32,model.m=32"),
-        pn_codes_no_decay=("configs/pn.py", PN + ",optim.decay_codes=False"),
-        slm_30M=("configs/slm.py", SLM + "," + QUARTER),
-        pn_30M=("configs/pn.py", PN + "," + QUARTER),
+        pn_m32=("configs/pn.py", pn(h=32, m=32)),
+        pn_codes_no_decay=("configs/pn.py", pn(extra=",optim.decay_codes=False")),
+        slm_30M=("configs/slm.py", SLM + QUARTER),
+        pn_30M=("configs/pn.py", pn(extra=QUARTER)),
     ),
 }
 
 LABELS = dict(
-    pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)", pn_s1="PN (seed 1)",
+    pn="PN (random codes)", pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)", pn_s1="PN (seed 1)",
     pn_lowest_loss_s1="PN, lowest-loss expert (seed 1)", pn_code_shared="PN, shared code init",
     pn_h8="PN h=8 m=8", pn_h48="PN h=48", pn_k16="PN k=16", pn_m32="PN h=m=32",
     pn_codes_no_decay="PN, no decay on E, M", slm_30M="SLM, 30M tokens", pn_30M="PN, 30M tokens")
