@@ -216,7 +216,7 @@ def test_decay_codes_false_exempts_only_E_and_M_from_weight_decay():
   from pn_jax.model.transformer import init_params
   config = load_config("pn")
   params = nn.unbox(init_params(build_model(config.model), jax.random.key(0)))
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(lambda p: p * 0, params)
   flat = {}
   for decay_codes in (True, False):
     config.optim.decay_codes = decay_codes
@@ -225,8 +225,8 @@ def test_decay_codes_false_exempts_only_E_and_M_from_weight_decay():
     updates, _ = tx.update(zeros, tx.init(params), params)
     flat[decay_codes] = {p[-1].key: u for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
   for name in ("E", "M", "T_in", "embed"):
-    assert float(jnp.abs(flat[True][name]).max()) > 0, name
+    assert float(np.abs(flat[True][name]).max()) > 0, name
   for name in ("E", "M"):
-    assert float(jnp.abs(flat[False][name]).max()) == 0, name
+    assert float(np.abs(flat[False][name]).max()) == 0, name
   for name in ("T_in", "T_out", "embed"):
     np.testing.assert_array_equal(flat[False][name], flat[True][name])
