@@ -237,8 +237,8 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   """`root`: the experiment root, whose data_cache/ every pretraining run (the importance-sampling
   ones too) shares: the corpus is tokenized, embedded and clustered once per experiment
   (`exp.data_root`: that root's instead). The method's overrides are applied last, so a method
-  may set its own seed, learning rate or length (`train.steps`); warmup and milestones follow
-  its length."""
+  may set its own seed or learning rate, and `pretrain_scale=f` trains it on f x the
+  experiment's generic tokens; warmup and milestones follow its length."""
   c = load_run_config(spec)
   c.seed = exp.seed
   c.model.update(vocab_size=exp.vocab_size, max_len=max(c.model.max_len, exp.seq_len))
@@ -575,7 +575,10 @@ def load_part(exp, root: str) -> dict:
   with open(path) as f:
     part = json.load(f)
   saved = {k: v for k, v in part.get("exp", {}).items() if k not in _PART_KEYS}
-  check_reusable(dict(saved, methods={}), exp)
+  try:
+    check_reusable(dict(saved, methods={}), exp)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"--merge={root}: not a part of this comparison: {e}") from e
   return part
 
 
