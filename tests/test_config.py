@@ -28,6 +28,7 @@ def test_pn_and_mix_share_k_and_small_model_size():
     (dict(mlp_kind="moe"), r"model\.mlp_kind.*unknown kind"),
     (dict(remat="sometimes"), r"model\.remat"),
     (dict(d_model=0), r"model\.d_model.*positive integer"),
+    (dict(code_init="orthogonal"), r"model\.code_init.*unknown code init 'orthogonal'"),
 ])
 def test_model_errors(change, match):
   cfg = load_config("pn")

@@ -74,6 +74,7 @@ def get_config(arg=None):
       lr=0.0, full_lr_tokens=8_000_000, steps=1000, eval_every=25, early_stop_patience=2,
       eval_batches=8))
   if arg == "codes":  # the expert-code init at this scale: SLM, PN random codes, PN shared codes
+    c.budgets = (100_000,)
     c.methods = ml_collections.ConfigDict(dict(
         slm=c.methods.slm, pn=c.methods.pn,
         pn_code_shared=("configs/pn.py:tiny", TINY_PN + ",model.code_init=shared")),
