@@ -8,15 +8,16 @@
 # the data (corpus, tokenizer, data cache) and pretrains its methods alone (its equal-time view
 # compares training seconds, which a second process on the GPU would inflate); the others start
 # after that and use its data (--config.data_root). Each runs for at most $CALL_SECONDS of this
-# call, then stops at a resumable point. Exit 0: every part done; 143: call again (back to back: an idle machine is
-# given back after 30 s, and $ROOT with it). Each part's results.json, log and pretraining
-# metrics come back in $OUT as <tag>.tar.xz; `python -m pn_jax.experiment --report_only
-# --merge=...` writes the report here (docs/launch.md).
+# call, then stops at a resumable point. Exit 0: every part done; 143: call again (back to
+# back: an idle machine is given back after 30 s, and $ROOT with it). Each part's results.json,
+# log and pretraining metrics come back in $OUT as <tag>.tar.xz; `python -m pn_jax.experiment
+# --report_only --merge=...` writes the report here (docs/launch.md).
 set -uo pipefail
 configs=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # the flags after --
-[ ${#configs[@]} -gt 0 ] || { echo "usage: gpu_experiment.sh CONFIG [CONFIG ...] [-- flags]"; exit 2; }
+[ ${#configs[@]} -gt 0 ] || {
+  echo "usage: gpu_experiment.sh CONFIG [CONFIG ...] [-- flags]"; exit 2; }
 CARRY=${CARRY:-runs/device_carry}
 ROOT=${ROOT:-/tmp/pn_exp}
 CALL_SECONDS=${CALL_SECONDS:-500}

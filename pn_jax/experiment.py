@@ -400,6 +400,40 @@ def _final_costs(workdir: str, c) -> tuple[dict, dict]:
   return costs, costs.get("steps", {}).get(str(c.train.steps), {})
 
 
+def pretrain_fit(workdir: str, last: int = 8) -> dict:
+  """{train_loss_end: mean of the last `last` logged training losses, valid_loss_end: the last
+  eval loss} from a run's metrics.jsonl ({} without one): the gap between them tells
+  overfitting (repeated data) from a model that does not fit its data."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return {}
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # a line torn by a kill
+        continue
+  train = [r["loss"] for r in rows if r.get("split") == "train"][-last:]
+  valid = [r["loss"] for r in rows if r.get("split") == "eval"]
+  if not train or not valid:
+    return {}
+  return {"train_loss_end": float(np.mean(train)), "valid_loss_end": float(valid[-1])}
+
+
+def add_pretrain_fit(results: dict, root: str) -> dict:
+  """Fills in pretrain_fit for the records made before _pretrain_record kept it, from the
+  pretraining runs under `root` (each method's own run, or the one it shares)."""
+  methods = results.get("exp", {}).get("methods", {})
+  first = {}
+  for name, record in results.get("pretrain", {}).items():
+    spec = tuple(methods.get(name, (name, ""))[:2])
+    owner = first.setdefault(spec, name)
+    if "train_loss_end" not in record:
+      record.update(pretrain_fit(os.path.join(root, "pretrain", owner)))
+  return results
+
+
 def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
   costs, final = _final_costs(workdir, c)
   ppl = out.get("eval_perplexity", final.get("eval_perplexity"))
@@ -407,7 +441,7 @@ def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
           "steps": c.train.steps,
           "tokens": c.train.steps * c.data.batch_size * c.data.seq_len,
           "train_seconds": final.get("train_seconds"), "device": costs.get("device"),
-          "device_count": costs.get("device_count")}
+          "device_count": costs.get("device_count"), **pretrain_fit(workdir)}
 
 
 def run(exp, root: str, stop: StopRequest | None = None) -> dict:
@@ -579,7 +613,7 @@ def load_part(exp, root: str) -> dict:
     check_reusable(dict(saved, methods={}), exp)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f"--merge={root}: not a part of this comparison: {e}") from e
-  return part
+  return add_pretrain_fit(part, root)
 
 
 def main(argv):
@@ -607,6 +641,7 @@ def main(argv):
       sys.exit(e.exit_code)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
     corpus_lib.write_json(os.path.join(root, "results.json"), results)
+  add_pretrain_fit(results, root)
   if FLAGS.merge:
     results = merge_results(results, [load_part(exp, part) for part in FLAGS.merge])
   # The command that makes these results (a --report_only rewrite shows the run's command).

@@ -408,14 +408,21 @@ def hypotheses_table(results, exp) -> list[str]:
     vs = versus(cells, available_cells(results, exp, ref, b))
     capped = any(hit_step_cap(c, cap) for c in cells.values())
     out.append(f"| {label(m, exp)} | {change} | {label(ref, exp)} | "
-               f"{_generic_ppl(results, m, 'tokens')} | "
+               f"{_generic_ppl(results, m, 'tokens')} | {_fit(results['pretrain'].get(m, {}))} | "
                f"{macro(list(cells.values()), 'noft_test_ppl'):.2f} | "
                f"{_ppl(macro(list(cells.values()), 'test_ppl'), capped)} | "
                + (f"{vs[0]:+.1f}% | {vs[1]}/{vs[2]}" if vs else "- | -") + " |")
   if not out:
     return []
-  return ["| method | change | reference | generic valid ppl | no ft | "
-          f"ft {b:.0e} | vs reference | domains better |", "|---" * 8 + "|", *out]
+  return ["| method | change | reference | generic valid ppl | train / valid loss | no ft | "
+          f"ft {b:.0e} | vs reference | domains better |", "|---" * 9 + "|", *out]
+
+
+def _fit(record: dict) -> str:
+  """Pretraining's final train and valid loss (pn_jax.experiment.pretrain_fit), or '-'."""
+  if "train_loss_end" not in record:
+    return "-"
+  return f"{record['train_loss_end']:.2f} / {record['valid_loss_end']:.2f}"
 
 
 def hypotheses_section(results, exp) -> list[str]:
@@ -425,7 +432,8 @@ def hypotheses_section(results, exp) -> list[str]:
   return ["#### what mattered (PN variants, one change each)", "",
           f"Equal pretraining tokens, fine-tuned on {min(exp.budgets):.0e} domain tokens; each "
           "variant against its reference SLM (the same seed and pretraining tokens), over the "
-          "domains both have.", "", *table, ""]
+          "domains both have. Train / valid loss: pretraining's last logged training losses "
+          "(mean of 8) and its final generic validation loss.", "", *table, ""]
 
 
 # The paper's Table 8 at 100 GPUh of pretraining (../shared/paper.md): generic c4 ppl, and

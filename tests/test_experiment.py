@@ -321,3 +321,14 @@ def test_method_overrides_are_typed():
   assert config.optim.decay_codes is False and config.model.h == 6 and config.optim.lr == 0.5
   with pytest.raises(ConfigError, match="optim.decay_codes takes true or false"):
     experiment.apply_overrides(config, "optim.decay_codes=no")
+
+
+def test_pretrain_fit_reads_the_final_losses_and_skips_a_torn_line(tmp_path):
+  """The train/valid gap of the report: the mean of the last 8 logged training losses and the
+  last eval loss; a line torn by a kill is skipped, and a run without metrics gives {}."""
+  from pn_jax import experiment
+  lines = [json.dumps({"split": "train", "step": s, "loss": float(s)}) for s in range(1, 11)]
+  lines += [json.dumps({"split": "eval", "step": 10, "loss": 2.5}), '{"split": "train", "lo']
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+  assert experiment.pretrain_fit(str(tmp_path)) == {"train_loss_end": 6.5, "valid_loss_end": 2.5}
+  assert experiment.pretrain_fit(str(tmp_path / "missing")) == {}

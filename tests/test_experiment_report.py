@@ -13,6 +13,7 @@ from pn_jax.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 1_000_000
+R = "PN (random codes)"  # gpu_small's label for pn: its PN rows were run with random codes
 DOMAINS = ("legal", "religious")
 
 
@@ -110,20 +111,22 @@ def test_seed_tables_give_each_group_its_mean_and_pair_the_seeds():
   table = report.seed_table(results, exp, B)
   assert (f"| SLM | SLM / SLM (seed 1) | 110.00 / 112.00 | {math.sqrt(200):.2f} / "
           f"{math.sqrt(216):.2f} | {slm_mean:.2f} |") in table
-  assert f"| PN (random codes) | PN (random codes) / PN (seed 1) | 109.00 / 111.00 | 14.07 / 13.27 | {pn_mean:.2f} |" in table
+  assert (f"| {R} | {R} / PN (seed 1) | 109.00 / 111.00 | 14.07 / 13.27 | {pn_mean:.2f} |"
+          in table)
   pairs = report.seed_pairs_table(results, exp, B)
   assert f"| PN (random codes) vs SLM | {100 * (math.sqrt(198 / 200) - 1):+.1f}% | 1/2 |" in pairs
   assert "| PN (seed 1) vs SLM (seed 1) | -9.7% | 2/2 |" in pairs  # 11 < 12, 16 < 18
-  assert f"| PN (random codes) vs SLM, means of 2 / 2 | {100 * (pn_mean / slm_mean - 1):+.1f}% | - |" in pairs
+  assert f"| {R} vs SLM, means of 2 / 2 | {100 * (pn_mean / slm_mean - 1):+.1f}% | - |" in pairs
   assert report.seeds_section(MAIN, exp) == []  # one run per group: no section
 
 
 def test_what_mattered_rows_compare_each_variant_with_its_reference():
   table = report.hypotheses_table(_merged(), _exp())
   pn, h8, q = table[2:]  # config order; pn_k16 (one domain), pn_lowest_loss (none): no row
-  assert pn == ("| PN (random codes) | none | SLM | 109.00 | 42.21 | 14.07 | -0.5% | 1/2 |")
+  assert pn == ("| PN (random codes) | none | SLM | 109.00 | - | 42.21 | 14.07 | -0.5% | 1/2 |")
   # pn_h8 (8, 19) vs the SLM's (10, 20); its legal cell hit the step cap
-  assert h8 == (f"| PN h=8 m=8 | a third of the basis | SLM | 108.00 | {3 * math.sqrt(152):.2f} | "
+  assert h8 == (f"| PN h=8 m=8 | a third of the basis | SLM | 108.00 | - | "
+                f"{3 * math.sqrt(152):.2f} | "
                 f"{math.sqrt(152):.2f}* | {100 * (math.sqrt(152 / 200) - 1):+.1f}% | 2/2 |")
   # the SLM at 30M tokens has only its legal cell: compared there alone
   assert q.endswith(f"| {math.sqrt(1200):.2f} | +20.0% | 0/1 |")
@@ -171,7 +174,7 @@ def test_paper_section_puts_the_papers_table_8_beside_ours():
   table = report.paper_section(results, rows, exp)
   slm, pn = [line for line in table if line.startswith(("| SLM |", "| PN (random codes) |"))]
   assert slm.startswith("| SLM | 110.00 | 42.43 | 14.14 | 10.00 | +0.0% / +0.0% | 20.51 |")
-  assert pn.startswith("| PN (random codes) | 109.00 | 42.21 | 14.07 | 9.00 | -0.5% / -10.0% | 18.90 |")
+  assert pn.startswith(f"| {R} | 109.00 | 42.21 | 14.07 | 9.00 | -0.5% / -10.0% | 18.90 |")
   assert pn.endswith(f"| {100 * (18.57 / 19.31 - 1):+.1f}% / {100 * (15.58 / 15.61 - 1):+.1f}% |")
   exp.budgets = (B,)
   assert report.paper_section(results, report.table_rows(results, exp), exp) == []

@@ -12,9 +12,10 @@ The miniature (../shared/MEASURED.md): the SLM has d_model 128, 4 layers, MLP 51
 non-embedding parameters), vocab 8k, context 1,024, batch 32, so the generic budget gives it
 ~`pretrain_tokens / 0.8M` tokens per parameter (the paper: ~350 at 100 GPUh). The LLM is ~4x the
 SLM's inference cost; PN k=32, h=24, m=16 (configs/pn.py's h/k/m); SLM-mix k=16 independent SLMs;
-SLM-is k=1024 clusters (the paper's). Every PN here has random codes unless it says otherwise. Domains: legal and religious at 1M tokens, dictionary and
-source_code (the two that hold 8M) at 1M and 8M; a (domain, budget) cell whose domain holds
-fewer training tokens than the budget is skipped. Fine-tuning follows the paper's lr rule.
+SLM-is k=1024 clusters (the paper's); every PN here has random codes unless it says otherwise.
+Domains: legal and religious at 1M tokens, dictionary and source_code (the two that hold 8M) at
+1M and 8M; a (domain, budget) cell whose domain holds fewer training tokens than the budget is
+skipped. Fine-tuning follows the paper's lr rule.
 
 Args (the parts of one comparison; each is its own experiment root):
   (none)       the comparison: SLM, SLM-mix, PN (both expert-selection rules), LLM, SLM-d, and
@@ -79,7 +80,8 @@ PARTS = {
 }
 
 LABELS = dict(
-    pn="PN (random codes)", pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)", pn_s1="PN (seed 1)",
+    pn="PN (random codes)", pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)",
+    pn_s1="PN (seed 1)",
     pn_lowest_loss_s1="PN, lowest-loss expert (seed 1)", pn_code_shared="PN, shared code init",
     pn_h8="PN h=8 m=8", pn_h48="PN h=48", pn_k16="PN k=16", pn_m32="PN h=m=32",
     pn_codes_no_decay="PN, no decay on E, M", slm_30M="SLM, 30M tokens", pn_30M="PN, 30M tokens")
