@@ -425,12 +425,16 @@ def add_pretrain_fit(results: dict, root: str) -> dict:
   """Fills in pretrain_fit for the records made before _pretrain_record kept it, from the
   pretraining runs under `root` (each method's own run, or the one it shares)."""
   methods = results.get("exp", {}).get("methods", {})
-  first = {}
+  spec = lambda name: tuple(methods.get(name, (name, ""))[:2])
   for name, record in results.get("pretrain", {}).items():
-    spec = tuple(methods.get(name, (name, ""))[:2])
-    owner = first.setdefault(spec, name)
-    if "train_loss_end" not in record:
-      record.update(pretrain_fit(os.path.join(root, "pretrain", owner)))
+    if "train_loss_end" in record:
+      continue
+    sharing = [name] + [m for m in methods if m != name and spec(m) == spec(name)]
+    for owner in sharing:  # the run is under the name of whichever method trained it
+      fit = pretrain_fit(os.path.join(root, "pretrain", owner))
+      if fit:
+        record.update(fit)
+        break
   return results
 
 
