@@ -232,7 +232,8 @@ def test_every_experiment_config_builds_valid_run_configs():
   assert len(files) >= 2
   gpu_parts = [":importance", ":seeds", ":hypotheses1", ":hypotheses2", ":validate"]
   gpu_small = str(REPO / "configs" / "experiments" / "gpu_small.py")
-  for path in [str(f) for f in files] + [gpu_small + part for part in gpu_parts]:
+  cpu_codes = str(REPO / "configs" / "experiments" / "cpu_small.py:codes")
+  for path in [str(f) for f in files] + [gpu_small + part for part in gpu_parts] + [cpu_codes]:
     exp = config_lib.load_config(path)
     for name in exp.methods:
       spec, overrides, finetune = experiment.method_spec(exp, name)

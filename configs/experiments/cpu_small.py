@@ -79,6 +79,8 @@ def get_config(arg=None):
         slm=c.methods.slm, pn=c.methods.pn,
         pn_code_shared=("configs/pn.py:tiny", TINY_PN + ",model.code_init=shared")),
         sort_keys=False)
+    c.labels = ml_collections.ConfigDict(dict(
+        pn="PN (random codes)", pn_code_shared="PN, shared code init"))
     c.distill = False
   elif arg:
     raise ValueError(f"cpu_small: unknown arg {arg!r} (none or codes)")
