@@ -245,14 +245,13 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   c.data.update(corpus=corpus, tokenizer_path=tokenizer, seq_len=exp.seq_len,
                 batch_size=exp.batch_size, eval_batches=exp.eval_batches)
   c.optim.lr = exp.pretrain_lr
+  items = dict(override_items(overrides))  # a repeated key: its last value, as in apply
   # `pretrain_scale=<f>` (the experiment's, not a run config key): f x the generic tokens.
-  scale = [float(v) for k, v in override_items(overrides) if k == "pretrain_scale"]
-  tokens = exp.pretrain_tokens * (scale[-1] if scale else 1.0)
+  tokens = exp.pretrain_tokens * float(items.pop("pretrain_scale", 1.0))
   c.train.steps = max(int(tokens // (exp.batch_size * exp.seq_len)), 1)
-  apply_overrides(c, ",".join(f"{k}={v}" for k, v in override_items(overrides)
-                              if k != "pretrain_scale"))
+  apply_overrides(c, ",".join(f"{k}={v}" for k, v in items.items()))
   steps = c.train.steps
-  if "optim.warmup_steps" not in dict(override_items(overrides)):
+  if "optim.warmup_steps" not in items:
     c.optim.warmup_steps = max(steps // 20, 1)
   # Checkpoint and eval at every milestone (the equal-time view specializes from them) and keep
   # them all, plus room for 8 extra saves (preemptions, wall-clock saves) before the oldest goes.
@@ -424,13 +423,14 @@ def pretrain_fit(workdir: str, last: int = 8) -> dict:
 def add_pretrain_fit(results: dict, root: str) -> dict:
   """Fills in pretrain_fit for the records made before _pretrain_record kept it, from the
   pretraining runs under `root` (each method's own run, or the one it shares)."""
-  methods = results.get("exp", {}).get("methods", {})
-  spec = lambda name: tuple(methods.get(name, (name, ""))[:2])
+  groups = pretraining_groups(results.get("exp", {}).get("methods", {}))
   for name, record in results.get("pretrain", {}).items():
     if "train_loss_end" in record:
       continue
-    sharing = [name] + [m for m in methods if m != name and spec(m) == spec(name)]
-    for owner in sharing:  # the run is under the name of whichever method trained it
+    sharing = next((g for g in groups if name in g), [name])
+    # A saved config's methods may come back in another order: the run is under the name of
+    # whichever method of the group trained it.
+    for owner in sharing:
       fit = pretrain_fit(os.path.join(root, "pretrain", owner))
       if fit:
         record.update(fit)
@@ -490,14 +490,19 @@ def method_spec(exp, name: str) -> tuple[str, str, str]:
   return spec, overrides, (finetune[0] if finetune else "")
 
 
+def pretraining_groups(methods) -> list[list[str]]:
+  """Methods (a config's or a saved results.json's) grouped by config file and pretraining
+  overrides, in their order: each group shares one pretraining run (e.g. one PN specialized
+  with two expert-selection rules)."""
+  groups = {}
+  for name, (spec, overrides, *_) in methods.items():
+    groups.setdefault((spec, overrides), []).append(name)
+  return list(groups.values())
+
+
 def pretraining_owners(exp) -> dict[str, str]:
-  """{method: the method whose pretraining run it uses}: methods with the same config file and
-  pretraining overrides (e.g. one PN specialized with two expert-selection rules) share one."""
-  owners, first = {}, {}
-  for name in exp.methods:
-    spec, overrides, _ = method_spec(exp, name)
-    owners[name] = first.setdefault((spec, overrides), name)
-  return owners
+  """{method: the method whose pretraining run it uses}: the first of its group."""
+  return {name: group[0] for group in pretraining_groups(exp.methods) for name in group}
 
 
 def shared_data(exp, root: str) -> tuple[str, str]:
