@@ -27,6 +27,8 @@ Args (the parts of one comparison; each is its own experiment root):
   hypotheses1, hypotheses2
                PN variants, one change each, at 1M tokens: why PN's capacity does or does not
                pay (the "what mattered" table, `hypotheses` below);
+  shared       the hypotheses' one winner, shared code init, at both budgets and three seeds
+               (0, 1, 2), with the SLM's third seed: is its 1M gain more than seed noise?
   validate     a few-minute run that exercises every stage of the runner.
 """
 
@@ -77,6 +79,12 @@ PARTS = {
         slm_30M=("configs/slm.py", SLM + QUARTER),
         pn_30M=("configs/pn.py", pn(extra=QUARTER)),
     ),
+    "shared": dict(
+        pn_shared=("configs/pn.py", pn(code_init="shared")),
+        pn_shared_s1=("configs/pn.py", pn(code_init="shared", extra=",seed=1")),
+        slm_s2=("configs/slm.py", SLM + ",seed=2"),
+        pn_shared_s2=("configs/pn.py", pn(code_init="shared", extra=",seed=2")),
+    ),
 }
 
 LABELS = dict(
@@ -84,7 +92,9 @@ LABELS = dict(
     pn_s1="PN (seed 1)",
     pn_lowest_loss_s1="PN, lowest-loss expert (seed 1)", pn_code_shared="PN, shared code init",
     pn_h8="PN h=8 m=8", pn_h48="PN h=48", pn_k16="PN k=16", pn_m32="PN h=m=32",
-    pn_codes_no_decay="PN, no decay on E, M", slm_30M="SLM, 30M tokens", pn_30M="PN, 30M tokens")
+    pn_codes_no_decay="PN, no decay on E, M", slm_30M="SLM, 30M tokens", pn_30M="PN, 30M tokens",
+    pn_shared="PN shared codes", pn_shared_s1="PN shared codes (seed 1)",
+    slm_s2="SLM (seed 2)", pn_shared_s2="PN shared codes (seed 2)")
 
 # The "what mattered" table: method -> (the one change from PN's defaults, the SLM it is
 # compared with). pn is the baseline row.
@@ -123,7 +133,8 @@ def get_config(arg=None):
   c.finetune.update(steps=2000, eval_every=25, early_stop_patience=3, eval_batches=8)
   c.labels = ml_collections.ConfigDict(LABELS, sort_keys=False)
   c.seed_groups = ml_collections.ConfigDict(
-      dict(slm=("slm", "slm_s1"), pn=("pn", "pn_s1")), sort_keys=False)
+      dict(slm=("slm", "slm_s1", "slm_s2"), pn=("pn", "pn_s1"),
+           pn_shared=("pn_shared", "pn_shared_s1", "pn_shared_s2")), sort_keys=False)
   c.hypotheses = ml_collections.ConfigDict(HYPOTHESES, sort_keys=False)
   if part == "validate":
     c.domains = ("legal", "dictionary")
