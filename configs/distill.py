@@ -13,12 +13,13 @@ import os
 from pn_jax.config import load_module
 
 
-def _finetune():
-  return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"))
+_FINETUNE = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"))
+ARGS = _FINETUNE.ARGS
 
 
 def get_config(arg=None):
-  c = _finetune().get_config(arg)
+  ARGS.parse(arg, __file__)  # named after this file when refused
+  c = _FINETUNE.get_config(arg)
   c.name = "distill"
   c.specialize.expect_kind = "dense"
   c.distill.update(temperature=2.0, weight=0.5)

@@ -8,20 +8,23 @@ Paper: k = 1024 clusters for the histogram. model.k is only the number of data c
 the model is the SLM (dense). Arg `k=<clusters>`.
 """
 
-from pn_jax.config import base_config, parse_arg, use_tiny
+from pn_jax.config import base_config, use_tiny
+from pn_jax.config_args import INT, Accepts
+
+ARGS = Accepts(words=("tiny",), keys=dict(k=INT))
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = ARGS.parse(arg, __file__)
   c = base_config()
   c.name = "slm_is"
   c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="dense", k=1024)
   c.data.cluster_batching = "mixed"
   c.data.domain_tokens = 1_000_000  # the domain set whose histogram is matched
-  if args.get("size") == "tiny":
+  if "tiny" in args:
     use_tiny(c)
     c.model.k = 16
     c.data.domain_tokens = 0
   if "k" in args:
-    c.model.k = int(args["k"])
+    c.model.k = args["k"]
   return c

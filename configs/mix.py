@@ -6,20 +6,23 @@ batch size is rounded up to a multiple of k. Specialization fine-tunes the domai
 cluster's model. For the shared-attention hard mixture (a PN special case) see mix_shared.py.
 """
 
-from pn_jax.config import base_config, parse_arg, use_tiny
+from pn_jax.config import base_config, use_tiny
+from pn_jax.config_args import INT, Accepts
+
+ARGS = Accepts(words=("tiny",), keys=dict(k=INT))
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = ARGS.parse(arg, __file__)
   c = base_config()
   c.name = "mix"
   c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="dense", k=16,
                  independent_experts=True)
   c.data.cluster_batching = "stratified"
-  if args.get("size") == "tiny":
+  if "tiny" in args:
     use_tiny(c)
     c.model.k = 4
   if "k" in args:
-    c.model.k = int(args["k"])
+    c.model.k = args["k"]
   c.data.batch_size = -(-c.data.batch_size // c.model.k) * c.model.k
   return c

@@ -5,17 +5,20 @@ baseline, which shares nothing (configs/mix.py). Kept as a variant to separate w
 attention buys from what the projection buys.
 """
 
-from pn_jax.config import base_config, parse_arg, use_tiny
+from pn_jax.config import base_config, use_tiny
+from pn_jax.config_args import INT, Accepts
+
+ARGS = Accepts(words=("tiny",), keys=dict(k=INT))
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = ARGS.parse(arg, __file__)
   c = base_config()
   c.name = "mix_shared"
   c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="mixture", k=16)
-  if args.get("size") == "tiny":
+  if "tiny" in args:
     use_tiny(c)
     c.model.k = 4
   if "k" in args:
-    c.model.k = int(args["k"])
+    c.model.k = args["k"]
   return c

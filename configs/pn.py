@@ -5,19 +5,22 @@ codes of length m. The paper's main run has k=32; h and m are not given: h=24 ma
 reported 1,422M parameters for k=32 with our SLM, and m=16 (<= h) is our choice (docs/design.md).
 """
 
-from pn_jax.config import base_config, parse_arg, use_tiny
+from pn_jax.config import base_config, use_tiny
+from pn_jax.config_args import INT, Accepts
+
+ARGS = Accepts(words=("tiny",), keys=dict(k=INT, h=INT, m=INT))
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
+  args = ARGS.parse(arg, __file__)
   c = base_config()
   c.name = "pn"
   c.model.update(d_model=1024, n_layers=7, n_heads=8, mlp_dim=4096, mlp_kind="projected",
                  k=32, h=24, m=16)
-  if args.get("size") == "tiny":
+  if "tiny" in args:
     use_tiny(c)
     c.model.update(k=4, h=8, m=4)
   for key in ("k", "h", "m"):
     if key in args:
-      c.model[key] = int(args[key])
+      c.model[key] = args[key]
   return c

@@ -1,10 +1,13 @@
 """Quickstart: a tiny PN on the bundled corpus, long enough on a CPU to watch the loss fall."""
 
 from pn_jax.config import base_config, use_tiny
+from pn_jax.config_args import NONE
+
+ARGS = NONE
 
 
 def get_config(arg=None):
-  del arg
+  ARGS.parse(arg, __file__)
   c = use_tiny(base_config())
   c.name = "quickstart"
   c.model.update(mlp_kind="projected", k=4, h=8, m=4)

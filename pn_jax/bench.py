@@ -25,6 +25,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from pn_jax import cli
 from pn_jax.parallel import xla_flags
 
 def apply_overrides(config, overrides: str):
@@ -302,16 +303,11 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   if FLAGS.config is None:
-    raise app.UsageError("--config is required")
+    raise cli.UsageError("--config is required, e.g. --config=configs/bench/gpt2_dense.py:tiny")
   xla_flags.apply(FLAGS.xla_preset)  # before the first jax call initialises the backend
-  from pn_jax.config import ConfigError
   for i, config in enumerate(configurations(FLAGS.config)):
     profile_dir = FLAGS.profile_dir if i == 0 else ""
-    try:
-      record = bench_one(config, profile_dir=profile_dir)
-    except ConfigError as e:
-      print(f"error: ConfigError: {e}", file=sys.stderr)
-      sys.exit(2)
+    record = bench_one(config, profile_dir=profile_dir)
     print(json.dumps(record), flush=True)
     if profile_dir:
       print(json.dumps({"profile": config.name, **profile_summary(profile_dir)}), flush=True)
@@ -329,7 +325,7 @@ def define_flags():
 
 def run():
   define_flags()
-  app.run(main)
+  app.run(cli.entry(main), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

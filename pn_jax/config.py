@@ -295,12 +295,36 @@ def _validate_specialize(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.distill.weight <= 1.0:
       _fail("distill.weight", f"must be in [0, 1], got {config.distill.weight}")
   if "sample" in config:
-    s = config.sample
-    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0:
-      _fail("sample", f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
-            f"temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}")
-    if s.max_new_tokens < 1 or s.num_samples < 1:
-      _fail("sample.max_new_tokens", "max_new_tokens and num_samples must be >= 1")
+    _validate_sample(config.sample)
+
+
+def _validate_sample(s: ml_collections.ConfigDict) -> None:
+  """The sampling flags; out of range they used to give empty or garbage samples and exit 0."""
+  if not s.temperature >= 0:
+    _fail("sample.temperature", f"must be >= 0 (0: greedy), got {s.temperature}")
+  if s.top_k < 0:
+    _fail("sample.top_k", f"must be >= 0 (0: off), got {s.top_k}")
+  if not 0.0 < s.top_p <= 1.0:
+    _fail("sample.top_p", f"must be in (0, 1] (1: off), got {s.top_p}")
+  if s.max_new_tokens < 1:
+    _fail("sample.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+  if s.num_samples < 1:
+    _fail("sample.num_samples", f"must be >= 1, got {s.num_samples}")
+  if s.cluster < -1:
+    _fail("sample.cluster", f"must be an expert id >= 0, or -1 (expert 0), got {s.cluster}")
+
+
+def expert_of(cluster: int, model: ml_collections.ConfigDict, what: str) -> int:
+  """config.sample.cluster checked against a checkpoint's model (sample, export), which is only
+  known once the checkpoint is found: -> the expert to use (-1: expert 0)."""
+  k = int(model.k) if routed(model) else 1
+  if not -1 <= cluster < k:
+    if k == 1:
+      _fail("sample.cluster", f"{what} is a dense model without experts; leave sample.cluster "
+            f"at -1 (got {cluster})")
+    _fail("sample.cluster", f"{cluster} is not an expert of {what}: it has k={k}, use 0..{k - 1} "
+          "(or -1: expert 0)")
+  return max(int(cluster), 0)
 
 
 def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
@@ -333,18 +357,6 @@ def small_model_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
   return small
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """'tiny,k=8' -> {'size': 'tiny', 'k': '8'}: the `:arg` after a config path (big_vision style)."""
-  out: dict[str, str] = {}
-  for part in filter(None, (arg or "").split(",")):
-    key, sep, value = part.partition("=")
-    if sep:
-      out[key.strip()] = value.strip()
-    else:
-      out["size"] = key.strip()
-  return out
-
-
 def use_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any run kind to a CPU-in-seconds model on the bundled tiny corpus."""
   m, d, o, t = c.model, c.data, c.optim, c.train
@@ -369,8 +381,16 @@ def load_module(path: str, what: str = "config"):
   name = f"_pn_{what}_{os.path.splitext(os.path.basename(path))[0]}_{abs(hash(str(path)))}"
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise syntax_error(e) from None
   return module
+
+
+def syntax_error(e: SyntaxError) -> ConfigError:
+  """A config/sweep file that does not compile, as one line naming the file and the line."""
+  return ConfigError(f"{e.filename} line {e.lineno}: {e.msg}: fix the file's syntax")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

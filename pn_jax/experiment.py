@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import config as config_lib
-from pn_jax import modes
+from pn_jax import cli, modes
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
@@ -636,6 +636,9 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   t0 = time.perf_counter()
   if FLAGS.report_only:
+    if not os.path.isfile(os.path.join(root, "results.json")):
+      raise config_lib.ConfigError(f"--report_only: no results.json in --root={root!r}; run the "
+                                   "experiment first, or point --root at one that ran")
     with open(os.path.join(root, "results.json")) as f:
       results = json.load(f)
   else:
@@ -679,4 +682,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(cli.entry(main), flags_parser=cli.parse_flags)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from pn_jax.config import ConfigError, routed
+from pn_jax.config import ConfigError, expert_of, routed
 from pn_jax.model.transformer import LM
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints
@@ -88,6 +88,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ConfigError(f"config.sample.cluster: {saved.describe()} has one expert per cluster; "
                         "pass the expert to export (--config.sample.cluster=<id>) or export a "
                         "specialized run")
+    expert_of(cluster, model_cfg, saved.describe())  # a cluster >= k: refused, not clamped
     params, model_cfg = project(params, model_cfg, cluster)
     meta["cluster"] = cluster
   meta.update({k: saved.config.get(k) for k in ("init_from",) if saved.config.get(k)})

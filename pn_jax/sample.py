@@ -123,6 +123,7 @@ def sample_mode(config, workdir: str) -> dict:
   """The sample mode: config.sample.* from the latest checkpoint of `workdir` (any model kind)."""
   import os
 
+  from pn_jax.config import ConfigError, expert_of, validate
   from pn_jax.data import tokenizer as tok_lib
   from pn_jax.parallel import mesh as mesh_lib
   from pn_jax.model import build_model
@@ -130,7 +131,13 @@ def sample_mode(config, workdir: str) -> dict:
   from pn_jax.specialize.finetune import unlocked
   from pn_jax.specialize.project import project
 
+  validate(config)  # the sampling flags, before a checkpoint is read
   saved = checkpoints.load_saved(workdir)
+  s = config.sample
+  cluster = expert_of(int(s.cluster), saved.model, saved.describe())
+  if s.top_k > saved.model.vocab_size:
+    raise ConfigError(f"config.sample.top_k: {s.top_k} exceeds {saved.describe()}'s vocabulary "
+                      f"of {saved.model.vocab_size}; use 0 (off) or at most that")
   cfg = unlocked(config)
   cfg.model = saved.model
   root = checkpoints.root_run(workdir)
@@ -141,19 +148,21 @@ def sample_mode(config, workdir: str) -> dict:
     if not os.path.exists(path):
       path = (root.config.data.tokenizer_path or os.path.join(root.workdir, "tokenizer.model"))
     tok = tok_lib.load_tokenizer(path)
-  s = config.sample
   prompt = [tok.bos_id] + tok.encode(s.prompt)
+  new = min(int(s.max_new_tokens), saved.model.max_len - len(prompt))
+  if new < 1:
+    raise ConfigError(f"config.sample.prompt: {len(prompt)} tokens fill the model's max_len="
+                      f"{saved.model.max_len}, leaving no room for new tokens; shorten the prompt")
   mesh, rules = mesh_lib.make_mesh(cfg), mesh_lib.logical_rules(cfg)
   model = build_model(saved.model)
   with mesh_lib.activate(mesh, rules):
     params = checkpoints.restore_params(saved, mesh, rules)
     if saved.model.get("independent_experts", False):  # sample the chosen expert's own SLM
-      params, small = project(params, saved.model, max(int(s.cluster), 0))
+      params, small = project(params, saved.model, cluster)
       model = build_model(small)
-    new = min(int(s.max_new_tokens), saved.model.max_len - len(prompt))
     out = generate(model, params, prompt, new_tokens=new, seed=int(config.seed),
                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                   num_samples=s.num_samples, cluster=max(int(s.cluster), 0))
+                   num_samples=s.num_samples, cluster=cluster)
   texts = []
   for row in jax.device_get(out):
     row = list(row[len(prompt):])

@@ -251,14 +251,8 @@ def run():
                     "point with the same data settings instead of preparing them again.")
   flags.mark_flags_as_required(["sweep", "root"])
 
-  def _main(argv):
-    try:
-      sys.exit(main(argv))
-    except ConfigError as e:
-      print(f"error: ConfigError: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(_main)
+  from pn_jax import cli
+  app.run(cli.entry(main), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

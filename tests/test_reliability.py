@@ -233,7 +233,7 @@ def test_nan_skip_leaves_params_unchanged_and_counts(prepared, tmp_path, monkeyp
      "error: UsageError: flag --config.model.k=2.5: invalid literal for int() with base 10: "
      "'2.5'"),
     ("--config=configs/nope.py",
-     "error: ConfigError: Failed loading config file"),
+     "error: ConfigError: --config: config file 'configs/nope.py' does not exist"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, flag, message):
   cmd = cli(str(tmp_path / "w"))

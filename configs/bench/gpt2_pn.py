@@ -10,6 +10,11 @@ import pathlib
 from pn_jax.config import load_module
 
 
+_DENSE = load_module(pathlib.Path(__file__).with_name("gpt2_dense.py"))
+FULL = dict(k=32, h=24, m=16)
+ARGS = _DENSE.routed_args(FULL)
+
+
 def get_config(arg=None):
-  dense = load_module(pathlib.Path(__file__).with_name("gpt2_dense.py"))
-  return dense.routed(arg, "gpt2_pn", "projected", full=dict(k=32, h=24, m=16), tiny=dict(k=4, h=8, m=4))
+  return _DENSE.routed(ARGS.parse(arg, __file__), "gpt2_pn", "projected", full=FULL,
+                       tiny=dict(k=4, h=8, m=4))

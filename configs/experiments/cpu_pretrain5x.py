@@ -15,10 +15,15 @@ import pathlib
 import ml_collections
 
 from pn_jax.config import load_module
+from pn_jax.config_args import NONE
+
+
+ARGS = NONE  # cpu_small's `codes` keeps methods this file picks from: no argument
 
 
 def get_config(arg=None):
-  c = load_module(pathlib.Path(__file__).with_name("cpu_small.py")).get_config(arg)
+  ARGS.parse(arg, __file__)
+  c = load_module(pathlib.Path(__file__).with_name("cpu_small.py")).get_config(None)
   c.generic_chars *= 5
   c.pretrain_tokens *= 5
   c.tokenizer_from = "runs/exp_cpu_small/tokenizer.model"

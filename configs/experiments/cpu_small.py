@@ -11,11 +11,15 @@ corpus instead (its domains hold only ~2e4 training tokens, so budgets are cappe
 
 import ml_collections
 
+from pn_jax.config_args import Accepts
+
+ARGS = Accepts(words=("codes",))
 
 TINY_PN = "model.k=4,model.h=8,model.m=4"
 
 
 def get_config(arg=None):
+  args = ARGS.parse(arg, __file__)
   c = ml_collections.ConfigDict()
   c.source = "data_cache"  # a prepared corpus root, or "tiny"
   c.generic_chars = 2_000_000  # seeded subset of the generic training split
@@ -73,7 +77,7 @@ def get_config(arg=None):
   c.finetune = ml_collections.ConfigDict(dict(
       lr=0.0, full_lr_tokens=8_000_000, steps=1000, eval_every=25, early_stop_patience=2,
       eval_batches=8))
-  if arg == "codes":  # the expert-code init at this scale: SLM, PN random codes, PN shared codes
+  if "codes" in args:  # the expert-code init at this scale: SLM, PN random codes, PN shared codes
     c.budgets = (100_000,)
     c.methods = ml_collections.ConfigDict(dict(
         slm=c.methods.slm, pn=c.methods.pn,
@@ -82,6 +86,4 @@ def get_config(arg=None):
     c.labels = ml_collections.ConfigDict(dict(
         pn="PN (random codes)", pn_code_shared="PN, shared code init"))
     c.distill = False
-  elif arg:
-    raise ValueError(f"cpu_small: unknown arg {arg!r} (none or codes)")
   return c

@@ -36,7 +36,8 @@ import pathlib
 
 import ml_collections
 
-from pn_jax.config import load_module, parse_arg
+from pn_jax.config import ConfigError, load_module
+from pn_jax.config_args import Accepts
 
 SLM = "model.d_model=128,model.n_layers=4,model.n_heads=4,model.mlp_dim=512"
 LLM = "model.d_model=256,model.n_layers=4,model.n_heads=4,model.mlp_dim=1024"
@@ -87,6 +88,8 @@ PARTS = {
     ),
 }
 
+ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
+
 LABELS = dict(
     pn="PN (random codes)", pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)",
     pn_s1="PN (seed 1)",
@@ -114,8 +117,10 @@ HYPOTHESES = dict(
 
 
 def get_config(arg=None):
-  args = parse_arg(arg)
-  part = args.get("size", "")
+  parts = list(ARGS.parse(arg, __file__))
+  if len(parts) > 1:
+    raise ConfigError(f"configs/experiments/gpu_small.py: one part at a time, got {arg!r}")
+  part = parts[0] if parts else ""
   c = load_module(pathlib.Path(__file__).with_name("cpu_small.py")).get_config(None)
   c.source = "data_cache"
   c.generic_chars = 400_000_000  # the whole prepared generic set (~137 MB)
@@ -144,8 +149,6 @@ def get_config(arg=None):
         sort_keys=False)
     c.finetune.update(steps=200)
     return c
-  if part not in PARTS:
-    raise ValueError(f"gpu_small: unknown part {part!r}; one of {sorted(PARTS)} or validate")
   c.methods = ml_collections.ConfigDict(PARTS[part], sort_keys=False)  # run in this order
   if part:  # the other parts: no SLM-d, no equal-time view, and (hypotheses) 1M tokens only
     c.distill = False

@@ -6,13 +6,16 @@ Every point is a full pretraining run (configs/pn.py): launch it on a cluster, e
 Points with m > h are left out (validate() refuses them).
 """
 
-from pn_jax.config import parse_arg
+from pn_jax.config_args import INT, Accepts
 from pn_jax.sweep import product
 
 
+ARGS = Accepts(keys=dict(steps=INT))
+
+
 def get_sweep(arg=None):
-  args = parse_arg(arg)
-  steps = int(args.get("steps", 100_000))
+  args = ARGS.parse(arg, __file__)
+  steps = args.get("steps", 100_000)
   points = [p for p in product(**{"model.k": [16, 32], "model.h": [8, 16, 24],
                                   "model.m": [4, 8, 16]})
             if p["model.m"] <= p["model.h"]]

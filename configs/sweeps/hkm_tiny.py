@@ -7,16 +7,19 @@ Arg keys: steps (train.steps per point), k (adds a k axis: k=4/8 -> both), corpu
 corpus directory instead of the bundled tiny one).
 """
 
-from pn_jax.config import parse_arg
+from pn_jax.config_args import INT, TEXT, Accepts, int_list
 from pn_jax.sweep import product
 
 
+ARGS = Accepts(keys=dict(steps=INT, k=int_list("/"), corpus=TEXT))
+
+
 def get_sweep(arg=None):
-  args = parse_arg(arg)
-  steps = int(args.get("steps", 200))
+  args = ARGS.parse(arg, __file__)
+  steps = args.get("steps", 200)
   axes = {"model.h": [4, 8], "model.m": [2, 4]}
   if "k" in args:
-    axes = {"model.k": [int(k) for k in args["k"].split("/")], **axes}
+    axes = {"model.k": args["k"], **axes}
   base = {"train.steps": steps, "train.eval_every": steps, "train.checkpoint_every": steps,
           "train.log_every": max(1, min(25, steps))}
   if "corpus" in args:

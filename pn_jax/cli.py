@@ -1,0 +1,133 @@
+"""The one error path of every command-line entry point (pn_jax.main, .experiment, .sweep, .bench,
+.data): bad input exits 2 with ONE line on stderr, `error: <Kind>: <what is wrong and the fix>`,
+and no traceback; anything else is a bug and keeps its traceback (exit 1).
+
+Each entry point runs its main through `entry(...)` (absl ones parse flags with `parse_flags`,
+argparse ones use `ArgumentParser`), so a user error is reported the same way wherever it is
+raised: in flag parsing, in a config file, or deep inside a mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+
+class UsageError(ValueError):
+  """A bad command line: a missing or unknown flag, a sub-command's wrong argument."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+  """The exceptions that mean "the input is wrong" (exit 2). Imported when asked, i.e. on the
+  error path only: pn_jax.modes pulls in jax, which `python -m pn_jax.data` does not need."""
+  from absl import app
+
+  from pn_jax import modes
+  from pn_jax.config import ConfigError
+  from pn_jax.data import DataError
+  return (UsageError, app.UsageError, ConfigError, DataError, *modes.USER_ERRORS)
+
+
+def is_user_error(e: BaseException) -> bool:
+  return isinstance(e, user_error_types())
+
+
+def one_line(message) -> str:
+  return " ".join(str(message).split())
+
+
+def print_error(line: str) -> None:
+  """One write, on a line of its own: after a failed orbax read, tensorstore's threads can still
+  be printing tracebacks to stderr, and a print() split in pieces would interleave with them."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.write(sys.stderr.fileno(), f"\n{line}\n".encode())
+
+
+def fail(kind: str, message, exit_now=sys.exit) -> None:
+  """Reports a user error in one line and exits 2 (`exit_now`: distributed.exit_now with peers)."""
+  print_error(f"error: {kind}: {one_line(message)}")
+  exit_now(2)
+
+
+def entry(main, exit_now=None):
+  """`main` with user errors reported by `fail` (exit 2); crashes propagate with their traceback.
+  `exit_now` is looked up at exit time (tests may replace sys.exit)."""
+
+  @functools.wraps(main)
+  def run(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
+      if not is_user_error(e):
+        raise
+      fail(type(e).__name__, e, exit_now or sys.exit)
+  return run
+
+
+# --- absl entry points ------------------------------------------------------------------------
+
+
+def parse_flags(argv):
+  """absl's flag parsing with every problem as a one-line error (exit 2): wrong flag values,
+  unknown flags or --config.* keys, a config file that is missing, does not compile, or refuses
+  its argument (pn_jax/config_args.py)."""
+  from absl import flags
+
+  from pn_jax.config import ConfigError, syntax_error
+  try:
+    rest = flags.FLAGS(argv)
+  except SyntaxError as e:  # a config file that does not compile (config_flags lets it escape)
+    fail("ConfigError", syntax_error(e))
+  except flags.Error as e:  # wrong types, unknown flags; config_flags re-wraps get_config errors
+    cause = _innermost(e, ConfigError)
+    if cause is not None:
+      fail("ConfigError", cause)
+    fail("UsageError", e)
+  except (AttributeError, KeyError) as e:  # ml_collections: override of a key the config lacks
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    if not overrides:
+      raise
+    while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError(message))
+      e = e.args[0]
+    detail = str(e).replace("\n", "; ")
+    fail("ConfigError", f"unknown config key {detail} (in {' '.join(overrides)})")
+  _check_config_files(flags.FLAGS)
+  return rest
+
+
+def _innermost(e: BaseException, kind: type) -> BaseException | None:
+  """The deepest exception of type `kind` in e's context chain: config_flags re-raises a
+  get_config error as `kind('Error whilst parsing config file: <traceback>')`, absl re-raises
+  that as IllegalFlagValueError; the original holds the message meant for the user."""
+  found, seen = None, set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, kind):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def _check_config_files(flag_values) -> None:
+  """config_flags defers a missing config file's error to the first use of the config: report it
+  now, before anything runs."""
+  for name in flag_values:
+    flag = flag_values[name]
+    if type(flag.value).__name__ == "_ErrorConfig":
+      path = flag.config_filename.partition(":")[0]
+      where = "" if os.path.isabs(path) else f" (in {os.getcwd()})"
+      fail("ConfigError", f"--{name}: config file {path!r} does not exist{where}; check the path")
+
+
+# --- argparse entry points --------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are UsageErrors (one line through `entry`) instead of a usage block
+  and argparse's own exit 2; sub-parsers inherit the class."""
+
+  def error(self, message):
+    raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
