@@ -42,6 +42,7 @@ from pn_jax.data import tokenizer as tok_lib
 from pn_jax.experiment_report import merge_results, write_report
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
+from pn_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table names; a method a config adds without one here prints as its key.
@@ -403,16 +404,7 @@ def pretrain_fit(workdir: str, last: int = 8) -> dict:
   """{train_loss_end: mean of the last `last` logged training losses, valid_loss_end: the last
   eval loss} from a run's metrics.jsonl ({} without one): the gap between them tells
   overfitting (repeated data) from a model that does not fit its data."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return {}
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:  # a line torn by a kill
-        continue
+  rows = metrics_lib.read_rows(os.path.join(workdir, metrics_lib.LOG))  # (skips a torn line)
   train = [r["loss"] for r in rows if r.get("split") == "train"][-last:]
   valid = [r["loss"] for r in rows if r.get("split") == "eval"]
   if not train or not valid:

@@ -2,8 +2,9 @@
 
     python -m pn_jax.main --config=configs/finetune.py:tiny --workdir=runs/pn_legal --mode=export
 
-writes <workdir>/export/{model.safetensors, config.json, tokenizer.model}. Tensor names are the
-flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
+writes <workdir>/export/{model.safetensors, config.json, tokenizer.model}, all at once (`save`):
+an earlier export is replaced, anything else at that path refused (ExportError). Tensor names are
+the flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
 holds the model config that pn_jax.model.transformer.LM needs, so `load(dir)` rebuilds the model
 and reproduces the checkpoint's logits exactly (tests/test_export.py). A PN, mixture or
 independent-experts checkpoint is projected onto config.sample.cluster first: what is exported is
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import ml_collections
@@ -27,9 +29,11 @@ from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints
 from pn_jax.specialize.finetune import unlocked
 from pn_jax.specialize.project import project
+from pn_jax.train.preflight import WorkdirError
 
 FORMAT = "pn-jax-dense-lm/1"
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+_NEW, _OLD = ".new-", ".old-"  # <parent>/.<name>.new-XXXX: being written; .old-XXXX: replaced
 
 
 def flatten(params) -> dict[str, np.ndarray]:
@@ -50,17 +54,100 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
   return tree
 
 
+class ExportError(WorkdirError):
+  """The export path holds something other than a pn-jax export: it is never replaced."""
+
+
+def check_target(out_dir: str) -> None:
+  """ExportError unless `out_dir` is absent or an earlier export (a directory holding only the
+  files an export writes, its config.json of FORMAT), which is derived output and replaced."""
+  if not os.path.lexists(out_dir):
+    return
+  if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+    what = "a symlink" if os.path.islink(out_dir) else "a file"
+  else:
+    foreign = sorted(set(os.listdir(out_dir)) - {WEIGHTS, CONFIG, TOKENIZER})
+    what = f"a directory holding {foreign[:5]}" if foreign else _config_problem(out_dir)
+    if not what:
+      return
+  raise ExportError(f"the export path {out_dir} exists and is not a pn-jax export ({what}); "
+                    "move it aside or delete it, then export again")
+
+
+def _config_problem(out_dir: str) -> str:
+  """'' if out_dir has no config.json or one of FORMAT; else what is wrong with it."""
+  path = os.path.join(out_dir, CONFIG)
+  if not os.path.exists(path):
+    return ""
+  try:
+    with open(path) as f:
+      found = json.load(f).get("format")
+  except (OSError, ValueError, AttributeError) as e:
+    return f"an unreadable {CONFIG}: {type(e).__name__}"
+  return "" if found == FORMAT else f"a {CONFIG} of format {found!r}"
+
+
 def save(out_dir: str, params, model_cfg: ml_collections.ConfigDict, *, tokenizer_path: str = "",
          metadata: dict | None = None) -> str:
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(flatten(params), os.path.join(out_dir, WEIGHTS), metadata={"format": FORMAT})
-  info = {"format": FORMAT, "model": model_cfg.to_dict(), **(metadata or {})}
-  if tokenizer_path and os.path.exists(tokenizer_path):
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-    info["tokenizer"] = "tokenizer.model"
-  with open(os.path.join(out_dir, CONFIG), "w") as f:
-    json.dump(info, f, indent=1, default=float)
+  """Writes the export into a new directory beside `out_dir`, then renames it into place: a
+  reader finds the earlier complete export or the new one, never a mix (and a failure leaves the
+  earlier one). Files are 0644 and the directory 0755, whatever the writing libraries chose."""
+  check_target(out_dir)
+  parent, name = os.path.split(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  _remove_leftovers(parent, name)
+  new = tempfile.mkdtemp(prefix=f".{name}{_NEW}", dir=parent)
+  try:
+    save_file(flatten(params), os.path.join(new, WEIGHTS), metadata={"format": FORMAT})
+    info = {"format": FORMAT, "model": model_cfg.to_dict(), **(metadata or {})}
+    if tokenizer_path and os.path.exists(tokenizer_path):
+      shutil.copyfile(tokenizer_path, os.path.join(new, TOKENIZER))
+      info["tokenizer"] = TOKENIZER
+    with open(os.path.join(new, CONFIG), "w") as f:
+      json.dump(info, f, indent=1, default=float)
+    for path, mode in [(os.path.join(new, e), 0o644) for e in os.listdir(new)] + [(new, 0o755)]:
+      os.chmod(path, mode)
+      _fsync(path)  # on disk before the rename that publishes it
+    _publish(new, os.path.join(parent, name))
+  finally:
+    shutil.rmtree(new, ignore_errors=True)  # (gone already once published)
   return out_dir
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _publish(new: str, out_dir: str) -> None:
+  """Renames `new` to `out_dir`; an earlier export there is renamed aside first, then deleted
+  (restored if the second rename fails). The directory renames are atomic; between the two, for
+  an instant, there is no export at all (a kill there leaves both under their temporary names,
+  cleaned up by the next export)."""
+  old = None
+  if os.path.lexists(out_dir):
+    parent, name = os.path.split(out_dir)
+    old = os.path.join(parent, f".{name}{_OLD}{os.path.basename(new).rsplit(_NEW, 1)[1]}")
+    os.rename(out_dir, old)
+  try:
+    os.rename(new, out_dir)
+  except BaseException:
+    if old:
+      os.rename(old, out_dir)
+    raise
+  _fsync(os.path.dirname(out_dir))
+  if old:
+    shutil.rmtree(old)
+
+
+def _remove_leftovers(parent: str, name: str) -> None:
+  """Temporary directories of an earlier export of `name` that was killed before finishing."""
+  for entry in os.listdir(parent):
+    if entry.startswith((f".{name}{_NEW}", f".{name}{_OLD}")):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def load(out_dir: str) -> tuple[LM, dict, dict]:
@@ -75,6 +162,8 @@ def load(out_dir: str) -> tuple[LM, dict, dict]:
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The export mode: latest checkpoint of `workdir` -> <workdir>/export."""
+  out = os.path.join(workdir, "export")
+  check_target(out)  # before any work
   saved = checkpoints.load_saved(workdir)
   cfg = unlocked(config)
   cfg.model = saved.model
@@ -97,7 +186,6 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok = os.path.join(workdir, "tokenizer.model")
   if not os.path.exists(tok):
     tok = root.config.data.tokenizer_path or os.path.join(root.workdir, "tokenizer.model")
-  out = save(os.path.join(workdir, "export"), params, model_cfg, tokenizer_path=tok,
-             metadata=meta)
+  out = save(out, params, model_cfg, tokenizer_path=tok, metadata=meta)
   n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
   return {"export_dir": out, "parameters": n, **meta}

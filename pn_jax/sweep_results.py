@@ -8,28 +8,21 @@ status `missing` (not run yet) or `partial` (stopped before train.steps), never 
 from __future__ import annotations
 
 import csv
-import json
 import os
+
+from pn_jax.train import metrics
 
 METRICS = ("step", "train_loss", "eval_loss", "eval_perplexity", "tokens_per_s", "params")
 
 
 def final_metrics(workdir: str) -> dict:
   """Last train and eval rows of <workdir>/metrics.jsonl -> {step, train_loss, eval_*...}."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return {}
   train, evals = None, None
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      row = json.loads(line)
-      if row.get("split") == "train":
-        train = row
-      elif row.get("split") == "eval":
-        evals = row
+  for row in metrics.read_rows(os.path.join(workdir, metrics.LOG)):  # (skips a torn line)
+    if row.get("split") == "train":
+      train = row
+    elif row.get("split") == "eval":
+      evals = row
   out = {}
   if train:
     out.update(step=train["step"], train_loss=train.get("loss"),

@@ -41,7 +41,11 @@ class _CloseOnError:
   the last good checkpoint is committed before the process exits."""
 
   def __init__(self, *closables):
-    self._closables = closables
+    self._closables = list(closables)
+
+  def add(self, closable):
+    self._closables.append(closable)
+    return closable
 
   def __enter__(self):
     return self
@@ -301,14 +305,14 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
   t = config.train
   tx, schedule = make_optimizer(config)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  writer = MetricWriter(workdir)
   peak = flops_lib.peak_flops(override_tflops=t.peak_tflops)
   step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
                                               config.data.seq_len)
   final: dict[str, float] = {}
   progress = _Progress(run, step_flops)
 
-  with mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop, _CloseOnError(ckpt, writer):
+  with (mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop,
+        _CloseOnError(ckpt) as closing):
     abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
     preflight.check_shardings(abstract.params)
     preflight.check_workdir(workdir, abstract)
@@ -321,6 +325,8 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
       state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed),
                               params=init_params)
       start = 0
+    # Only now (a refused resume writes nothing): the log cut back to `start` (redone steps).
+    writer = closing.add(MetricWriter(workdir, start_step=start))
     # Under nan_policy='skip', optax.apply_if_finite counts skipped updates in the optimizer
     # state, so the count survives resumes (one count per expert for independent experts).
     skipped = int(np.sum(jax.device_get(getattr(state.opt_state, "total_notfinite", 0))))
@@ -386,6 +392,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
       if due.save or stop.received:
         with progress.clock.paused():
           ckpt.save(step, state, config, train_iter, progress=progress.to_json(), force=True)
+          writer.flush()  # TensorBoard on disk up to the checkpoint too, as the JSONL is
           progress.saved(step)
         clock.saved()
       if stop.received:
