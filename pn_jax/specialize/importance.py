@@ -74,7 +74,8 @@ def importance_iterator(config, run_data, probs, *, process_index=0, process_cou
   return iter(ds)
 
 
-def pretrain_importance(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def pretrain_importance(config: ml_collections.ConfigDict, workdir: str, *,
+                        allow_config_change: bool = False) -> dict:
   """The importance mode: an SLM trained from scratch on the domain-resampled generic set."""
   domain = config.data.domain
   if not domain or domain == "all":
@@ -93,5 +94,6 @@ def pretrain_importance(config: ml_collections.ConfigDict, workdir: str) -> dict
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "importance.json"), "w") as f:
       json.dump({"domain": domain, **info}, f, indent=1)
-  result = loop.fit(run, it, desc=f"pretrain-is[{domain}]")
+  result = loop.fit(run, it, desc=f"pretrain-is[{domain}]",
+                    allow_config_change=allow_config_change)
   return {"domain": domain, "ess_sequences": info["ess_sequences"], **result}
