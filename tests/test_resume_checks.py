@@ -193,9 +193,15 @@ def test_shape_changing_key_is_refused_naming_it_even_when_allowed(trained, tmp_
   message = str(e.value)
   assert "\n" not in message
   assert message.startswith("checkpoint step 2 (params) does not match this config's model: "
-                            "model.h: 8 -> 4 change the parameter or optimizer-state shapes ("), \
+                            "model.h: 8 -> 4 changes the shapes of the parameters or optimizer "
+                            "state ("), \
       message
   assert "['T_in']: checkpoint (2, 64, 256, 8), this config (2, 64, 256, 4)" in message
   assert message.endswith("(--allow_config_change does not apply): revert model.h or use a "
                           "fresh --workdir")
   assert Checkpointer(workdir, read_only=True).latest_step() == 2
+
+  config = resumed(load_config("pn"), steps=4, nan_policy="skip")  # adds optimizer state
+  with pytest.raises(CheckpointError, match=r"^checkpoint step 2 \(opt_state\) does not match "
+                     r"this config's optimizer: train.nan_policy: \"stop\" -> \"skip\" changes"):
+    loop.pretrain(config, workdir, allow_config_change=True)

@@ -107,8 +107,12 @@ def state_shapes(config: dict) -> dict[str, tuple]:
   tree = jax.eval_shape(init, jax.random.key(0))
   tree = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
                       is_leaf=is_box)
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+  # Empty nodes (optax.EmptyState of a stateless transformation) count as leaves: adding one
+  # changes the tree the checkpoint must be restored into.
+  empty = lambda x: isinstance(x, tuple) and not x
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]
+  return {jax.tree_util.keystr(path): "empty" if empty(leaf) else tuple(leaf.shape)
+          for path, leaf in flat}
 
 
 _PARAMS = "['params']"
@@ -178,12 +182,14 @@ def check_resume(ckpt: Checkpointer, step: int, config: ml_collections.ConfigDic
     return []
   culprits, leaves = shape_changing(saved, now, keys)
   if culprits:
-    item = "opt_state" if leaves[0].startswith("['opt_state']") else "params"
+    item, what = (("opt_state", "optimizer") if leaves[0].startswith("['opt_state']") else
+                  ("params", "model"))
     raise CheckpointError(
-        f"checkpoint step {step} ({item}) does not match this config's model: "
-        f"{_listing(diff, culprits)} change the parameter or optimizer-state shapes "
-        f"({'; '.join(leaves[:3])}{'; ...' if len(leaves) > 3 else ''}); a checkpoint resumes "
-        "only with the model it was trained with (--allow_config_change does not apply): revert "
+        f"checkpoint step {step} ({item}) does not match this config's {what}: "
+        f"{_listing(diff, culprits)} {'changes' if len(culprits) == 1 else 'change'} the shapes "
+        f"of the parameters or optimizer state ({'; '.join(leaves[:3])}"
+        f"{'; ...' if len(leaves) > 3 else ''}); a checkpoint resumes only into the state it was "
+        "saved from (--allow_config_change does not apply): revert "
         f"{', '.join(culprits)} or use a fresh --workdir")
   if not allow_change:
     raise ConfigError(
