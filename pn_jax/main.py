@@ -16,6 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
 _MODE = flags.DEFINE_enum("mode", "pretrain", sorted(modes.MODES), "What to do.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume from a checkpoint whose saved config differs from "
+    "--config in keys other than run control (pretrain/specialize/importance; shape-changing "
+    "keys are always refused). See docs/operations.md 'What a resume compares'.")
 
 
 def main(argv):
@@ -27,7 +31,9 @@ def main(argv):
   distributed.initialize()  # before anything touches a device; no-op for one process
   logging.info("%s; mode=%s workdir=%s", distributed.describe(), _MODE.value, _WORKDIR.value)
   try:
-    result = modes.MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+    extra = ({"allow_config_change": _ALLOW_CONFIG_CHANGE.value}
+             if _MODE.value in modes.TRAINING_MODES else {})
+    result = modes.MODES[_MODE.value](_CONFIG.value, _WORKDIR.value, **extra)
   except Exception as e:  # a crash: with peers, leave at once so they fail fast instead of hanging
     if cli.is_user_error(e) or not distributed.is_multiprocess():
       raise  # a user error: one line and exit 2 (cli.entry), once

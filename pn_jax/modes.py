@@ -14,8 +14,9 @@ from pn_jax.train.preflight import WorkdirError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, WorkdirError, loop.TrainingDiverged)
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return loop.pretrain(config, workdir)
+def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
+             allow_config_change: bool = False) -> dict:
+  return loop.pretrain(config, workdir, allow_config_change=allow_config_change)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -26,16 +27,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return evaluate_lib.evaluate(config, workdir)
 
 
-def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def specialize(config: ml_collections.ConfigDict, workdir: str, *,
+               allow_config_change: bool = False) -> dict:
   """Project (PN/mixture) or take (dense) init_from's model, fine-tune on data.domain."""
   from pn_jax.specialize import finetune
-  return finetune.specialize(config, workdir)
+  return finetune.specialize(config, workdir, allow_config_change=allow_config_change)
 
 
-def importance(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def importance(config: ml_collections.ConfigDict, workdir: str, *,
+               allow_config_change: bool = False) -> dict:
   """SLM-is: pretrain a dense model on generic data resampled to data.domain's clusters."""
   from pn_jax.specialize import importance as importance_lib
-  return importance_lib.pretrain_importance(config, workdir)
+  return importance_lib.pretrain_importance(config, workdir,
+                                            allow_config_change=allow_config_change)
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -47,6 +51,9 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from pn_jax import export as export_lib
   return export_lib.export(config, workdir)
 
+
+# The modes that train (and so resume): they take `allow_config_change` (resume_check.py).
+TRAINING_MODES = ("pretrain", "specialize", "importance")
 
 MODES = {"pretrain": pretrain, "eval": evaluate, "specialize": specialize,
          "importance": importance, "sample": sample, "export": export}

@@ -128,7 +128,7 @@ def is_done(point: Point) -> bool:
   return os.path.isdir(os.path.join(point.workdir, "checkpoints", str(point.config.train.steps)))
 
 
-DATA_FILES = ("tokenizer.model", "clusters", "data")
+DATA_FILES = ("tokenizer.model", "tokenizer.provenance.json", "clusters", "data")
 
 
 def share_data(point: Point, points: list[Point]) -> str | None:

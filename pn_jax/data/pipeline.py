@@ -41,6 +41,7 @@ from pn_jax.data import DataError
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import clusters as clusters_lib
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import provenance
 from pn_jax.data import tokenizer as tok_lib
 
 FORMAT_VERSION = 2
@@ -237,7 +238,11 @@ def _workers(config) -> int:
   return int(config.data.get("prep_workers", 0) or os.cpu_count() or 1)
 
 
-def _load_or_train_tokenizer(config, root: str, workdir: str, write: bool) -> tok_lib.Tokenizer:
+def _load_or_train_tokenizer(config, root: str, workdir: str, write: bool,
+                             corpus: dict | None = None) -> tok_lib.Tokenizer:
+  """The run's tokenizer. `corpus` (provenance.corpus_identity; given by the process that
+  builds the run's data) checks a workdir's trained tokenizer against what the config asks for,
+  or records it next to a newly trained one; readers (write=False) take the file as it is."""
   d = config.data
   if d.tokenizer == "byte":
     tok = tok_lib.byte_tokenizer()
@@ -248,18 +253,33 @@ def _load_or_train_tokenizer(config, root: str, workdir: str, write: bool) -> to
     tok = tok_lib.load_tokenizer(d.tokenizer_path)
   else:
     path = os.path.join(workdir, "tokenizer.model")
+    inputs = provenance.tokenizer_inputs(config, corpus) if write and corpus else None
     if os.path.exists(path) or not write:
       tok = tok_lib.load_tokenizer(path)
+      if inputs is not None:
+        provenance.check_tokenizer(workdir, inputs, tok.fingerprint())
     else:
-      texts = corpus_lib.load_texts(root, "train")
-      order = np.random.default_rng(config.seed).permutation(len(texts))
-      tok = tok_lib.train_tokenizer((texts[i] for i in order), path,
-                                    int(config.model.vocab_size), int(config.seed),
-                                    max_chars=int(d.get("tokenizer_sample_chars", 20_000_000)))
+      tok = _train_tokenizer(config, root, path, inputs)
   if tok.vocab_size > config.model.vocab_size:
     raise DataError(f"tokenizer {tok.path!r} has {tok.vocab_size} ids but config.model.vocab_size"
                     f"={config.model.vocab_size}; raise vocab_size (>= {tok.vocab_size})")
   return tok
+
+
+def _train_tokenizer(config, root: str, path: str, inputs: dict | None) -> tok_lib.Tokenizer:
+  """Trains into a temporary file, records its inputs, then moves it into place: a tokenizer
+  under its final name always has its record (a killed run leaves only the temporary file)."""
+  texts = corpus_lib.load_texts(root, "train")
+  order = np.random.default_rng(config.seed).permutation(len(texts))
+  tmp = path + ".training"
+  tok = tok_lib.train_tokenizer((texts[i] for i in order), tmp, int(config.model.vocab_size),
+                                int(config.seed),
+                                max_chars=int(config.data.get("tokenizer_sample_chars",
+                                                              20_000_000)))
+  if inputs is not None:
+    provenance.write_tokenizer_record(os.path.dirname(path), inputs, tok.fingerprint())
+  os.replace(tmp, path)
+  return tok_lib.load_tokenizer(path)
 
 
 def _split_file(root: str, split: str, domain: str = "") -> str:
@@ -342,12 +362,14 @@ def _fit_routing(config, store, x, rows, embed_key) -> tuple[np.ndarray, np.ndar
   return centroids, assignment, key
 
 
-def _saved_routing(cdir: str, expect: dict) -> clusters_lib.ClusterModel | None:
-  """The run's own clusters/ (None if absent), checked against the config before any work: a
-  workdir's clusters define a trained model's routing and are never refitted."""
+def _saved_routing(cdir: str, expect: dict, corpus: dict) -> clusters_lib.ClusterModel | None:
+  """The run's own clusters/ (None if absent), checked against the config and the corpus
+  (provenance.py) before any work: a workdir's clusters define a trained model's routing and
+  are never refitted."""
   if not os.path.exists(os.path.join(cdir, "meta.json")):
     return None
   saved = clusters_lib.load_clusters(cdir)
+  provenance.check_clusters(cdir, os.path.dirname(cdir), saved.meta.get("corpus"), corpus)
   got = {k: saved.meta.get(k) for k in expect}
   got["k"], got["embedding"] = saved.k, saved.embedding
   if got != expect:
@@ -361,20 +383,21 @@ def _same_model(a: clusters_lib.ClusterModel, b: clusters_lib.ClusterModel) -> b
           and all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays))
 
 
-def _build(config, root: str, workdir: str, tok, store, progress: bool) -> tuple:
+def _build(config, root: str, workdir: str, tok, store, progress: bool, corpus: dict) -> tuple:
   """Tokenize, window, embed, cluster, pack the generic training set, each stage through the
   store (cache.py); -> (the run's cluster model, packed set, stats)."""
   k, seed, window = int(config.model.k), int(config.seed), _window(config)
   cdir = os.path.join(workdir, "clusters")
   saved = _saved_routing(cdir, {"k": k, "embedding": str(config.data.cluster_embedding),
-                                "window": window, "tokenizer": tok.fingerprint(), "seed": seed})
+                                "window": window, "tokenizer": tok.fingerprint(), "seed": seed},
+                         corpus)
   t0 = time.time()
   docs, docs_key = _cached_docs(store, root, "train", "", tok)
   wins = windows_of(docs, window)
   emb, x, rows, embed_key = _embed_windows(config, store, wins, docs_key, tok, progress)
   centroids, assignment, routing_key = _fit_routing(config, store, x, rows, embed_key)
   fitted = clusters_lib.with_centroids(emb, centroids, embedding=emb.embedding, window=window,
-                                       tokenizer=tok.fingerprint(), seed=seed)
+                                       tokenizer=tok.fingerprint(), seed=seed, corpus=corpus)
   model = fitted if saved is None else saved
   if saved is not None and not _same_model(saved, fitted):
     # fitted by an earlier build (other code): the run keeps its routing, the cache is bypassed
@@ -463,15 +486,17 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
                         "filesystem shared by all hosts")
       time.sleep(1.0)
   write = process_index == 0
-  tok = _load_or_train_tokenizer(config, root, workdir, write=write)
+  corpus = provenance.corpus_identity(root, _split_file(root, "train"))
+  tok = _load_or_train_tokenizer(config, root, workdir, write=write, corpus=corpus)
   store = _store(config, workdir, write)
-  source = cache_lib.content_id(_split_file(root, "train"))
+  source = corpus["train"]
   expect = {"settings": settings, "inputs": {"train": source, "tokenizer": tok.fingerprint()}}
   done = _prepared(ready, expect, store, os.path.join(workdir, "clusters"))
   if done is not None:
     model, packed, stats = done
   else:
-    model, packed, stats, key = _build(config, root, workdir, tok, store, progress and write)
+    model, packed, stats, key = _build(config, root, workdir, tok, store, progress and write,
+                                       corpus)
     if write:
       corpus_lib.write_json(ready, {**expect, "packed": key, "stats": stats})
   return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, root=root,

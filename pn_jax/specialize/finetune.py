@@ -106,7 +106,8 @@ def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, d
   return int(losses.argmin()), info
 
 
-def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def specialize(config: ml_collections.ConfigDict, workdir: str, *,
+               allow_config_change: bool = False) -> dict:
   _check_inputs(config)
   t0 = time.perf_counter()
   pre = _load_init(config)
@@ -147,7 +148,7 @@ def specialize(config: ml_collections.ConfigDict, workdir: str) -> dict:
       summary["teacher"] = config.distill.teacher
     fit_t0 = time.perf_counter()
     result = loop.fit(run, train_iter, init_params=params, eval_split="validation",
-                      desc="specialize")
+                      desc="specialize", allow_config_change=allow_config_change)
     fit_seconds = time.perf_counter() - fit_t0
     stop_reason = result.get("stop_reason") or "step_cap"
     if stop_reason not in ("early_stopping", "step_cap"):

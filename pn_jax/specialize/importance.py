@@ -74,7 +74,8 @@ def importance_iterator(config, run_data, probs, *, process_index=0, process_cou
   return iter(ds)
 
 
-def pretrain_importance(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def pretrain_importance(config: ml_collections.ConfigDict, workdir: str, *,
+                        allow_config_change: bool = False) -> dict:
   """The importance mode: an SLM trained from scratch on the domain-resampled generic set."""
   domain = config.data.domain
   if not domain or domain == "all":
@@ -89,9 +90,9 @@ def pretrain_importance(config: ml_collections.ConfigDict, workdir: str) -> dict
   probs, info = sequence_probs(run.run_data.train.cluster, hist)
   it = importance_iterator(config, run.run_data, probs, process_index=jax.process_index(),
                            process_count=jax.process_count())
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+  result = loop.fit(run, it, desc=f"pretrain-is[{domain}]",
+                    allow_config_change=allow_config_change)
+  if jax.process_index() == 0:  # after fit: a refused resume leaves the run's record as it was
     with open(os.path.join(workdir, "importance.json"), "w") as f:
       json.dump({"domain": domain, **info}, f, indent=1)
-  result = loop.fit(run, it, desc=f"pretrain-is[{domain}]")
   return {"domain": domain, "ess_sequences": info["ess_sequences"], **result}

@@ -24,6 +24,7 @@ from pn_jax.parallel import distributed, mesh as mesh_lib
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import preflight
+from pn_jax.train import resume_check
 from pn_jax.train.checkpoint import Checkpointer
 from pn_jax.train.early_stop import EarlyStop
 from pn_jax.train.metrics import MetricWriter
@@ -168,13 +169,14 @@ class _WallClockSaves:
     self.last = time.monotonic()
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
+             allow_config_change: bool = False) -> dict[str, float]:
   """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics."""
   preflight.check_writable(workdir)  # before data preparation writes there
   run = setup(config, workdir)
   train_iter = pipeline.train_iterator(config, run.run_data,
                                        **distributed.data_shard(run.mesh, config.data.batch_size))
-  return fit(run, train_iter)
+  return fit(run, train_iter, allow_config_change=allow_config_change)
 
 
 def evaluator(run: Run, eval_step, split: str):
@@ -285,14 +287,16 @@ class _Progress:
 
 
 def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation",
-        desc: str = "pretrain") -> dict[str, float]:
+        desc: str = "pretrain", allow_config_change: bool = False) -> dict[str, float]:
   """The training loop shared by pretraining and fine-tuning.
 
   Resumes from the latest checkpoint in run.workdir if there is one; otherwise starts from
   `init_params` (a params tree, e.g. a projected small model) or a fresh init. With
   train.early_stop_patience > 0, stops after that many evals without a better eval loss; the
   early-stopping state (best loss, best step, evals since) is saved with every checkpoint and
-  restored on resume, so a resumed run stops where an uninterrupted one would.
+  restored on resume, so a resumed run stops where an uninterrupted one would. A resume first
+  compares the checkpoint's saved config with run.config (resume_check.py): a changed key other
+  than run control is refused unless `allow_config_change`.
 
   Costs: each checkpoint's cumulative `train_seconds` goes to <workdir>/costs.json
   (pn_jax/train/costs.py). It counts host wall-clock time from the end of the first step this
@@ -318,6 +322,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     preflight.check_workdir(workdir, abstract)
     start = ckpt.latest_step()
     if start is not None:
+      resume_check.check_resume(ckpt, start, config, allow_change=allow_config_change)
       state, start = ckpt.restore(abstract, data_iter=train_iter)
       progress.restore(ckpt, start)
       logging.info("resumed from step %d in %s", start, ckpt.directory)
