@@ -7,6 +7,7 @@ with the current one (shape-changing keys refused, other keys refused unless
 """
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -205,3 +206,15 @@ def test_shape_changing_key_is_refused_naming_it_even_when_allowed(trained, tmp_
   with pytest.raises(CheckpointError, match=r"^checkpoint step 2 \(opt_state\) does not match "
                      r"this config's optimizer: train.nan_policy: \"stop\" -> \"skip\" changes"):
     loop.pretrain(config, workdir, allow_config_change=True)
+
+
+def test_keys_added_by_a_newer_version_at_their_default_are_not_changes():
+  """An older checkpoint's config lacks keys added since: at pn-jax's default they compare
+  equal, at another value they are a change."""
+  now = resume_check.as_json(load_config("slm"))
+  saved = json.loads(json.dumps(now))
+  del saved["model"]["code_init"], saved["optim"]["decay_codes"]
+  diff = resume_check.changes(saved, now)
+  assert sorted(resume_check.added_since(diff)) == ["model.code_init", "optim.decay_codes"]
+  now["optim"]["decay_codes"] = not now["optim"]["decay_codes"]
+  assert resume_check.added_since(resume_check.changes(saved, now)) == ["model.code_init"]

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pn_jax.config import ConfigError
+from pn_jax.config import ConfigError, base_config
 from pn_jax.model import build_model
 from pn_jax.model.transformer import init_params
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
@@ -87,6 +87,14 @@ def changes(saved: dict, now: dict) -> dict[str, tuple]:
   a, b = flatten(saved), flatten(now)
   return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
           if a.get(k, ABSENT) != b.get(k, ABSENT)}
+
+
+def added_since(diff: dict[str, tuple]) -> list[str]:
+  """Keys the checkpoint's config lacks and this config holds at pn-jax's default: added by a
+  newer pn-jax (a new key's default keeps the old behaviour), so not a change to the run."""
+  defaults = flatten(as_json(base_config()))
+  return [k for k, (saved, now) in diff.items()
+          if saved == ABSENT and k in defaults and now == defaults[k]]
 
 
 def is_run_control(key: str) -> bool:
@@ -177,7 +185,8 @@ def check_resume(ckpt: Checkpointer, step: int, config: ml_collections.ConfigDic
   changed keys that are not run control (allowed: logged as a warning)."""
   saved, now = saved_config(ckpt, step), as_json(config)
   diff = changes(saved, now)
-  keys = [k for k in diff if not is_run_control(k)]
+  new = added_since(diff)
+  keys = [k for k in diff if not is_run_control(k) and k not in new]
   if not keys:
     return []
   culprits, leaves = shape_changing(saved, now, keys)
