@@ -32,6 +32,7 @@ import time
 import ml_collections
 
 from pn_jax.config import ConfigError, load_config, load_module, validate
+from pn_jax.train.preflight import WorkdirError
 
 
 def product(**axes) -> list[dict]:
@@ -226,7 +227,10 @@ def main(argv=None) -> int:
     return 0
   codes = {}
   if f.mode == "local":
-    codes = run_local(points, log=lambda s: print(s, file=sys.stderr), reuse_data=f.reuse_data)
+    from pn_jax import workdir_lock
+    with workdir_lock.hold(f.root, "sweep", flag="--root"):  # each point locks its own workdir
+      codes = run_local(points, log=lambda s: print(s, file=sys.stderr),
+                        reuse_data=f.reuse_data)
   table = sweep_results.gather(points)
   paths = sweep_results.write(table, f.root, plot_spec=sweep.get("plot"))
   print(sweep_results.markdown(table))
@@ -254,8 +258,8 @@ def run():
   def _main(argv):
     try:
       sys.exit(main(argv))
-    except ConfigError as e:
-      print(f"error: ConfigError: {e}", file=sys.stderr)
+    except (ConfigError, WorkdirError) as e:
+      print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
       sys.exit(2)
 
   app.run(_main)

@@ -17,6 +17,7 @@ from absl import logging
 import ml_collections
 from tqdm import tqdm
 
+from pn_jax import workdir_lock
 from pn_jax.config import ConfigError, validate
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
@@ -165,12 +166,14 @@ class _WallClockSaves:
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics."""
-  preflight.check_writable(workdir)  # before data preparation writes there
-  run = setup(config, workdir)
-  train_iter = pipeline.train_iterator(config, run.run_data,
-                                       **distributed.data_shard(run.mesh, config.data.batch_size))
-  return fit(run, train_iter)
+  """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics.
+  The config is checked before the workdir lock creates the workdir (a refused run leaves none)."""
+  validate(config, device_count=jax.device_count())
+  with workdir_lock.hold(workdir, "pretrain"):  # also checks it is writable, before data prep
+    run = setup(config, workdir)
+    train_iter = pipeline.train_iterator(config, run.run_data,
+                                         **distributed.data_shard(run.mesh, config.data.batch_size))
+    return fit(run, train_iter)
 
 
 def evaluator(run: Run, eval_step, split: str):
