@@ -82,7 +82,7 @@ def test_second_start_on_a_live_run_exits_2_and_the_lock_dies_with_its_holder(pr
   first = start_cli(cli(workdir, *LONG), subdir(tmp_path, "first"))
   try:
     wait_for(lambda: len(train_losses(workdir)) >= 2, first, tmp_path / "first")
-    second = run_cli(cli(workdir, *LONG))
+    second = run_cli(cli(workdir, *LONG), timeout=120)  # (before the lock: it trained on)
     os.kill(first.pid, signal.SIGTERM)
     rc = first.wait(timeout=120)
   finally:
@@ -222,14 +222,15 @@ def test_specialize_eval_sample_export_write_nothing_into_init_from(dense_run, t
 
 
 def test_a_read_only_pretraining_run_is_a_source(dense_run, tmp_path):
-  """The run on a real read-only mount (a private mount namespace, gone with the process)."""
+  """The run on a real read-only mount (a private mount namespace, gone with the process); a
+  domain no other test reads, so its splits are not in the run's data cache yet."""
   if shutil.which("unshare") is None or subprocess.run(
       ["unshare", "-m", "sh", "-c", f"mount --bind -o ro {tmp_path} {tmp_path}"],
       capture_output=True).returncode != 0:
     pytest.skip("needs unshare -m and mount (root)")
   ft = tmp_path / "ft"
   cmd = cli(ft, "--mode=specialize", f"--config.init_from={dense_run}",
-            f"--config.data.domain={DOMAIN}", "--config.train.steps=2",
+            "--config.data.domain=quotes", "--config.train.steps=2",
             "--config.train.eval_every=2", config="configs/finetune.py:tiny")
   shell = f"mount --bind -o ro {dense_run} {dense_run} && exec \"$@\""
   out = run_cli(["unshare", "-m", "sh", "-c", shell, "sh", *map(str, cmd)])
