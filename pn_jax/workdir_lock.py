@@ -88,8 +88,13 @@ def try_lock(workdir: str, what: str, flag: str = "--workdir") -> int | None:
                       flag, path, os.strerror(e.errno))
       return None
     raise
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, (json.dumps(holder_info(what)) + "\n").encode(), 0)
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder_info(what)) + "\n").encode(), 0)
+  except OSError as e:  # e.g. a full disk: do not keep a lock the caller will never release
+    os.close(fd)
+    raise WorkdirError(f"{flag} {path}: cannot write {lock_path} ({e.strerror or e}); free some "
+                       "space or choose another directory") from e
   return fd
 
 
