@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import config as config_lib
-from pn_jax import cli, modes
+from pn_jax import cli, modes, workdir_lock
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
@@ -638,13 +638,14 @@ def main(argv):
     if FLAGS.max_seconds > 0:
       stop.deadline(FLAGS.max_seconds)
     try:
-      results = run(exp, root, stop)
+      with workdir_lock.hold(root, "experiment", flag="--root"):  # stages lock their own
+        results = run(exp, root, stop)
+        results["wall_seconds_this_invocation"] = time.perf_counter() - t0
+        corpus_lib.write_json(os.path.join(root, "results.json"), results)
     except Preempted as e:
       logging.warning("%s (finished stages saved in %s)", e, os.path.join(root, "results.json"))
       print(f"experiment stopped: {e}", flush=True)
       sys.exit(e.exit_code)
-    results["wall_seconds_this_invocation"] = time.perf_counter() - t0
-    corpus_lib.write_json(os.path.join(root, "results.json"), results)
   add_pretrain_fit(results, root)
   if FLAGS.merge:
     results = merge_results(results, [load_part(exp, part) for part in FLAGS.merge])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from pn_jax.config import ConfigError
@@ -48,8 +50,14 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Writes <workdir>/export, holding the workdir lock; a workdir that does not exist is not
+  created (export's own error names it)."""
   from pn_jax import export as export_lib
-  return export_lib.export(config, workdir)
+  from pn_jax import workdir_lock
+  if not os.path.isdir(workdir):
+    return export_lib.export(config, workdir)
+  with workdir_lock.hold(workdir, "export"):
+    return export_lib.export(config, workdir)
 
 
 # The modes that train (and so resume): they take `allow_config_change` (resume_check.py).

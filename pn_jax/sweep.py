@@ -226,7 +226,10 @@ def main(argv=None) -> int:
     return 0
   codes = {}
   if f.mode == "local":
-    codes = run_local(points, log=lambda s: print(s, file=sys.stderr), reuse_data=f.reuse_data)
+    from pn_jax import workdir_lock
+    with workdir_lock.hold(f.root, "sweep", flag="--root"):  # each point locks its own workdir
+      codes = run_local(points, log=lambda s: print(s, file=sys.stderr),
+                        reuse_data=f.reuse_data)
   table = sweep_results.gather(points)
   paths = sweep_results.write(table, f.root, plot_spec=sweep.get("plot"))
   print(sweep_results.markdown(table))

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -517,7 +518,32 @@ def load_run_data(config, workdir: str) -> RunData:
       stats = json.load(f).get("stats", {})
   return RunData(tokenizer=tok, num_clusters=model.k, clusters=model, root=root, workdir=workdir,
                  seq_len=int(config.data.seq_len), window=_window(config), stats=stats,
-                 store=_store(config, workdir, write=True))
+                 store=_reading_store(config, workdir))
+
+
+def _reading_store(config, workdir: str) -> cache_lib.ArtefactStore:
+  """The store of a stage that reads a prepared run (specialize, eval): it never writes into
+  that run, which may be archived or read-only. A cache_dir outside the run is shared by many
+  runs and is filled when it can be written (a read-only one is only read, with a warning)."""
+  cache_dir = config.data.get("cache_dir", "") or ""
+  if not cache_dir:  # only <workdir>/data's packed set, which these stages never build
+    return _store(config, workdir, write=False)
+  run, cache = os.path.realpath(workdir), os.path.realpath(cache_dir)
+  inside = cache == run or cache.startswith(run.rstrip("/") + "/")
+  return _store(config, workdir, write=not inside and _can_write(cache_dir))
+
+
+def _can_write(directory: str) -> bool:
+  """Whether files can be created in `directory` (created if missing); a warning if not."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    print(f"pn_jax.data: cache {directory} is not writable ({e.strerror or e}): reading it "
+          "without adding to it", file=sys.stderr)
+    return False
+  return True
 
 
 def assign_clusters(run_data: RunData, texts: list[str]) -> np.ndarray:

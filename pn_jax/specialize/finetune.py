@@ -26,13 +26,14 @@ import jax
 import ml_collections
 from absl import logging
 
+from pn_jax import workdir_lock
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints, select
+from pn_jax.specialize import checkpoints, select, source_paths
 from pn_jax.specialize.distill import TeacherIterator
 from pn_jax.specialize.project import project
 from pn_jax.train import flops as flops_lib
@@ -108,7 +109,11 @@ def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, d
 
 def specialize(config: ml_collections.ConfigDict, workdir: str, *,
                allow_config_change: bool = False) -> dict:
+  """Every check (inputs, paths, init_from's checkpoint, the config) runs before the workdir
+  lock, which is what first creates the workdir: a refused run leaves nothing behind."""
   _check_inputs(config)
+  source_paths.check_apart(workdir, {"config.init_from": config.init_from,
+                                     "config.distill.teacher": config.distill.teacher})
   t0 = time.perf_counter()
   pre = _load_init(config)
   expect = config.specialize.expect_kind
@@ -116,9 +121,17 @@ def specialize(config: ml_collections.ConfigDict, workdir: str, *,
     raise CheckpointError(f"config.init_from={config.init_from!r} holds {pre.describe()}, but "
                           f"config.specialize.expect_kind={expect!r}")
   run_data = checkpoints.pretraining_run_data(pre.workdir)
+  source_paths.check_apart(workdir, {"the pretraining run of config.init_from": run_data.workdir})
   check_domain(run_data, config.data.domain)
   config = finetune_config(config, pre)
   validate(config, device_count=jax.device_count())
+  with workdir_lock.hold(workdir, "specialize"):
+    return _fine_tune(config, workdir, pre, run_data, t0, allow_config_change)
+
+
+def _fine_tune(config, workdir: str, pre: checkpoints.Saved, run_data: pipeline.RunData,
+               t0: float, allow_config_change: bool) -> dict:
+  """specialize, once checked and holding the workdir lock."""
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
   run = loop.Run(config, workdir, mesh, rules, build_model(config.model), run_data)
   budget = config.data.domain_tokens or None

@@ -21,7 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from pn_jax.config import ConfigError, routed
+from pn_jax import workdir_lock
+from pn_jax.config import ConfigError, routed, validate
 from pn_jax.data import pipeline
 from pn_jax.specialize import select
 from pn_jax.specialize.finetune import check_domain
@@ -84,6 +85,13 @@ def pretrain_importance(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"config.model.mlp_kind: SLM-is trains one dense model, got "
                       f"mlp_kind={config.model.mlp_kind!r}, independent_experts="
                       f"{config.model.get('independent_experts', False)}")
+  validate(config, device_count=jax.device_count())  # before the lock creates the workdir
+  with workdir_lock.hold(workdir, "importance"):
+    return _pretrain_locked(config, workdir, domain, allow_config_change)
+
+
+def _pretrain_locked(config, workdir: str, domain: str, allow_config_change: bool) -> dict:
+  """pretrain_importance, once checked and holding the workdir lock."""
   run = loop.setup(config, workdir)
   check_domain(run.run_data, domain)
   hist = select.domain_histogram(run.run_data, domain, config.data.domain_tokens or None)

@@ -17,6 +17,7 @@ from absl import logging
 import ml_collections
 from tqdm import tqdm
 
+from pn_jax import workdir_lock
 from pn_jax.config import ConfigError, validate
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
@@ -171,12 +172,14 @@ class _WallClockSaves:
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
              allow_config_change: bool = False) -> dict[str, float]:
-  """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics."""
-  preflight.check_writable(workdir)  # before data preparation writes there
-  run = setup(config, workdir)
-  train_iter = pipeline.train_iterator(config, run.run_data,
-                                       **distributed.data_shard(run.mesh, config.data.batch_size))
-  return fit(run, train_iter, allow_config_change=allow_config_change)
+  """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics.
+  The config is checked before the workdir lock creates the workdir (a refused run leaves none)."""
+  validate(config, device_count=jax.device_count())
+  with workdir_lock.hold(workdir, "pretrain"):  # also checks it is writable, before data prep
+    run = setup(config, workdir)
+    train_iter = pipeline.train_iterator(config, run.run_data,
+                                         **distributed.data_shard(run.mesh, config.data.batch_size))
+    return fit(run, train_iter, allow_config_change=allow_config_change)
 
 
 def evaluator(run: Run, eval_step, split: str):
