@@ -62,3 +62,17 @@ def prepared(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("prepared")
   pipeline.prepare_run_data(load_config("pn"), str(workdir))
   return workdir
+
+
+def snapshot(root, ignore=()) -> dict:
+  """Every file and directory under `root` (relative path -> size, mtime_ns, sha256; '' for a
+  directory), except the names in `ignore`: "nothing was written there" is `before == after`."""
+  import hashlib
+  out = {}
+  for path in sorted(pathlib.Path(root).rglob("*")):
+    if path.name in ignore:
+      continue
+    st = path.lstat()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, digest)
+  return out

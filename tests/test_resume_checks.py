@@ -6,15 +6,13 @@ with the current one (shape-changing keys refused, other keys refused unless
 --allow_config_change, run-control keys allowed).
 """
 
-import hashlib
 import json
 import os
-import pathlib
 import shutil
 
 import pytest
 
-from conftest import copy_workdir, load_config, write_small_corpus
+from conftest import copy_workdir, load_config, snapshot, write_small_corpus
 from pn_jax.config import ConfigError
 from pn_jax.data import DataError, pipeline, provenance
 from pn_jax.train import loop, resume_check
@@ -22,14 +20,6 @@ from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from test_reliability import cli, run_cli
 
 
-def snapshot(root) -> dict:
-  """path -> (size, mtime, sha256) of every file under root: 'nothing written' for root."""
-  out = {}
-  for p in sorted(pathlib.Path(root).rglob("*")):
-    if p.is_file():
-      st = p.stat()
-      out[str(p)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-  return out
 
 
 def error_line(stderr: str) -> str:
@@ -62,7 +52,7 @@ def test_tokenizer_of_another_corpus_is_refused_not_reused(corpora, tmp_path):
   workdir = tmp_path / "run"
   first = pipeline.prepare_run_data(on(a), str(workdir), progress=False)
   record = provenance.TOKENIZER_RECORD
-  before = snapshot(workdir)
+  before = snapshot(workdir, ignore=("LOCK",))
 
   out = run_cli(cli(workdir, f"--config.data.corpus={b}", "--config.train.steps=2"))
   assert out.returncode == 2, out.stderr[-3000:]
@@ -72,12 +62,12 @@ def test_tokenizer_of_another_corpus_is_refused_not_reused(corpora, tmp_path):
   assert f"-> {b} (train split " in line
   assert (f"use a fresh --workdir, or (no checkpoint depends on them yet) delete "
           f"{workdir}/tokenizer.model and {workdir}/{record} and {workdir}/clusters") in line
-  assert snapshot(workdir) == before
+  assert snapshot(workdir, ignore=("LOCK",)) == before
   assert (workdir / record).exists()
 
   again = pipeline.prepare_run_data(on(a), str(workdir), progress=False)
   assert again.tokenizer.fingerprint() == first.tokenizer.fingerprint()
-  assert snapshot(workdir) == before
+  assert snapshot(workdir, ignore=("LOCK",)) == before
 
   for name in ("tokenizer.model", record, "clusters"):  # the recovery the error line names
     shutil.rmtree(workdir / name) if name == "clusters" else os.remove(workdir / name)
@@ -109,11 +99,11 @@ def test_clusters_of_another_corpus_are_refused(corpora, tmp_path):
   workdir = tmp_path / "run"
   fixed = dict(tokenizer_path=str(tok / "tokenizer.model"))
   pipeline.prepare_run_data(on(a, **fixed), str(workdir), progress=False)
-  before = snapshot(workdir)
+  before = snapshot(workdir, ignore=("LOCK",))
   with pytest.raises(DataError, match=rf"{workdir}/clusters was fitted on another corpus than "
                      rf"this config asks for \(corpus: {a} \(train split \w+\) -> {b} "):
     pipeline.prepare_run_data(on(b, **fixed), str(workdir), progress=False)
-  assert snapshot(workdir) == before
+  assert snapshot(workdir, ignore=("LOCK",)) == before
 
 
 def test_workdirs_without_records_are_reused_with_a_warning(corpora, tmp_path, capsys):

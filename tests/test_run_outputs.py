@@ -3,7 +3,6 @@ checkpoint (each step once), readers that survive a torn line, nothing written b
 resume, and exports that are replaced whole, with consistent permissions."""
 
 import glob
-import hashlib
 import json
 import os
 import pathlib
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import copy_workdir, load_config
+from conftest import copy_workdir, load_config, snapshot
 from pn_jax import experiment, export, modes, sweep_results
 from pn_jax.model.transformer import LM, init_params
 from pn_jax.parallel import mesh as mesh_lib
@@ -146,16 +145,6 @@ def test_readers_skip_a_torn_last_line(tmp_path):
 # --- a refused resume writes nothing (item 8b) ----------------------------------------------
 
 
-def snapshot(root) -> dict:
-  """Every path under root -> (size, mtime, sha256) for files, None for directories."""
-  out = {}
-  for path in sorted(pathlib.Path(root).rglob("*")):
-    if path.is_file():
-      out[str(path)] = (path.stat().st_size, path.stat().st_mtime_ns,
-                        hashlib.sha256(path.read_bytes()).hexdigest())
-    else:
-      out[str(path)] = None
-  return out
 
 
 def _save_state(workdir, config, step):
@@ -173,12 +162,12 @@ def _save_state(workdir, config, step):
 def test_a_refused_resume_writes_nothing(prepared, tmp_path):
   workdir = copy_workdir(prepared, tmp_path)
   _save_state(workdir, load_config("pn"), 2)  # a k=8, h=8 PN
-  before = snapshot(workdir)
+  before = snapshot(workdir, ignore=("LOCK",))  # (the lock's holder record: see workdir_lock)
   config = load_config("pn", "tiny,h=4")
   config.train.steps = 4
   with pytest.raises(modes.USER_ERRORS):  # (the shapes differ)
     loop.pretrain(config, workdir)
-  assert snapshot(workdir) == before
+  assert snapshot(workdir, ignore=("LOCK",)) == before
 
 
 # --- exports (item 8c, item 6's export onto an existing file) -------------------------------

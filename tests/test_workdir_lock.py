@@ -7,7 +7,6 @@ mtime, sha256): we run as root, so a chmod could not stop a write.
 
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import copy_workdir, load_config
+from conftest import copy_workdir, load_config, snapshot
 from test_reliability import (LONG, cli, latest, result_line, run_cli, start_cli, train_losses,
                               wait_for)
 from pn_jax import modes, workdir_lock
@@ -29,19 +28,6 @@ from pn_jax.train.preflight import WorkdirError
 DOMAIN = "legal"
 
 
-def snapshot(root) -> dict:
-  """Every file and directory under `root`: path -> (size, mtime_ns, sha256)."""
-  out = {}
-  for d, dirs, files in os.walk(root):
-    for name in dirs + files:
-      path = os.path.join(d, name)
-      st = os.lstat(path)
-      digest = ""
-      if os.path.isfile(path):
-        with open(path, "rb") as f:
-          digest = hashlib.sha256(f.read()).hexdigest()
-      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, digest)
-  return out
 
 
 def quiet(config, **train):
