@@ -162,6 +162,18 @@ def test_changed_lr_and_activation_are_refused_then_allowed_by_the_flag(trained,
   assert Checkpointer(str(workdir), read_only=True).latest_step() == 3
 
 
+def test_a_refused_resume_prepares_no_data(trained, tmp_path):
+  """A changed data setting (here seq_len) is refused before the run prepares data for it: the
+  workdir's data artefacts (READY.json, the packed set) are not rebuilt or added to."""
+  workdir = copy_workdir(trained, tmp_path)
+  config = resumed(load_config("pn"), steps=3)
+  config.data.seq_len = 32
+  before = snapshot(workdir, ignore=("LOCK",))
+  with pytest.raises(ConfigError, match=r"data\.seq_len: 64 -> 32"):
+    loop.pretrain(config, workdir)
+  assert snapshot(workdir, ignore=("LOCK",)) == before
+
+
 def test_run_control_keys_resume_silently(trained, tmp_path):
   config = resumed(load_config("pn"), steps=4, log_every=1, keep_checkpoints=5,
                    progress_bar=True)

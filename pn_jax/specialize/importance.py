@@ -92,7 +92,7 @@ def pretrain_importance(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _pretrain_locked(config, workdir: str, domain: str, allow_config_change: bool) -> dict:
   """pretrain_importance, once checked and holding the workdir lock."""
-  run = loop.setup(config, workdir)
+  run = loop.setup(config, workdir, allow_config_change=allow_config_change)
   check_domain(run.run_data, domain)
   hist = select.domain_histogram(run.run_data, domain, config.data.domain_tokens or None)
   probs, info = sequence_probs(run.run_data.train.cluster, hist)

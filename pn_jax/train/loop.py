@@ -73,8 +73,13 @@ class Run:
   run_data: object
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: str, *,
+          allow_config_change: bool = False) -> Run:
+  """The run of a mode that trains on the generic corpus (pretrain, importance): its data
+  prepared in `workdir`, after a resume with a changed config has been refused."""
   validate(config, device_count=jax.device_count())
+  if not allow_config_change:
+    resume_check.refuse_changed_resume(workdir, config)
   mesh = mesh_lib.make_mesh(config)
   run_data = pipeline.prepare_run_data(config, workdir, process_index=jax.process_index())
   vocab = run_data.tokenizer.vocab_size
@@ -176,7 +181,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   The config is checked before the workdir lock creates the workdir (a refused run leaves none)."""
   validate(config, device_count=jax.device_count())
   with workdir_lock.hold(workdir, "pretrain"):  # also checks it is writable, before data prep
-    run = setup(config, workdir)
+    run = setup(config, workdir, allow_config_change=allow_config_change)
     train_iter = pipeline.train_iterator(config, run.run_data,
                                          **distributed.data_shard(run.mesh, config.data.batch_size))
     return fit(run, train_iter, allow_config_change=allow_config_change)

@@ -17,6 +17,7 @@ silently made the run a mix of two experiments. Keys fall in three classes:
 from __future__ import annotations
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -208,3 +209,19 @@ def check_resume(ckpt: Checkpointer, step: int, config: ml_collections.ConfigDic
   logging.warning("resuming from step %d with a changed config (--allow_config_change): %s",
                   step, _listing(diff, keys))
   return keys
+
+
+def refuse_changed_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """check_resume against `workdir`'s latest checkpoint, if it has one, before the run prepares
+  its data: a refused resume then leaves the workdir's data artefacts as they were too. (fit
+  checks again just before restoring, where --allow_config_change is honoured and logged.)"""
+  if "://" in workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is not None:
+      check_resume(ckpt, step, config, allow_change=False)
+  finally:
+    ckpt.close()
+
