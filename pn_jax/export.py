@@ -21,6 +21,7 @@ import tempfile
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from pn_jax.config import ConfigError, expert_of, routed
@@ -41,17 +42,6 @@ def flatten(params) -> dict[str, np.ndarray]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     flat[".".join(str(k.key) for k in path)] = np.asarray(jax.device_get(leaf))
   return flat
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 class ExportError(WorkdirError):
@@ -156,7 +146,7 @@ def load(out_dir: str) -> tuple[LM, dict, dict]:
     info = json.load(f)
   if info.get("format") != FORMAT:
     raise ValueError(f"{out_dir}/{CONFIG} has format {info.get('format')!r}, expected {FORMAT!r}")
-  params = unflatten(load_file(os.path.join(out_dir, WEIGHTS)))
+  params = traverse_util.unflatten_dict(load_file(os.path.join(out_dir, WEIGHTS)), sep=".")
   return LM(ml_collections.ConfigDict(info["model"])), params, info
 
 

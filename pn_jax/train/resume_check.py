@@ -20,6 +20,7 @@ import json
 import os
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import ml_collections
 from absl import logging
@@ -63,17 +64,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
       out.update(flatten(value, name + "."))
     else:
       out[name] = value
-  return out
-
-
-def unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split(".")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
   return out
 
 
@@ -158,7 +148,7 @@ def shape_changing(saved: dict, now: dict, keys: list[str]) -> tuple[list[str], 
       trial.pop(key, None)
     else:
       trial[key] = flat_now[key]
-    if _shapes_or_none(unflatten(trial)) != before:
+    if _shapes_or_none(traverse_util.unflatten_dict(trial, sep=".")) != before:
       culprits.append(key)
   return culprits or list(keys), leaves
 
