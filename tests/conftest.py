@@ -76,3 +76,21 @@ def snapshot(root, ignore=()) -> dict:
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
     out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, digest)
   return out
+
+
+def quiet(config, **train):
+  """A run config for tests: no progress bar, synchronous checkpoints, plus `train` settings."""
+  config.train.update(progress_bar=False, async_checkpoint=False, **train)
+  return config
+
+
+def train_tiny_pn(prepared, directory, steps: int, checkpoint_every: int = 2) -> str:
+  """A tiny PN pretrained for `steps` in directory/run (a copy of the `prepared` data)."""
+  import shutil
+  from pn_jax.train import loop
+  workdir = directory / "run"
+  shutil.copytree(prepared, workdir)
+  config = quiet(load_config("pn"), steps=steps, checkpoint_every=checkpoint_every,
+                 eval_every=100)
+  loop.pretrain(config, str(workdir))
+  return workdir

@@ -6,13 +6,12 @@ The CLI cases run real subprocesses; all of them fail before jax compiles anythi
 
 import glob
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, copy_workdir, load_config
+from conftest import REPO, copy_workdir, load_config, train_tiny_pn
 from pn_jax.config import ConfigError, load_module
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -26,14 +25,7 @@ def run(*args, timeout=300):
 @pytest.fixture(scope="module")
 def trained_pn(prepared, tmp_path_factory):
   """A tiny PN (k=4) with one checkpoint: what --mode=sample reads."""
-  from pn_jax.train import loop
-  workdir = tmp_path_factory.mktemp("pn") / "run"
-  shutil.copytree(prepared, workdir)
-  config = load_config("pn")
-  config.train.update(steps=1, checkpoint_every=1, eval_every=100, async_checkpoint=False,
-                      progress_bar=False)
-  loop.pretrain(config, str(workdir))
-  return str(workdir)
+  return str(train_tiny_pn(prepared, tmp_path_factory.mktemp("pn"), steps=1, checkpoint_every=1))
 
 
 # --- one error path for every entry point ------------------------------------------------------

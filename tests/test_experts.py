@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import copy_workdir, load_config
+from conftest import copy_workdir, load_config, quiet
 from pn_jax import modes
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, pipeline
@@ -283,14 +283,10 @@ def test_a_cluster_without_sequences_is_a_data_error(mix_data):
 
 # --- end to end --------------------------------------------------------------------------------
 
-def _quiet(config, **train):
-  config.train.update(progress_bar=False, async_checkpoint=False, **train)
-  return config
-
 
 def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
   pre = copy_workdir(prepared, tmp_path, "mix")
-  result = loop.pretrain(_quiet(load_config("mix"), steps=4, log_every=2, eval_every=4,
+  result = loop.pretrain(quiet(load_config("mix"), steps=4, log_every=2, eval_every=4,
                                 checkpoint_every=4), pre)
   assert result["step"] == 4 and np.isfinite(result["eval_loss"])
   saved = checkpoints.load_saved(pre)
@@ -298,7 +294,7 @@ def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
 
   config = load_config("finetune")
   config.init_from, config.data.domain = pre, DOMAIN
-  _quiet(config, steps=4, eval_every=2, checkpoint_every=2)
+  quiet(config, steps=4, eval_every=2, checkpoint_every=2)
   out = str(tmp_path / "mix_legal")
   spec = modes.MODES["specialize"](config, out)
   run_data = checkpoints.pretraining_run_data(pre)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, copy_workdir, load_config
+from conftest import REPO, copy_workdir, load_config, train_tiny_pn
 from pn_jax.model.transformer import LM
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train import loop, preflight
@@ -258,12 +258,7 @@ def test_indivisible_mesh_is_a_config_error(prepared, tmp_path):
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
   """A tiny PN run with checkpoints at steps 2 and 4."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  shutil.copytree(prepared, workdir)
-  config = load_config("pn")
-  config.train.update(steps=4, checkpoint_every=2, eval_every=100, async_checkpoint=False)
-  loop.pretrain(config, str(workdir))
-  return workdir
+  return train_tiny_pn(prepared, tmp_path_factory.mktemp("trained"), steps=4)
 
 
 def test_cli_refuses_an_incompatible_checkpoint(trained, tmp_path):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import copy_workdir, load_config, snapshot, write_small_corpus
+from conftest import copy_workdir, load_config, snapshot, train_tiny_pn, write_small_corpus
 from pn_jax.config import ConfigError
 from pn_jax.data import DataError, pipeline, provenance
 from pn_jax.train import loop, resume_check
@@ -123,12 +123,7 @@ def test_workdirs_without_records_are_reused_with_a_warning(corpora, tmp_path, c
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
   """A tiny PN run with its checkpoint at step 2."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  shutil.copytree(prepared, workdir)
-  config = load_config("pn")
-  config.train.update(steps=2, checkpoint_every=2, eval_every=100, async_checkpoint=False)
-  loop.pretrain(config, str(workdir))
-  return workdir
+  return train_tiny_pn(prepared, tmp_path_factory.mktemp("trained"), steps=2)
 
 
 def resumed(config, **train):

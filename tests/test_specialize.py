@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, quiet
 from pn_jax import modes
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
@@ -20,17 +20,13 @@ from pn_jax.train.checkpoint import CheckpointError
 DOMAIN = "legal"
 
 
-def _quiet(config, **train):
-  config.train.update(progress_bar=False, async_checkpoint=False, **train)
-  return config
-
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   """A tiny PN pretrained for a few steps (its workdir holds tokenizer, clusters, checkpoints at
   steps 10 and 20)."""
   workdir = str(tmp_path_factory.mktemp("pn"))
-  loop.pretrain(_quiet(load_config("pn"), steps=20, eval_every=20, checkpoint_every=10), workdir)
+  loop.pretrain(quiet(load_config("pn"), steps=20, eval_every=20, checkpoint_every=10), workdir)
   return workdir
 
 
@@ -53,7 +49,7 @@ def finetune_config(init_from, arg="tiny", **train):
   config = load_config("finetune", arg)
   config.init_from = init_from
   config.data.domain = DOMAIN
-  return _quiet(config, **train)
+  return quiet(config, **train)
 
 
 @pytest.fixture(scope="module")

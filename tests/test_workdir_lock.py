@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import copy_workdir, load_config, snapshot
+from conftest import copy_workdir, load_config, quiet, snapshot
 from test_reliability import (LONG, cli, latest, result_line, run_cli, start_cli, train_losses,
                               wait_for)
 from pn_jax import modes, workdir_lock
@@ -29,10 +29,6 @@ DOMAIN = "legal"
 
 
 
-
-def quiet(config, **train):
-  config.train.update(progress_bar=False, async_checkpoint=False, **train)
-  return config
 
 
 @pytest.fixture(scope="module")
