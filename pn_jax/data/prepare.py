@@ -20,7 +20,7 @@ import os
 import random
 import time
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import sources as sources_lib
 

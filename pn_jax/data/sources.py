@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from typing import Callable, Iterator
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data.corpus import chunk_text, clean_text, decode_bytes, html_to_text
 
 MAX_DOC_CHARS = 40_000  # longer documents are split at paragraph boundaries

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 
 BYTE = "byte"
 BYTE_VOCAB = 259
