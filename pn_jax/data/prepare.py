@@ -120,7 +120,8 @@ def _collect(selected, cache_dir: str, progress: bool) -> tuple[dict, list[dict]
                                                docs_by_corpus)
     source_info.append({"name": src.name, "package": src.package, "registry": src.registry,
                         "version": version, "license": src.license, "corpus": src.corpus,
-                        "archive": os.path.basename(archive), "archive_sha256": _sha256(archive) if os.path.isfile(archive) else "",
+                        "archive": os.path.basename(archive),
+                        "archive_sha256": _sha256(archive) if os.path.isfile(archive) else "",
                         "documents_extracted": n_in, "documents_kept": n_kept,
                         "mb": round(n_bytes / 1e6, 3), "overlap_removed": overlap})
   return docs_by_corpus, source_info
