@@ -16,9 +16,8 @@ from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 
 
-def report_config(corpus: str, data_dir: str, k: int, vocab_size: int, seq_len: int,
-                  embedding: str, tokenizer_path: str = ""):
-  """base_config() with the data settings of one report (or embedding comparison) run."""
+def _config(corpus: str, data_dir: str, k: int, vocab_size: int, seq_len: int, embedding: str,
+            tokenizer_path: str = ""):
   from pn_jax.config import base_config
   c = base_config()
   c.data.corpus, c.data.data_dir = corpus, data_dir
@@ -36,7 +35,7 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
   tok_path = ""
   for k in ks:
     t0 = time.time()
-    config = report_config(corpus, data_dir, k, vocab_size, seq_len, embedding, tok_path)
+    config = _config(corpus, data_dir, k, vocab_size, seq_len, embedding, tok_path)
     rd = pipeline.prepare_run_data(config, os.path.join(workdir, f"k{k}"))
     tok_path = tok_path or os.path.join(workdir, f"k{k}", "tokenizer.model")
     rds[k] = (rd, time.time() - t0)
