@@ -67,4 +67,5 @@ class ModelConfig:
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """Sorted by key, as ConfigDict.to_dict() is: the same JSON either way (export config.json)."""
+    return dict(sorted(dataclasses.asdict(self).items()))
