@@ -11,7 +11,17 @@ import ml_collections
 
 MLP_KINDS = ("dense", "mixture", "projected")
 CLUSTER_BATCHING = ("mixed", "homogeneous", "stratified")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_out")
+# model.remat -> what nn.remat keeps for the backward pass: (a jax.checkpoint_policies name, and
+# the arguments to call it with or None if it is the policy itself); "none": no remat, "full":
+# nn.remat's default (keeps nothing). Names, not functions: this module imports no jax
+# (pn_jax/model/transformer.py::remat_policy resolves them).
+REMAT_POLICIES = {
+    "none": None,
+    "full": (None, None),
+    "dots": ("checkpoint_dots", None),
+    "dots_no_batch": ("dots_with_no_batch_dims_saveable", None),
+    "save_out": ("save_only_these_names", ("attn_out", "mlp_out")),  # Block's checkpoint_names
+}
 CODE_INITS = ("random", "shared")  # pn_jax/model/transformer.py::CODE_INITS
 NAN_POLICIES = ("stop", "skip")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -243,7 +253,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
             "rank-deficient by construction; use m <= h")
   _validate_experts(config)
   if m.remat not in REMAT_POLICIES:
-    _fail("model.remat", f"unknown policy {m.remat!r}; choose one of {REMAT_POLICIES}")
+    _fail("model.remat", f"unknown policy {m.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
   if m.attention not in ("auto", "xla", "cudnn"):
     _fail("model.attention", f"unknown implementation {m.attention!r}")
   if m.dtype not in ("bfloat16", "float32", "float16") or m.param_dtype not in (
@@ -404,7 +414,8 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
 
 
 def small_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The dense model one expert of a routed model turns into (same everything but the routing)."""
+  """The dense model one expert of a routed model turns into (same everything but the routing).
+  `model` may also be a pn_jax.model.config.ModelConfig (anything with `to_dict()`)."""
   small = ml_collections.ConfigDict(model.to_dict())
   small.mlp_kind = "dense"
   small.k, small.h, small.m = 1, 1, 1

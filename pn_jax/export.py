@@ -25,6 +25,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from pn_jax.config import ConfigError, expert_of, routed
+from pn_jax.model.config import ModelConfig
 from pn_jax.model.transformer import LM
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints
@@ -147,7 +148,7 @@ def load(out_dir: str) -> tuple[LM, dict, dict]:
   if info.get("format") != FORMAT:
     raise ValueError(f"{out_dir}/{CONFIG} has format {info.get('format')!r}, expected {FORMAT!r}")
   params = traverse_util.unflatten_dict(load_file(os.path.join(out_dir, WEIGHTS)), sep=".")
-  return LM(ml_collections.ConfigDict(info["model"])), params, info
+  return LM(ModelConfig.from_config(info["model"])), params, info
 
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:

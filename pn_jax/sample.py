@@ -44,17 +44,8 @@ def sample_token(key: Array, logits_BV: Array, temperature: float, top_k: int,
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-_COMPILED: dict = {}  # (id(model), settings) -> (model, jitted generate); flax LMs with a
-# ConfigDict are not hashable, so they cannot be static jit arguments themselves.
-
-
-def _compiled(model, **settings):
-  key = (id(model), tuple(sorted(settings.items())))
-  if key not in _COMPILED or _COMPILED[key][0] is not model:
-    _COMPILED[key] = (model, jax.jit(functools.partial(_generate, model=model, **settings)))
-  return _COMPILED[key][1]
-
-
+@functools.partial(jax.jit, static_argnames=("model", "new_tokens", "temperature", "top_k",
+                                             "top_p", "use_cache"))
 def _generate(params, prompt_BT: Array, cluster_B: Array, key: Array, *, model, new_tokens: int,
               temperature: float, top_k: int, top_p: float, use_cache: bool) -> Array:
   B, T0 = prompt_BT.shape
@@ -98,9 +89,11 @@ def generate(model, params, prompt_ids, *, new_tokens: int, seed: int = 0,
                      f"model's max_len={model.cfg.max_len}")
   prompt_BT = jnp.tile(prompt, (num_samples, 1))
   cluster_B = jnp.full((num_samples,), cluster, jnp.int32)
-  fn = _compiled(model, new_tokens=int(new_tokens), temperature=float(temperature),
-                 top_k=int(top_k), top_p=float(top_p), use_cache=bool(use_cache))
-  return fn(params, prompt_BT, cluster_B, jax.random.key(seed))
+  # The model (hashable: it holds a frozen ModelConfig) and the settings are static: jit's own
+  # cache keeps one compiled sampler per distinct model and settings.
+  return _generate(params, prompt_BT, cluster_B, jax.random.key(seed), model=model,
+                   new_tokens=int(new_tokens), temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p), use_cache=bool(use_cache))
 
 
 def cached_logits(model, params, tokens_BT: Array, prefix: int, cluster_B: Array | None = None):

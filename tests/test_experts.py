@@ -16,7 +16,7 @@ from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, pipeline
 from pn_jax.model import build_model
 from pn_jax.model.experts import IndependentLM
-from pn_jax.model.transformer import LM, init_params
+from pn_jax.model.transformer import init_params
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints, finetune, select
 from pn_jax.specialize.project import project
@@ -171,7 +171,7 @@ def test_projected_expert_equals_its_rows_of_the_mixture():
   for i in range(config.model.k):
     dense, small_cfg = project(params, config.model, i)
     assert small_cfg.mlp_kind == "dense" and not routed(small_cfg)
-    small = LM(small_cfg)
+    small = build_model(small_cfg)
     dense_apply = dense_apply or jax.jit(small.apply)
     got = dense_apply({"params": dense}, tokens[i * b:(i + 1) * b])
     np.testing.assert_allclose(got, logits[i * b:(i + 1) * b], atol=2e-5, rtol=2e-5)

@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 from conftest import load_config
 from pn_jax import export, modes
 from pn_jax.config import ConfigError
-from pn_jax.model.transformer import LM, init_params
+from pn_jax.model import build_model
+from pn_jax.model.transformer import init_params
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.optimizer import make_optimizer
@@ -29,7 +30,7 @@ def _logits(model, params, cluster=None):
 
 def test_save_load_round_trip_is_exact(tmp_path):
   cfg = load_config("slm").model
-  model = LM(cfg)
+  model = build_model(cfg)
   params = nn.unbox(init_params(model, jax.random.key(3)))
   out = export.save(str(tmp_path / "exp"), params, cfg, metadata={"domain": "legal"})
   tensors = load_file(os.path.join(out, export.WEIGHTS))
@@ -50,7 +51,7 @@ def pn_checkpoint(tmp_path_factory):
   mesh, rules = mesh_lib.make_mesh(config, jax.devices()[:1]), mesh_lib.logical_rules(config)
   tx, _ = make_optimizer(config)
   with mesh_lib.activate(mesh, rules):
-    state, _ = create_state(LM(config.model), tx, mesh, rules, jax.random.key(5))
+    state, _ = create_state(build_model(config.model), tx, mesh, rules, jax.random.key(5))
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(7, state, config, force=True)
     ckpt.close()
@@ -66,7 +67,7 @@ def test_export_mode_projects_a_pn_checkpoint(pn_checkpoint):
   assert result["step"] == 7 and result["cluster"] == 2
   model, params, info = export.load(result["export_dir"])
   assert info["model"]["mlp_kind"] == "dense" and "T_in" not in params["blocks"]["mlp"]
-  want = _logits(LM(config.model), pn_params, cluster=2)
+  want = _logits(build_model(config.model), pn_params, cluster=2)
   np.testing.assert_allclose(_logits(model, params), want, atol=2e-5, rtol=2e-5)
 
 

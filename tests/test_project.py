@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pn_jax.model.transformer import LM, init_params
+from pn_jax.model import build_model
+from pn_jax.model.transformer import init_params
 from pn_jax.specialize.project import project
 
 
 def _model_and_params(kind):
   cfg = load_config(kind).model
-  model = LM(cfg)
+  model = build_model(cfg)
   params = nn.unbox(init_params(model, jax.random.key(0)))
   # Move every parameter off its init so the test can't pass by symmetry.
   leaves, treedef = jax.tree.flatten(params)
@@ -37,7 +38,7 @@ def test_projected_small_model_equals_cluster_path(kind):
   for cluster in range(cfg.k):
     dense_params, small_cfg = project(params, cfg, cluster)
     assert small_cfg.mlp_kind == "dense"
-    small = LM(small_cfg)
+    small = build_model(small_cfg)
     small_apply = small_apply or _apply(small)
     got = small_apply({"params": dense_params}, tokens)
     want = pn_apply({"params": params}, tokens, jnp.full((3,), cluster, jnp.int32))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, copy_workdir, load_config, train_tiny_pn
-from pn_jax.model.transformer import LM
+from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train import loop, preflight
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
@@ -181,7 +181,7 @@ def _abstract_params(config):
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
   tx, _ = make_optimizer(config)
   with mesh_lib.activate(mesh, rules):
-    return mesh, rules, state_shardings(LM(config.model), tx, mesh, rules)[0].params
+    return mesh, rules, state_shardings(build_model(config.model), tx, mesh, rules)[0].params
 
 
 def _params_at(workdir, config, step):
@@ -310,7 +310,7 @@ def test_checkpointer_errors_for_specialize(trained, tmp_path):
   tx, _ = make_optimizer(slm)
   with mesh_lib.activate(mesh, rules):
     from pn_jax.train.state import create_state
-    state, _ = create_state(LM(slm.model), tx, mesh, rules, jax.random.key(0))
+    state, _ = create_state(build_model(slm.model), tx, mesh, rules, jax.random.key(0))
     ckpt = Checkpointer(str(tmp_path / "dense"), async_save=False)
     ckpt.save(1, state, slm)
     ckpt.close()
@@ -355,7 +355,7 @@ def test_disk_too_small_for_a_checkpoint_fails_before_training(prepared, tmp_pat
   mesh, rules, _ = _abstract_params(config)
   tx, _ = make_optimizer(config)
   with mesh_lib.activate(mesh, rules):
-    need = preflight.state_bytes(state_shardings(LM(config.model), tx, mesh, rules)[0])
+    need = preflight.state_bytes(state_shardings(build_model(config.model), tx, mesh, rules)[0])
   assert need > 7_000_000  # params + AdamW moments of the tiny PN, in float32
   usage = shutil.disk_usage(tmp_path)._replace(free=int(1.5 * need))
   monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage)

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import copy_workdir, load_config, snapshot
 from pn_jax import experiment, export, modes, sweep_results
-from pn_jax.model.transformer import LM, init_params
+from pn_jax.model import build_model
+from pn_jax.model.transformer import init_params
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train import loop, metrics
 from pn_jax.train.checkpoint import Checkpointer
@@ -153,7 +154,7 @@ def _save_state(workdir, config, step):
   mesh, rules = mesh_lib.make_mesh(config, jax.devices()[:1]), mesh_lib.logical_rules(config)
   tx, _ = make_optimizer(config)
   with mesh_lib.activate(mesh, rules):
-    state, _ = create_state(LM(config.model), tx, mesh, rules, jax.random.key(0))
+    state, _ = create_state(build_model(config.model), tx, mesh, rules, jax.random.key(0))
     ckpt = Checkpointer(str(workdir), async_save=False)
     ckpt.save(step, state, config, force=True)
     ckpt.close()
@@ -175,7 +176,7 @@ def test_a_refused_resume_writes_nothing(prepared, tmp_path):
 
 def _dense(seed):
   cfg = load_config("slm").model
-  return nn.unbox(init_params(LM(cfg), jax.random.key(seed))), cfg
+  return nn.unbox(init_params(build_model(cfg), jax.random.key(seed))), cfg
 
 
 def _tree(root) -> dict:

@@ -8,11 +8,12 @@ import pytest
 
 from conftest import load_config
 from pn_jax import sample
-from pn_jax.model.transformer import LM, init_params
+from pn_jax.model import build_model
+from pn_jax.model.transformer import init_params
 
 
 def _model_and_params(kind):
-  model = LM(load_config(kind).model)
+  model = build_model(load_config(kind).model)
   params = nn.unbox(init_params(model, jax.random.key(0)))
   # Off the init so the logits are far from uniform and draws depend on them.
   leaves, treedef = jax.tree.flatten(params)

@@ -265,11 +265,12 @@ def test_teacher_targets_are_computed_on_the_mesh():
   the batch (no host round trip), and passed through unchanged by mesh.global_batch."""
   import jax
   from flax import linen as nn
-  from pn_jax.model.transformer import LM, init_params
+  from pn_jax.model import build_model
+  from pn_jax.model.transformer import init_params
   from pn_jax.specialize.distill import TeacherIterator
   config = load_config("slm")
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-  model = LM(config.model)
+  model = build_model(config.model)
   rng = np.random.default_rng(0)
   local = [{"inputs": rng.integers(0, config.model.vocab_size, (8, 16), dtype=np.int32),
             "cluster": np.zeros(8, np.int32)} for _ in range(2)]

@@ -2,12 +2,14 @@
 
 import ml_collections
 
+from pn_jax.model.config import ModelConfig
 from pn_jax.model.experts import IndependentLM
 from pn_jax.model.transformer import LM
 
 
-def build_model(model_cfg: ml_collections.ConfigDict) -> LM | IndependentLM:
-  """The flax module a model config describes: LM, or IndependentLM for independent experts."""
-  if model_cfg.get("independent_experts", False):
-    return IndependentLM(model_cfg)
-  return LM(model_cfg)
+def build_model(model_cfg: ml_collections.ConfigDict | ModelConfig) -> LM | IndependentLM:
+  """The flax module a model config describes: LM, or IndependentLM for independent experts.
+
+  The run config's `model` section becomes a ModelConfig here, so the module is hashable."""
+  cfg = ModelConfig.from_config(model_cfg)
+  return IndependentLM(cfg) if cfg.independent_experts else LM(cfg)

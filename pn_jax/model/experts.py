@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import jax
 import flax.linen as nn
-import ml_collections
 
 from pn_jax.config import small_model_config
+from pn_jax.model.config import ModelConfig
 from pn_jax.model.transformer import LM
 
 Array = jax.Array
@@ -25,7 +25,7 @@ class IndependentLM(nn.Module):
   per-expert unembedding [k, D, V]. `cluster_B` and `one_cluster` are accepted for LM's call
   signature and ignored: the row layout is the routing."""
 
-  cfg: ml_collections.ConfigDict
+  cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT: Array, cluster_B: Array | None = None, *,
@@ -43,7 +43,8 @@ class IndependentLM(nn.Module):
     rules = tuple((name, None if name == "act_batch" else axes)
                   for name, axes in nn.get_logical_axis_rules())
     with nn.logical_axis_rules(rules):
-      out = experts(LM(small_model_config(self.cfg), name="experts"),
+      small = ModelConfig.from_config(small_model_config(self.cfg))
+      out = experts(LM(small, name="experts"),
                     tokens_BT.reshape(k, B // k, T))
     if return_hidden:
       return out  # hidden [k, b, T, D], unembed [k, D, V]

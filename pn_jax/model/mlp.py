@@ -50,7 +50,9 @@ def apply_mlp(x_BTD: Array, w_in: Array, w_out: Array, activation: str) -> Array
   return jnp.einsum("BTF,BFD->BTD", h_BTF, w_out)
 
 
-def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+def logical_param(module: nn.Module, name: str, init, shape, axes, dtype) -> Array:
+  """`module.param` whose boxed value carries the logical axis names `axes` (one per dim): the
+  mesh rules map them to a sharding (pn_jax/parallel/mesh.py)."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -71,7 +73,7 @@ class MLP(nn.Module):
     projected: M [m, h], T_in [D, F, h], T_out [F, D, h]       (E [k, m] lives in the LM)
   """
 
-  kind: str
+  kind: str  # pn_jax.config.MLP_KINDS
   d_model: int
   mlp_dim: int
   h: int = 1
@@ -84,18 +86,19 @@ class MLP(nn.Module):
   def __call__(self, x_BTD: Array, code: Array | None) -> Array:
     D, F, pd = self.d_model, self.mlp_dim, self.param_dtype
     if self.kind == "dense":
-      w_in = _param(self, "w_in", dense_init(D), (D, F), ("embed", "mlp"), pd)[None]
-      w_out = _param(self, "w_out", dense_init(F), (F, D), ("mlp", "embed"), pd)[None]
+      w_in = logical_param(self, "w_in", dense_init(D), (D, F), ("embed", "mlp"), pd)[None]
+      w_out = logical_param(self, "w_out", dense_init(F), (F, D), ("mlp", "embed"), pd)[None]
     else:
       # T's basis axis is the last one and stays unsharded (rule `basis`): forming W needs no
       # communication and W comes out with a dense weight's sharding.
-      T_in = _param(self, "T_in", dense_init(D), (D, F, self.h), ("embed", "mlp", "basis"), pd)
-      T_out = _param(self, "T_out", dense_init(F), (F, D, self.h), ("mlp", "embed", "basis"),
-                     pd)
+      T_in = logical_param(self, "T_in", dense_init(D), (D, F, self.h),
+                           ("embed", "mlp", "basis"), pd)
+      T_out = logical_param(self, "T_out", dense_init(F), (F, D, self.h),
+                            ("mlp", "embed", "basis"), pd)
       if self.kind == "projected":
         # Orthonormal rows: with unit-norm codes, |code @ M| = 1, so Var(W) = Var(T) = dense.
-        M = _param(self, "M", nn.initializers.orthogonal(), (self.m, self.h), ("code", "basis"),
-                   pd)
+        M = logical_param(self, "M", nn.initializers.orthogonal(), (self.m, self.h),
+                          ("code", "basis"), pd)
       else:  # mixture: PN with h = k, a one-hot code and M = I
         M = jnp.eye(self.h, dtype=pd)
       # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;

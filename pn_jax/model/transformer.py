@@ -1,8 +1,9 @@
 """Decoder-only pre-norm transformer LM whose MLP is dense, a hard mixture, or projected (PN).
 
 Attention, embeddings and norms are ordinary parameters shared by every expert; only the MLP
-depends on the sequence's cluster (see mlp.py). Layers are stacked with `nn.scan` (one compiled
-block, params with a leading `layers` axis) and optionally rematerialised.
+depends on the sequence's cluster (see mlp.py). Layers go through `nn.scan` (params with a leading
+`layers` axis), fully unrolled by default (`model.scan_layers=False`) or as one compiled block,
+and optionally rematerialised (`model.remat`).
 
 Shapes: B batch, T time, D d_model, N heads, H head_dim, V vocab, k experts, m code length.
 """
@@ -15,22 +16,21 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import flax.linen as nn
-import ml_collections
 
-from pn_jax.model.mlp import MLP
+from pn_jax.config import REMAT_POLICIES
+from pn_jax.model.config import ModelConfig
+from pn_jax.model.mlp import MLP, logical_param
 
 Array = jax.Array
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
-}
 
-
-def _param(module, name, init, shape, axes, dtype):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+def remat_policy(name: str):
+  """model.remat (not "none") -> the policy nn.remat gets (pn_jax.config.REMAT_POLICIES)."""
+  attr, args = REMAT_POLICIES[name]
+  if attr is None:
+    return None
+  policy = getattr(jax.checkpoint_policies, attr)
+  return policy if args is None else policy(*args)
 
 
 class RMSNorm(nn.Module):
@@ -40,8 +40,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
-                   self.param_dtype)
+    scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                          self.param_dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
@@ -68,7 +68,7 @@ def attention_impl(name: str, dtype=jnp.bfloat16) -> str | None:
 
 
 class Attention(nn.Module):
-  cfg: ml_collections.ConfigDict
+  cfg: ModelConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
 
@@ -78,10 +78,10 @@ class Attention(nn.Module):
     D, N = c.d_model, c.n_heads
     H = D // N
     init = nn.initializers.normal(stddev=D ** -0.5)
-    wq, wk, wv = (_param(self, n, init, (D, N, H), ("embed", "heads", "head_dim"),
-                         self.param_dtype).astype(self.dtype) for n in ("wq", "wk", "wv"))
-    wo = _param(self, "wo", nn.initializers.normal(stddev=D ** -0.5), (N, H, D),
-                ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
+    wq, wk, wv = (logical_param(self, n, init, (D, N, H), ("embed", "heads", "head_dim"),
+                                self.param_dtype).astype(self.dtype) for n in ("wq", "wk", "wv"))
+    wo = logical_param(self, "wo", nn.initializers.normal(stddev=D ** -0.5), (N, H, D),
+                       ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
     # Decoding (pn_jax.sample): a mutable "cache" collection holds this layer's keys/values.
     # (init makes every collection mutable: it must still trace the training path.)
     decoding = self.is_mutable_collection("cache") and not self.is_initializing()
@@ -119,7 +119,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
   """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x), code). Scanned over layers."""
 
-  cfg: ml_collections.ConfigDict
+  cfg: ModelConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
 
@@ -127,7 +127,8 @@ class Block(nn.Module):
   def __call__(self, x_BTD: Array, code: Array | None):
     c = self.cfg
     norm = functools.partial(RMSNorm, c.norm_eps, self.dtype, self.param_dtype)
-    attn_out = Attention(c, self.dtype, self.param_dtype, name="attn")(norm(name="attn_norm")(x_BTD))
+    attn = Attention(c, self.dtype, self.param_dtype, name="attn")
+    attn_out = attn(norm(name="attn_norm")(x_BTD))
     x_BTD = x_BTD + checkpoint_name(attn_out, "attn_out")
     mlp = MLP(kind=c.mlp_kind, d_model=c.d_model, mlp_dim=c.mlp_dim,
               h=c.k if c.mlp_kind == "mixture" else c.h, m=c.m, activation=c.activation,
@@ -146,15 +147,15 @@ class LM(nn.Module):
   sequence. The result is the same either way.
   """
 
-  cfg: ml_collections.ConfigDict
+  cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT: Array, cluster_B: Array | None = None, *,
                one_cluster: bool = False, return_hidden: bool = False):
     c = self.cfg
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    embed = _param(self, "embed", nn.initializers.normal(stddev=1.0), (c.vocab_size, c.d_model),
-                   ("vocab", "embed"), pdtype)
+    embed = logical_param(self, "embed", nn.initializers.normal(stddev=1.0),
+                          (c.vocab_size, c.d_model), ("vocab", "embed"), pdtype)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
@@ -164,15 +165,15 @@ class LM(nn.Module):
         raise ValueError(f"mlp_kind={c.mlp_kind!r} needs a cluster id per sequence")
       cluster = cluster_B[:1] if one_cluster else cluster_B
       if c.mlp_kind == "projected":
-        init = CODE_INITS[c.get("code_init", "random")]  # runs saved before the key: random
-        E = _param(self, "E", init, (c.k, c.m), ("expert", "code"), pdtype)
+        init = CODE_INITS[c.code_init]
+        E = logical_param(self, "E", init, (c.k, c.m), ("expert", "code"), pdtype)
         code = jnp.take(E, cluster, axis=0)  # [B|1, m]
       else:
         code = jax.nn.one_hot(cluster, c.k, dtype=pdtype)  # [B|1, k]
 
     block = Block
     if c.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+      block = nn.remat(Block, policy=remat_policy(c.remat), prevent_cse=False)
     # scan_layers=False unrolls the scan fully (same stacked params): no per-layer stacking of
     # residuals into [L, ...] buffers and their copies, at a longer compile (docs/benchmarks.md).
     blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
@@ -186,8 +187,9 @@ class LM(nn.Module):
       # Embedding rows have unit variance; scale so the logits start at unit variance too.
       unembed_DV = embed.T.astype(dtype) * (c.d_model ** -0.5)
     else:
-      unembed_DV = _param(self, "unembed", nn.initializers.normal(stddev=c.d_model ** -0.5),
-                          (c.d_model, c.vocab_size), ("embed", "vocab"), pdtype).astype(dtype)
+      unembed_DV = logical_param(self, "unembed", nn.initializers.normal(stddev=c.d_model ** -0.5),
+                                 (c.d_model, c.vocab_size), ("embed", "vocab"),
+                                 pdtype).astype(dtype)
     if return_hidden:
       return x_BTD, unembed_DV
     logits = jnp.einsum("BTD,DV->BTV", x_BTD, unembed_DV)
@@ -224,7 +226,7 @@ def init_params(model, rng: Array, batch_size: int = 1, seq_len: int = 8):
 
   `model` is an LM or an IndependentLM (which needs one row per expert at least).
   """
-  if model.cfg.get("independent_experts", False):
+  if model.cfg.independent_experts:
     batch_size *= model.cfg.k
   tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
   cluster = jnp.zeros((batch_size,), jnp.int32)

@@ -1,0 +1,71 @@
+"""The model's hyperparameters as one frozen, typed value: what LM, Block, Attention and
+IndependentLM hold.
+
+Built at the boundary from the run config's `model` section (`ModelConfig.from_config`), so the
+ConfigDict stops there. Frozen and made of scalars, it is hashable, and so is a model holding it:
+the model can be a static jit argument (pn_jax/sample.py::generate). Defaults and valid values
+stay in pn_jax/config.py (base_config, validate); this type fixes the key set and the types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from pn_jax.config import ConfigError
+
+# Keys a checkpoint's saved config lacks when its run predates them -> the value that run used.
+OLD_RUN_DEFAULTS = {
+    "code_init": "random",  # expert codes were independent unit rows before the key existed
+    "independent_experts": False,  # SLM-mix did not exist
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes: V vocab, D d_model, L layers, N heads, F MLP width, k experts, h basis, m code."""
+
+  vocab_size: int  # V
+  d_model: int  # D
+  n_layers: int  # L
+  n_heads: int  # N; head_dim = D / N
+  mlp_dim: int  # F: the *small* model's MLP width (the SLM's), for every kind
+  mlp_kind: str  # pn_jax.config.MLP_KINDS: dense | mixture | projected
+  k: int  # experts = clusters (mixture, projected, independent experts)
+  h: int  # basis slices of the shared tensor T (projected)
+  m: int  # code length per expert: E is [k, m] (projected)
+  code_init: str  # expert codes' init (projected): shared | random
+  independent_experts: bool  # SLM-mix: k independent copies of the dense model (experts.py)
+  activation: str  # gelu | relu | silu
+  tie_embeddings: bool  # unembedding = embedding^T (scaled)
+  max_len: int  # RoPE / KV cache length; >= data.seq_len
+  rope_theta: float  # RoPE base
+  norm_eps: float  # RMSNorm epsilon
+  dtype: str  # compute dtype
+  param_dtype: str  # parameter dtype
+  scan_layers: bool  # True: one compiled block scanned over layers; False: unrolled
+  remat: str  # pn_jax.config.REMAT_POLICIES
+  attention: str  # auto (cudnn on GPU) | xla | cudnn
+  logits_chunk: int  # >0: chunked cross-entropy over the sequence (read by the loss)
+
+  @classmethod
+  def from_config(cls, cd: ml_collections.ConfigDict | ModelConfig | Mapping[str, Any]
+                  ) -> ModelConfig:
+    """A run config's `model` section (a ConfigDict, a dict from JSON, or a ModelConfig)."""
+    if isinstance(cd, ModelConfig):
+      return cd
+    values = dict(cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else cd)
+    values = {**OLD_RUN_DEFAULTS, **values}
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in values]
+    unknown = sorted(set(values) - set(names))
+    if missing or unknown:
+      raise ConfigError(f"config.model: a model config needs exactly the keys of base_config()'s "
+                        f"model section; missing {missing}, unknown {unknown}")
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Sorted by key, as ConfigDict.to_dict() is: the same JSON either way (export config.json)."""
+    return dict(sorted(dataclasses.asdict(self).items()))
