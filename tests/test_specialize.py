@@ -146,7 +146,7 @@ def test_init_step_picks_that_checkpoint(pretrained, specialized, tmp_path):
 PAUSE_AT_STEP_3 = """
 import os, time, runpy
 from pn_jax.train import loop, metrics
-handled, handle, write = [], loop._StopSignal._handle, metrics.MetricWriter.write
+handled, handle, write = [], loop.StopSignal.handle, metrics.MetricWriter.write
 def on_signal(self, *a):
   handle(self, *a)
   handled.append(1)
@@ -156,7 +156,7 @@ def paused(self, step, scalars, prefix="train"):
     open(os.environ["PN_TEST_MARKER"], "w").close()
     while not handled:
       time.sleep(0.01)
-loop._StopSignal._handle = on_signal
+loop.StopSignal.handle = on_signal
 metrics.MetricWriter.write = paused
 runpy.run_module("pn_jax.main", run_name="__main__", alter_sys=True)
 """
@@ -254,10 +254,10 @@ def test_distill_loss_is_zero_kl_against_itself():
   hidden, unembed = jax.random.normal(k1, (2, 5, 8)), jax.random.normal(k2, (8, 11))
   logits = jnp.einsum("BTD,DV->BTV", hidden, unembed)
   batch = {"mask": jnp.ones((2, 5)), "teacher_logprobs": jax.nn.log_softmax(logits / tau)}
-  np.testing.assert_allclose(distill_loss(3.0, hidden, unembed, batch, config), (1 - w) * 3.0,
+  np.testing.assert_allclose(distill_loss(3.0, hidden, unembed, batch, temperature=tau, weight=w), (1 - w) * 3.0,
                              rtol=1e-5)
   other = dict(batch, teacher_logprobs=jax.nn.log_softmax(jax.random.normal(k3, logits.shape)))
-  assert float(distill_loss(3.0, hidden, unembed, other, config)) > (1 - w) * 3.0 + 0.01
+  assert float(distill_loss(3.0, hidden, unembed, other, temperature=tau, weight=w)) > (1 - w) * 3.0 + 0.01
 
 
 def test_teacher_targets_are_computed_on_the_mesh():
