@@ -99,70 +99,94 @@ def _initial_state(config, model, tx, mesh, rules):
   return config, model, tx, state, shardings
 
 
+def _check(config) -> None:
+  from pn_jax.config import ConfigError
+  if config.bench.steps < 1 or config.bench.warmup < 0:
+    raise ConfigError("config.bench.steps: need steps >= 1 and warmup >= 0, got "
+                      f"steps={config.bench.steps}, warmup={config.bench.warmup}")
+
+
+def _compile(step_fn, state, batch) -> dict:
+  """AOT-compiles the train step; -> {compiled, compile_s, memory, hlo_text}."""
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  return {"compiled": compiled, "compile_s": time.perf_counter() - t0,
+          "memory": compiled.memory_analysis(), "hlo_text": compiled.as_text()}
+
+
+def _time_steps(compiled, state, batches, b, profile_dir: str):
+  """Warm-up, then `b.steps` steps timed one by one and `b.steps` back to back (as the training
+  loop runs them: host dispatch overlaps the device); then the profiled steps, if asked.
+  -> (state, the last metrics, {times, pipelined_s})."""
+  import jax
+  for i in range(b.warmup):
+    state, _ = compiled(state, batches[i % 2])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(b.steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t0)
+  t0 = time.perf_counter()
+  for i in range(b.steps):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  pipelined_s = (time.perf_counter() - t0) / b.steps
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for i in range(PROFILE_STEPS):
+        state, metrics = compiled(state, batches[i % 2])
+      jax.block_until_ready((state, metrics))
+  return state, metrics, {"times": times, "pipelined_s": pipelined_s}
+
+
+def _write_hlo(profile_dir: str, hlo_text: str) -> None:
+  """The compiled HLO beside the trace: profile_summary names kernels' ops with it."""
+  os.makedirs(profile_dir, exist_ok=True)
+  with gzip.open(os.path.join(profile_dir, "hlo.txt.gz"), "wt") as f:
+    f.write(hlo_text)
+
+
 def bench_one(config, *, profile_dir: str = "") -> dict:
   """Builds, compiles and times one configuration's train step; returns the JSON record."""
   import jax
   import numpy as np
-  from pn_jax.config import ConfigError, small_model_config, validate
+  from pn_jax.config import validate
   from pn_jax.model import build_model
   from pn_jax.parallel import mesh as mesh_lib
-  from pn_jax.train import flops as flops_lib
+  from pn_jax.train.compile import compile_steps, step_options
   from pn_jax.train.optimizer import make_optimizer
-  from pn_jax.train.step import make_train_step
 
   validate(config, device_count=jax.device_count())
-  if config.bench.steps < 1 or config.bench.warmup < 0:
-    raise ConfigError("config.bench.steps: need steps >= 1 and warmup >= 0, got "
-                      f"steps={config.bench.steps}, warmup={config.bench.warmup}")
+  _check(config)
   mesh = mesh_lib.make_mesh(config)
   rules = mesh_lib.logical_rules(config)
   model = build_model(config.model)
   tx, _ = make_optimizer(config)
-  device = jax.devices()[0]
   with mesh_lib.activate(mesh, rules):
     train_cfg, model, tx, state, shardings = _initial_state(config, model, tx, mesh, rules)
     _, schedule = make_optimizer(train_cfg)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, train_cfg),
-                      in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    step_fn, _ = compile_steps(model, tx, schedule, mesh, shardings, **step_options(train_cfg))
     rng = np.random.default_rng(config.seed)
     batches = [mesh_lib.global_batch(synthetic_batch(train_cfg, rng), mesh) for _ in range(2)]
-
-    t0 = time.perf_counter()
-    lowered = step_fn.lower(state, batches[0])
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    hlo_text = compiled.as_text()
-
-    b = config.bench
-    for i in range(b.warmup):
-      state, _ = compiled(state, batches[i % 2])
-    jax.block_until_ready(state)
-    times = []
-    for i in range(b.steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batches[i % 2])
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - t0)
-    # Back-to-back (as the training loop runs): host dispatch overlaps the device.
-    t0 = time.perf_counter()
-    for i in range(b.steps):
-      state, metrics = compiled(state, batches[i % 2])
-    jax.block_until_ready((state, metrics))
-    pipelined_s = (time.perf_counter() - t0) / b.steps
+    built = _compile(step_fn, state, batches[0])
     if profile_dir:
-      os.makedirs(profile_dir, exist_ok=True)
-      with gzip.open(os.path.join(profile_dir, "hlo.txt.gz"), "wt") as f:
-        f.write(hlo_text)
-      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-        for i in range(PROFILE_STEPS):
-          state, metrics = compiled(state, batches[i % 2])
-        jax.block_until_ready((state, metrics))
-    loss = float(metrics["loss"])
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+      _write_hlo(profile_dir, built["hlo_text"])
+    state, metrics, timing = _time_steps(built["compiled"], state, batches, config.bench,
+                                         profile_dir)
+    measured = {"loss": float(metrics["loss"]),
+                "params": sum(x.size for x in jax.tree.leaves(state.params)), **timing, **built}
     del state
+  return _record(config, train_cfg, jax.devices()[0], measured)
 
+
+def _record(config, train_cfg, device, measured: dict) -> dict:
+  """The JSON line of one configuration from its `measured` times, compile and loss."""
+  import jax
+  from pn_jax.config import small_model_config
+  from pn_jax.train import flops as flops_lib
+  times, mem = measured["times"], measured["memory"]
   step_s = statistics.median(times)
   B, T = train_cfg.data.batch_size, train_cfg.data.seq_len
   m = train_cfg.model
@@ -181,23 +205,23 @@ def bench_one(config, *, profile_dir: str = "") -> dict:
       "mlp_kind": m.mlp_kind,
       "k": m.k, "h": m.h, "m": m.m,
       "batch": B, "seq_len": T,
-      "attention_kernel": "cudnn" if "__cudnn$fmha" in hlo_text else "xla",
+      "attention_kernel": "cudnn" if "__cudnn$fmha" in measured["hlo_text"] else "xla",
       "remat": m.remat, "logits_chunk": m.logits_chunk, "attention": m.attention,
       "scan_layers": m.scan_layers,
       "cluster_batching": train_cfg.data.cluster_batching,
-      "params": n_params,
+      "params": measured["params"],
       "step_time_s": step_s,
       "step_time_min_s": min(times),
-      "step_time_pipelined_s": pipelined_s,
+      "step_time_pipelined_s": measured["pipelined_s"],
       "tokens_per_s": B * T / step_s,
       "model_tflops_per_step": model_flops / 1e12,
       "mfu": (model_flops / step_s / (peak * n)) if peak else None,
       "mfu_incl_expert_forming": (all_flops / step_s / (peak * n)) if peak else None,
-      "compile_s": compile_s,
+      "compile_s": measured["compile_s"],
       "peak_mib": mib(stats.get("peak_bytes_in_use")),  # device 0, process-wide
       "compiled_temp_mib": mib(getattr(mem, "temp_size_in_bytes", None)),
       "compiled_args_mib": mib(getattr(mem, "argument_size_in_bytes", None)),
-      "loss": loss,
+      "loss": measured["loss"],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }

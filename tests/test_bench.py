@@ -102,7 +102,11 @@ def test_gpu_detection_without_jax_platforms(monkeypatch):
   (find_spec('jax_plugins.x') raises when the jax_plugins namespace is absent)."""
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
   monkeypatch.setattr(xla_flags.os.path, "exists", lambda p: True)  # as if /dev/nvidiactl
-  assert xla_flags.gpu_expected() in (True, False)
+  monkeypatch.setattr(xla_flags.importlib.util, "find_spec",  # as if the CUDA 12 plugin
+                      lambda name: object() if name == "jax_cuda12_plugin" else None)
+  assert xla_flags.gpu_expected() is True
+  monkeypatch.setattr(xla_flags.importlib.util, "find_spec", lambda name: None)  # no plugin
+  assert xla_flags.gpu_expected() is False
   monkeypatch.setattr(xla_flags.importlib.util, "find_spec",
                       lambda name: (_ for _ in ()).throw(ModuleNotFoundError(name)))
   assert xla_flags.gpu_expected() is False

@@ -41,8 +41,9 @@ def test_training_is_deterministic(tmp_path):
 
 def test_coverage_stays_in_sentencepiece_range():
   rare = "".join(chr(0x4e00 + i) for i in range(300))  # 300 distinct CJK characters, once each
-  assert tok_lib._coverage(["abc" * 100, rare], max_chars=3) == 0.98  # would be 0.5
-  assert tok_lib._coverage(["abc" * 100], max_chars=69) == 0.9995
+  coverage = tok_lib.character_coverage
+  assert coverage(["abc" * 100, rare], max_chars=3) == 0.98  # would be 0.5
+  assert coverage(["abc" * 100], max_chars=69) == 0.9995
 
 
 def test_byte_tokenizer():

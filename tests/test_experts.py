@@ -23,6 +23,7 @@ from pn_jax.specialize.project import project
 from pn_jax.train import loop
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import TrainState, create_state
+from pn_jax.train.compile import step_options
 from pn_jax.train.step import loss_fn, make_train_step
 
 DOMAIN = "legal"
@@ -92,8 +93,8 @@ def test_gradient_of_one_experts_rows_reaches_only_that_expert():
   params = _params(model)
   batch = _batch(config)
   b = config.data.batch_size // config.model.k
-  grad = jax.jit(jax.grad(lambda p, bt: loss_fn(p, bt, model=model, config=config,
-                                                one_cluster=False)[0]))
+  grad = jax.jit(jax.grad(lambda p, bt: loss_fn(p, bt, model=model, one_cluster=False,
+                                                logits_chunk=config.model.logits_chunk)[0]))
   for i in (0, 2):
     mask = np.zeros_like(batch["mask"])
     mask[i * b:(i + 1) * b] = 1.0
@@ -124,7 +125,7 @@ def test_train_step_leaves_other_experts_bit_identical():
   other["inputs"][i * b:(i + 1) * b] = (batch["inputs"][i * b:(i + 1) * b] + 1) % 100
   with mesh_lib.activate(mesh, rules):
     state, shardings = create_state(model, tx, mesh, rules, jax.random.key(0))
-    step = jax.jit(make_train_step(model, tx, schedule, config))
+    step = jax.jit(make_train_step(model, tx, schedule, **step_options(config)))
     a, _ = step(state, mesh_lib.global_batch(batch, mesh))
     c, _ = step(state, mesh_lib.global_batch(other, mesh))
   a, c = jax.device_get((a, c))
@@ -151,7 +152,7 @@ def test_nan_skip_is_per_expert():
   params = jax.tree.map(np.array, _params(model))  # writable host copies
   params["experts"]["final_norm"]["scale"][2] = np.nan
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  new, _ = jax.jit(make_train_step(model, tx, schedule, config))(state, _batch(config))
+  new, _ = jax.jit(make_train_step(model, tx, schedule, **step_options(config)))(state, _batch(config))
   np.testing.assert_array_equal(new.opt_state.total_notfinite, [0, 0, 1, 0])
   np.testing.assert_array_equal(new.params["experts"]["embed"][2], params["experts"]["embed"][2])
   assert not np.array_equal(new.params["experts"]["embed"][0], params["experts"]["embed"][0])

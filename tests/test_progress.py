@@ -42,6 +42,21 @@ def test_early_stop_round_trips_through_json():
   assert again.update(8, 3.6) is False and again.update(10, 3.7) is True
 
 
+def test_a_stopped_run_stays_stopped_through_json():
+  """A run that early stopping ended is still stopped after its checkpoint's round trip (a
+  rerun trains no further); the same state under a larger patience trains on."""
+  early = EarlyStop(2)
+  for step, loss in ((5, 1.0), (10, 1.5), (15, 1.2)):
+    stop = early.update(step, loss)
+  assert stop and early.stopped and (early.best_step, early.best_loss) == (5, 1.0)
+  saved = json.loads(json.dumps(early.to_json()))
+  assert saved == {"best_loss": 1.0, "best_step": 5, "evals_since": 2}
+  assert EarlyStop.from_json(2, saved).stopped
+  patient = EarlyStop.from_json(3, saved)
+  assert not patient.stopped and patient.update(20, 0.9) is False
+  assert (patient.best_step, patient.evals_since) == (20, 0)
+
+
 def _scripted_evals(monkeypatch, losses):
   """fit's eval passes return `losses` in order (the real eval of a tiny run keeps improving;
   a script makes early stopping's decisions known in advance)."""

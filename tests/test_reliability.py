@@ -398,13 +398,13 @@ def test_disk_filling_up_mid_run_names_the_kept_checkpoint(prepared, tmp_path, m
 
 
 def test_errors_that_are_not_storage_failures_are_not_relabelled():
-  from pn_jax.train.checkpoint import _storage_failure
-  assert _storage_failure(OSError(30, "Read-only file system")) == \
+  from pn_jax.train.checkpoint import storage_failure
+  assert storage_failure(OSError(30, "Read-only file system")) == \
       "Read-only file system (errno 30)"
   wrapped = RuntimeError("save failed")
   wrapped.__cause__ = PermissionError(13, "denied")
-  assert _storage_failure(wrapped) == "Permission denied (errno 13)"
-  assert _storage_failure(ValueError("shapes (2, 3) and (3, 4) differ")) is None
+  assert storage_failure(wrapped) == "Permission denied (errno 13)"
+  assert storage_failure(ValueError("shapes (2, 3) and (3, 4) differ")) is None
 
 
 def test_wall_clock_checkpoints(prepared, tmp_path):

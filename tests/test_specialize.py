@@ -146,7 +146,7 @@ def test_init_step_picks_that_checkpoint(pretrained, specialized, tmp_path):
 PAUSE_AT_STEP_3 = """
 import os, time, runpy
 from pn_jax.train import loop, metrics
-handled, handle, write = [], loop._StopSignal._handle, metrics.MetricWriter.write
+handled, handle, write = [], loop.StopSignal.handle, metrics.MetricWriter.write
 def on_signal(self, *a):
   handle(self, *a)
   handled.append(1)
@@ -156,7 +156,7 @@ def paused(self, step, scalars, prefix="train"):
     open(os.environ["PN_TEST_MARKER"], "w").close()
     while not handled:
       time.sleep(0.01)
-loop._StopSignal._handle = on_signal
+loop.StopSignal.handle = on_signal
 metrics.MetricWriter.write = paused
 runpy.run_module("pn_jax.main", run_name="__main__", alter_sys=True)
 """
@@ -195,18 +195,32 @@ def test_sigterm_during_specialize_exits_143_and_the_rerun_finishes(pretrained, 
   assert summary["best_step"] == specialized[1]["best_step"]
 
 
-def test_dense_checkpoint_fine_tunes_and_distills(specialized, tmp_path):
+def test_dense_checkpoint_fine_tunes_and_distills(pretrained, specialized, tmp_path):
   """A dense init_from (here the specialized small model) is fine-tuned without projection;
-  with a teacher it trains on the distillation loss."""
-  teacher, _ = specialized
-  config = finetune_config(teacher, steps=2, eval_every=2)
-  config.data.domain = "quotes"
-  config.distill.teacher = teacher
-  result = modes.MODES["specialize"](config, str(tmp_path / "slmd"))
+  with a teacher (here the PN it was projected from) it trains on the distillation loss: against
+  the same run with distill.weight=0 (the LM loss alone), the KL term adds to the step-1 loss
+  and changes the trained model."""
+  student, _ = specialized
+
+  def distilled(weight: float, name: str):
+    config = finetune_config(student, steps=2, eval_every=2, log_every=1)
+    config.data.domain = "quotes"
+    config.distill.update(teacher=pretrained, weight=weight)
+    result = modes.MODES["specialize"](config, str(tmp_path / name))
+    rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+    return result, [r["loss"] for r in rows if r["split"] == "train"]
+
+  distill = load_config("finetune").distill
+  result, losses = distilled(distill.weight, "slmd")
   assert result["pretrained_kind"] == "dense" and "cluster" not in result
-  assert result["teacher"] == teacher and np.isfinite(result["test_ppl"])
-  train = [json.loads(l) for l in open(tmp_path / "slmd" / "metrics.jsonl")]
-  assert all(np.isfinite(r["loss"]) for r in train if r["split"] == "train")
+  assert result["teacher"] == pretrained and np.isfinite(result["test_ppl"])
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  lm_only, lm_losses = distilled(0.0, "lm_only")
+  assert lm_only["noft_test_ppl"] == result["noft_test_ppl"]  # the same start
+  # Step 1 sees the same params and batch in both runs: the difference is w * tau^2 * KL.
+  kl_term = losses[0] - (1 - distill.weight) * lm_losses[0]
+  assert kl_term > 1e-3  # (0.027 here; 0 up to rounding without the term)
+  assert abs(result["test_ppl"] - lm_only["test_ppl"]) > 1e-3 * lm_only["test_ppl"]
 
 
 def test_lowest_loss_selection(pretrained):
@@ -254,10 +268,10 @@ def test_distill_loss_is_zero_kl_against_itself():
   hidden, unembed = jax.random.normal(k1, (2, 5, 8)), jax.random.normal(k2, (8, 11))
   logits = jnp.einsum("BTD,DV->BTV", hidden, unembed)
   batch = {"mask": jnp.ones((2, 5)), "teacher_logprobs": jax.nn.log_softmax(logits / tau)}
-  np.testing.assert_allclose(distill_loss(3.0, hidden, unembed, batch, config), (1 - w) * 3.0,
+  np.testing.assert_allclose(distill_loss(3.0, hidden, unembed, batch, temperature=tau, weight=w), (1 - w) * 3.0,
                              rtol=1e-5)
   other = dict(batch, teacher_logprobs=jax.nn.log_softmax(jax.random.normal(k3, logits.shape)))
-  assert float(distill_loss(3.0, hidden, unembed, other, config)) > (1 - w) * 3.0 + 0.01
+  assert float(distill_loss(3.0, hidden, unembed, other, temperature=tau, weight=w)) > (1 - w) * 3.0 + 0.01
 
 
 def test_teacher_targets_are_computed_on_the_mesh():

@@ -18,6 +18,7 @@ from pn_jax.train import loop
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state, state_shardings
+from pn_jax.train.compile import step_options
 from pn_jax.train.step import make_eval_step, make_train_step
 
 
@@ -83,7 +84,7 @@ def _one_step(config, devices, batch, rng=0):
     gbatch = mesh_lib.global_batch(batch, mesh)
     logits = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["cluster"]))(
         state.params, gbatch)
-    step = jax.jit(make_train_step(model, tx, schedule, config),
+    step = jax.jit(make_train_step(model, tx, schedule, **step_options(config)),
                    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)))
     new_state, metrics = step(state, gbatch)
     return jax.device_get(metrics), jax.device_get(new_state.params), jax.device_get(logits)
@@ -144,7 +145,7 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
     abstract, shardings = state_shardings(run.model, tx, mesh, run.rules)
     state, step = Checkpointer(workdir, read_only=True).restore(abstract)
     assert step == 4 and len(state.params["embed"].sharding.device_set) == 1
-    ev = loop.evaluate(run, jax.jit(make_eval_step(run.model, one)), state.params)
+    ev = loop.evaluate(run, jax.jit(make_eval_step(run.model, logits_chunk=one.model.logits_chunk)), state.params)
   np.testing.assert_allclose(ev["loss"], result["eval_loss"], rtol=1e-5)
 
 

@@ -113,7 +113,7 @@ def _lines(texts: Iterable[str], max_chars: int) -> Iterable[str]:
       return
 
 
-def _coverage(lines: list[str], max_chars: int) -> float:
+def character_coverage(lines: list[str], max_chars: int) -> float:
   """Character coverage keeping at most `max_chars` distinct characters as pieces (the rest go
   through byte fallback): sentencepiece fails when characters + byte pieces exceed the vocab.
   It also rejects coverage below 0.98 (a sample with many rare characters, e.g. some CJK lines in
@@ -139,7 +139,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, seed: 
   if not lines:
     raise DataError(f"cannot train tokenizer {out_path!r}: the training texts are empty")
   spm.set_random_generator_seed(seed)
-  coverage = _coverage(lines, max(1, (vocab_size - 262) // 2))
+  coverage = character_coverage(lines, max(1, (vocab_size - 262) // 2))
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(

@@ -50,7 +50,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   domain = config.data.domain
   with mesh_lib.activate(mesh, rules):
     params = checkpoints.restore_params(saved, mesh, rules)
-    eval_step = jax.jit(make_eval_step(run.model, config))
+    eval_step = jax.jit(make_eval_step(run.model, logits_chunk=config.model.logits_chunk))
     on_domain = _domain_evaluator(run, params, eval_step)
     if domain != "all":
       if not domain:
@@ -76,7 +76,7 @@ def _domain_evaluator(run: loop.Run, params, eval_step):
   if independent:
     small = small_model_config(run.config.model)
     model = build_model(small)
-    eval_step = jax.jit(make_eval_step(model, run.config))
+    eval_step = jax.jit(make_eval_step(model, logits_chunk=run.config.model.logits_chunk))
 
   def on_domain(name: str) -> dict:
     cfg = unlocked(run.config)

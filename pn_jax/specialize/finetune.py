@@ -99,7 +99,8 @@ def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, d
     expert_params = lambda c: project(pre_params, pre.model, c)[0]
   else:
     pre_cfg.model = pre.model
-  eval_step = jax.jit(make_eval_step(build_model(pre_cfg.model), pre_cfg))
+  eval_step = jax.jit(make_eval_step(build_model(pre_cfg.model),
+                                     logits_chunk=pre_cfg.model.logits_chunk))
   losses = select.expert_losses(pre_cfg, run_data, eval_step, pre_params, mesh, domain,
                                 pre.model.k, budget, config.specialize.select_batches,
                                 expert_params=expert_params)
@@ -147,7 +148,7 @@ def _fine_tune(config, workdir: str, pre: checkpoints.Saved, run_data: pipeline.
       params, _ = project(pre_params, pre.model, cluster)
       summary.update(cluster=cluster, select=config.specialize.select, **info)
     del pre_params
-    eval_step = jax.jit(make_eval_step(run.model, config))
+    eval_step = jax.jit(make_eval_step(run.model, logits_chunk=config.model.logits_chunk))
     before = {s: loop.evaluate(run, eval_step, params, split=s) for s in ("validation", "test")}
     summary.update(noft_valid_loss=before["validation"]["loss"],
                    noft_test_ppl=before["test"]["perplexity"])

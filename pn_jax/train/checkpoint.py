@@ -41,7 +41,7 @@ def _brief(e: Exception) -> str:
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
-def _storage_failure(e: BaseException) -> str | None:
+def storage_failure(e: BaseException) -> str | None:
   """'No space left on device (errno 28)' if `e` (or what caused it) is the filesystem refusing
   a write, else None. tensorstore reports those as ValueError('RESOURCE_EXHAUSTED: ... [os_error_
   code='28']'), raised from orbax's background threads, not as OSError."""
@@ -122,7 +122,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is a storage failure
-      cause = _storage_failure(e)
+      cause = storage_failure(e)
       if cause is None:
         raise
       # An async save's failure surfaces at the next save or wait: name the step in flight.

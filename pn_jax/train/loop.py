@@ -28,10 +28,10 @@ from pn_jax.train import preflight
 from pn_jax.train import resume_check
 from pn_jax.train.checkpoint import Checkpointer
 from pn_jax.train.early_stop import EarlyStop
-from pn_jax.train.metrics import MetricWriter
+from pn_jax.train.compile import compile_steps, step_options
+from pn_jax.train.metrics import MetricWriter, step_line
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state, state_shardings
-from pn_jax.train.step import make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,7 +105,7 @@ def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
 
 
-class _StopSignal:
+class StopSignal:
   """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then saves and exits).
 
   A second signal exits at once without saving (exit code 128 + signal number), for a user who
@@ -133,12 +133,13 @@ class _StopSignal:
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[sig] = signal.signal(sig, self.handle)
       except ValueError:  # not the main thread (e.g. inside some test runners)
         pass
     return self
 
-  def _handle(self, signum, frame):
+  def handle(self, signum, frame):
+    """The SIGTERM/SIGINT handler (while in the `with` block)."""
     del frame
     if isinstance(self.received, int) or isinstance(self.requested, int):
       raise SystemExit(128 + signum)
@@ -294,6 +295,128 @@ class _Progress:
     self.costs.record(step, self.clock.seconds, ev)
 
 
+def _restore_or_create(run: Run, tx, ckpt: Checkpointer, train_iter, progress: _Progress, *,
+                       init_params, allow_config_change: bool):
+  """-> (state, its shardings, start step): the latest checkpoint in run.workdir (after the
+  resume checks; `train_iter` and `progress` restored with it), else a new state from
+  `init_params` or a fresh init. Preflight checks run first, before anything is written."""
+  abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
+  preflight.check_shardings(abstract.params)
+  preflight.check_workdir(run.workdir, abstract)
+  start = ckpt.latest_step()
+  if start is None:
+    state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(run.config.seed),
+                            params=init_params)
+    return state, shardings, 0
+  resume_check.check_resume(ckpt, start, run.config, allow_change=allow_config_change)
+  state, start = ckpt.restore(abstract, data_iter=train_iter)
+  progress.restore(ckpt, start)
+  logging.info("resumed from step %d in %s", start, ckpt.directory)
+  return state, shardings, start
+
+
+def _skipped_updates(state) -> int:
+  """Under nan_policy='skip', optax.apply_if_finite counts skipped updates in the optimizer
+  state, so the count survives resumes (one count per expert for independent experts)."""
+  return int(np.sum(jax.device_get(getattr(state.opt_state, "total_notfinite", 0))))
+
+
+@dataclasses.dataclass
+class _Host:
+  """The host side of the loop: reads each step's metrics (the previous step's after the next
+  is dispatched; at once at a boundary), logs them, and evaluates and saves at boundaries.
+  `final` collects what fit returns."""
+
+  config: ml_collections.ConfigDict
+  ckpt: Checkpointer
+  writer: MetricWriter
+  progress: _Progress
+  window: _Window
+  stop: StopSignal
+  bar: tqdm
+  train_iter: object
+  run_eval: object  # params -> eval metrics
+  clock: _WallClockSaves
+  final: dict = dataclasses.field(default_factory=dict)
+  pending: tuple | None = None  # (step, device metrics) of the last dispatched step
+
+  def dispatched(self, step: int, metrics) -> None:
+    """After dispatching `step`: reads the step before it (logged now if it was a log step)."""
+    if self.pending is not None:
+      previous, host = self.pending[0], self.read()
+      if previous % self.config.train.log_every == 0:
+        self.log(previous, host)
+    self.pending = (step, metrics)
+    self.bar.update(1)
+
+  def read(self) -> dict:
+    """Blocks on the pending step's metrics; -> them on the host (NaN policy applied)."""
+    (step, metrics), self.pending = self.pending, None
+    host = self.window.add(step, metrics, self.ckpt)
+    self.progress.clock.start()  # (a no-op after the first step: see fit's docstring)
+    return host
+
+  def log(self, step: int, host: dict) -> None:
+    scalars = self.window.scalars(host)
+    self.writer.write(step, scalars)
+    self.bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+    if self.writer.enabled:
+      logging.info("%s", step_line(step, scalars, step_flops=self.window.step_flops,
+                                   devices=jax.device_count()))
+    self.final.update(scalars)
+
+  def boundary(self, step: int) -> _Boundary:
+    """What is due after `step`, with signals agreed on and the wall clock consulted."""
+    t = self.config.train
+    self.stop.sync(step, t.log_every)
+    if step == t.stop_at_step and not self.stop.received:
+      self.stop.received = "stop_at_step"
+    return _Boundary.at(step, t, stopping=bool(self.stop.received),
+                        timed=self.clock.due(step, t.log_every))
+
+  def at_boundary(self, step: int, state, due: _Boundary) -> bool:
+    """Logs, evaluates and saves `step` as `due` says; -> True when training stops here."""
+    host = self.read()
+    if due.log:
+      self.log(step, host)
+    if due.eval:
+      self.evaluate(step, state.params)
+    if due.save or self.stop.received:
+      self.save(step, state)
+    if self.stop.received:
+      logging.warning("stopping (%s): saved step %d, exiting", self.stop.reason, step)
+      self.final.update(stopped_at=step, stop_reason=self.stop.reason)
+    return bool(self.stop.received)
+
+  def evaluate(self, step: int, params) -> None:
+    with self.progress.clock.paused():
+      ev = self.run_eval(params)
+    self.writer.write(step, ev, prefix="eval")
+    self.final.update({f"eval_{k}": v for k, v in ev.items()})
+    if self.progress.evaluated(step, ev):
+      self.stop.received = self.stop.received or "early_stopping"
+
+  def save(self, step: int, state) -> None:
+    with self.progress.clock.paused():
+      self.ckpt.save(step, state, self.config, self.train_iter,
+                     progress=self.progress.to_json(), force=True)
+      self.writer.flush()  # TensorBoard on disk up to the checkpoint too, as the JSONL is
+      self.progress.saved(step)
+    self.clock.saved()
+
+  def close(self) -> None:
+    self.bar.close()
+    self.ckpt.close()
+    self.writer.close()
+
+
+def _result(final: dict, step: int, early: EarlyStop) -> dict[str, float]:
+  final["step"] = step
+  if early.best_step:
+    final.update(best_eval_loss=early.best_loss, best_step=early.best_step)
+  return final
+
+
 def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation",
         desc: str = "pretrain", allow_config_change: bool = False) -> dict[str, float]:
   """The training loop shared by pretraining and fine-tuning.
@@ -313,109 +436,36 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
   includes everything else the loop does per step (data loading, dispatch, metric logging).
   Every eval and save first blocks on the step's metrics, so no training work overlaps them.
   """
-  config, workdir = run.config, run.workdir
-  t = config.train
+  config, t = run.config, run.config.train
   tx, schedule = make_optimizer(config)
-  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  ckpt = Checkpointer(run.workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   peak = flops_lib.peak_flops(override_tflops=t.peak_tflops)
   step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
                                               config.data.seq_len)
-  final: dict[str, float] = {}
   progress = _Progress(run, step_flops)
-
-  with (mesh_lib.activate(run.mesh, run.rules), _StopSignal() as stop,
+  with (mesh_lib.activate(run.mesh, run.rules), StopSignal() as stop,
         _CloseOnError(ckpt) as closing):
-    abstract, shardings = state_shardings(run.model, tx, run.mesh, run.rules)
-    preflight.check_shardings(abstract.params)
-    preflight.check_workdir(workdir, abstract)
-    start = ckpt.latest_step()
-    if start is not None:
-      resume_check.check_resume(ckpt, start, config, allow_change=allow_config_change)
-      state, start = ckpt.restore(abstract, data_iter=train_iter)
-      progress.restore(ckpt, start)
-      logging.info("resumed from step %d in %s", start, ckpt.directory)
-    else:
-      state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(config.seed),
-                              params=init_params)
-      start = 0
+    state, shardings, start = _restore_or_create(run, tx, ckpt, train_iter, progress,
+                                                 init_params=init_params,
+                                                 allow_config_change=allow_config_change)
     # Only now (a refused resume writes nothing): the log cut back to `start` (redone steps).
-    writer = closing.add(MetricWriter(workdir, start_step=start))
-    # Under nan_policy='skip', optax.apply_if_finite counts skipped updates in the optimizer
-    # state, so the count survives resumes (one count per expert for independent experts).
-    skipped = int(np.sum(jax.device_get(getattr(state.opt_state, "total_notfinite", 0))))
-    batch_sharding = mesh_lib.batch_sharding(run.mesh)
-    train_step = jax.jit(make_train_step(run.model, tx, schedule, config),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, mesh_lib.replicated(run.mesh)),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(run.model, config),
-                        in_shardings=(shardings.params, batch_sharding),
-                        out_shardings=mesh_lib.replicated(run.mesh))
-    run_eval = evaluator(run, eval_step, eval_split)
-
+    writer = closing.add(MetricWriter(run.workdir, start_step=start))
+    window = _Window(config, skipped=_skipped_updates(state), step_flops=step_flops, peak=peak)
+    train_step, eval_step = compile_steps(run.model, tx, schedule, run.mesh, shardings,
+                                          **step_options(config))
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
                desc=desc, dynamic_ncols=True)
-    pending = None  # (step, device metrics) of the last dispatched step
-    clock = _WallClockSaves(t.checkpoint_every_minutes)
-    window = _Window(config, skipped=skipped, step_flops=step_flops, peak=peak)
-
-    def check(step, metrics):
-      host = window.add(step, metrics, ckpt)
-      progress.clock.start()  # (a no-op after the first step: see the docstring)
-      return host
-
-    def log(step, host):
-      scalars = window.scalars(host)
-      writer.write(step, scalars)
-      bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
-      return scalars
-
+    host = _Host(config, ckpt, writer, progress, window, stop, bar, train_iter,
+                 evaluator(run, eval_step, eval_split), _WallClockSaves(t.checkpoint_every_minutes))
     step = start
     if progress.early.stopped:  # resumed after early stopping had ended the run
-      final.update(stopped_at=step, stop_reason="early_stopping")
+      host.final.update(stopped_at=step, stop_reason="early_stopping")
     while step < t.steps and not progress.early.stopped:
-      batch = mesh_lib.global_batch(next(train_iter), run.mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, mesh_lib.global_batch(next(train_iter), run.mesh))
       step += 1
-      if pending is not None:
-        host = check(*pending)
-        if pending[0] % t.log_every == 0:
-          final.update(log(pending[0], host))
-        pending = None
-      pending = (step, metrics)
-      bar.update(1)
-      stop.sync(step, t.log_every)
-      if step == t.stop_at_step and not stop.received:
-        stop.received = "stop_at_step"
-      due = _Boundary.at(step, t, stopping=bool(stop.received),
-                         timed=clock.due(step, t.log_every))
-      if not due.any:
-        continue
-      host = check(*pending)
-      pending = None
-      if due.log:
-        final.update(log(step, host))
-      if due.eval:
-        with progress.clock.paused():
-          ev = run_eval(state.params)
-        writer.write(step, ev, prefix="eval")
-        final.update({f"eval_{k}": v for k, v in ev.items()})
-        if progress.evaluated(step, ev):
-          stop.received = stop.received or "early_stopping"
-      if due.save or stop.received:
-        with progress.clock.paused():
-          ckpt.save(step, state, config, train_iter, progress=progress.to_json(), force=True)
-          writer.flush()  # TensorBoard on disk up to the checkpoint too, as the JSONL is
-          progress.saved(step)
-        clock.saved()
-      if stop.received:
-        logging.warning("stopping (%s): saved step %d, exiting", stop.reason, step)
-        final.update(stopped_at=step, stop_reason=stop.reason)
+      host.dispatched(step, metrics)  # reads step - 1's metrics while the device runs `step`
+      due = host.boundary(step)
+      if due.any and host.at_boundary(step, state, due):
         break
-    bar.close()
-    ckpt.close()
-    writer.close()
-  final["step"] = step
-  if progress.early.best_step:
-    final.update(best_eval_loss=progress.early.best_loss, best_step=progress.early.best_step)
-  return final
+    host.close()
+  return _result(host.final, step, progress.early)

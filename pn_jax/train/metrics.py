@@ -1,4 +1,5 @@
-"""Metric sinks: TensorBoard events, a JSONL log and a one-line stdout summary (process 0 only).
+"""Metric sinks: TensorBoard events, a JSONL log and a one-line stdout summary (process 0 only),
+and the one-line step log of the training loop (`step_line`).
 
 The JSONL log outlives crashes: a run killed after step N's checkpoint redoes the steps after N
 when it resumes, and a kill mid-write can leave a torn last line. So a writer first cuts the log
@@ -108,6 +109,19 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def step_line(step: int, scalars: dict[str, float], *, step_flops: float, devices: int) -> str:
+  """The one-line step log (MaxText style) of a train log line's `scalars`: the step time and
+  per-device throughput in tokens and model FLOPs (pn_jax.train.flops), and MFU when the device
+  peak is known (scalars["mfu"])."""
+  seconds = scalars["step_time_s"]
+  line = (f"completed step: {step}, seconds: {seconds:.3f}, "
+          f"TFLOP/s/device: {step_flops / seconds / devices / 1e12:.3f}, "
+          f"Tokens/s/device: {scalars['tokens_per_s'] / devices:.1f}, loss: {scalars['loss']:.4f}")
+  if "mfu" in scalars:
+    line += f", MFU: {100 * scalars['mfu']:.2f}%"
+  return line
 
 
 def _fmt(v: float) -> str:
