@@ -20,8 +20,8 @@ def __getattr__(name):  # lazy re-exports, so `import pn_jax.data` stays cheap
   if name in ("Tokenizer", "load_tokenizer", "train_tokenizer"):
     from pn_jax.data import tokenizer
     return getattr(tokenizer, name)
-  if name in ("RunData", "prepare_run_data", "load_run_data", "train_iterator", "eval_iterator",
-              "domain_iterator", "assign_clusters"):
+  if name in ("RunData", "prepare_run_data", "load_run_data", "train_batches", "eval_batches",
+              "domain_batches", "importance_batches", "assign_clusters"):
     from pn_jax.data import pipeline
     return getattr(pipeline, name)
   raise AttributeError(name)
