@@ -161,7 +161,7 @@ def test_prepare_is_idempotent(run):
   np.testing.assert_array_equal(follower.train.cluster, rd.train.cluster)
 
 
-def test_eval_iterator_finite_and_deterministic(run):
+def test_eval_batches_finite_and_deterministic(run):
   config, rd, _ = run
   a, b = list(eval_batches(config, rd)), list(eval_batches(config, rd))
   assert 1 <= len(a) <= config.data.eval_batches

@@ -19,10 +19,14 @@ Batching (per step, deterministic in (seed, epoch), no state but the step index)
                clusters repeat more epochs; a cluster without sequences is a DataError. Finite
                passes (eval): each cluster's sequences once, b per batch, padding rows (mask 0,
                the slot's cluster) where a cluster runs out.
-Each process reads rows [p * B/P, (p+1) * B/P) of each global batch, so processes agree on the
-step's cluster, their shards are disjoint and together cover the batch. The iterator is a grain
-`MapDataset.source(...).to_iter_dataset()` whose state is the next step index: `get_state()` /
-`set_state()` resume on exactly the batches an uninterrupted run would have seen.
+Each process reads rows [p * B/P, (p+1) * B/P) of each global batch (its `Shard`), so processes
+agree on the step's cluster, their shards are disjoint and together cover the batch.
+Iterators (train_batches, eval_batches, domain_batches, importance_batches) take explicit
+arguments, which their callers read from their configs. Each is one `Batches` source (a plan
+maps a global batch index to its rows: EpochPlan, StratifiedPlan, FixedPlan, ImportancePlan)
+under one grain `MapDataset.source(...).to_iter_dataset()` (batch_iterator) whose state is the
+next index: `get_state()` / `set_state()` resume on exactly the batches an uninterrupted run
+would have seen.
 """
 
 from __future__ import annotations
