@@ -26,9 +26,23 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"
   c.seed = 0
+  c.model = _model_defaults()
+  c.data = _data_defaults()
+  c.optim = _optim_defaults()
+  c.train = _train_defaults()
+  # --- specialization (modes specialize / distill / importance / sample / export) -----------
+  c.init_from = ""  # workdir of the pretraining (or, for distill, the student's) run
+  c.init_step = 0  # init_from's checkpoint to start from: 0 = its latest, >0 = that step
+  c.specialize = _specialize_defaults()
+  c.distill = _distill_defaults()
+  c.sample = _sample_defaults()
+  c.mesh = _mesh_defaults()
+  return c
 
-  # --- model -------------------------------------------------------------------------------
-  c.model = m = ml_collections.ConfigDict()
+
+# --- model ---------------------------------------------------------------------------------
+def _model_defaults() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
   m.vocab_size = 32_000
   m.d_model = 1024
   m.n_layers = 7
@@ -59,9 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = "none"  # none | full | dots | dots_no_batch | save_out
   m.attention = "auto"  # auto (cudnn on GPU) | xla | cudnn
   m.logits_chunk = 0  # >0: chunked cross-entropy over the sequence (avoids [B,T,V] fp32 logits)
+  return m
 
-  # --- data --------------------------------------------------------------------------------
-  c.data = d = ml_collections.ConfigDict()
+
+# --- data ----------------------------------------------------------------------------------
+def _data_defaults() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
   d.corpus = "tiny"  # tiny (bundled) | generic | a path to a prepared corpus dir
   d.data_dir = "data_cache"  # where `python -m pn_jax.data prepare` writes corpora
   d.tokenizer = "sentencepiece"  # sentencepiece | byte
@@ -85,9 +102,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_workers = 0
   d.domain = ""  # specialization domain name (finetune / eval); eval: "all" = every domain
   d.domain_tokens = 0  # specialize: >0 keeps a fixed prefix of this many domain training tokens
+  return d
 
-  # --- optimiser ---------------------------------------------------------------------------
-  c.optim = o = ml_collections.ConfigDict()
+
+# --- optimiser -----------------------------------------------------------------------------
+def _optim_defaults() -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
   o.lr = 1e-4
   o.min_lr_ratio = 0.1
   o.warmup_steps = 1000
@@ -104,9 +124,12 @@ def base_config() -> ml_collections.ConfigDict:
   # PN only: False exempts the expert codes E and the per-layer maps M from weight decay (a
   # product E M T is scaled by every factor's decay; T alone is the matrix a dense model decays).
   o.decay_codes = True
+  return o
 
-  # --- training loop -----------------------------------------------------------------------
-  c.train = t = ml_collections.ConfigDict()
+
+# --- training loop -------------------------------------------------------------------------
+def _train_defaults() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
   t.steps = 10_000  # length of the run (and of the LR schedule)
   t.stop_at_step = 0  # >0: checkpoint and exit at this step (time-boxed jobs); resume later
   t.log_every = 10
@@ -119,20 +142,29 @@ def base_config() -> ml_collections.ConfigDict:
   t.early_stop_patience = 0  # >0: stop after this many evals without a better eval loss
   t.progress_bar = True
   t.peak_tflops = 0.0  # 0: look the device up in pn_jax.train.flops
+  return t
 
-  # --- specialization (modes specialize / distill / importance / sample / export) -----------
-  c.init_from = ""  # workdir of the pretraining (or, for distill, the student's) run
-  c.init_step = 0  # init_from's checkpoint to start from: 0 = its latest, >0 = that step
-  c.specialize = sp = ml_collections.ConfigDict()
+
+# --- specialization ------------------------------------------------------------------------
+def _specialize_defaults() -> ml_collections.ConfigDict:
+  sp = ml_collections.ConfigDict()
   sp.select = "frequent"  # frequent: the domain's most frequent cluster | lowest_loss: best expert
   sp.select_batches = 4  # lowest_loss: domain training batches scored per expert
   sp.expect_kind = ""  # "" any; else refuse an init_from of another kind (an mlp_kind or
   # "independent": SLM-mix's independent experts)
-  c.distill = ds = ml_collections.ConfigDict()
+  return sp
+
+
+def _distill_defaults() -> ml_collections.ConfigDict:
+  ds = ml_collections.ConfigDict()
   ds.teacher = ""  # workdir of the (fine-tuned) teacher; set => distillation loss
   ds.temperature = 2.0  # soft-target temperature
   ds.weight = 0.5  # loss = (1 - weight) * LM loss + weight * temperature^2 * KL(teacher || student)
-  c.sample = sa = ml_collections.ConfigDict()
+  return ds
+
+
+def _sample_defaults() -> ml_collections.ConfigDict:
+  sa = ml_collections.ConfigDict()
   sa.prompt = ""
   sa.max_new_tokens = 64
   sa.temperature = 1.0  # 0: greedy
@@ -140,9 +172,12 @@ def base_config() -> ml_collections.ConfigDict:
   sa.top_p = 1.0  # 1: off
   sa.num_samples = 1
   sa.cluster = -1  # routed checkpoints (PN, mixture, SLM-mix): the expert (-1: cluster 0)
+  return sa
 
-  # --- parallelism -------------------------------------------------------------------------
-  c.mesh = ml = ml_collections.ConfigDict()
+
+# --- parallelism ---------------------------------------------------------------------------
+def _mesh_defaults() -> ml_collections.ConfigDict:
+  ml = ml_collections.ConfigDict()
   ml.data = -1  # -1: whatever the device count leaves
   ml.fsdp = 1
   ml.tensor = 1
@@ -162,7 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
           layers=None,
       )
   )
-  return c
+  return ml
 
 
 def _fail(key: str, msg: str):
@@ -171,13 +206,25 @@ def _fail(key: str, msg: str):
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
   """Raises ConfigError for any inconsistency; `device_count` also checks the mesh."""
-  m, d, o, t = config.model, config.data, config.optim, config.train
+  _validate_sizes(config)
+  _validate_model(config)
+  _validate_training(config)
+  _validate_specialize(config)
+  _validate_mesh(config, device_count)
+
+
+def _validate_sizes(config: ml_collections.ConfigDict) -> None:
+  m, d, t = config.model, config.data, config.train
   for key, value in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
                      ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
                      ("model.mlp_dim", m.mlp_dim), ("data.seq_len", d.seq_len),
                      ("data.batch_size", d.batch_size), ("train.steps", t.steps)]:
     if not isinstance(value, int) or value < 1:
       _fail(key, f"must be a positive integer, got {value!r}")
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  m, d = config.model, config.data
   if m.d_model % m.n_heads:
     _fail("model.n_heads", f"{m.n_heads} heads do not divide d_model={m.d_model}")
   if (m.d_model // m.n_heads) % 2:
@@ -206,6 +253,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     _fail("data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
   if m.logits_chunk < 0 or (m.logits_chunk and d.seq_len % m.logits_chunk):
     _fail("model.logits_chunk", f"{m.logits_chunk} must be 0 or divide seq_len={d.seq_len}")
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+  """The train and optim sections (and init_step)."""
+  m, o, t = config.model, config.optim, config.train
   if t.early_stop_patience < 0 or t.stop_at_step < 0:
     _fail("train.early_stop_patience", "early_stop_patience and stop_at_step must be >= 0")
   if config.get("init_step", 0) < 0:
@@ -230,7 +282,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   if t.checkpoint_every < 1 or t.keep_checkpoints < 1 or t.log_every < 1 or t.eval_every < 1:
     _fail("train.checkpoint_every", "checkpoint_every, keep_checkpoints, log_every and "
           "eval_every must be >= 1")
-  _validate_specialize(config)
+
+
+def _validate_mesh(config: ml_collections.ConfigDict, device_count: int | None) -> None:
+  m, d = config.model, config.data
   for axis in MESH_AXES:
     size = config.mesh[axis]
     if not isinstance(size, int) or (size < 1 and size != -1):

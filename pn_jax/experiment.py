@@ -39,17 +39,12 @@ from pn_jax import cli, modes, workdir_lock
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
-from pn_jax.experiment_report import merge_results, write_report
+from pn_jax.experiment_report import finetune_lr, merge_results, write_report
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Table names; a method a config adds without one here prints as its key.
-LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SLM-d",
-          "slm_is": "SLM-is", "pn_lrs": "PN, T lr/sqrt(h)",
-          "pn_homogeneous": "PN, one cluster per batch",
-          "mix_shared": "SLM-mix (shared attention)"}
 
 
 def load_run_config(spec: str) -> ml_collections.ConfigDict:
@@ -270,15 +265,6 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
 def pretrain_flops(c) -> float:
   return c.train.steps * flops_lib.train_flops_per_step(c.model, c.data.batch_size,
                                                          c.data.seq_len)
-
-
-def finetune_lr(exp, budget: int) -> float:
-  """The paper's rule (Section 3): fine-tune at the pretraining lr / 3 on small domain sets
-  (1M tokens), at the pretraining lr from 8M tokens on; exp.finetune.lr > 0 overrides it."""
-  f = exp.finetune
-  if f.lr > 0:
-    return float(f.lr)
-  return exp.pretrain_lr / 3 if budget < f.full_lr_tokens else float(exp.pretrain_lr)
 
 
 def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0, overrides=""):
@@ -536,42 +522,56 @@ def _run_stages(exp, root, results, save, stop) -> None:
                            if exp.equal_time_reference else {})
   save()
   eq_time = results["equal_time"].get("methods", {})
-
-  def spec_dir(name, cell, step=0):
-    return os.path.join(root, "specialize", name + (f"@{step}" if step else ""), cell)
-
   cells = [(d, b) for d in exp.domains for b in exp.budgets if counted[d] >= b]
   # The LLM first (SLM-d's teacher), then the config's order; SLM-is pretrains per cell below.
   order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
   # Equal tokens first, every cell; then the equal-time cells (a stopped run has the main view).
   for domain, budget in cells:
-    cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
-    res = results["specialize"].setdefault(cell, {})
-    for name in order:
-      if name not in res:
-        res[name] = specialize(exp, stop, pre_dir(name), spec_dir(name, cell_dir), domain,
-                               budget, overrides=method_spec(exp, name)[2])
-        save()
-    if exp.distill and "slm_d" not in res:
-      res["slm_d"] = specialize(exp, stop, pre_dir("slm"), spec_dir("slm_d", cell_dir), domain,
-                                budget, teacher=spec_dir("llm", cell_dir))
-      save()
-    if "slm_is" in exp.methods and "slm_is" not in res:
-      res["slm_is"] = _importance_cell(exp, stop, results, save, root, corpus, tokenizer,
-                                       domain, budget, spec_dir("slm_is", cell_dir))
-      save()
+    _equal_tokens_cell(exp, stop, results, save, root, corpus, tokenizer, pre_dir, order,
+                       domain, budget)
   for domain, budget in cells:
-    cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
-    res_t = results.setdefault("specialize_equal_time", {}).setdefault(cell, {})
-    for name in order:
-      choice = eq_time.get(name)
-      if not choice or choice["final"]:
-        continue  # the equal-token cell is the equal-time one
-      if res_t.get(name, {}).get("pretrain_step") != choice["step"]:
-        res_t[name] = specialize(exp, stop, pre_dir(name),
-                                 spec_dir(name, cell_dir, choice["step"]), domain, budget,
-                                 init_step=choice["step"], overrides=method_spec(exp, name)[2])
-        save()
+    _equal_time_cell(exp, stop, results, save, root, pre_dir, order, eq_time, domain, budget)
+
+
+def _spec_dir(root, name, cell_dir, step=0):
+  """Where method `name` is fine-tuned for one cell (from pretraining step `step`: equal time)."""
+  return os.path.join(root, "specialize", name + (f"@{step}" if step else ""), cell_dir)
+
+
+def _equal_tokens_cell(exp, stop, results, save, root, corpus, tokenizer, pre_dir, order,
+                       domain, budget) -> None:
+  """Every method fine-tuned on one (domain, budget) from its final pretraining checkpoint."""
+  cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
+  res = results["specialize"].setdefault(cell, {})
+  for name in order:
+    if name not in res:
+      res[name] = specialize(exp, stop, pre_dir(name), _spec_dir(root, name, cell_dir), domain,
+                             budget, overrides=method_spec(exp, name)[2])
+      save()
+  if exp.distill and "slm_d" not in res:
+    res["slm_d"] = specialize(exp, stop, pre_dir("slm"), _spec_dir(root, "slm_d", cell_dir),
+                              domain, budget, teacher=_spec_dir(root, "llm", cell_dir))
+    save()
+  if "slm_is" in exp.methods and "slm_is" not in res:
+    res["slm_is"] = _importance_cell(exp, stop, results, save, root, corpus, tokenizer,
+                                     domain, budget, _spec_dir(root, "slm_is", cell_dir))
+    save()
+
+
+def _equal_time_cell(exp, stop, results, save, root, pre_dir, order, eq_time, domain,
+                     budget) -> None:
+  """The methods whose equal-time checkpoint is not their final one, fine-tuned from it."""
+  cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
+  res_t = results.setdefault("specialize_equal_time", {}).setdefault(cell, {})
+  for name in order:
+    choice = eq_time.get(name)
+    if not choice or choice["final"]:
+      continue  # the equal-token cell is the equal-time one
+    if res_t.get(name, {}).get("pretrain_step") != choice["step"]:
+      res_t[name] = specialize(exp, stop, pre_dir(name),
+                               _spec_dir(root, name, cell_dir, choice["step"]), domain, budget,
+                               init_step=choice["step"], overrides=method_spec(exp, name)[2])
+      save()
 
 
 def _importance_cell(exp, stop, results, save, root, corpus, tokenizer, domain, budget,

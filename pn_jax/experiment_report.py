@@ -24,11 +24,15 @@ VIEWS = {"tokens": "equal pretraining tokens (every method's final checkpoint)",
          "time": "equal pretraining device time"}
 CAP = "*"  # a cell with a fine-tuning run that hit the step cap
 OVER = "†"  # equal time: even the method's first milestone cost more than the reference
+# Table names; a method a config adds without one here prints as its key.
+LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SLM-d",
+          "slm_is": "SLM-is", "pn_lrs": "PN, T lr/sqrt(h)",
+          "pn_homogeneous": "PN, one cluster per batch",
+          "mix_shared": "SLM-mix (shared attention)"}
 
 
 def label(method: str, exp=None) -> str:
   """The table name: the config's (`exp.labels`, for the methods it adds) before the module's."""
-  from pn_jax.experiment import LABELS  # the table names live with the methods they name
   labels = (exp.get("labels") if exp is not None else None) or {}
   return labels.get(method) or LABELS.get(method, method)
 
@@ -517,9 +521,17 @@ def write_figure(results, rows, time_rows, exp, path: str) -> None:
   plt.close(fig)
 
 
+def finetune_lr(exp, budget: int) -> float:
+  """The paper's rule (Section 3): fine-tune at the pretraining lr / 3 on small domain sets
+  (1M tokens), at the pretraining lr from 8M tokens on; exp.finetune.lr > 0 overrides it."""
+  f = exp.finetune
+  if f.lr > 0:
+    return float(f.lr)
+  return exp.pretrain_lr / 3 if budget < f.full_lr_tokens else float(exp.pretrain_lr)
+
+
 def _lr_rule(exp) -> str:
-  """experiment.finetune_lr's rule in words, with its values."""
-  from pn_jax.experiment import finetune_lr
+  """finetune_lr's rule in words, with its values."""
   f = exp.finetune
   small, full = finetune_lr(exp, 0), finetune_lr(exp, f.full_lr_tokens)
   if f.lr > 0:

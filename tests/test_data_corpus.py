@@ -53,7 +53,7 @@ def test_dedup_split_chunk():
 
 
 def _b64(n):
-  chars = sources_lib._B64
+  chars = sources_lib.DICTD_B64
   out = ""
   while True:
     out = chars[n % 64] + out

@@ -72,7 +72,7 @@ def get_config(arg=None):
 
   # Fine-tuning (the paper: Adam, early stopping; < 2k steps at 1M tokens, at most 4k at 8M).
   # lr 0: the paper's rule, the pretraining lr / 3 below full_lr_tokens domain tokens and the
-  # pretraining lr from there on (pn_jax/experiment.py::finetune_lr); > 0 overrides it.
+  # pretraining lr from there on (pn_jax/experiment_report.py::finetune_lr); > 0 overrides it.
   # steps is a cap that early stopping normally ends before; cells that reach it are flagged.
   c.finetune = ml_collections.ConfigDict(dict(
       lr=0.0, full_lr_tokens=8_000_000, steps=1000, eval_every=25, early_stop_patience=2,

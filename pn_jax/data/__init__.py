@@ -9,19 +9,12 @@ Modules (one concept each):
   cache.py     content-addressed store of preparation artefacts, shared by an experiment's runs
   pipeline.py  packing to seq_len per cluster and grain iterators (train / eval / domain)
   report.py    `python -m pn_jax.data report`: token counts and cluster sizes for docs/data.md
+  errors.py    DataError (re-exported here: `from pn_jax.data import DataError`)
+
+The package imports none of its submodules but errors.py, so `import pn_jax.data` stays cheap and
+no submodule's import of DataError goes through a half-initialised package.
 """
 
+from pn_jax.data.errors import DataError
 
-class DataError(ValueError):
-  """Bad or missing data; the message names the file or domain and how to fix it."""
-
-
-def __getattr__(name):  # lazy re-exports, so `import pn_jax.data` stays cheap
-  if name in ("Tokenizer", "load_tokenizer", "train_tokenizer"):
-    from pn_jax.data import tokenizer
-    return getattr(tokenizer, name)
-  if name in ("RunData", "prepare_run_data", "load_run_data", "train_batches", "eval_batches",
-              "domain_batches", "importance_batches", "assign_clusters"):
-    from pn_jax.data import pipeline
-    return getattr(pipeline, name)
-  raise AttributeError(name)
+__all__ = ["DataError"]

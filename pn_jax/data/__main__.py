@@ -9,7 +9,7 @@ import os
 import sys
 
 from pn_jax import cli
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data.corpus import write_json
 
 TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"  # words of >= 2 letters

@@ -25,7 +25,7 @@ import tempfile
 import unicodedata
 from typing import Iterable, Iterator
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")

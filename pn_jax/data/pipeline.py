@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import clusters as clusters_lib
 from pn_jax.data import corpus as corpus_lib

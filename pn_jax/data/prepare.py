@@ -20,7 +20,7 @@ import os
 import random
 import time
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import sources as sources_lib
 
@@ -69,22 +69,42 @@ def prepare(out: str, *, cache_dir: str | None = None, only: str | None = None,
 
   `sources` replaces `sources.SOURCES` (e.g. local `registry="dir"` sources for tests).
   """
-  from tqdm import tqdm
   selected = sources_lib.select(only, sources)
   cache_dir = cache_dir or os.path.join(out, "_cache")
   plan = [{"name": s.name, "package": s.package, "registry": s.registry, "corpus": s.corpus}
           for s in selected]
   if not force and _manifest_ok(out, plan):
-    print(f"{out}/manifest.json is up to date; nothing to rebuild (use --force to rebuild)")
-    with open(os.path.join(out, "manifest.json")) as f:
-      manifest = json.load(f)
-    if tiny_out:
-      docs = {name: {split: corpus_lib.read_docs(corpus_lib.split_path(
-          out, split, "" if name == "generic" else name)) for split in corpus_lib.SPLITS}
-              for name in manifest["corpora"]}
-      make_tiny(docs, manifest["sources"], tiny_out)
-    return manifest
+    return _up_to_date(out, tiny_out)
   t0 = time.time()
+  docs_by_corpus, source_info = _collect(selected, cache_dir, progress)
+  corpora = _write_corpora(out, selected, docs_by_corpus, source_info)
+  manifest = {"plan": plan, "sources": source_info, "corpora": corpora,
+              "seconds": round(time.time() - t0, 1), "format": "array_record of JSON "
+              "{text, source}; one document per record; splits by content hash"}
+  corpus_lib.write_json(os.path.join(out, "manifest.json"), manifest)
+  if tiny_out:
+    make_tiny(docs_by_corpus, source_info, tiny_out)
+  return manifest
+
+
+def _up_to_date(out: str, tiny_out: str | None) -> dict:
+  """The manifest of a corpus directory that needs no rebuild (the tiny slice rewritten from its
+  documents when asked)."""
+  print(f"{out}/manifest.json is up to date; nothing to rebuild (use --force to rebuild)")
+  with open(os.path.join(out, "manifest.json")) as f:
+    manifest = json.load(f)
+  if tiny_out:
+    docs = {name: {split: corpus_lib.read_docs(corpus_lib.split_path(
+        out, split, "" if name == "generic" else name)) for split in corpus_lib.SPLITS}
+            for name in manifest["corpora"]}
+    make_tiny(docs, manifest["sources"], tiny_out)
+  return manifest
+
+
+def _collect(selected, cache_dir: str, progress: bool) -> tuple[dict, list[dict]]:
+  """Every selected source fetched and extracted, documents split by content hash: (corpus ->
+  split -> documents, one manifest entry per source)."""
+  from tqdm import tqdm
   # domains first, so exact duplicates are removed from the generic side
   ordered = sorted(selected, key=lambda s: (s.corpus == "generic", s.corpus, s.name))
   seen: set[str] = set()
@@ -96,29 +116,45 @@ def prepare(out: str, *, cache_dir: str | None = None, only: str | None = None,
   for src in bar:
     bar.set_postfix_str(src.package)
     unpacked, version, archive = sources_lib.fetch(src, cache_dir)
-    n_in = n_kept = n_bytes = overlap = 0
-    frac = GENERIC_FRACTIONS if src.corpus == "generic" else DOMAIN_FRACTIONS
-    for doc in _docs_of(src, unpacked):
-      n_in += 1
-      text = doc["text"]
-      if len(text) < MIN_DOC_CHARS:
-        continue
-      key = corpus_lib.text_key(text)
-      if key in seen:
-        if src.corpus == "generic" and any(key in v for c, v in keys_by_corpus.items()
-                                           if c != "generic"):
-          overlap += 1
-        continue
-      seen.add(key)
-      keys_by_corpus[src.corpus].add(key)
-      docs_by_corpus[src.corpus][corpus_lib.split_of(text, frac)].append(doc)
-      n_kept += 1
-      n_bytes += len(text.encode("utf-8"))
+    n_in, n_kept, n_bytes, overlap = _add_docs(src, unpacked, seen, keys_by_corpus,
+                                               docs_by_corpus)
     source_info.append({"name": src.name, "package": src.package, "registry": src.registry,
                         "version": version, "license": src.license, "corpus": src.corpus,
-                        "archive": os.path.basename(archive), "archive_sha256": _sha256(archive) if os.path.isfile(archive) else "",
+                        "archive": os.path.basename(archive),
+                        "archive_sha256": _sha256(archive) if os.path.isfile(archive) else "",
                         "documents_extracted": n_in, "documents_kept": n_kept,
                         "mb": round(n_bytes / 1e6, 3), "overlap_removed": overlap})
+  return docs_by_corpus, source_info
+
+
+def _add_docs(src, unpacked: str, seen: set[str], keys_by_corpus: dict[str, set],
+              docs_by_corpus: dict[str, dict[str, list]]) -> tuple[int, int, int, int]:
+  """Adds the long enough, not yet seen documents of one source to its corpus's splits;
+  (documents extracted, kept, their bytes, generic ones dropped as duplicates of a domain's)."""
+  n_in = n_kept = n_bytes = overlap = 0
+  frac = GENERIC_FRACTIONS if src.corpus == "generic" else DOMAIN_FRACTIONS
+  for doc in _docs_of(src, unpacked):
+    n_in += 1
+    text = doc["text"]
+    if len(text) < MIN_DOC_CHARS:
+      continue
+    key = corpus_lib.text_key(text)
+    if key in seen:
+      if src.corpus == "generic" and any(key in v for c, v in keys_by_corpus.items()
+                                         if c != "generic"):
+        overlap += 1
+      continue
+    seen.add(key)
+    keys_by_corpus[src.corpus].add(key)
+    docs_by_corpus[src.corpus][corpus_lib.split_of(text, frac)].append(doc)
+    n_kept += 1
+    n_bytes += len(text.encode("utf-8"))
+  return n_in, n_kept, n_bytes, overlap
+
+
+def _write_corpora(out: str, selected, docs_by_corpus: dict, source_info: list[dict]) -> dict:
+  """Writes each corpus's splits under `out`; the manifest's `corpora` entry. A corpus with an
+  empty split is a DataError naming its sources."""
   corpora = {}
   for name in sorted({s.corpus for s in selected}):
     domain = "" if name == "generic" else name
@@ -132,13 +168,7 @@ def prepare(out: str, *, cache_dir: str | None = None, only: str | None = None,
     corpora[name] = {"splits": splits,
                      "mb": round(sum(v["bytes"] for v in splits.values()) / 1e6, 3),
                      "sources": [s["name"] for s in source_info if s["corpus"] == name]}
-  manifest = {"plan": plan, "sources": source_info, "corpora": corpora,
-              "seconds": round(time.time() - t0, 1), "format": "array_record of JSON "
-              "{text, source}; one document per record; splits by content hash"}
-  corpus_lib.write_json(os.path.join(out, "manifest.json"), manifest)
-  if tiny_out:
-    make_tiny(docs_by_corpus, source_info, tiny_out)
-  return manifest
+  return corpora
 
 
 TINY_BUDGET = {"generic": (800_000, 40_000, 40_000), "domain": (30_000, 10_000, 10_000)}

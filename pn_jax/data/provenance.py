@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data import cache as cache_lib
 from pn_jax.data.corpus import write_json
 

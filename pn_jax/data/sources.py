@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from typing import Callable, Iterator
 
-from pn_jax.data import DataError
+from pn_jax.data.errors import DataError
 from pn_jax.data.corpus import chunk_text, clean_text, decode_bytes, html_to_text
 
 MAX_DOC_CHARS = 40_000  # longer documents are split at paragraph boundaries
@@ -473,13 +473,14 @@ def extract_info(root, patterns):
     yield from _docs(body, os.path.relpath(path, root))
 
 
-_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# The digits of the base-64 numbers (offsets, lengths) in a dictd .index file.
+DICTD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def _b64(s: str) -> int:
   n = 0
   for ch in s:
-    n = n * 64 + _B64.index(ch)
+    n = n * 64 + DICTD_B64.index(ch)
   return n
 
 
