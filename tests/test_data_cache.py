@@ -155,7 +155,7 @@ def test_later_stages_do_not_load_the_training_set(tmp_path, tokenizer_path, cal
 
   def forbidden(*args, **kwargs):
     raise AssertionError("the packed generic training set was loaded or built")
-  for name in ("_build", "prepare_run_data"):
+  for name in ("build_training_set", "prepare_run_data"):
     monkeypatch.setattr(pipeline, name, forbidden)
   monkeypatch.setattr(cache_lib.ArtefactStore, "load", lambda self, stage, *a: (
       forbidden() if stage == "packed" else STORE_LOAD(self, stage, *a)))

@@ -37,7 +37,7 @@ def no_generic_training_set():
   def forbidden(*args, **kwargs):
     raise AssertionError("the packed generic training set was built or loaded")
   with pytest.MonkeyPatch.context() as mp:
-    for name in ("_build", "prepare_run_data"):
+    for name in ("build_training_set", "prepare_run_data"):
       mp.setattr(pipeline, name, forbidden)
     store_load = cache_lib.ArtefactStore.load  # the packed set is read through the store only
     mp.setattr(cache_lib.ArtefactStore, "load", lambda self, stage, *a, **k: (

@@ -403,7 +403,8 @@ def _same_model(a: clusters_lib.ClusterModel, b: clusters_lib.ClusterModel) -> b
           and all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays))
 
 
-def _build(config, root: str, workdir: str, tok, store, progress: bool, corpus: dict) -> tuple:
+def build_training_set(config, root: str, workdir: str, tok, store, progress: bool,
+                       corpus: dict) -> tuple:
   """Tokenize, window, embed, cluster, pack the generic training set, each stage through the
   store (cache.py); -> (the run's cluster model, packed set, stats)."""
   k, seed, window = int(config.model.k), int(config.seed), _window(config)
@@ -513,8 +514,8 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
   if done is not None:
     model, packed, stats = done
   else:
-    model, packed, stats, key = _build(config, root, workdir, tok, store, progress and write,
-                                       corpus)
+    model, packed, stats, key = build_training_set(config, root, workdir, tok, store,
+                                                   progress and write, corpus)
     if write:
       corpus_lib.write_json(ready, {**expect, "packed": key, "stats": stats})
   return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, root=root,
