@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -128,31 +126,17 @@ def is_done(point: Point) -> bool:
   return os.path.isdir(os.path.join(point.workdir, "checkpoints", str(point.config.train.steps)))
 
 
-DATA_FILES = ("tokenizer.model", "tokenizer.provenance.json", "clusters", "data")
-
-
 def share_data(point: Point, points: list[Point]) -> str | None:
   """Copies tokenizer, clusters and packed data from another point prepared with the same data
   settings (an h/m sweep prepares its data once). -> the source point's name, or None."""
   from pn_jax.data import pipeline
-  if os.path.exists(os.path.join(point.workdir, "data", "READY.json")):
+  if pipeline.is_prepared(point.workdir):
     return None
-  want = json.loads(json.dumps(pipeline._data_settings(point.config)))
+  want = pipeline.data_settings(point.config)
   for other in points:
-    ready = os.path.join(other.workdir, "data", "READY.json")
-    if other is point or not os.path.exists(ready):
-      continue
-    with open(ready, encoding="utf-8") as f:
-      if json.load(f).get("settings") != want:
-        continue
-    os.makedirs(point.workdir, exist_ok=True)
-    for name in DATA_FILES:
-      src, dst = os.path.join(other.workdir, name), os.path.join(point.workdir, name)
-      if os.path.isdir(src):
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-      elif os.path.exists(src):
-        shutil.copy2(src, dst)
-    return other.name
+    if other is not point and pipeline.prepared_with(other.workdir, want):
+      pipeline.copy_prepared(other.workdir, point.workdir)
+      return other.name
   return None
 
 

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from conftest import eval_batches, train_batches
 from pn_jax.config import base_config
 from pn_jax.data import DataError
 from pn_jax.data import corpus as corpus_lib
@@ -97,7 +98,7 @@ def test_corpus_smaller_than_one_batch(tmp_path):
   config = config_for(root, batch_size=64)
   rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
   with pytest.raises(DataError, match="fewer than one global batch of 64"):
-    pipeline.train_iterator(config, rd)
+    train_batches(config, rd)
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
@@ -105,7 +106,7 @@ def test_batch_not_divisible_by_processes(tmp_path):
   config = config_for(root, batch_size=6)
   rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
   with pytest.raises(DataError, match="not divisible by process_count=4"):
-    pipeline.train_iterator(config, rd, process_index=0, process_count=4)
+    train_batches(config, rd, process_index=0, process_count=4)
 
 
 def test_domain_without_text(tmp_path):
@@ -113,12 +114,14 @@ def test_domain_without_text(tmp_path):
   config = config_for(root)
   rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
   with pytest.raises(DataError, match="domain 'empty_domain' has no text"):
-    pipeline.domain_iterator(config, rd, "empty_domain", "train")
+    pipeline.domain_batches(rd, "empty_domain", "train",
+                            batch_size=config.data.batch_size, seed=config.seed)
   with pytest.raises(DataError, match="domain 'nope' not found.*empty_domain"):
-    pipeline.domain_iterator(config, rd, "nope", "train")
+    pipeline.domain_batches(rd, "nope", "train",
+                            batch_size=config.data.batch_size, seed=config.seed)
   config.data.domain = "empty_domain"
   with pytest.raises(DataError, match="empty_domain"):
-    pipeline.eval_iterator(config, rd)
+    eval_batches(config, rd)
 
 
 def test_follower_times_out_clearly(tmp_path):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import eval_batches
 from pn_jax.config import base_config
 from pn_jax.data import DataError
 from pn_jax.data import cache as cache_lib
@@ -14,7 +15,6 @@ from pn_jax.data import clusters as clusters_lib
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
-from pn_jax.specialize import select
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_later_stages_do_not_load_the_training_set(tmp_path, tokenizer_path, cal
 
   def forbidden(*args, **kwargs):
     raise AssertionError("the packed generic training set was loaded or built")
-  for name in ("_build", "prepare_run_data"):
+  for name in ("build_training_set", "prepare_run_data"):
     monkeypatch.setattr(pipeline, name, forbidden)
   monkeypatch.setattr(cache_lib.ArtefactStore, "load", lambda self, stage, *a: (
       forbidden() if stage == "packed" else STORE_LOAD(self, stage, *a)))
@@ -165,19 +165,20 @@ def test_later_stages_do_not_load_the_training_set(tmp_path, tokenizer_path, cal
     rd.train
   domain = corpus_lib.list_domains(rd.root)[0]
   before = calls["tokenize_docs"]
-  hist = select.domain_histogram(rd, domain, 2000)
+  hist = pipeline.domain_histogram(rd, domain, rule="budget", max_tokens=2000)
   assert hist.shape == (4,) and hist.sum() == pytest.approx(1.0)
-  assert len(list(pipeline.domain_iterator(config, rd, domain, "train", max_tokens=2000,
-                                           repeat=False))) >= 1
-  assert len(list(pipeline.eval_iterator(config, rd))) >= 1  # generic validation
+  assert len(list(pipeline.domain_batches(rd, domain, "train", batch_size=config.data.batch_size,
+                                          max_tokens=2000, repeat=False))) >= 1
+  assert len(list(eval_batches(config, rd))) >= 1  # generic validation
   tokenized = calls["tokenize_docs"] - before
   # a second cell (a new RunData, as each specialize call makes) re-tokenizes no split
   rd2 = pipeline.load_run_data(config, str(tmp_path / "pre"))
-  select.domain_histogram(rd2, domain, 2000)
-  list(pipeline.domain_iterator(config, rd2, domain, "train", max_tokens=2000, repeat=False))
-  list(pipeline.eval_iterator(config, rd2))
+  pipeline.domain_histogram(rd2, domain, rule="budget", max_tokens=2000)
+  list(pipeline.domain_batches(rd2, domain, "train", batch_size=config.data.batch_size,
+                               max_tokens=2000, repeat=False))
+  list(eval_batches(config, rd2))
   assert calls["tokenize_docs"] - before == tokenized
-  assert rd2.domain_cluster(domain) == rd.domain_cluster(domain)
+  assert pipeline.domain_cluster(rd2, domain) == pipeline.domain_cluster(rd, domain)
 
 
 STORE_LOAD = cache_lib.ArtefactStore.load

@@ -5,6 +5,7 @@ import collections
 import numpy as np
 import pytest
 
+from conftest import eval_batches, train_batches
 from pn_jax.config import base_config
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
@@ -48,7 +49,7 @@ def all_doc_tokens(run_data):
 
 def test_batch_format(run):
   config, rd, _ = run
-  b = next(pipeline.train_iterator(config, rd))
+  b = next(train_batches(config, rd))
   assert set(b) == {"inputs", "targets", "mask", "cluster"}
   assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (8, 64)
   assert b["inputs"].dtype == b["targets"].dtype == b["cluster"].dtype == np.int32
@@ -64,7 +65,7 @@ def test_epoch_has_every_token_once(run, mode):
   config = tiny_config(cluster_batching=mode)
   n = epoch_len(config, rd)
   seen = collections.Counter()
-  for b in take(pipeline.train_iterator(config, rd), n):
+  for b in take(train_batches(config, rd), n):
     seen.update(b["targets"][b["mask"] > 0].tolist())
     if mode == "homogeneous":
       assert len(set(b["cluster"].tolist())) == 1  # one cluster per global batch
@@ -97,7 +98,7 @@ def test_homogeneous_visits_clusters_by_size(run):
   config = tiny_config(cluster_batching="homogeneous")
   n = epoch_len(config, rd)
   counts = collections.Counter(int(b["cluster"][0]) for b in take(
-      pipeline.train_iterator(config, rd), n))
+      train_batches(config, rd), n))
   sizes = np.bincount(rd.train.cluster, minlength=4)
   expected = {c: -(-int(sizes[c]) // 8) for c in range(4) if sizes[c]}
   assert dict(counts) == expected
@@ -106,27 +107,27 @@ def test_homogeneous_visits_clusters_by_size(run):
 def test_deterministic_and_reshuffled_per_epoch(run):
   config, rd, _ = run
   n = epoch_len(config, rd)
-  a = take(pipeline.train_iterator(config, rd), n + 3)
-  b = take(pipeline.train_iterator(config, rd), n + 3)
+  a = take(train_batches(config, rd), n + 3)
+  b = take(train_batches(config, rd), n + 3)
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   assert not all(np.array_equal(a[i]["inputs"], a[n + i]["inputs"]) for i in range(3))
-  other = take(pipeline.train_iterator(tiny_config(), rd, process_index=0, process_count=1), 1)
+  other = take(train_batches(tiny_config(), rd, process_index=0, process_count=1), 1)
   np.testing.assert_array_equal(other[0]["inputs"], a[0]["inputs"])
   config2 = tiny_config()
   config2.seed = 7
-  c = take(pipeline.train_iterator(config2, rd), 3)
+  c = take(train_batches(config2, rd), 3)
   assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c))
 
 
 def test_resume_gives_same_batches(run):
   config, rd, _ = run
-  it = pipeline.train_iterator(config, rd)
+  it = train_batches(config, rd)
   take(it, 5)
   state = it.get_state()
   expected = take(it, 6)
-  fresh = pipeline.train_iterator(config, rd)
+  fresh = train_batches(config, rd)
   fresh.set_state(state)
   for x, y in zip(expected, take(fresh, 6)):
     for key in x:
@@ -138,8 +139,8 @@ def test_process_shards_disjoint_and_covering(run, mode):
   config, rd, _ = run
   config = tiny_config(cluster_batching=mode)
   n = epoch_len(config, rd)
-  whole = take(pipeline.train_iterator(config, rd), n)
-  parts = [take(pipeline.train_iterator(config, rd, process_index=p, process_count=4), n)
+  whole = take(train_batches(config, rd), n)
+  parts = [take(train_batches(config, rd, process_index=p, process_count=4), n)
            for p in range(4)]
   for step in range(n):
     for key in whole[step]:
@@ -160,35 +161,102 @@ def test_prepare_is_idempotent(run):
   np.testing.assert_array_equal(follower.train.cluster, rd.train.cluster)
 
 
-def test_eval_iterator_finite_and_deterministic(run):
+def test_eval_batches_finite_and_deterministic(run):
   config, rd, _ = run
-  a, b = list(pipeline.eval_iterator(config, rd)), list(pipeline.eval_iterator(config, rd))
+  a, b = list(eval_batches(config, rd)), list(eval_batches(config, rd))
   assert 1 <= len(a) <= config.data.eval_batches
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["targets"], y["targets"])
   assert a[0]["inputs"].shape == (8, 64)
-  halves = [list(pipeline.eval_iterator(config, rd, process_index=p, process_count=2))
+  halves = [list(eval_batches(config, rd, process_index=p, process_count=2))
             for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([halves[0][0]["inputs"], halves[1][0]["inputs"]]),
                                 a[0]["inputs"])
 
 
-def test_domain_iterator_subsets(run):
+def test_domain_batches_subsets(run):
   config, rd, _ = run
   domain = corpus_lib.list_domains(rd.root)[0]
-  cluster = rd.domain_cluster(domain)
-  small = list(pipeline.domain_iterator(config, rd, domain, "train", max_tokens=1000,
-                                        repeat=False))
+  cluster = pipeline.domain_cluster(rd, domain)
+
+  def domain_batches(**kw):
+    return pipeline.domain_batches(rd, domain, "train", batch_size=config.data.batch_size,
+                                   seed=config.seed, **kw)
+  small = list(domain_batches(max_tokens=1000, repeat=False))
   assert sum(float(b["mask"].sum()) for b in small) == 1000
   assert all((b["cluster"] == cluster).all() for b in small)
-  big = list(pipeline.domain_iterator(config, rd, domain, "train", max_tokens=3000,
-                                      repeat=False))
+  big = list(domain_batches(max_tokens=3000, repeat=False))
   np.testing.assert_array_equal(big[0]["inputs"][0], small[0]["inputs"][0])  # nested subsets
-  it = pipeline.domain_iterator(config, rd, domain, "train", max_tokens=3000)
+  it = domain_batches(max_tokens=3000)
   assert len(take(it, 10)) == 10  # training split repeats
   config_d = tiny_config(domain=domain)
-  ev = list(pipeline.eval_iterator(config_d, rd, split="test"))
+  ev = list(eval_batches(config_d, rd, split="test"))
   assert 1 <= len(ev) <= config.data.eval_batches
+
+
+def test_domain_cluster_rules(run):
+  """'split' counts every window of the whole train split once (the tag of domain batches);
+  'budget' weighs the windows of the max_tokens prefix by their tokens (expert choice)."""
+  _, rd, _ = run
+  domain = corpus_lib.list_domains(rd.root)[0]
+  wins = pipeline.windows_of(pipeline.split_docs(rd, "train", domain), rd.window)
+  ids = pipeline.window_clusters(rd.clusters, rd.tokenizer, wins)
+  assert pipeline.domain_cluster(rd, domain) == int(np.bincount(ids, minlength=4).argmax())
+  prefix = pipeline.windows_of(pipeline.domain_docs(rd, domain, "train", 1000), rd.window)
+  ids = pipeline.window_clusters(rd.clusters, rd.tokenizer, prefix)
+  tokens = np.bincount(ids, weights=[len(w) for w in prefix], minlength=4)
+  hist = pipeline.domain_histogram(rd, domain, rule="budget", max_tokens=1000)
+  np.testing.assert_allclose(hist, tokens / tokens.sum())
+  assert pipeline.domain_cluster(rd, domain, rule="budget", max_tokens=1000) == hist.argmax()
+  with pytest.raises(ValueError, match="rule"):
+    pipeline.domain_histogram(rd, domain, rule="windows")
+
+
+def test_copy_prepared(run, tmp_path):
+  config, rd, workdir = run
+  dst = str(tmp_path / "copy")
+  settings = pipeline.data_settings(config)
+  assert pipeline.prepared_with(workdir, settings) and not pipeline.is_prepared(dst)
+  pipeline.copy_prepared(workdir, dst)
+  assert pipeline.prepared_with(dst, settings)
+  assert not pipeline.prepared_with(dst, dict(settings, k=5))
+  again = pipeline.prepare_run_data(config, dst, progress=False)
+  np.testing.assert_array_equal(again.train.tokens, rd.train.tokens)
+
+
+WORKERS = """
+import sys
+from absl import flags
+from pn_jax.data import DataError, pipeline
+from test_data_pipeline import tiny_config
+config = tiny_config()
+rd = pipeline.prepare_run_data(config, sys.argv[1], progress=False)
+def batches(workers):
+  it = pipeline.train_batches(rd, batch_size=8, mode="mixed", seed=0, num_workers=workers)
+  return [next(it)["inputs"] for _ in range(5)]
+try:
+  batches(2)
+  sys.exit("no error without parsed flags")
+except DataError as e:
+  assert "absl" in str(e), e
+flags.FLAGS(sys.argv[:1])  # what an absl app's main has done
+for a, b in zip(batches(0), batches(2)):
+  assert (a == b).all()
+print("same")
+"""
+
+
+def test_worker_processes_give_the_same_batches(run):
+  """num_workers > 0 (grain worker processes) needs absl flags parsed, which the CLIs do; it
+  then yields the in-process stream. A subprocess: parsing flags here would leak into others."""
+  import os
+  import subprocess
+  import sys
+  _, _, workdir = run
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
+  out = subprocess.run([sys.executable, "-c", WORKERS, workdir], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and "same" in out.stdout, out.stderr[-3000:]
 
 
 def test_assign_clusters(run):
@@ -205,5 +273,5 @@ def test_byte_tokenizer_run(tmp_path):
   config.model.k = 2
   rd = pipeline.prepare_run_data(config, str(tmp_path), progress=False)
   assert rd.tokenizer.vocab_size == 259
-  b = next(pipeline.train_iterator(config, rd))
+  b = next(train_batches(config, rd))
   assert b["inputs"].max() < 259 and b["inputs"].shape == (8, 32)

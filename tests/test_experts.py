@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import copy_workdir, load_config, quiet
+from conftest import copy_workdir, eval_batches, load_config, quiet, train_batches
 from pn_jax import modes
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, pipeline
@@ -18,7 +18,7 @@ from pn_jax.model import build_model
 from pn_jax.model.experts import IndependentLM
 from pn_jax.model.transformer import init_params
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints, finetune, select
+from pn_jax.specialize import checkpoints, finetune
 from pn_jax.specialize.project import project
 from pn_jax.train import loop
 from pn_jax.train.optimizer import make_optimizer
@@ -217,7 +217,7 @@ def test_stratified_training_batches_cover_each_cluster(mix_data):
   b = B // k
   sizes = np.bincount(rd.train.cluster, minlength=k)
   steps = int(-(-sizes.max() // b))
-  it = pipeline.train_iterator(config, rd)
+  it = train_batches(config, rd)
   seen = [collections.Counter() for _ in range(k)]
   for s in range(steps):
     batch = next(it)
@@ -236,20 +236,20 @@ def test_stratified_training_batches_cover_each_cluster(mix_data):
 
 def test_stratified_resume_and_process_shards(mix_data):
   config, rd = mix_data
-  it = pipeline.train_iterator(config, rd)
+  it = train_batches(config, rd)
   for _ in range(3):
     next(it)
   state = it.get_state()
   want = [next(it) for _ in range(3)]
-  fresh = pipeline.train_iterator(config, rd)
+  fresh = train_batches(config, rd)
   fresh.set_state(state)
   for w in want:
     got = next(fresh)
     for key in w:
       np.testing.assert_array_equal(got[key], w[key])
-  shards = [pipeline.train_iterator(config, rd, process_index=p, process_count=2)
+  shards = [train_batches(config, rd, process_index=p, process_count=2)
             for p in range(2)]
-  first = pipeline.train_iterator(config, rd)
+  first = train_batches(config, rd)
   for _ in range(2):
     full, parts = next(first), [next(s) for s in shards]
     for key in full:
@@ -263,7 +263,7 @@ def test_stratified_eval_pads_with_the_slots_cluster(mix_data):
   k, b = config.model.k, config.data.batch_size // config.model.k
   packed = pipeline.packed_split(rd, "validation")
   rows = [collections.Counter() for _ in range(k)]
-  for batch in pipeline.eval_iterator(config, rd):
+  for batch in eval_batches(config, rd):
     np.testing.assert_array_equal(batch["cluster"], np.repeat(np.arange(k), b))
     for c in range(k):
       real = batch["mask"][c * b:(c + 1) * b].sum(1) > 0
@@ -279,7 +279,7 @@ def test_a_cluster_without_sequences_is_a_data_error(mix_data):
   train = pipeline.Packed(rd.train.tokens, rd.train.starts[keep], rd.train.ends[keep],
                           rd.train.cluster[keep])
   with pytest.raises(DataError, match=r"clusters \[3\].*config\.model\.k"):
-    pipeline.train_iterator(config, dataclasses.replace(rd, train_set=train))
+    train_batches(config, dataclasses.replace(rd, train_set=train))
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
   spec = modes.MODES["specialize"](config, out)
   run_data = checkpoints.pretraining_run_data(pre)
   assert spec["pretrained_kind"] == "independent"
-  assert spec["cluster"] == select.most_frequent(run_data, DOMAIN, None)
+  assert spec["cluster"] == pipeline.domain_cluster(run_data, DOMAIN, rule="budget")
   assert np.isfinite(spec["test_ppl"]) and np.isfinite(spec["noft_test_ppl"])
   small = checkpoints.load_saved(out)
   assert small.model.mlp_kind == "dense" and not routed(small.model)

@@ -13,7 +13,7 @@ from pn_jax import modes
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints, finetune, importance, select
+from pn_jax.specialize import checkpoints, finetune, importance
 from pn_jax.train import loop
 from pn_jax.train.checkpoint import CheckpointError
 
@@ -37,7 +37,7 @@ def no_generic_training_set():
   def forbidden(*args, **kwargs):
     raise AssertionError("the packed generic training set was built or loaded")
   with pytest.MonkeyPatch.context() as mp:
-    for name in ("_build", "prepare_run_data"):
+    for name in ("build_training_set", "prepare_run_data"):
       mp.setattr(pipeline, name, forbidden)
     store_load = cache_lib.ArtefactStore.load  # the packed set is read through the store only
     mp.setattr(cache_lib.ArtefactStore, "load", lambda self, stage, *a, **k: (
@@ -67,7 +67,7 @@ def test_specialize_end_to_end(pretrained, specialized):
   assert result["test_ppl"] < result["noft_test_ppl"], result
   # the projection used the domain's most frequent cluster
   run_data = checkpoints.pretraining_run_data(pretrained)
-  assert result["cluster"] == select.most_frequent(run_data, DOMAIN, None)
+  assert result["cluster"] == pipeline.domain_cluster(run_data, DOMAIN, rule="budget")
   # the small model is its own run: dense checkpoint whose config points back at the PN
   saved = checkpoints.load_saved(workdir)
   assert saved.model.mlp_kind == "dense" and saved.config.init_from == pretrained

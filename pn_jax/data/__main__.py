@@ -47,9 +47,9 @@ def main(argv=None) -> int:
                    args.embedding))
       return 0
     from pn_jax.data import pipeline
-    from pn_jax.data.report import _config, compare_embeddings
+    from pn_jax.data.report import compare_embeddings, report_config
     for k in ks:
-      config = _config(args.corpus, args.out, k, args.vocab_size, args.seq_len, args.embedding)
+      config = report_config(args.corpus, args.out, k, args.vocab_size, args.seq_len, args.embedding)
       rd = pipeline.prepare_run_data(config, os.path.join(args.workdir, f"k{k}"))
       print(compare_embeddings(rd, k, args.compare_minilm))
     return 0

@@ -41,11 +41,20 @@ class ClusterModel:
   # --- embedding ---------------------------------------------------------------------------
   def embed(self, texts: list[str]) -> np.ndarray:
     if self.embedding == "tfidf":
-      return _tfidf_embed(self, texts)
+      return self._tfidf_embed(texts)
     if self.embedding == "minilm":
       path = self.meta.get("minilm_path", "")
       return _minilm_embed(texts, path if path and os.path.isdir(path) else "")
     raise DataError(f"unknown cluster embedding {self.embedding!r}; use 'tfidf' or 'minilm'")
+
+  def _tfidf_embed(self, texts: list[str]) -> np.ndarray:
+    if self._counter is None:  # the saved vocabulary's counter, built on first use
+      from sklearn.feature_extraction.text import CountVectorizer
+      vocab = {str(w): i for i, w in enumerate(self.arrays["vocab"])}
+      self._counter = CountVectorizer(vocabulary=vocab, token_pattern=TOKEN_PATTERN,
+                                      lowercase=True, dtype=np.float32)
+    x = _tfidf_matrix(self._counter.transform(texts), self.arrays["idf"])
+    return _unit(np.asarray(x @ self.arrays["svd"].T))
 
   def assign(self, texts: list[str], *, batch: int = 4096) -> np.ndarray:
     """Nearest centroid id per text (int32); ties go to the lower id."""
@@ -87,15 +96,6 @@ def load_clusters(directory: str) -> ClusterModel:
 
 # --- TF-IDF + SVD --------------------------------------------------------------------------------
 
-def _counter(model: ClusterModel):
-  if model._counter is None:
-    from sklearn.feature_extraction.text import CountVectorizer
-    vocab = {str(w): i for i, w in enumerate(model.arrays["vocab"])}
-    model._counter = CountVectorizer(vocabulary=vocab, token_pattern=TOKEN_PATTERN,
-                                     lowercase=True, dtype=np.float32)
-  return model._counter
-
-
 def _tfidf_matrix(counts, idf):
   """sklearn's TfidfVectorizer(sublinear_tf=True, norm='l2') applied to raw counts."""
   from sklearn.preprocessing import normalize
@@ -109,15 +109,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
-def _tfidf_embed(model: ClusterModel, texts: list[str]) -> np.ndarray:
-  counts = _counter(model).transform(texts)
-  x = _tfidf_matrix(counts, model.arrays["idf"])
-  return _unit(np.asarray(x @ model.arrays["svd"].T))
-
-
 def _fit_tfidf(texts: list[str], dim: int, seed: int) -> tuple[dict, np.ndarray]:
   """-> (vocabulary/idf/SVD arrays, the texts' embeddings). The embeddings come from the fit's own
-  counts, so the texts go through the regex tokenizer once; they equal _tfidf_embed(texts)
+  counts, so the texts go through the regex tokenizer once; they equal ClusterModel.embed(texts)
   exactly (same counts with sorted indices, same arithmetic; tested)."""
   from sklearn.decomposition import TruncatedSVD
   from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer

@@ -19,10 +19,14 @@ Batching (per step, deterministic in (seed, epoch), no state but the step index)
                clusters repeat more epochs; a cluster without sequences is a DataError. Finite
                passes (eval): each cluster's sequences once, b per batch, padding rows (mask 0,
                the slot's cluster) where a cluster runs out.
-Each process reads rows [p * B/P, (p+1) * B/P) of each global batch, so processes agree on the
-step's cluster, their shards are disjoint and together cover the batch. The iterator is a grain
-`MapDataset.source(...).to_iter_dataset()` whose state is the next step index: `get_state()` /
-`set_state()` resume on exactly the batches an uninterrupted run would have seen.
+Each process reads rows [p * B/P, (p+1) * B/P) of each global batch (its `Shard`), so processes
+agree on the step's cluster, their shards are disjoint and together cover the batch.
+Iterators (train_batches, eval_batches, domain_batches, importance_batches) take explicit
+arguments, which their callers read from their configs. Each is one `Batches` source (a plan
+maps a global batch index to its rows: EpochPlan, StratifiedPlan, FixedPlan, ImportancePlan)
+under one grain `MapDataset.source(...).to_iter_dataset()` (batch_iterator) whose state is the
+next index: `get_state()` / `set_state()` resume on exactly the batches an uninterrupted run
+would have seen.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -175,6 +180,20 @@ def stratified_clusters(batch_size: int, num_clusters: int) -> np.ndarray:
 
 # --- run data ------------------------------------------------------------------------------------
 
+class Memo:
+  """What a RunData derives once and reuses (tokenized splits, packed eval splits, domain
+  histograms), keyed by the arguments that define it; one per RunData, so two runs never share."""
+
+  def __init__(self):
+    self._values = {}
+
+  def get(self, key: tuple, build):
+    """build()'s result for `key`, computed on the first call."""
+    if key not in self._values:
+      self._values[key] = build()
+    return self._values[key]
+
+
 @dataclasses.dataclass
 class RunData:
   """A run's tokenizer and routing, and (training modes only) its packed generic training set.
@@ -193,7 +212,7 @@ class RunData:
   stats: dict  # documents / windows / tokens / cluster sizes of the training set ({}: unknown)
   store: cache_lib.ArtefactStore  # where tokenized splits are cached (see split_docs)
   train_set: Packed | None = None
-  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+  memo: Memo = dataclasses.field(default_factory=Memo, repr=False)
 
   @property
   def train(self) -> Packed:
@@ -203,17 +222,9 @@ class RunData:
                       "clusters); use prepare_run_data to train on generic data")
     return self.train_set
 
-  def domain_cluster(self, domain: str) -> int:
-    """The most frequent cluster of the domain's training windows (ties: lowest id)."""
-    key = ("domain_cluster", domain)
-    if key not in self._cache:
-      wins = windows_of(split_docs(self, "train", domain), self.window)
-      ids = self.clusters.assign(self.tokenizer.decode_batch(wins))
-      self._cache[key] = int(np.bincount(ids, minlength=self.num_clusters).argmax())
-    return self._cache[key]
 
-
-def _data_settings(config) -> dict:
+def data_settings(config) -> dict:
+  """The config values a prepared workdir's data depends on (READY.json's "settings")."""
   d = config.data
   return {"format": FORMAT_VERSION, "corpus": str(d.corpus), "tokenizer": str(d.tokenizer),
           "tokenizer_path": str(d.tokenizer_path), "vocab_size": int(config.model.vocab_size),
@@ -311,8 +322,16 @@ def _cached_docs(store, root: str, split: str, domain: str,
 def split_docs(run_data: RunData, split: str, domain: str = "") -> list[np.ndarray]:
   """A split's tokenized documents in file order. Cached by (file content, tokenizer) in the
   run's store, so the specialization cells of an experiment (each a separate mode call, with its
-  own RunData) tokenize each domain split once; without config.data.cache_dir, not cached."""
-  return _cached_docs(run_data.store, run_data.root, split, domain, run_data.tokenizer)[0]
+  own RunData) tokenize each domain split once; without config.data.cache_dir, once per RunData."""
+  return run_data.memo.get(("docs", split, domain), lambda: _cached_docs(
+      run_data.store, run_data.root, split, domain, run_data.tokenizer)[0])
+
+
+def window_clusters(clusters: clusters_lib.ClusterModel, tokenizer: tok_lib.Tokenizer,
+                    windows: list[np.ndarray]) -> np.ndarray:
+  """int32 [W]: each token window's cluster. The cluster model embeds text, so the windows go
+  back to text first: the one place that round trip happens (callers cache the result)."""
+  return clusters.assign(tokenizer.decode_batch(windows))
 
 
 def _embed_windows(config, store, wins, docs_key, tok, progress) -> tuple:
@@ -384,7 +403,8 @@ def _same_model(a: clusters_lib.ClusterModel, b: clusters_lib.ClusterModel) -> b
           and all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays))
 
 
-def _build(config, root: str, workdir: str, tok, store, progress: bool, corpus: dict) -> tuple:
+def build_training_set(config, root: str, workdir: str, tok, store, progress: bool,
+                       corpus: dict) -> tuple:
   """Tokenize, window, embed, cluster, pack the generic training set, each stage through the
   store (cache.py); -> (the run's cluster model, packed set, stats)."""
   k, seed, window = int(config.model.k), int(config.seed), _window(config)
@@ -402,7 +422,7 @@ def _build(config, root: str, workdir: str, tok, store, progress: bool, corpus: 
   model = fitted if saved is None else saved
   if saved is not None and not _same_model(saved, fitted):
     # fitted by an earlier build (other code): the run keeps its routing, the cache is bypassed
-    assignment = saved.assign(tok.decode_batch(wins))
+    assignment = window_clusters(saved, tok, wins)
     routing_key = cache_lib.key("workdir-clusters", hashlib.sha256(assignment).hexdigest())
   key = cache_lib.key("packed", routing_key, int(config.data.seq_len), tok.bos_id)
   hit = _load_packed(store, key)
@@ -472,15 +492,13 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
   """
   root = _check_root(config)
   os.makedirs(workdir, exist_ok=True)
-  ready = os.path.join(workdir, "data", "READY.json")
-  settings = _data_settings(config)
+  ready = _ready_file(workdir)
+  settings = data_settings(config)
   if process_index != 0:
     deadline = time.time() + wait_timeout_s
     while True:
-      if os.path.exists(ready):
-        with open(ready) as f:
-          if json.load(f).get("settings") == settings:
-            break
+      if prepared_with(workdir, settings):
+        break
       if time.time() > deadline:
         raise DataError(f"process {process_index} waited {wait_timeout_s:.0f} s for process 0 to "
                         f"write {ready}; check process 0's log, or that --workdir is on a "
@@ -496,8 +514,8 @@ def prepare_run_data(config, workdir: str, *, process_index: int = 0,
   if done is not None:
     model, packed, stats = done
   else:
-    model, packed, stats, key = _build(config, root, workdir, tok, store, progress and write,
-                                       corpus)
+    model, packed, stats, key = build_training_set(config, root, workdir, tok, store,
+                                                   progress and write, corpus)
     if write:
       corpus_lib.write_json(ready, {**expect, "packed": key, "stats": stats})
   return RunData(tokenizer=tok, num_clusters=int(config.model.k), clusters=model, root=root,
@@ -511,7 +529,7 @@ def load_run_data(config, workdir: str) -> RunData:
   root = _check_root(config)
   tok = _load_or_train_tokenizer(config, root, workdir, write=False)
   model = clusters_lib.load_clusters(os.path.join(workdir, "clusters"))
-  ready = os.path.join(workdir, "data", "READY.json")
+  ready = _ready_file(workdir)
   stats = {}
   if os.path.exists(ready):
     with open(ready) as f:
@@ -519,6 +537,39 @@ def load_run_data(config, workdir: str) -> RunData:
   return RunData(tokenizer=tok, num_clusters=model.k, clusters=model, root=root, workdir=workdir,
                  seq_len=int(config.data.seq_len), window=_window(config), stats=stats,
                  store=_reading_store(config, workdir))
+
+
+PREPARED_FILES = ("tokenizer.model", "tokenizer.provenance.json", "clusters", "data")
+
+
+def _ready_file(workdir: str) -> str:
+  """READY.json: written last by prepare_run_data, so its presence means the data is complete."""
+  return os.path.join(workdir, "data", "READY.json")
+
+
+def is_prepared(workdir: str) -> bool:
+  """Whether prepare_run_data has completed in `workdir` (for any settings)."""
+  return os.path.exists(_ready_file(workdir))
+
+
+def prepared_with(workdir: str, settings: dict) -> bool:
+  """Whether `workdir`'s data was prepared with these data_settings."""
+  if not is_prepared(workdir):
+    return False
+  with open(_ready_file(workdir), encoding="utf-8") as f:
+    return json.load(f).get("settings") == json.loads(json.dumps(settings))
+
+
+def copy_prepared(src_workdir: str, dst_workdir: str) -> None:
+  """Copies a prepared run's tokenizer, clusters and packed data (READY.json included) into
+  another workdir: a run with the same data_settings then loads them instead of rebuilding."""
+  os.makedirs(dst_workdir, exist_ok=True)
+  for name in PREPARED_FILES:
+    src, dst = os.path.join(src_workdir, name), os.path.join(dst_workdir, name)
+    if os.path.isdir(src):
+      shutil.copytree(src, dst, dirs_exist_ok=True)
+    elif os.path.exists(src):
+      shutil.copy2(src, dst)
 
 
 def _reading_store(config, workdir: str) -> cache_lib.ArtefactStore:
@@ -551,143 +602,13 @@ def assign_clusters(run_data: RunData, texts: list[str]) -> np.ndarray:
   return run_data.clusters.assign(list(texts))
 
 
-# --- iterators -----------------------------------------------------------------------------------
-
-def _local_size(config, process_count: int) -> int:
-  b = int(config.data.batch_size)
-  if process_count < 1 or b % process_count:
-    raise DataError(f"config.data.batch_size={b} is not divisible by process_count="
-                    f"{process_count}; use a multiple of the number of hosts")
-  return b // process_count
-
-
-class _EndlessBatches:
-  """Random-access source: step -> this process's rows [lo, hi) of an endless stream of global
-  batches. Subclasses build per-epoch orders lazily through `_per_epoch`, which keeps each
-  stream's latest two epochs (threads of grain's reader share them under a lock)."""
-
-  def __init__(self, packed: Packed, *, batch_size: int, seq_len: int, pad_id: int, seed: int,
-               process_index: int, process_count: int):
-    self.packed, self.t, self.pad_id, self.seed = packed, seq_len, pad_id, seed
-    self.lo = process_index * (batch_size // process_count)
-    self.hi = self.lo + batch_size // process_count
-    self._lock, self._epochs = threading.Lock(), {}
-
-  def _per_epoch(self, stream, epoch: int, build):
-    """build()'s result for (stream, epoch), memoized; the stream's older epochs are dropped."""
-    with self._lock:
-      if (stream, epoch) not in self._epochs:
-        self._epochs = {(s, e): v for (s, e), v in self._epochs.items()
-                        if s != stream or e == epoch - 1}
-        self._epochs[(stream, epoch)] = build()
-      return self._epochs[(stream, epoch)]
-
-  def __getstate__(self):  # picklable for grain's multiprocessing workers
-    state = dict(self.__dict__)
-    state["_lock"], state["_epochs"] = None, {}
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def __len__(self):
-    return sys.maxsize
-
-
-class _EpochBatches(_EndlessBatches):
-  """step -> this process's local batch (epochs of batch_plan, reshuffled)."""
-
-  def __init__(self, packed: Packed, *, batch_size: int, mode: str, shuffle: bool = True,
-               **common):
-    super().__init__(packed, batch_size=batch_size, **common)
-    self.b, self.mode, self.shuffle = batch_size, mode, shuffle
-    self.num_batches = len(batch_plan(packed.cluster, batch_size, mode, None))
-
-  def plan(self, epoch: int) -> np.ndarray:
-    def build():
-      rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
-      return batch_plan(self.packed.cluster, self.b, self.mode, rng)
-    return self._per_epoch(None, epoch, build)
-
-  def __getitem__(self, step: int):
-    epoch, j = divmod(int(step), self.num_batches)
-    rows = self.plan(epoch)[j]
-    pad_cluster = int(self.packed.cluster[rows[0]])  # row 0 is real: padding rows come last
-    return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id, pad_cluster)
-
-
-class _StratifiedBatches(_EndlessBatches):
-  """step -> this process's rows of a stratified batch (module doc)."""
-
-  def __init__(self, packed: Packed, *, batch_size: int, num_clusters: int, **common):
-    super().__init__(packed, batch_size=batch_size, **common)
-    self.b = _rows_per_expert(batch_size, num_clusters)
-    self.members = [np.flatnonzero(packed.cluster == c) for c in range(num_clusters)]
-    empty = [c for c, m in enumerate(self.members) if not len(m)]
-    if empty:
-      raise DataError(f"clusters {empty} of the training set hold no sequence, so their "
-                      "independent experts could never train: use a larger corpus or a smaller "
-                      "config.model.k")
-
-  def order(self, c: int, epoch: int) -> np.ndarray:
-    """Cluster c's sequence ids in its epoch `epoch` (the latest two epochs per cluster kept)."""
-    def build():
-      rng = np.random.default_rng([self.seed, c, epoch])
-      return self.members[c][rng.permutation(len(self.members[c]))]
-    return self._per_epoch(c, epoch, build)
-
-  def __getitem__(self, step: int):
-    rows = []
-    for c, members in enumerate(self.members):
-      epoch, pos = np.divmod(int(step) * self.b + np.arange(self.b), len(members))
-      rows.append([self.order(c, int(e))[p] for e, p in zip(epoch, pos)])
-    rows = np.concatenate(rows).astype(np.int64)
-    return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id)
-
-
-def _to_iterator(source, config, finite_len: int | None = None):
-  import grain
-  ds = grain.MapDataset.source(source)
-  if finite_len is not None:
-    ds = ds[:finite_len]
-  workers = int(config.data.get("num_workers", 0) or 0)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
-  if workers > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return iter(it_ds)
-
-
-def _check_enough(packed: Packed, config, what: str):
-  b = int(config.data.batch_size)
-  if len(packed) < b:
-    raise DataError(f"{what} holds {packed.num_targets:,} target tokens = {len(packed)} sequences "
-                    f"of seq_len={config.data.seq_len}, fewer than one global batch of "
-                    f"{b}: lower config.data.batch_size / seq_len or use a larger corpus")
-
-
-def train_iterator(config, run_data: RunData, *, process_index: int = 0, process_count: int = 1):
-  """Infinite grain DatasetIterator of local batches {inputs, targets, mask, cluster}."""
-  _local_size(config, process_count)
-  _check_enough(run_data.train, config, f"the training set of corpus {run_data.root!r}")
-  common = dict(batch_size=int(config.data.batch_size), seq_len=run_data.seq_len,
-                pad_id=run_data.tokenizer.pad_id, seed=int(config.seed),
-                process_index=process_index, process_count=process_count)
-  if config.data.cluster_batching == "stratified":
-    source = _StratifiedBatches(run_data.train, num_clusters=run_data.num_clusters, **common)
-  else:
-    source = _EpochBatches(run_data.train, mode=config.data.cluster_batching, **common)
-  return _to_iterator(source, config)
-
+# --- domain sets and their clusters -------------------------------------------------------------
 
 def domain_docs(run_data: RunData, domain: str, split: str,
                 max_tokens: int | None = None) -> list[np.ndarray]:
   """A domain split's tokenized documents in a fixed (seed-independent) order, cut after
-  `max_tokens` tokens: the 1M subset is a prefix of the 8M one. Shared by the domain iterators
-  and the specialization stage's cluster assignment, so both see the same documents."""
+  `max_tokens` tokens: the 1M subset is a prefix of the 8M one. Shared by the domain batches
+  and the expert choice (domain_histogram's 'budget' rule), so both see the same documents."""
   docs = split_docs(run_data, split, domain)
   order = np.random.default_rng(EVAL_SEED).permutation(len(docs))
   docs = [docs[i] for i in order]
@@ -702,100 +623,307 @@ def domain_docs(run_data: RunData, domain: str, split: str,
   return docs
 
 
+DOMAIN_RULES = ("split", "budget")
+
+
+def domain_histogram(run_data: RunData, domain: str, *, rule: str,
+                     max_tokens: int | None = None) -> np.ndarray:
+  """float64 [k]: the share of a domain's training text in each cluster, by one of two rules.
+
+  'split'   every clustering window of the whole train split counts once (max_tokens unused):
+            the cluster that domain batches are tagged with, and that eval projects independent
+            experts to (domain_cluster's default).
+  'budget'  each window of the fine-tuning set (domain_docs' `max_tokens` prefix) weighs its
+            tokens: expert choice (specialize.select = 'frequent') and importance sampling.
+  The two can pick different clusters (window counts vs token weights, whole split vs prefix);
+  both are kept because trained and reported runs depend on each. Memoized per RunData.
+  """
+  if rule not in DOMAIN_RULES:
+    raise ValueError(f"domain_histogram rule {rule!r}; use one of {DOMAIN_RULES}")
+
+  def build():
+    if rule == "split":  # file order: the windows (and assign's batches) the tags always used
+      wins, weights = windows_of(split_docs(run_data, "train", domain), run_data.window), None
+    else:
+      wins = windows_of(domain_docs(run_data, domain, "train", max_tokens), run_data.window)
+      weights = [len(w) for w in wins]
+    ids = window_clusters(run_data.clusters, run_data.tokenizer, wins)
+    counts = np.bincount(ids, weights=weights, minlength=run_data.num_clusters)
+    return counts / max(counts.sum(), 1.0)
+
+  key = ("domain_histogram", domain, rule, None if rule == "split" else max_tokens)
+  return run_data.memo.get(key, build)
+
+
+def domain_cluster(run_data: RunData, domain: str, *, rule: str = "split",
+                   max_tokens: int | None = None) -> int:
+  """The domain's most frequent cluster under `rule` (see domain_histogram; ties: lowest id)."""
+  return int(np.argmax(domain_histogram(run_data, domain, rule=rule, max_tokens=max_tokens)))
+
+
 def packed_split(run_data: RunData, split: str, domain: str = "",
-                  max_tokens: int | None = None) -> Packed:
-  """Held-out generic text (packed per assigned cluster) or a domain split (one stream)."""
-  key = ("split", split, domain, max_tokens)
-  if key in run_data._cache:
-    return run_data._cache[key]
-  tok = run_data.tokenizer
-  if domain:
-    docs = domain_docs(run_data, domain, split, max_tokens)
-    packed = pack_stream(docs, run_data.seq_len, tok.bos_id, run_data.domain_cluster(domain))
-  else:
+                 max_tokens: int | None = None) -> Packed:
+  """Held-out generic text (packed per assigned cluster) or a domain split (one stream, tagged
+  with domain_cluster). Memoized per RunData."""
+  def build():
+    tok = run_data.tokenizer
+    if domain:
+      docs = domain_docs(run_data, domain, split, max_tokens)
+      return pack_stream(docs, run_data.seq_len, tok.bos_id, domain_cluster(run_data, domain))
     wins = windows_of(split_docs(run_data, split), run_data.window)
-    ids = run_data.clusters.assign(tok.decode_batch(wins))
-    packed = pack(wins, ids, run_data.seq_len, tok.bos_id, run_data.num_clusters)
-  run_data._cache[key] = packed
-  return packed
+    ids = window_clusters(run_data.clusters, tok, wins)
+    return pack(wins, ids, run_data.seq_len, tok.bos_id, run_data.num_clusters)
+  return run_data.memo.get(("split", split, domain, max_tokens), build)
 
 
-class _FixedBatches:
-  """A finite plan's batches; padding rows get `pad_clusters` (stratified: the slot's cluster)
-  or else the batch's first row's cluster."""
+# --- batch plans: global batch index -> its rows --------------------------------------------------
 
-  def __init__(self, packed: Packed, plan: np.ndarray, seq_len: int, pad_id: int,
-               lo: int, hi: int, pad_clusters: np.ndarray | None = None):
-    self.packed, self.plan, self.t, self.pad_id = packed, plan, seq_len, pad_id
-    self.lo, self.hi, self.pad_clusters = lo, hi, pad_clusters
+class _RecentEpochs:
+  """Each stream's latest two epoch orders, built on demand; grain's reader threads share them
+  under a lock. Pickles empty (grain's worker processes rebuild what they read)."""
+
+  def __init__(self):
+    self._lock, self._epochs = threading.Lock(), {}
+
+  def get(self, stream, epoch: int, build) -> np.ndarray:
+    with self._lock:
+      if (stream, epoch) not in self._epochs:
+        self._epochs = {(s, e): v for (s, e), v in self._epochs.items()
+                        if s != stream or e == epoch - 1}
+        self._epochs[(stream, epoch)] = build()
+      return self._epochs[(stream, epoch)]
+
+  def __getstate__(self):
+    return {}
+
+  def __setstate__(self, state):
+    self.__init__()
+
+
+class EpochPlan:
+  """Endless: epochs of batch_plan(mode), each reshuffled with (seed, epoch). Padding rows (last
+  in their batch) carry the cluster of the batch's first row."""
+
+  def __init__(self, cluster: np.ndarray, batch_size: int, mode: str, seed: int):
+    self.cluster, self.b, self.mode, self.seed = cluster, batch_size, mode, seed
+    self.num_batches = len(batch_plan(cluster, batch_size, mode, None))
+    self.epochs = _RecentEpochs()
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __call__(self, step: int) -> tuple[np.ndarray, int]:
+    epoch, j = divmod(step, self.num_batches)
+    rows = self.epochs.get(None, epoch, lambda: batch_plan(
+        self.cluster, self.b, self.mode, np.random.default_rng([self.seed, epoch])))[j]
+    return rows, int(self.cluster[rows[0]])
+
+
+class StratifiedPlan:
+  """Endless stratified batches (module doc): slot c, row j at step s is position s*b + j of
+  cluster c's own stream of epochs, each shuffled with (seed, c, epoch)."""
+
+  def __init__(self, cluster: np.ndarray, batch_size: int, num_clusters: int, seed: int):
+    self.b, self.seed = _rows_per_expert(batch_size, num_clusters), seed
+    self.members = [np.flatnonzero(cluster == c) for c in range(num_clusters)]
+    empty = [c for c, m in enumerate(self.members) if not len(m)]
+    if empty:
+      raise DataError(f"clusters {empty} of the training set hold no sequence, so their "
+                      "independent experts could never train: use a larger corpus or a smaller "
+                      "config.model.k")
+    self.epochs = _RecentEpochs()
+
+  def __len__(self):
+    return sys.maxsize
+
+  def order(self, c: int, epoch: int) -> np.ndarray:
+    """Cluster c's sequence ids in its epoch `epoch`."""
+    def build():
+      rng = np.random.default_rng([self.seed, c, epoch])
+      return self.members[c][rng.permutation(len(self.members[c]))]
+    return self.epochs.get(c, epoch, build)
+
+  def __call__(self, step: int) -> tuple[np.ndarray, int]:
+    rows = []
+    for c, members in enumerate(self.members):
+      epoch, pos = np.divmod(step * self.b + np.arange(self.b), len(members))
+      rows.append([self.order(c, int(e))[p] for e, p in zip(epoch, pos)])
+    return np.concatenate(rows).astype(np.int64), 0
+
+
+class FixedPlan:
+  """Finite: the rows of a precomputed plan [num_batches, B]. Padding rows get `pad_clusters`
+  (int32 [B]; stratified: the slot's cluster), or else the batch's first row's cluster."""
+
+  def __init__(self, plan: np.ndarray, cluster: np.ndarray,
+               pad_clusters: np.ndarray | None = None):
+    self.plan, self.cluster, self.pad_clusters = plan, cluster, pad_clusters
 
   def __len__(self):
     return len(self.plan)
 
-  def __getitem__(self, j):
+  def __call__(self, j: int) -> tuple[np.ndarray, int | np.ndarray]:
     rows = self.plan[j]
     if self.pad_clusters is not None:
-      pad = self.pad_clusters[self.lo:self.hi]
-    else:
-      pad = int(self.packed.cluster[rows[0]])
+      return rows, self.pad_clusters
+    return rows, int(self.cluster[rows[0]])
+
+
+class ImportancePlan:
+  """Endless: `batch_size` i.i.d. draws (with replacement) of sequence ids with probabilities
+  `probs`, seeded by (seed, step)."""
+
+  def __init__(self, probs: np.ndarray, batch_size: int, seed: int):
+    self.cdf, self.b, self.seed = np.cumsum(probs), batch_size, seed
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __call__(self, step: int) -> tuple[np.ndarray, int]:
+    u = np.random.default_rng([self.seed, step]).random(self.b)
+    rows = np.minimum(np.searchsorted(self.cdf, u * self.cdf[-1], side="right"),
+                      len(self.cdf) - 1).astype(np.int64)
+    return rows, 0
+
+
+# --- batches and their grain iterator -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """Which block of every global batch this process loads (distributed.data_shard's answer):
+  rows [process_index * B/P, (process_index + 1) * B/P) with P = process_count."""
+  process_index: int = 0
+  process_count: int = 1
+
+  def rows(self, batch_size: int) -> tuple[int, int]:
+    """(lo, hi) of this process's rows; a DataError if B is not a multiple of P."""
+    if self.process_count < 1 or batch_size % self.process_count:
+      raise DataError(f"config.data.batch_size={batch_size} is not divisible by process_count="
+                      f"{self.process_count}; use a multiple of the number of hosts")
+    local = batch_size // self.process_count
+    return self.process_index * local, (self.process_index + 1) * local
+
+
+class Batches:
+  """Random-access source: index -> this process's rows [lo, hi) of global batch `index` of
+  `plan` (one of the plans above), as {inputs, targets, mask, cluster}."""
+
+  def __init__(self, packed: Packed, plan, *, seq_len: int, pad_id: int, batch_size: int,
+               shard: Shard):
+    self.packed, self.plan, self.t, self.pad_id = packed, plan, seq_len, pad_id
+    self.lo, self.hi = shard.rows(batch_size)
+
+  def __len__(self):
+    return len(self.plan)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    rows, pad = self.plan(int(index))
+    if isinstance(pad, np.ndarray):
+      pad = pad[self.lo:self.hi]
     return make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id, pad)
 
 
-def eval_iterator(config, run_data: RunData, *, split: str = "validation", process_index: int = 0,
-                  process_count: int = 1):
-  """Finite: at most config.data.eval_batches batches of held-out generic (or domain) text."""
-  domain = config.data.get("domain", "") or ""
-  return domain_iterator(config, run_data, domain, split, process_index=process_index,
-                         process_count=process_count, repeat=False,
-                         max_batches=int(config.data.eval_batches)) if domain else \
-      _eval_generic(config, run_data, split, process_index, process_count)
+def batch_iterator(source: Batches, *, num_workers: int = 0):
+  """The grain iterator over `source`: its state is the next index, so get_state/set_state
+  resume exactly. num_workers > 0 reads in grain worker processes, which read absl flags: the
+  CLIs (absl apps) have parsed them; a library caller parses them first."""
+  import grain
+  ds = grain.MapDataset.source(source).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+  if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      raise DataError(f"config.data.num_workers={num_workers} starts grain worker processes, "
+                      "which need absl flags parsed: run through an absl app (python -m "
+                      "pn_jax.main does it), call absl.flags.FLAGS(sys.argv[:1]) first, or set "
+                      "config.data.num_workers=0")
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
 
 
-def _eval_generic(config, run_data, split, process_index, process_count):
-  local = _local_size(config, process_count)
+def _check_enough(packed: Packed, batch_size: int, seq_len: int, what: str):
+  if len(packed) < batch_size:
+    raise DataError(f"{what} holds {packed.num_targets:,} target tokens = {len(packed)} sequences "
+                    f"of seq_len={seq_len}, fewer than one global batch of "
+                    f"{batch_size}: lower config.data.batch_size / seq_len or use a larger corpus")
+
+
+def _batches(run_data: RunData, packed: Packed, plan, batch_size: int, shard: Shard,
+             num_workers: int):
+  source = Batches(packed, plan, seq_len=run_data.seq_len, pad_id=run_data.tokenizer.pad_id,
+                   batch_size=batch_size, shard=shard)
+  return batch_iterator(source, num_workers=num_workers)
+
+
+# --- the iterators a mode asks for ---------------------------------------------------------------
+
+def train_batches(run_data: RunData, *, batch_size: int, mode: str, seed: int,
+                  shard: Shard = Shard(), num_workers: int = 0):
+  """Infinite grain iterator of this process's batches of the generic training set; `mode` is
+  config.data.cluster_batching (module doc)."""
+  shard.rows(batch_size)
+  _check_enough(run_data.train, batch_size, run_data.seq_len,
+                f"the training set of corpus {run_data.root!r}")
+  cluster = run_data.train.cluster
+  if mode == "stratified":
+    plan = StratifiedPlan(cluster, batch_size, run_data.num_clusters, seed)
+  else:
+    plan = EpochPlan(cluster, batch_size, mode, seed)
+  return _batches(run_data, run_data.train, plan, batch_size, shard, num_workers)
+
+
+def eval_batches(run_data: RunData, *, split: str, batch_size: int, max_batches: int,
+                 mode: str = "mixed", domain: str = "", shard: Shard = Shard(),
+                 num_workers: int = 0):
+  """Finite: at most `max_batches` batches of held-out generic text (batched by `mode`), or of
+  `domain`'s split (one ordered pass, see domain_batches)."""
+  if domain:
+    return domain_batches(run_data, domain, split, batch_size=batch_size, repeat=False,
+                          max_batches=max_batches, shard=shard, num_workers=num_workers)
+  shard.rows(batch_size)
   packed = packed_split(run_data, split)
   if not len(packed):
     raise DataError(f"split {split!r} of {run_data.root!r} has no tokens to evaluate")
-  mode, b, k = config.data.cluster_batching, int(config.data.batch_size), run_data.num_clusters
-  plan = batch_plan(packed.cluster, b, mode, np.random.default_rng(EVAL_SEED),
-                    num_clusters=k)[:int(config.data.eval_batches)]
-  pad = stratified_clusters(b, k) if mode == "stratified" else None
-  lo = process_index * local
-  return _to_iterator(_FixedBatches(packed, plan, run_data.seq_len, run_data.tokenizer.pad_id,
-                                    lo, lo + local, pad), config)
+  k = run_data.num_clusters
+  plan = batch_plan(packed.cluster, batch_size, mode, np.random.default_rng(EVAL_SEED),
+                    num_clusters=k)[:max_batches]
+  pad = stratified_clusters(batch_size, k) if mode == "stratified" else None
+  return _batches(run_data, packed, FixedPlan(plan, packed.cluster, pad), batch_size, shard,
+                  num_workers)
 
 
-def domain_iterator(config, run_data: RunData, domain: str, split: str = "train",
-                    max_tokens: int | None = None, *, repeat: bool | None = None,
-                    max_batches: int | None = None, batch_size: int | None = None,
-                    process_index: int = 0, process_count: int = 1):
-  """A specialization domain's split, every sequence tagged with the domain's majority cluster.
+def domain_batches(run_data: RunData, domain: str, split: str = "train", *, batch_size: int,
+                   seed: int | None = None, max_tokens: int | None = None,
+                   repeat: bool | None = None, max_batches: int | None = None,
+                   shard: Shard = Shard(), num_workers: int = 0):
+  """A specialization domain's split, every sequence tagged with domain_cluster(domain).
 
   `max_tokens` keeps a fixed (seed-independent, nested: 1M is a prefix of 8M) subset of the split.
-  `repeat` (default: split == "train") gives an infinite, per-epoch reshuffled iterator seeded by
-  config.seed; otherwise one ordered pass (at most `max_batches` batches).
+  `repeat` (default: split == "train") gives an infinite iterator, each epoch reshuffled with
+  (seed, epoch); otherwise one ordered pass of at most `max_batches` batches.
   """
   if not domain:
-    raise DataError("domain_iterator needs a domain name (config.data.domain); available: "
+    raise DataError("domain_batches needs a domain name (config.data.domain); available: "
                     f"{corpus_lib.list_domains(run_data.root)}")
-  if batch_size is not None:
-    config = config.copy_and_resolve_references()
-    config.data.batch_size = batch_size
-  local = _local_size(config, process_count)
+  shard.rows(batch_size)
   packed = packed_split(run_data, split, domain, max_tokens)
   if not len(packed):
     raise DataError(f"domain {domain!r} split {split!r} has no tokens (max_tokens={max_tokens})")
-  repeat = split == "train" if repeat is None else repeat
-  b = int(config.data.batch_size)
+  if repeat is None:
+    repeat = split == "train"
   if repeat:
-    _check_enough(packed, config, f"domain {domain!r} split {split!r}")
-    source = _EpochBatches(packed, batch_size=b, seq_len=run_data.seq_len,
-                           pad_id=run_data.tokenizer.pad_id, mode="mixed", seed=int(config.seed),
-                           process_index=process_index, process_count=process_count)
-    return _to_iterator(source, config)
-  plan = batch_plan(packed.cluster, b, "mixed", None)
-  if max_batches is not None:
-    plan = plan[:max_batches]
-  lo = process_index * local
-  return _to_iterator(_FixedBatches(packed, plan, run_data.seq_len, run_data.tokenizer.pad_id,
-                                    lo, lo + local), config)
+    if seed is None:
+      raise ValueError("domain_batches(repeat=True) reshuffles every epoch: pass its seed")
+    _check_enough(packed, batch_size, run_data.seq_len, f"domain {domain!r} split {split!r}")
+    plan = EpochPlan(packed.cluster, batch_size, "mixed", seed)
+  else:
+    plan = FixedPlan(batch_plan(packed.cluster, batch_size, "mixed", None)[:max_batches],
+                     packed.cluster)
+  return _batches(run_data, packed, plan, batch_size, shard, num_workers)
+
+
+def importance_batches(run_data: RunData, probs: np.ndarray, *, batch_size: int, seed: int,
+                       shard: Shard = Shard(), num_workers: int = 0):
+  """Infinite: generic training sequences drawn i.i.d. with probabilities `probs` [S] (SLM-is)."""
+  plan = ImportancePlan(probs, batch_size, seed)
+  return _batches(run_data, run_data.train, plan, batch_size, shard, num_workers)

@@ -16,8 +16,9 @@ from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 
 
-def _config(corpus: str, data_dir: str, k: int, vocab_size: int, seq_len: int, embedding: str,
-            tokenizer_path: str = ""):
+def report_config(corpus: str, data_dir: str, k: int, vocab_size: int, seq_len: int,
+                  embedding: str, tokenizer_path: str = ""):
+  """The run config whose prepared data the report describes (base_config with these values)."""
   from pn_jax.config import base_config
   c = base_config()
   c.data.corpus, c.data.data_dir = corpus, data_dir
@@ -35,7 +36,7 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
   tok_path = ""
   for k in ks:
     t0 = time.time()
-    config = _config(corpus, data_dir, k, vocab_size, seq_len, embedding, tok_path)
+    config = report_config(corpus, data_dir, k, vocab_size, seq_len, embedding, tok_path)
     rd = pipeline.prepare_run_data(config, os.path.join(workdir, f"k{k}"))
     tok_path = tok_path or os.path.join(workdir, f"k{k}", "tokenizer.model")
     rds[k] = (rd, time.time() - t0)
@@ -69,7 +70,7 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
                    f"{', '.join(terms[c]) if terms else ''} |")
     if domains:
       lines.append(f"\nDomain -> most frequent cluster (k={k}): " + ", ".join(
-          f"{d}: {rd.domain_cluster(d)}" for d in corpus_lib.list_domains(rd.root)))
+          f"{d}: {pipeline.domain_cluster(rd, d)}" for d in corpus_lib.list_domains(rd.root)))
   return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from pn_jax.config import small_model_config, validate
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import pipeline
 from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.specialize import checkpoints
@@ -71,7 +72,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 def _domain_evaluator(run: loop.Run, params, eval_step):
   """domain name -> test-split loss / perplexity. Independent experts are evaluated as the
   domain's cluster's expert, projected to its dense model: what a PN does, whose domain batches
-  are all routed to that cluster (RunData.domain_cluster)."""
+  are all routed to that cluster (pipeline.domain_cluster)."""
   independent = run.config.model.get("independent_experts", False)
   if independent:
     small = small_model_config(run.config.model)
@@ -86,7 +87,7 @@ def _domain_evaluator(run: loop.Run, params, eval_step):
     if independent:
       cfg.model = small
       domain_run = dataclasses.replace(domain_run, model=model)
-      p, _ = project(params, run.config.model, run.run_data.domain_cluster(name))
+      p, _ = project(params, run.config.model, pipeline.domain_cluster(run.run_data, name))
     return loop.evaluate(domain_run, eval_step, p, split="test")
 
   return on_domain

@@ -88,10 +88,10 @@ def _kind(model_cfg) -> str:
 
 def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, dict]:
   domain, budget = config.data.domain, config.data.domain_tokens or None
-  hist = select.domain_histogram(run_data, domain, budget)
+  hist = pipeline.domain_histogram(run_data, domain, rule="budget", max_tokens=budget)
   info = {"domain_histogram": [round(float(x), 4) for x in hist]}
   if config.specialize.select == "frequent":
-    return int(hist.argmax()), info
+    return pipeline.domain_cluster(run_data, domain, rule="budget", max_tokens=budget), info
   pre_cfg = unlocked(config)
   expert_params = None
   if pre.model.get("independent_experts", False):  # each expert scored as its dense model
@@ -101,8 +101,10 @@ def _pick_expert(config, pre, pre_params, run_data, mesh, rules) -> tuple[int, d
     pre_cfg.model = pre.model
   eval_step = jax.jit(make_eval_step(build_model(pre_cfg.model),
                                      logits_chunk=pre_cfg.model.logits_chunk))
-  losses = select.expert_losses(pre_cfg, run_data, eval_step, pre_params, mesh, domain,
-                                pre.model.k, budget, config.specialize.select_batches,
+  losses = select.expert_losses(run_data, eval_step, pre_params, mesh, domain, pre.model.k,
+                                budget, config.specialize.select_batches,
+                                batch_size=pre_cfg.data.batch_size,
+                                num_workers=pre_cfg.data.get("num_workers", 0),
                                 expert_params=expert_params)
   info["expert_losses"] = [round(float(x), 4) for x in losses]
   return int(losses.argmin()), info
@@ -153,9 +155,10 @@ def _fine_tune(config, workdir: str, pre: checkpoints.Saved, run_data: pipeline.
     summary.update(noft_valid_loss=before["validation"]["loss"],
                    noft_test_ppl=before["test"]["perplexity"])
 
-    train_iter = pipeline.domain_iterator(config, run_data, config.data.domain, "train",
-                                          max_tokens=budget, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+    train_iter = pipeline.domain_batches(
+        run_data, config.data.domain, "train", batch_size=config.data.batch_size,
+        seed=config.seed, max_tokens=budget, num_workers=config.data.get("num_workers", 0),
+        shard=pipeline.Shard(jax.process_index(), jax.process_count()))
     teacher_flops = 0.0
     if config.distill.teacher:
       train_iter, teacher_flops = _with_teacher(config, train_iter, mesh, rules)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -24,7 +22,6 @@ import numpy as np
 from pn_jax import workdir_lock
 from pn_jax.config import ConfigError, routed, validate
 from pn_jax.data import pipeline
-from pn_jax.specialize import select
 from pn_jax.specialize.finetune import check_domain
 from pn_jax.train import loop
 
@@ -42,37 +39,6 @@ def sequence_probs(seq_cluster: np.ndarray, domain_hist: np.ndarray) -> tuple[np
   ess = 1.0 / float(np.sum(p * p))  # effective number of distinct sequences drawn from
   return p, {"weights": w.round(4).tolist(), "generic_hist": generic.round(4).tolist(),
              "domain_hist": np.asarray(domain_hist).round(4).tolist(), "ess_sequences": ess}
-
-
-class ImportanceBatches:
-  """Random-access source: step -> local batch of `batch_size` weighted draws."""
-
-  def __init__(self, packed: pipeline.Packed, probs: np.ndarray, *, batch_size: int, seq_len: int,
-               pad_id: int, seed: int, process_index: int, process_count: int):
-    self.packed, self.probs = packed, probs
-    self.cdf = np.cumsum(probs)
-    self.b, self.t, self.pad_id, self.seed = batch_size, seq_len, pad_id, seed
-    self.lo = process_index * (batch_size // process_count)
-    self.hi = self.lo + batch_size // process_count
-
-  def __len__(self):
-    return sys.maxsize
-
-  def __getitem__(self, step: int):
-    u = np.random.default_rng([self.seed, int(step)]).random(self.b)
-    rows = np.minimum(np.searchsorted(self.cdf, u * self.cdf[-1], side="right"),
-                      len(self.cdf) - 1).astype(np.int64)
-    return pipeline.make_batch(self.packed, rows[self.lo:self.hi], self.t, self.pad_id)
-
-
-def importance_iterator(config, run_data, probs, *, process_index=0, process_count=1):
-  source = ImportanceBatches(run_data.train, probs, batch_size=int(config.data.batch_size),
-                             seq_len=run_data.seq_len, pad_id=run_data.tokenizer.pad_id,
-                             seed=int(config.seed), process_index=process_index,
-                             process_count=process_count)
-  ds = grain.MapDataset.source(source).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
-  return iter(ds)
 
 
 def pretrain_importance(config: ml_collections.ConfigDict, workdir: str, *,
@@ -94,10 +60,13 @@ def _pretrain_locked(config, workdir: str, domain: str, allow_config_change: boo
   """pretrain_importance, once checked and holding the workdir lock."""
   run = loop.setup(config, workdir, allow_config_change=allow_config_change)
   check_domain(run.run_data, domain)
-  hist = select.domain_histogram(run.run_data, domain, config.data.domain_tokens or None)
+  hist = pipeline.domain_histogram(run.run_data, domain, rule="budget",
+                                   max_tokens=config.data.domain_tokens or None)
   probs, info = sequence_probs(run.run_data.train.cluster, hist)
-  it = importance_iterator(config, run.run_data, probs, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+  it = pipeline.importance_batches(
+      run.run_data, probs, batch_size=config.data.batch_size, seed=config.seed,
+      num_workers=config.data.get("num_workers", 0),
+      shard=pipeline.Shard(jax.process_index(), jax.process_count()))
   result = loop.fit(run, it, desc=f"pretrain-is[{domain}]",
                     allow_config_change=allow_config_change)
   if jax.process_index() == 0:  # after fit: a refused resume leaves the run's record as it was

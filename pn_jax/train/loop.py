@@ -93,8 +93,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *,
 def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[str, float]:
   """Token-weighted mean loss and perplexity over the eval iterator."""
   total, count = 0.0, 0.0
-  it = pipeline.eval_iterator(run.config, run.run_data, split=split,
-                              **distributed.data_shard(run.mesh, run.config.data.batch_size))
+  d = run.config.data
+  it = pipeline.eval_batches(
+      run.run_data, split=split, domain=d.get("domain", "") or "", batch_size=d.batch_size,
+      max_batches=d.eval_batches, mode=d.cluster_batching, num_workers=d.get("num_workers", 0),
+      shard=pipeline.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
   for local in it:
     out = eval_step(params, mesh_lib.global_batch(local, run.mesh))
     total += float(out["loss_sum"])
@@ -183,8 +186,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   validate(config, device_count=jax.device_count())
   with workdir_lock.hold(workdir, "pretrain"):  # also checks it is writable, before data prep
     run = setup(config, workdir, allow_config_change=allow_config_change)
-    train_iter = pipeline.train_iterator(config, run.run_data,
-                                         **distributed.data_shard(run.mesh, config.data.batch_size))
+    d = config.data
+    train_iter = pipeline.train_batches(
+        run.run_data, batch_size=d.batch_size, mode=d.cluster_batching, seed=config.seed,
+        num_workers=d.get("num_workers", 0),
+        shard=pipeline.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
     return fit(run, train_iter, allow_config_change=allow_config_change)
 
 
