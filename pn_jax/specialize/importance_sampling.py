@@ -1,32 +1,22 @@
-"""SLM-is: pretrain a small dense model from scratch on generic data resampled towards a domain.
+"""SLM-is's sampler: generic training sequences resampled towards a domain (modes/importance.py).
 
 The generic training sequences are clustered as for PN (config.model.k clusters; the dense model
 ignores the ids). With P(c | domain) the share of the domain's training tokens in cluster c and
 P(c | generic) the share of generic sequences, sequence s is drawn with probability proportional
 to w(c_s) = P(c_s | domain) / P(c_s | generic), so the resampled set has the domain's cluster
 histogram. Batches are i.i.d. draws with replacement, seeded by (seed, step): the grain iterator's
-state is the step, so resuming is exact like the generic pipeline. The result is a normal
-pretraining run, specialized by plain fine-tuning (`--mode=specialize`). All its cost is per
-domain (paper Sec. 2.4).
+state is the step, so resuming is exact like the generic pipeline.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import grain
-import jax
-import ml_collections
 import numpy as np
 
-from pn_jax import workdir_lock
-from pn_jax.config import ConfigError, routed, validate
+from pn_jax.config import ConfigError
 from pn_jax.data import pipeline
-from pn_jax.specialize import select
-from pn_jax.specialize.finetune import check_domain
-from pn_jax.train import loop
 
 
 def sequence_probs(seq_cluster: np.ndarray, domain_hist: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -73,34 +63,3 @@ def importance_iterator(config, run_data, probs, *, process_index=0, process_cou
   ds = grain.MapDataset.source(source).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
   return iter(ds)
-
-
-def pretrain_importance(config: ml_collections.ConfigDict, workdir: str, *,
-                        allow_config_change: bool = False) -> dict:
-  """The importance mode: an SLM trained from scratch on the domain-resampled generic set."""
-  domain = config.data.domain
-  if not domain or domain == "all":
-    raise ConfigError(f"config.data.domain: importance sampling needs one domain, got {domain!r}")
-  if routed(config.model):
-    raise ConfigError(f"config.model.mlp_kind: SLM-is trains one dense model, got "
-                      f"mlp_kind={config.model.mlp_kind!r}, independent_experts="
-                      f"{config.model.get('independent_experts', False)}")
-  validate(config, device_count=jax.device_count())  # before the lock creates the workdir
-  with workdir_lock.hold(workdir, "importance"):
-    return _pretrain_locked(config, workdir, domain, allow_config_change)
-
-
-def _pretrain_locked(config, workdir: str, domain: str, allow_config_change: bool) -> dict:
-  """pretrain_importance, once checked and holding the workdir lock."""
-  run = loop.setup(config, workdir, allow_config_change=allow_config_change)
-  check_domain(run.run_data, domain)
-  hist = select.domain_histogram(run.run_data, domain, config.data.domain_tokens or None)
-  probs, info = sequence_probs(run.run_data.train.cluster, hist)
-  it = importance_iterator(config, run.run_data, probs, process_index=jax.process_index(),
-                           process_count=jax.process_count())
-  result = loop.fit(run, it, desc=f"pretrain-is[{domain}]",
-                    allow_config_change=allow_config_change)
-  if jax.process_index() == 0:  # after fit: a refused resume leaves the run's record as it was
-    with open(os.path.join(workdir, "importance.json"), "w") as f:
-      json.dump({"domain": domain, **info}, f, indent=1)
-  return {"domain": domain, "ess_sequences": info["ess_sequences"], **result}
