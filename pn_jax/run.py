@@ -84,7 +84,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *,
              model: ml_collections.ConfigDict | None = None, train_data: bool = False,
              load_data: bool = True, domain: str = "",
              allow_config_change: bool = False) -> Run:
-  """The run of a mode, in the order its checks have always run.
+  """The run of a mode: its config, data, mesh, rules and model.
 
   train_data (pretrain, importance; call it holding the workdir lock, since it writes): the
   config is validated, a resume with a changed config refused (unless `allow_config_change`)
