@@ -297,7 +297,7 @@ def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_s
       result = json.load(f)
   else:
     c = finetune_config(exp, init_from, domain, budget, teacher, init_step, overrides)
-    result, _ = _stage(stop, modes.specialize, c, workdir)
+    result, _ = _stage(stop, modes.MODES["specialize"], c, workdir)
   if "hit_step_cap" not in result:  # specialize.json written before the mode recorded it
     result["hit_step_cap"] = (int(result["steps"]) >= exp.finetune.steps
                               and result.get("stop_reason") != "early_stopping")
@@ -515,7 +515,7 @@ def _run_stages(exp, root, results, save, stop) -> None:
       continue
     spec, overrides, _ = method_spec(exp, name)
     c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
-    out, secs = _stage(stop, modes.pretrain, c, pre_dir(name))
+    out, secs = _stage(stop, modes.MODES["pretrain"], c, pre_dir(name))
     results["pretrain"][name] = _pretrain_record(exp, c, out, secs, pre_dir(name))
     save()
   results["equal_time"] = (equal_time_choice(exp, results, root)
@@ -585,7 +585,7 @@ def _importance_cell(exp, stop, results, save, root, corpus, tokenizer, domain, 
   pre_dir = os.path.join(root, "pretrain_is", cell_dir)
   pre_is = results.setdefault("pretrain_is", {})
   if cell not in pre_is:
-    out, secs = _stage(stop, modes.importance, c, pre_dir)
+    out, secs = _stage(stop, modes.MODES["importance"], c, pre_dir)
     _, final = _final_costs(pre_dir, c)
     pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
                         is_pretrain_train_seconds=final.get("train_seconds"),

@@ -87,12 +87,12 @@ def quiet(config, **train):
 def train_tiny_pn(prepared, directory, steps: int, checkpoint_every: int = 2) -> str:
   """A tiny PN pretrained for `steps` in directory/run (a copy of the `prepared` data)."""
   import shutil
-  from pn_jax.train import loop
+  from pn_jax.modes.pretrain import pretrain
   workdir = directory / "run"
   shutil.copytree(prepared, workdir)
   config = quiet(load_config("pn"), steps=steps, checkpoint_every=checkpoint_every,
                  eval_every=100)
-  loop.pretrain(config, str(workdir))
+  pretrain(config, str(workdir))
   return workdir
 
 

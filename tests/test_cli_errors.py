@@ -197,7 +197,7 @@ def test_config_arguments_take_effect():
     (dict(prompt="word " * 200), r"config\.sample\.prompt: \d+ tokens fill the model's max_len"),
 ])
 def test_sample_flags_out_of_range_are_refused(trained_pn, flags, match):
-  from pn_jax.sample import sample_mode
+  from pn_jax.modes.sample import sample_mode
   config = load_config("pn")
   config.sample.update(**flags)
   with pytest.raises(ConfigError, match=match):
@@ -205,7 +205,7 @@ def test_sample_flags_out_of_range_are_refused(trained_pn, flags, match):
 
 
 def test_sample_flags_in_range_sample(trained_pn):
-  from pn_jax.sample import sample_mode
+  from pn_jax.modes.sample import sample_mode
   config = load_config("pn")
   config.sample.update(cluster=3, max_new_tokens=2, num_samples=2, top_p=0.9, top_k=5)
   assert len(sample_mode(config, trained_pn)["samples"]) == 2

@@ -47,9 +47,9 @@ def _write_fake_costs(workdir, config, per_step):
 
 @pytest.fixture
 def fake_costs(monkeypatch):
-  """modes.pretrain followed by a fake costs.json; records every specialization config."""
+  """The pretrain mode followed by a fake costs.json; records every specialization config."""
   from pn_jax import modes
-  real_pretrain, real_specialize = modes.pretrain, modes.specialize
+  real_pretrain, real_specialize = modes.MODES["pretrain"], modes.MODES["specialize"]
   calls = []
 
   def pretrain(config, workdir):
@@ -61,8 +61,8 @@ def fake_costs(monkeypatch):
     calls.append((workdir, config.init_step))
     return real_specialize(config, workdir)
 
-  monkeypatch.setattr(modes, "pretrain", pretrain)
-  monkeypatch.setattr(modes, "specialize", specialize)
+  monkeypatch.setitem(modes.MODES, "pretrain", pretrain)
+  monkeypatch.setitem(modes.MODES, "specialize", specialize)
   return calls
 
 
@@ -144,7 +144,7 @@ def test_preempted_stage_stops_the_driver_and_a_rerun_completes_it(tmp_path, mon
   exp, root = _toy_experiment(), str(tmp_path / "exp")
   exp.methods = ml_collections.ConfigDict(dict(slm=("configs/slm.py:tiny", "")))
   exp.budgets = (2048,)
-  real_pretrain, real_specialize = modes.pretrain, modes.specialize
+  real_pretrain, real_specialize = modes.MODES["pretrain"], modes.MODES["specialize"]
 
   stop = experiment.StopRequest()
   stop._handle(signal.SIGTERM, None)  # a SIGTERM between stages: nothing starts
@@ -157,22 +157,22 @@ def test_preempted_stage_stops_the_driver_and_a_rerun_completes_it(tmp_path, mon
     config.train.stop_at_step = 4
     return {**real_pretrain(config, workdir), "stop_reason": "SIGTERM"}
 
-  monkeypatch.setattr(modes, "pretrain", preempted_pretrain)
+  monkeypatch.setitem(modes.MODES, "pretrain", preempted_pretrain)
   with pytest.raises(experiment.Preempted) as e:
     experiment.run(exp, root, experiment.StopRequest())
   assert e.value.exit_code == 143
   assert json.load(open(os.path.join(root, "results.json")))["pretrain"] == {}
   assert os.path.isdir(os.path.join(root, "pretrain", "slm", "checkpoints", "4"))
 
-  monkeypatch.setattr(modes, "pretrain", real_pretrain)
-  monkeypatch.setattr(modes, "specialize", lambda c, w: {"stop_reason": "SIGTERM", "step": 2})
+  monkeypatch.setitem(modes.MODES, "pretrain", real_pretrain)
+  monkeypatch.setitem(modes.MODES, "specialize", lambda c, w: {"stop_reason": "SIGTERM", "step": 2})
   with pytest.raises(experiment.Preempted):
     experiment.run(exp, root, experiment.StopRequest())
   saved = json.load(open(os.path.join(root, "results.json")))
   assert saved["pretrain"]["slm"]["steps"] == 8  # resumed from step 4, finished, recorded
   assert saved["specialize"]["legal/2048"] == {}  # the preempted cell is not
 
-  monkeypatch.setattr(modes, "specialize", real_specialize)
+  monkeypatch.setitem(modes.MODES, "specialize", real_specialize)
   done = experiment.run(exp, root, experiment.StopRequest())
   assert math.isfinite(done["specialize"]["legal/2048"]["slm"]["test_ppl"])
 
@@ -279,7 +279,7 @@ def test_parts_share_data_and_methods_share_pretraining(tmp_path):
   `data_root` uses the first part's corpus and tokenizer; a method's overrides win over the
   experiment's (own seed and length); the report merges the parts."""
   from pn_jax import experiment
-  from pn_jax.specialize import checkpoints
+  from pn_jax import saved_run
 
   exp, root = _toy_experiment(), str(tmp_path / "main")
   exp.budgets = (2048,)
@@ -302,7 +302,7 @@ def test_parts_share_data_and_methods_share_pretraining(tmp_path):
   assert not os.path.exists(tmp_path / "seeds" / "corpus")
   assert seeds["pretrain"]["slm_s1"]["steps"] == 4
   assert seeds["pretrain"]["slm_s1"]["tokens"] == 4 * 8 * 64
-  saved = checkpoints.load_saved(str(tmp_path / "seeds" / "pretrain" / "slm_s1")).config
+  saved = saved_run.load_saved(str(tmp_path / "seeds" / "pretrain" / "slm_s1")).config
   assert saved.seed == 1 and saved.optim.warmup_steps == 1
 
   merged = experiment.merge_results(main, [experiment.load_part(exp, str(tmp_path / "seeds"))])

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from conftest import copy_workdir, eval_batches, load_config, quiet, train_batches
-from pn_jax import modes
+from pn_jax import modes, saved_run
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, pipeline
 from pn_jax.model import build_model
 from pn_jax.model.experts import IndependentLM
 from pn_jax.model.transformer import init_params
+from pn_jax.modes.pretrain import pretrain
+from pn_jax.modes.specialize import open_specialize_run, pick_expert
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints, finetune
 from pn_jax.specialize.project import project
-from pn_jax.train import loop
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import TrainState, create_state
 from pn_jax.train.compile import step_options
@@ -287,10 +287,10 @@ def test_a_cluster_without_sequences_is_a_data_error(mix_data):
 
 def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
   pre = copy_workdir(prepared, tmp_path, "mix")
-  result = loop.pretrain(quiet(load_config("mix"), steps=4, log_every=2, eval_every=4,
+  result = pretrain(quiet(load_config("mix"), steps=4, log_every=2, eval_every=4,
                                 checkpoint_every=4), pre)
   assert result["step"] == 4 and np.isfinite(result["eval_loss"])
-  saved = checkpoints.load_saved(pre)
+  saved = saved_run.load_saved(pre)
   assert "independent experts" in saved.describe()
 
   config = load_config("finetune")
@@ -298,11 +298,11 @@ def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
   quiet(config, steps=4, eval_every=2, checkpoint_every=2)
   out = str(tmp_path / "mix_legal")
   spec = modes.MODES["specialize"](config, out)
-  run_data = checkpoints.pretraining_run_data(pre)
+  run_data = saved_run.pretraining_run_data(saved)
   assert spec["pretrained_kind"] == "independent"
   assert spec["cluster"] == pipeline.domain_cluster(run_data, DOMAIN, rule="budget")
   assert np.isfinite(spec["test_ppl"]) and np.isfinite(spec["noft_test_ppl"])
-  small = checkpoints.load_saved(out)
+  small = saved_run.load_saved(out)
   assert small.model.mlp_kind == "dense" and not routed(small.model)
 
   # eval mode on the mixture routes the domain to its cluster's expert: the no-ft perplexity
@@ -312,12 +312,12 @@ def test_pretrain_and_specialize_end_to_end(prepared, tmp_path):
   np.testing.assert_allclose(got["perplexity"], spec["noft_test_ppl"], rtol=1e-4)
 
   # select=lowest_loss scores each expert as its own dense model
-  sel = finetune.finetune_config(load_config("finetune", "tiny,select=lowest_loss"), saved)
-  sel.data.domain = DOMAIN
-  mesh, rules = mesh_lib.make_mesh(sel), mesh_lib.logical_rules(sel)
-  with mesh_lib.activate(mesh, rules):
-    params = checkpoints.restore_params(saved, mesh, rules)
-    cluster, info = finetune._pick_expert(sel, saved, params, run_data, mesh, rules)
+  sel = load_config("finetune", "tiny,select=lowest_loss")
+  sel.init_from, sel.data.domain = pre, DOMAIN
+  run = open_specialize_run(sel, str(tmp_path / "unwritten"))
+  with mesh_lib.activate(run.mesh, run.rules):
+    params = saved_run.restore_params(saved, run.mesh, run.rules)
+    cluster, info = pick_expert(run, params)
   losses = info["expert_losses"]
   assert len(losses) == 4 and cluster == int(np.argmin(losses)) and np.ptp(losses) > 1e-4
 

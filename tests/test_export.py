@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import load_config
-from pn_jax import export, modes
+from pn_jax import modes, safetensors_io
 from pn_jax.config import ConfigError
 from pn_jax.model import build_model
 from pn_jax.model.transformer import init_params
@@ -32,12 +32,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
   cfg = load_config("slm").model
   model = build_model(cfg)
   params = nn.unbox(init_params(model, jax.random.key(3)))
-  out = export.save(str(tmp_path / "exp"), params, cfg, metadata={"domain": "legal"})
-  tensors = load_file(os.path.join(out, export.WEIGHTS))
+  out = safetensors_io.save(str(tmp_path / "exp"), params, cfg, metadata={"domain": "legal"})
+  tensors = load_file(os.path.join(out, safetensors_io.WEIGHTS))
   assert "blocks.attn.wq" in tensors and tensors["blocks.mlp.w_in"].shape == (2, 64, 256)
-  with open(os.path.join(out, export.CONFIG)) as f:
+  with open(os.path.join(out, safetensors_io.CONFIG)) as f:
     assert json.load(f)["domain"] == "legal"
-  model2, params2, info = export.load(out)
+  model2, params2, info = safetensors_io.load(out)
   assert info["model"]["d_model"] == cfg.d_model
   np.testing.assert_array_equal(_logits(model2, params2), _logits(model, params))
 
@@ -65,7 +65,7 @@ def test_export_mode_projects_a_pn_checkpoint(pn_checkpoint):
   config.sample.cluster = 2
   result = modes.MODES["export"](config, workdir)
   assert result["step"] == 7 and result["cluster"] == 2
-  model, params, info = export.load(result["export_dir"])
+  model, params, info = safetensors_io.load(result["export_dir"])
   assert info["model"]["mlp_kind"] == "dense" and "T_in" not in params["blocks"]["mlp"]
   want = _logits(build_model(config.model), pn_params, cluster=2)
   np.testing.assert_allclose(_logits(model, params), want, atol=2e-5, rtol=2e-5)

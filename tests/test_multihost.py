@@ -15,8 +15,8 @@ import pytest
 
 from conftest import REPO, load_config, write_small_corpus
 from pn_jax.data import pipeline
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.parallel import distributed
-from pn_jax.train import loop
 
 sys.path.insert(0, str(REPO / "launch"))
 import local as local_launch  # noqa: E402  launch/local.py
@@ -55,7 +55,7 @@ def test_two_processes_resume_equals_one_process(prepared, tmp_path):
   shutil.copytree(prepared, ref)
   assert jax.device_count() == 8
   t0 = time.time()
-  loop.pretrain(tiny_config(corpus), str(ref))
+  pretrain(tiny_config(corpus), str(ref))
   timings = {"reference": time.time() - t0}
 
   # 2 processes x 4 devices: stop (checkpoint) at STOP, restart both, resume to STEPS.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import copy_workdir, load_config
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import loop
 from pn_jax.train.checkpoint import Checkpointer
@@ -75,15 +76,15 @@ def test_resumed_early_stopping_stops_where_an_uninterrupted_run_does(prepared, 
                   early_stop_patience=3)
   straight = copy_workdir(prepared, tmp_path, "straight")
   _scripted_evals(monkeypatch, losses)
-  ref = loop.pretrain(small_run(load_config("pn"), **settings), straight)
+  ref = pretrain(small_run(load_config("pn"), **settings), straight)
   assert (ref["stopped_at"], ref["stop_reason"], ref["best_step"]) == (10, "early_stopping", 4)
 
   resumed = copy_workdir(prepared, tmp_path, "resumed")
   _scripted_evals(monkeypatch, losses[:3])  # evals at 2, 4, 6
-  first = loop.pretrain(small_run(load_config("pn"), stop_at_step=7, **settings), resumed)
+  first = pretrain(small_run(load_config("pn"), stop_at_step=7, **settings), resumed)
   assert (first["stopped_at"], first["stop_reason"]) == (7, "stop_at_step")
   _scripted_evals(monkeypatch, losses[3:])  # evals at 8, 10, ...
-  out = loop.pretrain(small_run(load_config("pn"), **settings), resumed)
+  out = pretrain(small_run(load_config("pn"), **settings), resumed)
   assert (out["stopped_at"], out["stop_reason"]) == (10, "early_stopping")
   assert (out["best_step"], out["best_eval_loss"]) == (ref["best_step"], ref["best_eval_loss"])
   jax.tree.map(np.testing.assert_array_equal, final_params(straight, load_config("pn")),
@@ -91,7 +92,7 @@ def test_resumed_early_stopping_stops_where_an_uninterrupted_run_does(prepared, 
 
   # Rerunning a finished run trains no further and reports the same best step.
   _scripted_evals(monkeypatch, [])
-  again = loop.pretrain(small_run(load_config("pn"), **settings), resumed)
+  again = pretrain(small_run(load_config("pn"), **settings), resumed)
   assert (again["step"], again["stop_reason"], again["best_step"]) == (10, "early_stopping", 4)
   assert Checkpointer(resumed, read_only=True).latest_step() == 10
 
@@ -99,7 +100,7 @@ def test_resumed_early_stopping_stops_where_an_uninterrupted_run_does(prepared, 
 def test_costs_record_every_checkpoint_and_survive_a_resume(prepared, tmp_path):
   config = small_run(load_config("pn"), steps=6, checkpoint_every=2, eval_every=4, log_every=1)
   workdir = copy_workdir(prepared, tmp_path)
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
   costs = read_costs(workdir)
   assert costs["device"] == jax.devices()[0].device_kind
   assert costs["device_count"] == jax.device_count() == 8
@@ -124,7 +125,7 @@ def test_costs_record_every_checkpoint_and_survive_a_resume(prepared, tmp_path):
   # Resume from step 4 (step 6 lost): entries up to 4 kept, 6 dropped, seconds continue from 4.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   config.train.steps = 5
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
   after = read_costs(workdir)["steps"]
   assert sorted(after, key=int) == ["2", "4", "5"]
   assert after["2"] == steps["2"] and after["4"] == steps["4"]
@@ -140,11 +141,11 @@ def test_checkpoints_without_progress_still_resume(prepared, tmp_path, monkeypat
                       lambda self, *a, progress=None, **k: real(self, *a, **k))
   config = small_run(load_config("pn"), steps=2, checkpoint_every=2, eval_every=2, log_every=1)
   workdir = copy_workdir(prepared, tmp_path)
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
   assert Checkpointer(workdir, read_only=True).saved_progress(2) is None
   monkeypatch.setattr(Checkpointer, "save", real)
   config.train.steps = 4
-  assert loop.pretrain(config, workdir)["best_step"] == 4  # the step-2 eval was forgotten
+  assert pretrain(config, workdir)["best_step"] == 4  # the step-2 eval was forgotten
   steps = read_costs(workdir)["steps"]
   assert steps["4"]["train_seconds"] >= steps["2"]["train_seconds"] > 0
   assert Checkpointer(workdir, read_only=True).saved_progress(4)["early_stop"]["best_step"] == 4

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, copy_workdir, load_config, train_tiny_pn
+from pn_jax.config import ConfigError
 from pn_jax.model import build_model
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.train import loop, preflight
+from pn_jax.train import preflight
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import state_shardings
@@ -205,7 +207,7 @@ def test_nan_skip_leaves_params_unchanged_and_counts(prepared, tmp_path, monkeyp
   config.train.update(steps=6, nan_policy="skip", checkpoint_every=1, keep_checkpoints=10,
                       log_every=1, eval_every=100, async_checkpoint=False)
   workdir = copy_workdir(prepared, tmp_path)
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
 
   p3, p4, p5 = (_params_at(workdir, config, s) for s in (3, 4, 5))
   jax.tree.map(np.testing.assert_array_equal, p3, p4)  # the bad update was dropped
@@ -217,7 +219,7 @@ def test_nan_skip_leaves_params_unchanged_and_counts(prepared, tmp_path, monkeyp
 
   monkeypatch.setattr(mesh_lib, "global_batch", real)
   config.train.steps = 7  # the count lives in the optimizer state: it survives a resume
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
   rows = [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
   assert [r["skipped_steps"] for r in rows if r["split"] == "train"][-1] == 1
 
@@ -250,9 +252,9 @@ def test_indivisible_mesh_is_a_config_error(prepared, tmp_path):
   config = load_config("pn")
   config.model.update(d_model=36, n_heads=2)  # head_dim 18; d_model is split over fsdp=8
   config.mesh.update(data=1, fsdp=8, tensor=1)
-  with pytest.raises(loop.ConfigError, match=r"config\.mesh: 10 parameter\(s\) cannot be split "
+  with pytest.raises(ConfigError, match=r"config\.mesh: 10 parameter\(s\) cannot be split "
                      r"evenly.*\['wk'\] \(2, 36, 2, 18\): dim 1 \(36\) is split over mesh fsdp=8"):
-    loop.pretrain(config, copy_workdir(prepared, tmp_path))
+    pretrain(config, copy_workdir(prepared, tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +365,7 @@ def test_disk_too_small_for_a_checkpoint_fails_before_training(prepared, tmp_pat
   with pytest.raises(preflight.WorkdirError,
                      match=r"has 10\.1 MiB free but a checkpoint needs about 13\.5 MiB "
                      r"\(2 x 6\.8 MiB of params \+ optimizer state\); free some space"):
-    loop.pretrain(config, workdir)
+    pretrain(config, workdir)
   assert train_losses(workdir) == [] and latest(workdir) is None
 
 
@@ -385,7 +387,7 @@ def test_disk_filling_up_mid_run_names_the_kept_checkpoint(prepared, tmp_path, m
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
   with pytest.raises(CheckpointError) as err:
-    loop.pretrain(config, workdir)
+    pretrain(config, workdir)
   assert str(err.value) == (
       f"could not write checkpoint step 4 to {workdir}/checkpoints: No space left on device "
       "(errno 28); the last complete checkpoint, step 2, is kept: fix the cause and rerun to "
@@ -393,7 +395,7 @@ def test_disk_filling_up_mid_run_names_the_kept_checkpoint(prepared, tmp_path, m
   assert latest(workdir) == 2
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
-  assert loop.pretrain(config, workdir)["step"] == 6
+  assert pretrain(config, workdir)["step"] == 6
   assert latest(workdir) == 6
 
 
@@ -414,9 +416,9 @@ def test_wall_clock_checkpoints(prepared, tmp_path):
   config.train.update(steps=4, checkpoint_every=1000, checkpoint_every_minutes=1e-9,
                       keep_checkpoints=10, eval_every=100, async_checkpoint=False)
   workdir = copy_workdir(prepared, tmp_path)
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3, 4]
 
   config.train.checkpoint_every_minutes = -1.0
-  with pytest.raises(loop.ConfigError, match="train.checkpoint_every_minutes: must be >= 0"):
-    loop.pretrain(config, copy_workdir(prepared, tmp_path, "bad"))
+  with pytest.raises(ConfigError, match="train.checkpoint_every_minutes: must be >= 0"):
+    pretrain(config, copy_workdir(prepared, tmp_path, "bad"))

@@ -15,7 +15,8 @@ import pytest
 from conftest import copy_workdir, load_config, snapshot, train_tiny_pn, write_small_corpus
 from pn_jax.config import ConfigError
 from pn_jax.data import DataError, pipeline, provenance
-from pn_jax.train import loop, resume_check
+from pn_jax.modes.pretrain import pretrain
+from pn_jax.train import resume_check
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from test_reliability import cli, run_cli
 
@@ -165,7 +166,7 @@ def test_a_refused_resume_prepares_no_data(trained, tmp_path):
   config.data.seq_len = 32
   before = snapshot(workdir, ignore=("LOCK",))
   with pytest.raises(ConfigError, match=r"data\.seq_len: 64 -> 32"):
-    loop.pretrain(config, workdir)
+    pretrain(config, workdir)
   assert snapshot(workdir, ignore=("LOCK",)) == before
 
 
@@ -187,7 +188,7 @@ def test_shape_changing_key_is_refused_naming_it_even_when_allowed(trained, tmp_
   config = resumed(load_config("pn", "tiny,h=4"), steps=4)
   config.optim.lr = 1e-3  # listed with --allow_config_change, but not the cause
   with pytest.raises(CheckpointError) as e:
-    loop.pretrain(config, workdir, allow_config_change=True)
+    pretrain(config, workdir, allow_config_change=True)
   message = str(e.value)
   assert "\n" not in message
   assert message.startswith("checkpoint step 2 (params) does not match this config's model: "
@@ -202,7 +203,7 @@ def test_shape_changing_key_is_refused_naming_it_even_when_allowed(trained, tmp_
   config = resumed(load_config("pn"), steps=4, nan_policy="skip")  # adds optimizer state
   with pytest.raises(CheckpointError, match=r"^checkpoint step 2 \(opt_state\) does not match "
                      r"this config's optimizer: train.nan_policy: \"stop\" -> \"skip\" changes"):
-    loop.pretrain(config, workdir, allow_config_change=True)
+    pretrain(config, workdir, allow_config_change=True)
 
 
 def test_keys_added_by_a_newer_version_at_their_default_are_not_changes():

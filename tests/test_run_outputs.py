@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import copy_workdir, load_config, snapshot
-from pn_jax import experiment, export, modes, sweep_results
+from pn_jax import experiment, modes, safetensors_io, sweep_results
 from pn_jax.model import build_model
 from pn_jax.model.transformer import init_params
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.train import loop, metrics
+from pn_jax.train import metrics
 from pn_jax.train.checkpoint import Checkpointer
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state
@@ -167,7 +168,7 @@ def test_a_refused_resume_writes_nothing(prepared, tmp_path):
   config = load_config("pn", "tiny,h=4")
   config.train.steps = 4
   with pytest.raises(modes.USER_ERRORS):  # (the shapes differ)
-    loop.pretrain(config, workdir)
+    pretrain(config, workdir)
   assert snapshot(workdir, ignore=("LOCK",)) == before
 
 
@@ -189,15 +190,16 @@ def test_export_is_0644_and_a_second_export_replaces_the_first(tmp_path):
   out = tmp_path / "export"
   tok = tmp_path / "tok.model"
   tok.write_bytes(b"sentencepiece")
-  export.save(str(out), *_dense(1), tokenizer_path=str(tok), metadata={"step": 1})
+  safetensors_io.save(str(out), *_dense(1), tokenizer_path=str(tok), metadata={"step": 1})
   modes_of = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-  assert modes_of == {export.WEIGHTS: 0o644, export.CONFIG: 0o644, "tokenizer.model": 0o644}
+  assert modes_of == {safetensors_io.WEIGHTS: 0o644, safetensors_io.CONFIG: 0o644,
+                      "tokenizer.model": 0o644}
   assert out.stat().st_mode & 0o777 == 0o755
   params, cfg = _dense(2)
-  export.save(str(out), params, cfg, metadata={"step": 2})
-  _, loaded, info = export.load(str(out))
-  assert info["step"] == 2 and sorted(p.name for p in out.iterdir()) == [export.CONFIG,
-                                                                         export.WEIGHTS]
+  safetensors_io.save(str(out), params, cfg, metadata={"step": 2})
+  _, loaded, info = safetensors_io.load(str(out))
+  assert info["step"] == 2 and sorted(p.name for p in out.iterdir()) == [
+      safetensors_io.CONFIG, safetensors_io.WEIGHTS]
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tok.model"]  # no leftovers
 
@@ -205,7 +207,7 @@ def test_export_is_0644_and_a_second_export_replaces_the_first(tmp_path):
 @pytest.mark.parametrize("failing", ["json.dump", "save_file"])
 def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch, failing):
   out = tmp_path / "export"
-  export.save(str(out), *_dense(1), metadata={"step": 1})
+  safetensors_io.save(str(out), *_dense(1), metadata={"step": 1})
   before = _tree(tmp_path)
 
   def broken(*args, **kwargs):
@@ -213,10 +215,10 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch, failing)
       pathlib.Path(args[1]).write_bytes(b"half")  # what a crash mid-write leaves
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(export.json if failing == "json.dump" else export, failing.split(".")[-1],
-                      broken)
+  monkeypatch.setattr(safetensors_io.json if failing == "json.dump" else safetensors_io,
+                      failing.split(".")[-1], broken)
   with pytest.raises(OSError, match="No space"):
-    export.save(str(out), *_dense(2), metadata={"step": 2})
+    safetensors_io.save(str(out), *_dense(2), metadata={"step": 2})
   assert _tree(tmp_path) == before
 
 
@@ -224,15 +226,16 @@ def test_export_refuses_a_path_that_is_not_an_export(tmp_path):
   out = tmp_path / "export"
   out.mkdir()
   (out / "notes.txt").write_text("mine")
-  with pytest.raises(export.ExportError, match=r"export path .*/export exists and is not a "
-                     r"pn-jax export \(a directory holding \['notes.txt'\]\); move it aside"):
-    export.save(str(out), *_dense(1))
+  with pytest.raises(safetensors_io.ExportError,
+                     match=r"export path .*/export exists and is not a pn-jax export "
+                     r"\(a directory holding \['notes.txt'\]\); move it aside"):
+    safetensors_io.save(str(out), *_dense(1))
   (out / "notes.txt").unlink()
-  (out / export.CONFIG).write_text('{"format": "hf"}')
-  with pytest.raises(export.ExportError, match="a config.json of format 'hf'"):
-    export.save(str(out), *_dense(1))
+  (out / safetensors_io.CONFIG).write_text('{"format": "hf"}')
+  with pytest.raises(safetensors_io.ExportError, match="a config.json of format 'hf'"):
+    safetensors_io.save(str(out), *_dense(1))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-  assert isinstance(export.ExportError("x"), modes.USER_ERRORS)
+  assert isinstance(safetensors_io.ExportError("x"), modes.USER_ERRORS)
 
 
 def test_cli_export_onto_a_file_is_a_one_line_error(tmp_path):

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import load_config, quiet
-from pn_jax import modes
+from pn_jax import modes, saved_run
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints, finetune, importance
+from pn_jax.modes.specialize import open_specialize_run, pick_expert
+from pn_jax.specialize import importance_sampling
 from pn_jax.train import loop
 from pn_jax.train.checkpoint import CheckpointError
 
@@ -26,7 +28,7 @@ def pretrained(tmp_path_factory):
   """A tiny PN pretrained for a few steps (its workdir holds tokenizer, clusters, checkpoints at
   steps 10 and 20)."""
   workdir = str(tmp_path_factory.mktemp("pn"))
-  loop.pretrain(quiet(load_config("pn"), steps=20, eval_every=20, checkpoint_every=10), workdir)
+  pretrain(quiet(load_config("pn"), steps=20, eval_every=20, checkpoint_every=10), workdir)
   return workdir
 
 
@@ -66,10 +68,10 @@ def test_specialize_end_to_end(pretrained, specialized):
   assert result["best_valid_loss"] < result["noft_valid_loss"] - 0.1, result
   assert result["test_ppl"] < result["noft_test_ppl"], result
   # the projection used the domain's most frequent cluster
-  run_data = checkpoints.pretraining_run_data(pretrained)
+  run_data = saved_run.pretraining_run_data(saved_run.load_saved(pretrained))
   assert result["cluster"] == pipeline.domain_cluster(run_data, DOMAIN, rule="budget")
   # the small model is its own run: dense checkpoint whose config points back at the PN
-  saved = checkpoints.load_saved(workdir)
+  saved = saved_run.load_saved(workdir)
   assert saved.model.mlp_kind == "dense" and saved.config.init_from == pretrained
   assert saved.step == result["steps"]
   with open(os.path.join(workdir, "specialize.json")) as f:
@@ -223,17 +225,15 @@ def test_dense_checkpoint_fine_tunes_and_distills(pretrained, specialized, tmp_p
   assert abs(result["test_ppl"] - lm_only["test_ppl"]) > 1e-3 * lm_only["test_ppl"]
 
 
-def test_lowest_loss_selection(pretrained):
+def test_lowest_loss_selection(pretrained, tmp_path):
   """select='lowest_loss' scores every expert on the domain set and takes the best."""
   config = finetune_config(pretrained, "tiny,select=lowest_loss")
-  pre = checkpoints.load_saved(pretrained)
   with no_generic_training_set():
-    run_data = checkpoints.pretraining_run_data(pretrained)
-  config = finetune.finetune_config(config, pre)
-  mesh, rules = mesh_lib.make_mesh(config), mesh_lib.logical_rules(config)
-  with mesh_lib.activate(mesh, rules), no_generic_training_set():
-    params = checkpoints.restore_params(pre, mesh, rules)
-    cluster, info = finetune._pick_expert(config, pre, params, run_data, mesh, rules)
+    run = open_specialize_run(config, str(tmp_path / "unwritten"))
+  with mesh_lib.activate(run.mesh, run.rules), no_generic_training_set():
+    params = saved_run.restore_params(run.source, run.mesh, run.rules)
+    cluster, info = pick_expert(run, params)
+  assert not (tmp_path / "unwritten").exists()  # opening the run wrote nothing
   losses = info["expert_losses"]
   assert len(losses) == 4 and cluster == int(np.argmin(losses))
   assert max(losses) - min(losses) > 1e-3  # the experts really differ on the domain
@@ -251,7 +251,7 @@ def test_bad_checkpoints_are_refused(pretrained, tmp_path):
 def test_importance_weights_match_the_domain_histogram():
   seq_cluster = np.repeat(np.arange(4), [100, 50, 25, 25])
   domain = np.array([0.1, 0.2, 0.0, 0.7])
-  probs, info = importance.sequence_probs(seq_cluster, domain)
+  probs, info = importance_sampling.sequence_probs(seq_cluster, domain)
   np.testing.assert_allclose(np.bincount(seq_cluster, weights=probs, minlength=4), domain)
   np.testing.assert_allclose(info["weights"], [0.2, 0.8, 0.0, 5.6], atol=1e-4)  # domain/generic
 

@@ -52,10 +52,8 @@ LAYERS = {
     "pn_jax.specialize": 4,
     "pn_jax.generate": 4,
     "pn_jax.safetensors_io": 4,
-    "pn_jax.sample": 4,  # until split into generate.py + modes/sample.py
-    "pn_jax.export": 4,  # until split into safetensors_io.py + modes/export.py
     # 5: the user journeys: one entry function per mode (modes/*.py), the table in
-    # modes/__init__.py (modes.py before the split).
+    # modes/__init__.py.
     "pn_jax.modes": 5,
     # 6: commands that run several journeys or time them: experiments, sweeps, the benchmark.
     "pn_jax.experiment": 6,

@@ -13,7 +13,9 @@ import pytest
 from conftest import REPO, copy_workdir, load_config
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.run import Run
 from pn_jax.train import loop
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.optimizer import make_optimizer
@@ -44,7 +46,7 @@ def read_metrics(workdir, split="train"):
 def test_loss_decreases(prepared, tmp_path):
   config = small_run(load_config("pn"), steps=60, log_every=5, eval_every=30, checkpoint_every=60)
   workdir = copy_workdir(prepared, tmp_path)
-  result = loop.pretrain(config, workdir)
+  result = pretrain(config, workdir)
   train = read_metrics(workdir)
   assert train[-1]["loss"] < train[0]["loss"] - 0.8, train
   evals = read_metrics(workdir, "eval")
@@ -58,13 +60,13 @@ def test_resume_is_exact(prepared, tmp_path, kind):
   n = 6
   settings = dict(steps=2 * n, log_every=1, eval_every=100, checkpoint_every=100)
   straight = copy_workdir(prepared, tmp_path, "straight")
-  loop.pretrain(small_run(load_config(kind), **settings), straight)
+  pretrain(small_run(load_config(kind), **settings), straight)
 
   resumed = copy_workdir(prepared, tmp_path, "resumed")
-  first = loop.pretrain(small_run(load_config(kind), stop_at_step=n, **settings), resumed)
+  first = pretrain(small_run(load_config(kind), stop_at_step=n, **settings), resumed)
   assert first["stopped_at"] == n
   assert Checkpointer(resumed, read_only=True).latest_step() == n
-  loop.pretrain(small_run(load_config(kind), **settings), resumed)
+  pretrain(small_run(load_config(kind), **settings), resumed)
 
   cfg = load_config(kind)
   a, b = final_params(straight, cfg), final_params(resumed, cfg)
@@ -133,12 +135,12 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
   config = small_run(load_config("pn"), steps=4, eval_every=4, checkpoint_every=4)
   config.mesh.update(data=2, fsdp=2, tensor=2)
   workdir = copy_workdir(prepared, tmp_path)
-  result = loop.pretrain(config, workdir)
+  result = pretrain(config, workdir)
 
   one = load_config("pn")
   one.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = mesh_lib.make_mesh(one, jax.devices()[:1])
-  run = loop.Run(one, workdir, mesh, mesh_lib.logical_rules(one), build_model(one.model),
+  run = Run(one, workdir, mesh, mesh_lib.logical_rules(one), build_model(one.model),
                  pipeline.prepare_run_data(one, workdir))
   tx, _ = make_optimizer(one)
   with mesh_lib.activate(mesh, run.rules):
@@ -152,10 +154,10 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
 def test_incompatible_checkpoint_is_refused(prepared, tmp_path):
   config = small_run(load_config("pn"), steps=2, eval_every=2, checkpoint_every=2)
   workdir = copy_workdir(prepared, tmp_path)
-  loop.pretrain(config, workdir)
+  pretrain(config, workdir)
   other = small_run(load_config("pn", "tiny,h=4"), steps=4, eval_every=4, checkpoint_every=4)
   with pytest.raises(CheckpointError, match=r"T_in.*checkpoint \(2, 64, 256, 8\).*\(2, 64, 256, 4\)"):
-    loop.pretrain(other, workdir)
+    pretrain(other, workdir)
 
 
 def test_cli_pretrains_writes_events_and_resumes(prepared, tmp_path):

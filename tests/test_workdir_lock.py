@@ -21,8 +21,7 @@ from test_reliability import (LONG, cli, latest, result_line, run_cli, start_cli
                               wait_for)
 from pn_jax import modes, workdir_lock
 from pn_jax.config import ConfigError
-from pn_jax.specialize import finetune
-from pn_jax.train import loop
+from pn_jax.modes.pretrain import pretrain
 from pn_jax.train.preflight import WorkdirError
 
 DOMAIN = "legal"
@@ -38,7 +37,7 @@ def dense_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("slm")
   config = quiet(load_config("slm"), steps=4, eval_every=4, checkpoint_every=4)
   config.data.cache_dir = str(workdir / "cache")
-  loop.pretrain(config, str(workdir))
+  pretrain(config, str(workdir))
   return workdir
 
 
@@ -181,7 +180,7 @@ def test_workdir_equal_to_or_nested_with_init_from_is_refused(source, tmp_path, 
     config.init_from = str(tmp_path / "other")
     config.distill.teacher = str(run)
   with pytest.raises(ConfigError, match="must not write into the run it reads") as e:
-    finetune.specialize(config, workdir)
+    modes.MODES["specialize"](config, workdir)
   assert str(run) in str(e.value) and f"--workdir {workdir} " in str(e.value)
   assert snapshot(run) == before
 
@@ -192,13 +191,13 @@ def test_workdir_equal_to_or_nested_with_init_from_is_refused(source, tmp_path, 
 def test_specialize_eval_sample_export_write_nothing_into_init_from(dense_run, tmp_path):
   before = snapshot(dense_run)
   ft = str(tmp_path / "ft")
-  modes.specialize(finetune_config(dense_run, steps=2, eval_every=2), ft)
+  modes.MODES["specialize"](finetune_config(dense_run, steps=2, eval_every=2), ft)
   config = quiet(load_config("finetune"))
-  modes.evaluate(config, ft)
-  modes.evaluate(config, str(dense_run))
+  modes.MODES["eval"](config, ft)
+  modes.MODES["eval"](config, str(dense_run))
   config.sample.update(max_new_tokens=2, num_samples=1)
-  modes.sample(config, ft)
-  modes.export(config, ft)
+  modes.MODES["sample"](config, ft)
+  modes.MODES["export"](config, ft)
   assert snapshot(dense_run) == before
   assert os.path.exists(os.path.join(ft, "export", "model.safetensors"))
 
@@ -227,7 +226,7 @@ def test_a_config_that_fails_validation_leaves_no_workdir(dense_run, tmp_path):
   bad = quiet(load_config("pn"))
   bad.model.n_heads = 3  # does not divide d_model
   with pytest.raises(ConfigError, match="n_heads"):
-    loop.pretrain(bad, str(tmp_path / "pretrain"))
+    pretrain(bad, str(tmp_path / "pretrain"))
   with pytest.raises(ConfigError, match="train.steps"):
-    finetune.specialize(finetune_config(dense_run, steps=0), str(tmp_path / "specialize"))
+    modes.MODES["specialize"](finetune_config(dense_run, steps=0), str(tmp_path / "specialize"))
   assert os.listdir(tmp_path) == []

@@ -3,7 +3,7 @@ IndependentLM hold.
 
 Built at the boundary from the run config's `model` section (`ModelConfig.from_config`), so the
 ConfigDict stops there. Frozen and made of scalars, it is hashable, and so is a model holding it:
-the model can be a static jit argument (pn_jax/sample.py::generate). Defaults and valid values
+the model can be a static jit argument (pn_jax/generate.py::generate). Defaults and valid values
 stay in pn_jax/config.py (base_config, validate); this type fixes the key set and the types.
 """
 

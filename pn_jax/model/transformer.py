@@ -82,7 +82,7 @@ class Attention(nn.Module):
                                 self.param_dtype).astype(self.dtype) for n in ("wq", "wk", "wv"))
     wo = logical_param(self, "wo", nn.initializers.normal(stddev=D ** -0.5), (N, H, D),
                        ("heads", "head_dim", "embed"), self.param_dtype).astype(self.dtype)
-    # Decoding (pn_jax.sample): a mutable "cache" collection holds this layer's keys/values.
+    # Decoding (pn_jax.generate): a mutable "cache" collection holds this layer's keys/values.
     # (init makes every collection mutable: it must still trace the training path.)
     decoding = self.is_mutable_collection("cache") and not self.is_initializing()
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)) if decoding else None

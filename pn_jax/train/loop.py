@@ -1,4 +1,4 @@
-"""The pretraining loop: config in, checkpoints and metrics out.
+"""The training loop of every mode that trains (`fit`): a run in, checkpoints and metrics out.
 
 The host dispatches step n, then reads step n-1's metrics, so it never waits on the device
 except at logging, checkpoint and eval boundaries. A checkpoint is written only after its step's
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -17,10 +18,7 @@ from absl import logging
 import ml_collections
 from tqdm import tqdm
 
-from pn_jax import workdir_lock
-from pn_jax.config import ConfigError, validate
 from pn_jax.data import pipeline
-from pn_jax.model import build_model
 from pn_jax.parallel import distributed, mesh as mesh_lib
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
@@ -32,6 +30,9 @@ from pn_jax.train.compile import compile_steps, step_options
 from pn_jax.train.metrics import MetricWriter, step_line
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state, state_shardings
+
+if TYPE_CHECKING:  # the run a mode opened (pn_jax/run.py), which builds on this package
+  from pn_jax.run import Run
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,41 +62,15 @@ class _CloseOnError:
           logging.error("while closing %s after an error: %s", type(c).__name__, e)
 
 
-@dataclasses.dataclass
-class Run:
-  """Everything a mode needs, built once from the config."""
-
-  config: ml_collections.ConfigDict
-  workdir: str
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  model: object  # LM or IndependentLM (pn_jax.model.build_model)
-  run_data: object
-
-
-def setup(config: ml_collections.ConfigDict, workdir: str, *,
-          allow_config_change: bool = False) -> Run:
-  """The run of a mode that trains on the generic corpus (pretrain, importance): its data
-  prepared in `workdir`, after a resume with a changed config has been refused."""
-  validate(config, device_count=jax.device_count())
-  if not allow_config_change:
-    resume_check.refuse_changed_resume(workdir, config)
-  mesh = mesh_lib.make_mesh(config)
-  run_data = pipeline.prepare_run_data(config, workdir, process_index=jax.process_index())
-  vocab = run_data.tokenizer.vocab_size
-  if vocab > config.model.vocab_size:
-    raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
-                      f"tokenizer's vocabulary ({vocab})")
-  return Run(config, workdir, mesh, mesh_lib.logical_rules(config), build_model(config.model),
-             run_data)
-
-
-def evaluate(run: Run, eval_step, params, *, split: str = "validation") -> dict[str, float]:
-  """Token-weighted mean loss and perplexity over the eval iterator."""
+def evaluate(run: Run, eval_step, params, *, split: str = "validation",
+             domain: str | None = None) -> dict[str, float]:
+  """Token-weighted mean loss and perplexity over `split` of the generic text, or of `domain`'s
+  text (None: the run's data.domain, "" for generic), with the run's eval batch settings."""
   total, count = 0.0, 0.0
   d = run.config.data
+  domain = (d.get("domain", "") or "") if domain is None else domain
   it = pipeline.eval_batches(
-      run.run_data, split=split, domain=d.get("domain", "") or "", batch_size=d.batch_size,
+      run.data, split=split, domain=domain, batch_size=d.batch_size,
       max_batches=d.eval_batches, mode=d.cluster_batching, num_workers=d.get("num_workers", 0),
       shard=pipeline.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
   for local in it:
@@ -177,21 +152,6 @@ class _WallClockSaves:
 
   def saved(self) -> None:
     self.last = time.monotonic()
-
-
-def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
-             allow_config_change: bool = False) -> dict[str, float]:
-  """Trains (or resumes) to config.train.steps on the generic corpus; returns final metrics.
-  The config is checked before the workdir lock creates the workdir (a refused run leaves none)."""
-  validate(config, device_count=jax.device_count())
-  with workdir_lock.hold(workdir, "pretrain"):  # also checks it is writable, before data prep
-    run = setup(config, workdir, allow_config_change=allow_config_change)
-    d = config.data
-    train_iter = pipeline.train_batches(
-        run.run_data, batch_size=d.batch_size, mode=d.cluster_batching, seed=config.seed,
-        num_workers=d.get("num_workers", 0),
-        shard=pipeline.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
-    return fit(run, train_iter, allow_config_change=allow_config_change)
 
 
 def evaluator(run: Run, eval_step, split: str):

@@ -1,12 +1,14 @@
-"""Reading another run's checkpoint (params only) and its data artefacts, for specialization.
+"""Reading a saved run: a checkpoint's config and params, and the pretraining run behind it.
 
 A specialized (or distilled) run records `init_from` in its saved config; following that chain
-leads to the pretraining run whose tokenizer and clusters every later stage must reuse.
+leads to the pretraining run whose tokenizer and clusters every later stage must reuse. The chain
+is followed once per loaded checkpoint (`Saved.root`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import ml_collections
@@ -39,6 +41,18 @@ class Saved:
       extra = f", k={m.k}, h={m.h}, m={m.m}" if routed(m) else ""
     return (f"{self.config.get('name', '?')!r} step {self.step}: mlp_kind={m.mlp_kind}, "
             f"d_model={m.d_model}, mlp_dim={m.mlp_dim}, n_layers={m.n_layers}{extra}")
+
+  @functools.cached_property
+  def root(self) -> "Saved":
+    """The pretraining run at the end of the init_from chain (this run if it has none); the
+    chain is read once per Saved."""
+    saved, seen = self, set()
+    while saved.config.get("init_from"):
+      if saved.workdir in seen:
+        raise CheckpointError(f"init_from chain loops at {saved.workdir}")
+      seen.add(saved.workdir)
+      saved = load_saved(saved.config.init_from)
+    return saved
 
 
 def load_saved(workdir: str, step: int | None = None) -> Saved:
@@ -82,14 +96,9 @@ def restore_params(saved: Saved, mesh, rules, step: int | None = None):
 
 
 def root_run(workdir: str) -> Saved:
-  """Follows init_from back to the pretraining run (the one without init_from)."""
-  saved, seen = load_saved(workdir), set()
-  while saved.config.get("init_from"):
-    if saved.workdir in seen:
-      raise CheckpointError(f"init_from chain loops at {saved.workdir}")
-    seen.add(saved.workdir)
-    saved = load_saved(saved.config.init_from)
-  return saved
+  """Follows init_from back from `workdir`'s latest checkpoint to the pretraining run (the one
+  without init_from)."""
+  return load_saved(workdir).root
 
 
 # Data settings a later stage must share with the pretraining run (same tokens, same clusters).
@@ -102,12 +111,11 @@ def inherit_data(config: ml_collections.ConfigDict, pretraining: Saved) -> None:
     config.data[key] = pretraining.config.data[key]
 
 
-def pretraining_run_data(workdir: str) -> pipeline.RunData:
-  """The pretraining run's tokenizer and clusters, loaded from its workdir.
+def pretraining_run_data(saved: Saved) -> pipeline.RunData:
+  """The tokenizer and clusters of `saved`'s pretraining run, loaded from that run's workdir.
 
   Nothing is built, and the packed generic training set is not read (specialization and
   evaluation never train on it); tokenized domain splits are cached in the pretraining config's
   data.cache_dir, shared by every cell of an experiment.
   """
-  root = root_run(workdir)
-  return pipeline.load_run_data(root.config, root.workdir)
+  return pipeline.load_run_data(saved.root.config, saved.root.workdir)

@@ -1,14 +1,10 @@
-"""Export a (specialized) small model as safetensors + a JSON config, and load it back.
+"""A dense model as safetensors + a JSON config (what the export mode writes), and loaded back.
 
-    python -m pn_jax.main --config=configs/finetune.py:tiny --workdir=runs/pn_legal --mode=export
-
-writes <workdir>/export/{model.safetensors, config.json, tokenizer.model}, all at once (`save`):
+`save` writes <dir>/{model.safetensors, config.json, tokenizer.model}, all at once:
 an earlier export is replaced, anything else at that path refused (ExportError). Tensor names are
 the flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
 holds the model config that pn_jax.model.transformer.LM needs, so `load(dir)` rebuilds the model
-and reproduces the checkpoint's logits exactly (tests/test_export.py). A PN, mixture or
-independent-experts checkpoint is projected onto config.sample.cluster first: what is exported is
-always a dense model.
+and reproduces the checkpoint's logits exactly (tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -24,13 +20,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from pn_jax.config import ConfigError, expert_of, routed
 from pn_jax.model.config import ModelConfig
 from pn_jax.model.transformer import LM
-from pn_jax.parallel import mesh as mesh_lib
-from pn_jax.specialize import checkpoints
-from pn_jax.specialize.finetune import unlocked
-from pn_jax.specialize.project import project
 from pn_jax.train.preflight import WorkdirError
 
 FORMAT = "pn-jax-dense-lm/1"
@@ -149,34 +140,3 @@ def load(out_dir: str) -> tuple[LM, dict, dict]:
     raise ValueError(f"{out_dir}/{CONFIG} has format {info.get('format')!r}, expected {FORMAT!r}")
   params = traverse_util.unflatten_dict(load_file(os.path.join(out_dir, WEIGHTS)), sep=".")
   return LM(ModelConfig.from_config(info["model"])), params, info
-
-
-def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The export mode: latest checkpoint of `workdir` -> <workdir>/export."""
-  out = os.path.join(workdir, "export")
-  check_target(out)  # before any work
-  saved = checkpoints.load_saved(workdir)
-  cfg = unlocked(config)
-  cfg.model = saved.model
-  mesh, rules = mesh_lib.make_mesh(cfg), mesh_lib.logical_rules(cfg)
-  with mesh_lib.activate(mesh, rules):
-    params = checkpoints.restore_params(saved, mesh, rules)
-  model_cfg, meta = saved.model, {"step": saved.step, "source": saved.workdir}
-  if routed(model_cfg):
-    cluster = int(config.sample.cluster)
-    if cluster < 0:
-      raise ConfigError(f"config.sample.cluster: {saved.describe()} has one expert per cluster; "
-                        "pass the expert to export (--config.sample.cluster=<id>) or export a "
-                        "specialized run")
-    expert_of(cluster, model_cfg, saved.describe())  # a cluster >= k: refused, not clamped
-    params, model_cfg = project(params, model_cfg, cluster)
-    meta["cluster"] = cluster
-  meta.update({k: saved.config.get(k) for k in ("init_from",) if saved.config.get(k)})
-  meta["domain"] = saved.config.data.get("domain", "")
-  root = checkpoints.root_run(workdir)
-  tok = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(tok):
-    tok = root.config.data.tokenizer_path or os.path.join(root.workdir, "tokenizer.model")
-  out = save(out, params, model_cfg, tokenizer_path=tok, metadata=meta)
-  n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
-  return {"export_dir": out, "parameters": n, **meta}

@@ -1,0 +1,56 @@
+"""The export mode: a run's latest checkpoint as a dense model in <workdir>/export.
+
+    python -m pn_jax.main --config=configs/finetune.py:tiny --workdir=runs/pn_legal --mode=export
+
+writes <workdir>/export/{model.safetensors, config.json, tokenizer.model} (pn_jax/safetensors_io.py
+has the format). A PN, mixture or independent-experts checkpoint is projected onto
+config.sample.cluster first: what is exported is always a dense model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+
+from pn_jax import safetensors_io, saved_run, workdir_lock
+from pn_jax.config import ConfigError, expert_of, routed
+from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.run import open_run, tokenizer_path
+from pn_jax.specialize.project import project
+
+
+def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Writes <workdir>/export, holding the workdir lock; a workdir that does not exist is not
+  created (export's own error names it)."""
+  if not os.path.isdir(workdir):
+    return _export(config, workdir)
+  with workdir_lock.hold(workdir, "export"):
+    return _export(config, workdir)
+
+
+def _export(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The export mode: latest checkpoint of `workdir` -> <workdir>/export."""
+  out = os.path.join(workdir, "export")
+  safetensors_io.check_target(out)  # before any work
+  saved = saved_run.load_saved(workdir)
+  run = open_run(config, workdir, init_from=saved, load_data=False)
+  with mesh_lib.activate(run.mesh, run.rules):
+    params = saved_run.restore_params(saved, run.mesh, run.rules)
+  model_cfg, meta = saved.model, {"step": saved.step, "source": saved.workdir}
+  if routed(model_cfg):
+    cluster = int(config.sample.cluster)
+    if cluster < 0:
+      raise ConfigError(f"config.sample.cluster: {saved.describe()} has one expert per cluster; "
+                        "pass the expert to export (--config.sample.cluster=<id>) or export a "
+                        "specialized run")
+    expert_of(cluster, model_cfg, saved.describe())  # a cluster >= k: refused, not clamped
+    params, model_cfg = project(params, model_cfg, cluster)
+    meta["cluster"] = cluster
+  meta.update({k: saved.config.get(k) for k in ("init_from",) if saved.config.get(k)})
+  meta["domain"] = saved.config.data.get("domain", "")
+  tok = tokenizer_path(run.root, workdir)
+  out = safetensors_io.save(out, params, model_cfg, tokenizer_path=tok, metadata=meta)
+  n = sum(int(np.prod(v.shape)) for v in safetensors_io.flatten(params).values())
+  return {"export_dir": out, "parameters": n, **meta}

@@ -1,0 +1,234 @@
+"""The specialize mode: pretrained checkpoint -> (projected) small model -> fine-tuned on a domain.
+
+PN / mixture / independent-experts (SLM-mix) checkpoints are projected onto one expert (the
+domain's most frequent cluster, or the expert with the lowest loss on the domain's training set);
+dense ones (SLM, LLM) are fine-tuned as they are. With config.distill.teacher set the fine-tuning
+loss also matches a teacher's soft targets (SLM-d). Fine-tuning is pn_jax.train.loop.fit on the
+domain's limited training set (a fixed `data.domain_tokens` prefix) with early stopping on its
+validation split; the best checkpoint is kept and its held-out test perplexity reported. The
+small model is a normal run: its workdir holds checkpoints (with a config whose `model` is the
+small model and `init_from` the pretraining run), metrics, specialize.json and a copy of the
+tokenizer.
+
+specialize.json is the result, written only when fine-tuning ended by early stopping or at the
+step cap (`stop_reason`, `hit_step_cap`): a preempted (SIGTERM/SIGINT) or time-boxed
+(train.stop_at_step) run returns the fit's result and writes nothing, and rerunning the same
+command resumes from the workdir's checkpoint (early-stopping state included).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from pn_jax import saved_run, workdir_lock
+from pn_jax.config import ConfigError, routed, small_model_config
+from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import pipeline
+from pn_jax.model import build_model
+from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.run import Run, open_run, unlocked
+from pn_jax.specialize import select, source_paths
+from pn_jax.specialize.distill import TeacherIterator
+from pn_jax.specialize.project import project
+from pn_jax.train import flops as flops_lib
+from pn_jax.train import loop
+from pn_jax.train.checkpoint import CheckpointError, MissingStep
+from pn_jax.train.step import make_eval_step
+
+SUMMARY = "specialize.json"
+
+
+def _check_inputs(config) -> None:
+  if not config.get("init_from"):
+    raise ConfigError("config.init_from: specialize needs the pretraining run's workdir "
+                      "(--config.init_from=runs/pn)")
+  if not config.data.domain or config.data.domain == "all":
+    raise ConfigError("config.data.domain: specialize needs one domain name, got "
+                      f"{config.data.domain!r}")
+
+
+def _kind(model_cfg) -> str:
+  return "independent" if model_cfg.get("independent_experts", False) else model_cfg.mlp_kind
+
+
+def specialize(config: ml_collections.ConfigDict, workdir: str, *,
+               allow_config_change: bool = False) -> dict:
+  """Every check (inputs, paths, init_from's checkpoint, the config) runs before the workdir
+  lock, which is what first creates the workdir: a refused run leaves nothing behind."""
+  _check_inputs(config)
+  source_paths.check_apart(workdir, {"config.init_from": config.init_from,
+                                     "config.distill.teacher": config.distill.teacher})
+  t0 = time.perf_counter()
+  run = open_specialize_run(config, workdir)
+  with workdir_lock.hold(workdir, "specialize"):
+    return _fine_tune(run, t0, allow_config_change)
+
+
+def open_specialize_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """The small model's run, checked and with nothing written: run.source is init_from's
+  checkpoint (at config.init_step), run.model the dense model it turns into (one expert's shape
+  for PN / mixture / independent experts), run.data its pretraining run's tokenizer/clusters."""
+  pre = _load_init(config)
+  expect = config.specialize.expect_kind
+  if expect and _kind(pre.model) != expect:  # independent experts are not "dense"
+    raise CheckpointError(f"config.init_from={config.init_from!r} holds {pre.describe()}, but "
+                          f"config.specialize.expect_kind={expect!r}")
+  source_paths.check_apart(workdir, {"the pretraining run of config.init_from": pre.root.workdir})
+  model = small_model_config(pre.model) if routed(pre.model) else pre.model
+  return open_run(_fine_tune_settings(config, pre), workdir, init_from=pre, model=model,
+                  domain=config.data.domain)
+
+
+def _fine_tune_settings(config, pre: saved_run.Saved) -> ml_collections.ConfigDict:
+  """A copy of `config` that records init_from and, with early stopping, keeps every checkpoint
+  an early stop could still come back to, and one per eval."""
+  config = unlocked(config)
+  config.init_from = pre.workdir
+  t = config.train
+  if t.early_stop_patience:
+    t.checkpoint_every = t.eval_every
+    t.keep_checkpoints = max(t.keep_checkpoints, t.early_stop_patience + 2)
+  return config
+
+
+def pick_expert(run: Run, params) -> tuple[int, dict]:
+  """The expert of run.source (a routed checkpoint; `params` its params) that the run's domain
+  gets: specialize.select='frequent' takes the domain's most frequent cluster, 'lowest_loss' the
+  expert with the lowest loss on the domain's training set (independent experts scored each as
+  its dense model). -> (expert, what the choice was made from)."""
+  config, pre = run.config, run.source
+  domain, budget = config.data.domain, config.data.domain_tokens or None
+  hist = pipeline.domain_histogram(run.data, domain, rule="budget", max_tokens=budget)
+  info = {"domain_histogram": [round(float(x), 4) for x in hist]}
+  if config.specialize.select == "frequent":
+    return pipeline.domain_cluster(run.data, domain, rule="budget", max_tokens=budget), info
+  expert_params, scored = None, pre.model
+  if pre.model.get("independent_experts", False):  # each expert scored as its dense model
+    scored = small_model_config(pre.model)
+    expert_params = lambda c: project(params, pre.model, c)[0]
+  eval_step = jax.jit(make_eval_step(build_model(scored), logits_chunk=scored.logits_chunk))
+  losses = select.expert_losses(run.data, eval_step, params, run.mesh, domain, pre.model.k,
+                                budget, config.specialize.select_batches,
+                                batch_size=config.data.batch_size,
+                                num_workers=config.data.get("num_workers", 0),
+                                expert_params=expert_params)
+  info["expert_losses"] = [round(float(x), 4) for x in losses]
+  return int(losses.argmin()), info
+
+
+def _fine_tune(run: Run, t0: float, allow_config_change: bool) -> dict:
+  """specialize, once checked and holding the workdir lock."""
+  config, pre = run.config, run.source
+  summary = {"domain": config.data.domain, "init_from": pre.workdir, "init_step": pre.step,
+             "pretrained_kind": _kind(pre.model),
+             "domain_tokens": config.data.domain_tokens or "all"}
+  with mesh_lib.activate(run.mesh, run.rules):
+    params = _initial_params(run, summary)
+    eval_step = jax.jit(make_eval_step(run.model, logits_chunk=config.model.logits_chunk))
+    before = {s: loop.evaluate(run, eval_step, params, split=s) for s in ("validation", "test")}
+    summary.update(noft_valid_loss=before["validation"]["loss"],
+                   noft_test_ppl=before["test"]["perplexity"])
+    train_iter, teacher_flops = _train_iterator(run, summary)
+    fit_t0 = time.perf_counter()
+    result = loop.fit(run, train_iter, init_params=params, eval_split="validation",
+                      desc="specialize", allow_config_change=allow_config_change)
+    fit_seconds = time.perf_counter() - fit_t0
+    stop_reason = result.get("stop_reason") or "step_cap"
+    if stop_reason not in ("early_stopping", "step_cap"):
+      logging.warning("specialization stopped (%s) at step %d: not a result; rerun the same "
+                      "command to resume", stop_reason, result["step"])
+      return result  # preempted or time-boxed: no best-step restore, test eval or summary
+    best_step = int(result.get("best_step") or result["step"])
+    params = saved_run.restore_params(saved_run.Saved(run.workdir, config, best_step),
+                                      run.mesh, run.rules)
+    test = loop.evaluate(run, eval_step, params, split="test")
+  summary.update(_outcome(run, result, test, best_step, teacher_flops),
+                 fit_seconds=fit_seconds, wall_seconds=time.perf_counter() - t0)
+  _write_outputs(run, summary)
+  logging.info("specialized %s on %s: test ppl %.3f (no fine-tuning %.3f)", pre.describe(),
+               config.data.domain, test["perplexity"], before["test"]["perplexity"])
+  return summary
+
+
+def _initial_params(run: Run, summary: dict):
+  """The fine-tuning's start: init_from's params, projected onto the picked expert if routed
+  (the choice goes into `summary`)."""
+  pre = run.source
+  pre_params = saved_run.restore_params(pre, run.mesh, run.rules)
+  if not routed(pre.model):
+    return pre_params
+  cluster, info = pick_expert(run, pre_params)
+  summary.update(cluster=cluster, select=run.config.specialize.select, **info)
+  return project(pre_params, pre.model, cluster)[0]
+
+
+def _train_iterator(run: Run, summary: dict):
+  """The domain's limited training set (with the teacher's soft targets under distillation);
+  -> (iterator, teacher FLOPs per step)."""
+  config = run.config
+  train_iter = pipeline.domain_batches(
+      run.data, config.data.domain, "train", batch_size=config.data.batch_size,
+      seed=config.seed, max_tokens=config.data.domain_tokens or None,
+      num_workers=config.data.get("num_workers", 0),
+      shard=pipeline.Shard(jax.process_index(), jax.process_count()))
+  if not config.distill.teacher:
+    return train_iter, 0.0
+  summary["teacher"] = config.distill.teacher
+  return _with_teacher(run, train_iter)
+
+
+def _outcome(run: Run, result: dict, test: dict, best_step: int, teacher_flops: float) -> dict:
+  """specialize.json's entries about the fine-tuning and its test evaluation."""
+  config = run.config
+  steps, stop_reason = int(result["step"]), result.get("stop_reason") or "step_cap"
+  step_flops = flops_lib.train_flops_per_step(config.model, config.data.batch_size,
+                                              config.data.seq_len)
+  train = pipeline.packed_split(run.data, "train", config.data.domain,
+                                config.data.domain_tokens or None)
+  return dict(
+      steps=steps, stop_reason=stop_reason, hit_step_cap=stop_reason == "step_cap",
+      best_step=best_step, best_valid_loss=result.get("best_eval_loss"),
+      test_loss=test["loss"], test_ppl=test["perplexity"], test_tokens=test["tokens"],
+      train_domain_tokens=train.num_targets,
+      specialize_flops=steps * (step_flops + teacher_flops))
+
+
+def _load_init(config) -> saved_run.Saved:
+  """init_from's checkpoint at config.init_step (0: the latest)."""
+  try:
+    return saved_run.load_saved(config.init_from, config.init_step or None)
+  except MissingStep as e:
+    raise CheckpointError(f"config.init_step={config.init_step}: {e}; pick one of those steps, "
+                          "or 0 for the latest") from e
+
+
+def _with_teacher(run: Run, train_iter):
+  """Wraps the domain iterator with the teacher's soft targets; -> (iterator, teacher FLOPs
+  per step)."""
+  config = run.config
+  teacher = saved_run.load_saved(config.distill.teacher)
+  if teacher.model.vocab_size != config.model.vocab_size:
+    raise CheckpointError(f"teacher {teacher.describe()} has vocab_size "
+                          f"{teacher.model.vocab_size}, the student {config.model.vocab_size}")
+  params = saved_run.restore_params(teacher, run.mesh, run.rules)
+  it = TeacherIterator(train_iter, build_model(teacher.model), params,
+                       config.distill.temperature, run.mesh)
+  # A forward pass is a third of a training step's 6N FLOPs per token.
+  fwd = flops_lib.train_flops_per_step(teacher.model, config.data.batch_size,
+                                       config.data.seq_len) / 3
+  return it, fwd
+
+
+def _write_outputs(run: Run, summary: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  tok = run.data.tokenizer
+  if tok.kind != "byte" and os.path.exists(tok.path):
+    shutil.copyfile(tok.path, os.path.join(run.workdir, "tokenizer.model"))
+  corpus_lib.write_json(os.path.join(run.workdir, SUMMARY), summary)  # atomic: it marks "done"
