@@ -415,7 +415,7 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
 
 def small_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The dense model one expert of a routed model turns into (same everything but the routing).
-  `model` may also be a pn_jax.model.config.ModelConfig (anything with `to_dict()`)."""
+  `model` may also be a pn_jax.model.model_config.ModelConfig (anything with `to_dict()`)."""
   small = ml_collections.ConfigDict(model.to_dict())
   small.mlp_kind = "dense"
   small.k, small.h, small.m = 1, 1, 1

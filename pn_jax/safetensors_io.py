@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from pn_jax.model.config import ModelConfig
+from pn_jax.model.model_config import ModelConfig
 from pn_jax.model.transformer import LM
 from pn_jax.train.preflight import WorkdirError
 

@@ -106,7 +106,7 @@ def train_batches(config, run_data, process_index: int = 0, process_count: int =
 
 def eval_batches(config, run_data, split: str = "validation", process_index: int = 0,
                  process_count: int = 1):
-  """pipeline.eval_batches with the values train.loop.evaluate passes from its config."""
+  """pipeline.eval_batches with the values train.loop.heldout_loss passes from its config."""
   from pn_jax.data import pipeline
   d = config.data
   return pipeline.eval_batches(run_data, split=split, domain=d.get("domain", "") or "",

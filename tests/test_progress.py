@@ -62,7 +62,7 @@ def _scripted_evals(monkeypatch, losses):
   """fit's eval passes return `losses` in order (the real eval of a tiny run keeps improving;
   a script makes early stopping's decisions known in advance)."""
   it = iter(losses)
-  monkeypatch.setattr(loop, "evaluator", lambda run, eval_step, split: (
+  monkeypatch.setattr(loop, "heldout_loss_fn", lambda run, eval_step, split: (
       lambda params: {"loss": next(it), "perplexity": 1.0, "tokens": 1.0}))
 
 

@@ -103,7 +103,7 @@ def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, mo
   """Validation losses that only get worse after the first eval: with patience 3 the run stops
   at the 4th eval (step 8 of 20), reports step 2 as best and says the cap did not bind."""
   losses = iter([1.0, 2.0, 3.0, 4.0])
-  monkeypatch.setattr(loop, "evaluator", lambda run, eval_step, split: (
+  monkeypatch.setattr(loop, "heldout_loss_fn", lambda run, eval_step, split: (
       lambda params: {"loss": next(losses), "perplexity": 1.0, "tokens": 1.0}))
   workdir = str(tmp_path / "early")
   result = modes.MODES["specialize"](finetune_config(pretrained, steps=20, eval_every=2), workdir)

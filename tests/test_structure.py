@@ -13,6 +13,9 @@
 4. No upward imports: each module sits in one layer of LAYERS and imports only from its own
    layer or lower ones (LAYER_EXCEPTIONS: the few functions allowed to, each with its reason).
    Every module must be listed, so a new module is placed deliberately.
+5. No two modules whose file names differ only by a plural "s" or not at all (in different
+   packages): `specialize/checkpoints.py` next to `train/checkpoint.py` sent readers to the
+   wrong one.
 
 Each check lists every offender as `path:line what`, one per line.
 """
@@ -36,7 +39,7 @@ LAYERS = {
     "pn_jax.config": 1,
     "pn_jax.config_args": 1,
     "pn_jax.cli": 1,
-    # 2: the libraries training is made of (model/config.py's ModelConfig included).
+    # 2: the libraries training is made of (model/model_config.py's ModelConfig included).
     "pn_jax.parallel": 2,
     "pn_jax.model": 2,
     "pn_jax.data": 2,
@@ -355,6 +358,20 @@ def test_no_upward_imports():
   _fail("upward imports", [f for m in pn_modules().values() for f in upward_imports(m)])
 
 
+def near_duplicate_names(paths: list[pathlib.Path]) -> list[str]:
+  """Module file names equal once a plural "s" is dropped (package __init__/__main__ aside)."""
+  by_stem: dict[str, list[str]] = {}
+  for path in paths:
+    if path.stem not in ("__init__", "__main__"):
+      by_stem.setdefault(path.stem.removesuffix("s"), []).append(
+          str(path.relative_to(REPO)))
+  return [" vs ".join(sorted(group)) for group in by_stem.values() if len(group) > 1]
+
+
+def test_no_two_modules_named_alike():
+  _fail("modules named alike", near_duplicate_names(sorted((REPO / "pn_jax").rglob("*.py"))))
+
+
 def test_the_checks_find_what_they_look_for():
   """The checks above are only as good as their parsing: each finds a planted offender."""
   src = ("from pn_jax.data import pipeline\nfrom pn_jax.data.pipeline import _build\n"
@@ -374,3 +391,9 @@ def test_the_checks_find_what_they_look_for():
                   ast.parse("def f():\n  from pn_jax import modes\n"))
   assert upward_imports(config) == [
       "pn_jax/config.py:2 pn_jax.config (layer 1) imports pn_jax.modes (layer 5)"]
+  assert near_duplicate_names([REPO / "pn_jax/specialize/checkpoints.py",
+                               REPO / "pn_jax/train/checkpoint.py", REPO / "pn_jax/config.py",
+                               REPO / "pn_jax/model/config.py", REPO / "pn_jax/data/__init__.py",
+                               REPO / "pn_jax/model/__init__.py", REPO / "pn_jax/run.py"]) == [
+      "pn_jax/specialize/checkpoints.py vs pn_jax/train/checkpoint.py",
+      "pn_jax/config.py vs pn_jax/model/config.py"]

@@ -147,7 +147,7 @@ def test_restore_onto_a_different_mesh(prepared, tmp_path):
     abstract, shardings = state_shardings(run.model, tx, mesh, run.rules)
     state, step = Checkpointer(workdir, read_only=True).restore(abstract)
     assert step == 4 and len(state.params["embed"].sharding.device_set) == 1
-    ev = loop.evaluate(run, jax.jit(make_eval_step(run.model, logits_chunk=one.model.logits_chunk)), state.params)
+    ev = loop.heldout_loss(run, jax.jit(make_eval_step(run.model, logits_chunk=one.model.logits_chunk)), state.params)
   np.testing.assert_allclose(ev["loss"], result["eval_loss"], rtol=1e-5)
 
 

@@ -14,7 +14,7 @@ import jax
 import flax.linen as nn
 
 from pn_jax.config import small_model_config
-from pn_jax.model.config import ModelConfig
+from pn_jax.model.model_config import ModelConfig
 from pn_jax.model.transformer import LM
 
 Array = jax.Array

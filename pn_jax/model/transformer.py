@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from pn_jax.config import REMAT_POLICIES
-from pn_jax.model.config import ModelConfig
+from pn_jax.model.model_config import ModelConfig
 from pn_jax.model.mlp import MLP, logical_param
 
 Array = jax.Array

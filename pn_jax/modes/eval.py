@@ -37,7 +37,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     eval_step = jax.jit(make_eval_step(run.model, logits_chunk=run.config.model.logits_chunk))
     if not domain:
       return {"step": saved.step, "split": "validation",
-              **loop.evaluate(run, eval_step, params, split="validation")}
+              **loop.heldout_loss(run, eval_step, params, split="validation")}
     on_domain = _domain_evaluator(run, params, eval_step)
     if domain != "all":
       return {"step": saved.step, "split": "test", **on_domain(domain)}
@@ -65,12 +65,12 @@ def _domain_evaluator(run: Run, params, eval_step):
   domain's cluster's expert, projected to its dense model: what a PN does, whose domain batches
   are all routed to that cluster (pipeline.domain_cluster)."""
   if not run.config.model.get("independent_experts", False):
-    return lambda name: loop.evaluate(run, eval_step, params, split="test", domain=name)
+    return lambda name: loop.heldout_loss(run, eval_step, params, split="test", domain=name)
   small = build_model(small_model_config(run.config.model))
   small_step = jax.jit(make_eval_step(small, logits_chunk=run.config.model.logits_chunk))
 
   def on_domain(name: str) -> dict:
     p, _ = project(params, run.config.model, pipeline.domain_cluster(run.data, name))
-    return loop.evaluate(run, small_step, p, split="test", domain=name)
+    return loop.heldout_loss(run, small_step, p, split="test", domain=name)
 
   return on_domain

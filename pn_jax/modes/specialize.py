@@ -131,7 +131,8 @@ def _fine_tune(run: Run, t0: float, allow_config_change: bool) -> dict:
   with mesh_lib.activate(run.mesh, run.rules):
     params = _initial_params(run, summary)
     eval_step = jax.jit(make_eval_step(run.model, logits_chunk=config.model.logits_chunk))
-    before = {s: loop.evaluate(run, eval_step, params, split=s) for s in ("validation", "test")}
+    before = {s: loop.heldout_loss(run, eval_step, params, split=s)
+              for s in ("validation", "test")}
     summary.update(noft_valid_loss=before["validation"]["loss"],
                    noft_test_ppl=before["test"]["perplexity"])
     train_iter, teacher_flops = _train_iterator(run, summary)
@@ -147,7 +148,7 @@ def _fine_tune(run: Run, t0: float, allow_config_change: bool) -> dict:
     best_step = int(result.get("best_step") or result["step"])
     params = saved_run.restore_params(saved_run.Saved(run.workdir, config, best_step),
                                       run.mesh, run.rules)
-    test = loop.evaluate(run, eval_step, params, split="test")
+    test = loop.heldout_loss(run, eval_step, params, split="test")
   summary.update(_outcome(run, result, test, best_step, teacher_flops),
                  fit_seconds=fit_seconds, wall_seconds=time.perf_counter() - t0)
   _write_outputs(run, summary)

@@ -62,7 +62,7 @@ class _CloseOnError:
           logging.error("while closing %s after an error: %s", type(c).__name__, e)
 
 
-def evaluate(run: Run, eval_step, params, *, split: str = "validation",
+def heldout_loss(run: Run, eval_step, params, *, split: str = "validation",
              domain: str | None = None) -> dict[str, float]:
   """Token-weighted mean loss and perplexity over `split` of the generic text, or of `domain`'s
   text (None: the run's data.domain, "" for generic), with the run's eval batch settings."""
@@ -154,8 +154,9 @@ class _WallClockSaves:
     self.last = time.monotonic()
 
 
-def evaluator(run: Run, eval_step, split: str):
-  return lambda params: evaluate(run, eval_step, params, split=split)
+def heldout_loss_fn(run: Run, eval_step, split: str):
+  """params -> heldout_loss on `split`: fit's eval (a seam the tests replace)."""
+  return lambda params: heldout_loss(run, eval_step, params, split=split)
 
 
 class _Window:
@@ -422,7 +423,8 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
                desc=desc, dynamic_ncols=True)
     host = _Host(config, ckpt, writer, progress, window, stop, bar, train_iter,
-                 evaluator(run, eval_step, eval_split), _WallClockSaves(t.checkpoint_every_minutes))
+                 heldout_loss_fn(run, eval_step, eval_split),
+                 _WallClockSaves(t.checkpoint_every_minutes))
     step = start
     if progress.early.stopped:  # resumed after early stopping had ended the run
       host.final.update(stopped_at=step, stop_reason="early_stopping")
