@@ -37,7 +37,7 @@ from ml_collections import config_flags
 from pn_jax import config as config_lib
 from pn_jax import cli, modes, workdir_lock
 from pn_jax.data import corpus as corpus_lib
-from pn_jax.data import pipeline
+from pn_jax.data import packing
 from pn_jax.data import tokenizer as tok_lib
 from pn_jax.experiment_report import finetune_lr, merge_results, write_report
 from pn_jax.train import costs as costs_lib
@@ -458,7 +458,7 @@ def run(exp, root: str, stop: StopRequest | None = None) -> dict:
 def domain_train_tokens(corpus: str, tokenizer: str, domains) -> dict[str, int]:
   """Training tokens of each domain split, as the pipeline tokenizes them (documents + eos)."""
   tok = tok_lib.load_tokenizer(tokenizer)
-  return {d: sum(map(len, pipeline.tokenize_docs(tok, corpus_lib.load_texts(corpus, "train", d))))
+  return {d: sum(map(len, packing.tokenize_docs(tok, corpus_lib.load_texts(corpus, "train", d))))
           for d in domains}
 
 

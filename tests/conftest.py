@@ -97,19 +97,19 @@ def train_tiny_pn(prepared, directory, steps: int, checkpoint_every: int = 2) ->
 
 
 def train_batches(config, run_data, process_index: int = 0, process_count: int = 1):
-  """pipeline.train_batches with the values a run passes from its config."""
-  from pn_jax.data import pipeline
-  return pipeline.train_batches(run_data, batch_size=config.data.batch_size,
-                                mode=config.data.cluster_batching, seed=config.seed,
-                                shard=pipeline.Shard(process_index, process_count))
+  """batches.train_batches with the values a run passes from its config."""
+  from pn_jax.data import batches
+  return batches.train_batches(run_data, batch_size=config.data.batch_size,
+                               mode=config.data.cluster_batching, seed=config.seed,
+                               shard=batches.Shard(process_index, process_count))
 
 
 def eval_batches(config, run_data, split: str = "validation", process_index: int = 0,
                  process_count: int = 1):
-  """pipeline.eval_batches with the values train.loop.heldout_loss passes from its config."""
-  from pn_jax.data import pipeline
+  """batches.eval_batches with the values train.loop.heldout_loss passes from its config."""
+  from pn_jax.data import batches
   d = config.data
-  return pipeline.eval_batches(run_data, split=split, domain=d.get("domain", "") or "",
-                               batch_size=d.batch_size, max_batches=d.eval_batches,
-                               mode=d.cluster_batching,
-                               shard=pipeline.Shard(process_index, process_count))
+  return batches.eval_batches(run_data, split=split, domain=d.get("domain", "") or "",
+                              batch_size=d.batch_size, max_batches=d.eval_batches,
+                              mode=d.cluster_batching,
+                              shard=batches.Shard(process_index, process_count))

@@ -8,6 +8,7 @@ from conftest import eval_batches, train_batches
 from pn_jax.config import base_config
 from pn_jax.data import DataError
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import batches
 from pn_jax.data import pipeline
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
@@ -114,11 +115,11 @@ def test_domain_without_text(tmp_path):
   config = config_for(root)
   rd = pipeline.prepare_run_data(config, str(tmp_path / "w"), progress=False)
   with pytest.raises(DataError, match="domain 'empty_domain' has no text"):
-    pipeline.domain_batches(rd, "empty_domain", "train",
-                            batch_size=config.data.batch_size, seed=config.seed)
+    batches.domain_batches(rd, "empty_domain", "train",
+                           batch_size=config.data.batch_size, seed=config.seed)
   with pytest.raises(DataError, match="domain 'nope' not found.*empty_domain"):
-    pipeline.domain_batches(rd, "nope", "train",
-                            batch_size=config.data.batch_size, seed=config.seed)
+    batches.domain_batches(rd, "nope", "train",
+                           batch_size=config.data.batch_size, seed=config.seed)
   config.data.domain = "empty_domain"
   with pytest.raises(DataError, match="empty_domain"):
     eval_batches(config, rd)

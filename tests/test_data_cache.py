@@ -13,6 +13,8 @@ from pn_jax.data import DataError
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import clusters as clusters_lib
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import batches
+from pn_jax.data import packing
 from pn_jax.data import pipeline
 from pn_jax.data import tokenizer as tok_lib
 
@@ -47,7 +49,7 @@ def calls(monkeypatch):
       return fn(*args, **kwargs)
     monkeypatch.setattr(module, name, wrapper)
 
-  counted(pipeline, "tokenize_docs")
+  counted(packing, "tokenize_docs")
   counted(clusters_lib, "fit_embedding")
   counted(clusters_lib, "fit_centroids")
   return n
@@ -167,15 +169,15 @@ def test_later_stages_do_not_load_the_training_set(tmp_path, tokenizer_path, cal
   before = calls["tokenize_docs"]
   hist = pipeline.domain_histogram(rd, domain, rule="budget", max_tokens=2000)
   assert hist.shape == (4,) and hist.sum() == pytest.approx(1.0)
-  assert len(list(pipeline.domain_batches(rd, domain, "train", batch_size=config.data.batch_size,
-                                          max_tokens=2000, repeat=False))) >= 1
+  assert len(list(batches.domain_batches(rd, domain, "train", batch_size=config.data.batch_size,
+                                         max_tokens=2000, repeat=False))) >= 1
   assert len(list(eval_batches(config, rd))) >= 1  # generic validation
   tokenized = calls["tokenize_docs"] - before
   # a second cell (a new RunData, as each specialize call makes) re-tokenizes no split
   rd2 = pipeline.load_run_data(config, str(tmp_path / "pre"))
   pipeline.domain_histogram(rd2, domain, rule="budget", max_tokens=2000)
-  list(pipeline.domain_batches(rd2, domain, "train", batch_size=config.data.batch_size,
-                               max_tokens=2000, repeat=False))
+  list(batches.domain_batches(rd2, domain, "train", batch_size=config.data.batch_size,
+                              max_tokens=2000, repeat=False))
   list(eval_batches(config, rd2))
   assert calls["tokenize_docs"] - before == tokenized
   assert pipeline.domain_cluster(rd2, domain) == pipeline.domain_cluster(rd, domain)

@@ -8,6 +8,8 @@ import pytest
 from conftest import eval_batches, train_batches
 from pn_jax.config import base_config
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import batches
+from pn_jax.data import packing
 from pn_jax.data import pipeline
 
 
@@ -37,13 +39,13 @@ def take(it, n):
 
 
 def epoch_len(config, run_data):
-  return len(pipeline.batch_plan(run_data.train.cluster, config.data.batch_size,
-                                 config.data.cluster_batching, None))
+  return len(batches.batch_plan(run_data.train.cluster, config.data.batch_size,
+                                config.data.cluster_batching, None))
 
 
 def all_doc_tokens(run_data):
   texts = corpus_lib.load_texts(run_data.root, "train")
-  docs = pipeline.tokenize_docs(run_data.tokenizer, texts)
+  docs = packing.tokenize_docs(run_data.tokenizer, texts)
   return collections.Counter(np.concatenate(docs).tolist())
 
 
@@ -77,8 +79,8 @@ def test_sequence_cluster_matches_assignment(run):
   """Each cluster's sequences are exactly bos + the windows k-means assigned to that cluster."""
   _, rd, _ = run
   tok, p = rd.tokenizer, rd.train
-  docs = pipeline.tokenize_docs(tok, corpus_lib.load_texts(rd.root, "train"))
-  wins = pipeline.windows_of(docs, rd.window)
+  docs = packing.tokenize_docs(tok, corpus_lib.load_texts(rd.root, "train"))
+  wins = packing.windows_of(docs, rd.window)
   assert rd.window == 256 and max(len(w) for w in wins) == 256
   ids = pipeline.assign_clusters(rd, [tok.decode(w) for w in wins])
   for c in range(rd.num_clusters):
@@ -180,8 +182,8 @@ def test_domain_batches_subsets(run):
   cluster = pipeline.domain_cluster(rd, domain)
 
   def domain_batches(**kw):
-    return pipeline.domain_batches(rd, domain, "train", batch_size=config.data.batch_size,
-                                   seed=config.seed, **kw)
+    return batches.domain_batches(rd, domain, "train", batch_size=config.data.batch_size,
+                                  seed=config.seed, **kw)
   small = list(domain_batches(max_tokens=1000, repeat=False))
   assert sum(float(b["mask"].sum()) for b in small) == 1000
   assert all((b["cluster"] == cluster).all() for b in small)
@@ -199,10 +201,10 @@ def test_domain_cluster_rules(run):
   'budget' weighs the windows of the max_tokens prefix by their tokens (expert choice)."""
   _, rd, _ = run
   domain = corpus_lib.list_domains(rd.root)[0]
-  wins = pipeline.windows_of(pipeline.split_docs(rd, "train", domain), rd.window)
+  wins = packing.windows_of(pipeline.split_docs(rd, "train", domain), rd.window)
   ids = pipeline.window_clusters(rd.clusters, rd.tokenizer, wins)
   assert pipeline.domain_cluster(rd, domain) == int(np.bincount(ids, minlength=4).argmax())
-  prefix = pipeline.windows_of(pipeline.domain_docs(rd, domain, "train", 1000), rd.window)
+  prefix = packing.windows_of(pipeline.domain_docs(rd, domain, "train", 1000), rd.window)
   ids = pipeline.window_clusters(rd.clusters, rd.tokenizer, prefix)
   tokens = np.bincount(ids, weights=[len(w) for w in prefix], minlength=4)
   hist = pipeline.domain_histogram(rd, domain, rule="budget", max_tokens=1000)
@@ -228,11 +230,12 @@ WORKERS = """
 import sys
 from absl import flags
 from pn_jax.data import DataError, pipeline
+from pn_jax.data import batches as batches_lib
 from test_data_pipeline import tiny_config
 config = tiny_config()
 rd = pipeline.prepare_run_data(config, sys.argv[1], progress=False)
 def batches(workers):
-  it = pipeline.train_batches(rd, batch_size=8, mode="mixed", seed=0, num_workers=workers)
+  it = batches_lib.train_batches(rd, batch_size=8, mode="mixed", seed=0, num_workers=workers)
   return [next(it)["inputs"] for _ in range(5)]
 try:
   batches(2)

@@ -13,7 +13,7 @@ import pytest
 from conftest import copy_workdir, eval_batches, load_config, quiet, train_batches
 from pn_jax import modes, saved_run
 from pn_jax.config import ConfigError, routed, small_model_config, validate
-from pn_jax.data import DataError, pipeline
+from pn_jax.data import DataError, batches, packing, pipeline
 from pn_jax.model import build_model
 from pn_jax.model.experts import IndependentLM
 from pn_jax.model.transformer import init_params
@@ -35,7 +35,7 @@ def _batch(config, seed=0):
   return {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
           "targets": rng.integers(0, V, (B, T), dtype=np.int32),
           "mask": np.ones((B, T), np.float32),
-          "cluster": pipeline.stratified_clusters(B, config.model.k)}
+          "cluster": batches.stratified_clusters(B, config.model.k)}
 
 
 def _params(model):
@@ -189,14 +189,14 @@ def test_projected_expert_equals_its_rows_of_the_mixture():
 
 def test_stratified_plan_holds_each_sequence_once_in_its_slot():
   cluster = np.repeat(np.arange(3), [5, 1, 0])
-  plan = pipeline.batch_plan(cluster, 6, "stratified", np.random.default_rng(0), num_clusters=3)
+  plan = batches.batch_plan(cluster, 6, "stratified", np.random.default_rng(0), num_clusters=3)
   assert plan.shape == (3, 6)  # ceil(5 / 2) batches of 3 slots x 2 rows
   for c in range(3):
     slot = plan[:, 2 * c:2 * c + 2].ravel()
     real = slot[slot >= 0]
     assert sorted(real.tolist()) == np.flatnonzero(cluster == c).tolist()
   with pytest.raises(DataError, match="batch_size=5"):
-    pipeline.batch_plan(cluster, 5, "stratified", None, num_clusters=3)
+    batches.batch_plan(cluster, 5, "stratified", None, num_clusters=3)
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +229,8 @@ def test_stratified_training_batches_cover_each_cluster(mix_data):
           seen[c][rows[c * b + j]] += 1
   for c in range(k):
     members = np.flatnonzero(rd.train.cluster == c)
-    want = collections.Counter(_rows(pipeline.make_batch(rd.train, members, rd.seq_len,
-                                                         rd.tokenizer.pad_id)))
+    want = collections.Counter(_rows(batches.make_batch(rd.train, members, rd.seq_len,
+                                                        rd.tokenizer.pad_id)))
     assert seen[c] == want, c
 
 
@@ -276,8 +276,8 @@ def test_stratified_eval_pads_with_the_slots_cluster(mix_data):
 def test_a_cluster_without_sequences_is_a_data_error(mix_data):
   config, rd = mix_data
   keep = rd.train.cluster != 3
-  train = pipeline.Packed(rd.train.tokens, rd.train.starts[keep], rd.train.ends[keep],
-                          rd.train.cluster[keep])
+  train = packing.Packed(rd.train.tokens, rd.train.starts[keep], rd.train.ends[keep],
+                         rd.train.cluster[keep])
   with pytest.raises(DataError, match=r"clusters \[3\].*config\.model\.k"):
     train_batches(config, dataclasses.replace(rd, train_set=train))
 

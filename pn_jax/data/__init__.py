@@ -7,7 +7,9 @@ Modules (one concept each):
   tokenizer.py sentencepiece (trained on the generic corpus) or a byte-level fallback
   clusters.py  document embeddings (TF-IDF+SVD or MiniLM) and seeded k-means
   cache.py     content-addressed store of preparation artefacts, shared by an experiment's runs
-  pipeline.py  packing to seq_len per cluster and grain iterators (train / eval / domain)
+  packing.py   token arrays -> packed sequences of seq_len (per cluster, or one stream)
+  pipeline.py  a run's data: prepare/load (READY.json), tokenized splits, domain clusters
+  batches.py   batch plans and the grain iterators (train / eval / domain / importance)
   report.py    `python -m pn_jax.data report`: token counts and cluster sizes for docs/data.md
   errors.py    DataError (re-exported here: `from pn_jax.data import DataError`)
 

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import packing
 from pn_jax.data import pipeline
 
 
@@ -94,7 +95,7 @@ def compare_embeddings(run_data, k: int, sample: int = 8000, seed: int = 0) -> s
   docs = corpus_lib.read_docs(corpus_lib.split_path(run_data.root, "train"))
   docs = [d for d in docs if d["text"].strip()]
   tok = run_data.tokenizer
-  ids = pipeline.tokenize_docs(tok, [d["text"] for d in docs])
+  ids = packing.tokenize_docs(tok, [d["text"] for d in docs])
   wins, src = [], []
   for d, t in zip(docs, ids):
     for i in range(0, len(t), run_data.window):

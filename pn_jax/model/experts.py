@@ -1,7 +1,7 @@
 """The paper's SLM-mix: k independent dense small models, trained batched over an expert axis.
 
 Nothing is shared: every parameter of the dense `LM` (attention, embeddings, norms, MLP) gets a
-leading `expert` axis through `nn.vmap`. Batches are stratified (pipeline.batch_plan): rows
+leading `expert` axis through `nn.vmap`. Batches are stratified (batches.batch_plan): rows
 [c*b, (c+1)*b) of a [B, T] batch belong to cluster c, b = B/k, so expert c sees only its own
 cluster's rows and one step costs what one SLM step on B rows costs.
 

@@ -15,6 +15,7 @@ import ml_collections
 from pn_jax import workdir_lock
 from pn_jax.config import ConfigError, routed, validate
 from pn_jax.run import open_run
+from pn_jax.data import batches
 from pn_jax.data import pipeline
 from pn_jax.specialize.importance_sampling import sequence_probs
 from pn_jax.train import loop
@@ -42,10 +43,10 @@ def _pretrain_locked(config, workdir: str, domain: str, allow_config_change: boo
   hist = pipeline.domain_histogram(run.data, domain, rule="budget",
                                    max_tokens=config.data.domain_tokens or None)
   probs, info = sequence_probs(run.data.train.cluster, hist)
-  it = pipeline.importance_batches(
+  it = batches.importance_batches(
       run.data, probs, batch_size=config.data.batch_size, seed=config.seed,
       num_workers=config.data.get("num_workers", 0),
-      shard=pipeline.Shard(jax.process_index(), jax.process_count()))
+      shard=batches.Shard(jax.process_index(), jax.process_count()))
   result = loop.fit(run, it, desc=f"pretrain-is[{domain}]",
                     allow_config_change=allow_config_change)
   if jax.process_index() == 0:  # after fit: a refused resume leaves the run's record as it was

@@ -7,7 +7,7 @@ import ml_collections
 
 from pn_jax import workdir_lock
 from pn_jax.config import validate
-from pn_jax.data import pipeline
+from pn_jax.data import batches
 from pn_jax.parallel import distributed
 from pn_jax.run import open_run
 from pn_jax.train import loop
@@ -21,8 +21,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   with workdir_lock.hold(workdir, "pretrain"):  # also checks it is writable, before data prep
     run = open_run(config, workdir, train_data=True, allow_config_change=allow_config_change)
     d = config.data
-    train_iter = pipeline.train_batches(
+    train_iter = batches.train_batches(
         run.data, batch_size=d.batch_size, mode=d.cluster_batching, seed=config.seed,
         num_workers=d.get("num_workers", 0),
-        shard=pipeline.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
+        shard=batches.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
     return loop.fit(run, train_iter, allow_config_change=allow_config_change)

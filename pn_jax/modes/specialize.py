@@ -29,6 +29,7 @@ from absl import logging
 from pn_jax import saved_run, workdir_lock
 from pn_jax.config import ConfigError, routed, small_model_config
 from pn_jax.data import corpus as corpus_lib
+from pn_jax.data import batches
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
@@ -173,11 +174,11 @@ def _train_iterator(run: Run, summary: dict):
   """The domain's limited training set (with the teacher's soft targets under distillation);
   -> (iterator, teacher FLOPs per step)."""
   config = run.config
-  train_iter = pipeline.domain_batches(
+  train_iter = batches.domain_batches(
       run.data, config.data.domain, "train", batch_size=config.data.batch_size,
       seed=config.seed, max_tokens=config.data.domain_tokens or None,
       num_workers=config.data.get("num_workers", 0),
-      shard=pipeline.Shard(jax.process_index(), jax.process_count()))
+      shard=batches.Shard(jax.process_index(), jax.process_count()))
   if not config.distill.teacher:
     return train_iter, 0.0
   summary["teacher"] = config.distill.teacher

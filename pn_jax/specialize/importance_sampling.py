@@ -5,7 +5,7 @@ ignores the ids). With P(c | domain) the share of the domain's training tokens i
 P(c | generic) the share of generic sequences, sequence s is drawn with probability proportional
 to w(c_s) = P(c_s | domain) / P(c_s | generic), so the resampled set has the domain's cluster
 histogram. Batches are i.i.d. draws with replacement, seeded by (seed, step): the grain iterator's
-state is the step, so resuming is exact like the generic pipeline (pipeline.importance_batches).
+state is the step, so resuming is exact like the generic pipeline (batches.importance_batches).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which expert a domain gets: its most frequent cluster, or the expert with the lowest loss.
 
 Both look at the same limited domain training set the fine-tuning sees (the `max_tokens` prefix
-of the shuffled split that pipeline.domain_batches uses), embedded with the pretraining run's
+of the shuffled split that batches.domain_batches uses), embedded with the pretraining run's
 saved cluster model. The most frequent cluster is pipeline.domain_cluster(rule="budget") (token
 weighted over that prefix, see pipeline.domain_histogram); the lowest loss is `expert_losses`.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from pn_jax.data import batches as batches_lib
 from pn_jax.data import pipeline
 from pn_jax.parallel import mesh as mesh_lib
 
@@ -24,10 +25,10 @@ def expert_losses(run_data: pipeline.RunData, eval_step, params, mesh, domain: s
   (c -> that expert's own params, e.g. a projected independent expert), `eval_step` runs on
   `expert_params(c)`.
   """
-  it = pipeline.domain_batches(run_data, domain, "train", batch_size=batch_size,
-                               max_tokens=max_tokens, repeat=False, max_batches=batches,
-                               num_workers=num_workers,
-                               shard=pipeline.Shard(jax.process_index(), jax.process_count()))
+  it = batches_lib.domain_batches(run_data, domain, "train", batch_size=batch_size,
+                                  max_tokens=max_tokens, repeat=False, max_batches=batches,
+                                  num_workers=num_workers,
+                                  shard=batches_lib.Shard(jax.process_index(), jax.process_count()))
   local_batches = list(it)
   losses = np.zeros(num_experts)
   for c in range(num_experts):

@@ -18,7 +18,7 @@ from absl import logging
 import ml_collections
 from tqdm import tqdm
 
-from pn_jax.data import pipeline
+from pn_jax.data import batches
 from pn_jax.parallel import distributed, mesh as mesh_lib
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
@@ -69,10 +69,10 @@ def heldout_loss(run: Run, eval_step, params, *, split: str = "validation",
   total, count = 0.0, 0.0
   d = run.config.data
   domain = (d.get("domain", "") or "") if domain is None else domain
-  it = pipeline.eval_batches(
+  it = batches.eval_batches(
       run.data, split=split, domain=domain, batch_size=d.batch_size,
       max_batches=d.eval_batches, mode=d.cluster_batching, num_workers=d.get("num_workers", 0),
-      shard=pipeline.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
+      shard=batches.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
   for local in it:
     out = eval_step(params, mesh_lib.global_batch(local, run.mesh))
     total += float(out["loss_sum"])
