@@ -68,7 +68,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.code_init = "shared"
   # True: the paper's SLM-mix, k independent copies of the dense model above (no shared
   # parameter), trained batched over a leading expert axis on stratified batches
-  # (pn_jax/model/experts.py). Needs mlp_kind=dense and data.cluster_batching=stratified.
+  # (pn_jax/model/independent_experts.py). Needs mlp_kind=dense and data.cluster_batching=stratified.
   m.independent_experts = False
   m.activation = "gelu"  # gelu | relu | silu
   m.tie_embeddings = True

@@ -15,7 +15,7 @@ from pn_jax import modes, saved_run
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, batches, packing, pipeline
 from pn_jax.model import build_model
-from pn_jax.model.experts import IndependentLM
+from pn_jax.model.independent_experts import IndependentLM
 from pn_jax.model.transformer import init_params
 from pn_jax.modes.pretrain import pretrain
 from pn_jax.modes.specialize import open_specialize_run, pick_expert

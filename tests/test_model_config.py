@@ -12,7 +12,7 @@ from conftest import REPO, load_config
 from pn_jax.config import ConfigError, load_config as load_spec
 from pn_jax.model import build_model
 from pn_jax.model.model_config import ModelConfig
-from pn_jax.model.experts import IndependentLM
+from pn_jax.model.independent_experts import IndependentLM
 from pn_jax.model.transformer import LM, init_params
 
 CONFIG_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.py")) + sorted(

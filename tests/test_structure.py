@@ -13,9 +13,8 @@
 4. No upward imports: each module sits in one layer of LAYERS and imports only from its own
    layer or lower ones (LAYER_EXCEPTIONS: the few functions allowed to, each with its reason).
    Every module must be listed, so a new module is placed deliberately.
-5. No two modules whose file names differ only by a plural "s" or not at all (in different
-   packages): `specialize/checkpoints.py` next to `train/checkpoint.py` sent readers to the
-   wrong one.
+5. No two modules whose file names are equal (in different packages) or one letter apart:
+   `specialize/checkpoints.py` next to `train/checkpoint.py` sent readers to the wrong one.
 
 Each check lists every offender as `path:line what`, one per line.
 """
@@ -358,14 +357,21 @@ def test_no_upward_imports():
   _fail("upward imports", [f for m in pn_modules().values() for f in upward_imports(m)])
 
 
+def _one_edit_apart(a: str, b: str) -> bool:
+  """Equal, or one letter inserted, deleted or changed."""
+  if abs(len(a) - len(b)) > 1:
+    return False
+  i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  return a[i + 1:] == b[i + 1:] or a[i:] == b[i + 1:] or a[i + 1:] == b[i:]
+
+
 def near_duplicate_names(paths: list[pathlib.Path]) -> list[str]:
-  """Module file names equal once a plural "s" is dropped (package __init__/__main__ aside)."""
-  by_stem: dict[str, list[str]] = {}
-  for path in paths:
-    if path.stem not in ("__init__", "__main__"):
-      by_stem.setdefault(path.stem.removesuffix("s"), []).append(
-          str(path.relative_to(REPO)))
-  return [" vs ".join(sorted(group)) for group in by_stem.values() if len(group) > 1]
+  """Pairs of modules whose file names are equal or one letter apart (a plural "s", a typo);
+  package __init__/__main__ aside."""
+  named = sorted((p.stem, str(p.relative_to(REPO))) for p in paths
+                 if p.stem not in ("__init__", "__main__"))
+  return [f"{pa} vs {pb}" for i, (a, pa) in enumerate(named) for b, pb in named[i + 1:]
+          if _one_edit_apart(a, b)]
 
 
 def test_no_two_modules_named_alike():
@@ -391,9 +397,8 @@ def test_the_checks_find_what_they_look_for():
                   ast.parse("def f():\n  from pn_jax import modes\n"))
   assert upward_imports(config) == [
       "pn_jax/config.py:2 pn_jax.config (layer 1) imports pn_jax.modes (layer 5)"]
-  assert near_duplicate_names([REPO / "pn_jax/specialize/checkpoints.py",
-                               REPO / "pn_jax/train/checkpoint.py", REPO / "pn_jax/config.py",
-                               REPO / "pn_jax/model/config.py", REPO / "pn_jax/data/__init__.py",
-                               REPO / "pn_jax/model/__init__.py", REPO / "pn_jax/run.py"]) == [
-      "pn_jax/specialize/checkpoints.py vs pn_jax/train/checkpoint.py",
-      "pn_jax/config.py vs pn_jax/model/config.py"]
+  assert sorted(near_duplicate_names(
+      [REPO / "a/checkpoints.py", REPO / "b/checkpoint.py", REPO / "config.py",
+       REPO / "m/config.py", REPO / "d/__init__.py", REPO / "m/__init__.py", REPO / "run.py",
+       REPO / "ran.py", REPO / "loss.py", REPO / "loop.py"])) == [
+      "b/checkpoint.py vs a/checkpoints.py", "config.py vs m/config.py", "ran.py vs run.py"]

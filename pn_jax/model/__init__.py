@@ -3,7 +3,7 @@
 import ml_collections
 
 from pn_jax.model.model_config import ModelConfig
-from pn_jax.model.experts import IndependentLM
+from pn_jax.model.independent_experts import IndependentLM
 from pn_jax.model.transformer import LM
 
 

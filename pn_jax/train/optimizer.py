@@ -57,7 +57,7 @@ def scale_basis_updates(scale: float) -> optax.GradientTransformation:
 def per_expert(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """`tx` applied independently to each slice of every leaf's leading (expert) axis.
 
-  Independent experts (pn_jax/model/experts.py) are k separate runs: each clips its own
+  Independent experts (pn_jax/model/independent_experts.py) are k separate runs: each clips its own
   gradient norm, keeps its own Adam moments and step count, and (nan_policy='skip') skips its
   own non-finite updates, so no expert's update depends on another's gradient.
   """

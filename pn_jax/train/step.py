@@ -69,7 +69,7 @@ def make_train_step(model, tx, schedule, *, one_cluster: bool, logits_chunk: int
 
   one_cluster: every row of a batch is of one cluster (homogeneous batches, docs/data.md), so
   the PN forms each layer's expert weights once per step instead of once per sequence.
-  independent_experts: the model is k independent experts (pn_jax/model/experts.py), whose
+  independent_experts: the model is k independent experts (pn_jax/model/independent_experts.py), whose
   objective is a sum of per-expert means; the reported loss is still the token-weighted mean."""
   objective = functools.partial(loss_fn, model=model, one_cluster=one_cluster,
                                 logits_chunk=logits_chunk, distill_temperature=distill_temperature,
