@@ -1,7 +1,7 @@
 """SLM-mix (the paper's baseline): k independent small models (the SLM's shape), one per cluster.
 
 No parameter is shared: every expert is a whole dense SLM trained on its own cluster's sequences
-(pn_jax/model/experts.py). Batches are stratified, batch_size/k sequences per expert, so the
+(pn_jax/model/independent_experts.py). Batches are stratified, batch_size/k sequences per expert, so the
 batch size is rounded up to a multiple of k. Specialization fine-tunes the domain's most frequent
 cluster's model. For the shared-attention hard mixture (a PN special case) see mix_shared.py.
 """
