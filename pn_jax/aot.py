@@ -69,7 +69,7 @@ def parse_topology(text: str) -> tuple[str, tuple[int, ...]]:
   return match.group(1), dims
 
 
-def _quiet_libtpu(generation: str, chips: int) -> None:
+def _libtpu_env(generation: str, chips: int) -> None:
   """libtpu reads the host's TPU identity at load and warns when there is none: say what we
   compile for (these only name the slice to the runtime; the topology is passed explicitly)."""
   cores = chips * (2 if generation in ("v4", "v5p") else 1)
@@ -77,6 +77,9 @@ def _quiet_libtpu(generation: str, chips: int) -> None:
                         CHIPS[generation].pod_type.format(chips=chips, cores=cores))
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask
+  # libtpu takes /tmp/libtpu_lockfile so that one process owns the host's chips; a compile
+  # opens no chip, so compiles may run side by side (and next to a run on a TPU VM).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def tpu_devices(topology: str, num_slices: int = 1) -> list:
@@ -90,7 +93,7 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   chips = 1
   for d in dims:
     chips *= d
-  _quiet_libtpu(generation, chips)
+  _libtpu_env(generation, chips)
   import jax
   from jax.experimental import topologies
   kwargs = dict(chip_config_name=chip.chip_config, num_slices=num_slices)
@@ -134,7 +137,7 @@ OOM_FORMS = (re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
              re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"))
 
 
-def _oom_bytes(message: str) -> tuple[float, float] | None:
+def oom_bytes(message: str) -> tuple[float, float] | None:
   """(needed, available) bytes from the TPU compiler's out-of-HBM message, else None."""
   scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
   for form in OOM_FORMS:
@@ -170,7 +173,7 @@ def compile_step(config, devices) -> dict:
     try:
       compiled = train_step.trace(state, abstract_batch(config, mesh)).lower().compile()
     except jax.errors.JaxRuntimeError as e:
-      oom = _oom_bytes(str(e))
+      oom = oom_bytes(str(e))
       if oom is None:
         raise
   return {"compiled": compiled, "oom": oom, "compile_s": time.perf_counter() - t0,
