@@ -229,8 +229,12 @@ def report(config, built: dict, *, topology: str, num_slices: int, step: str,
       "model_tflops_per_step": model_flops / 1e12,
       # If every device ran its compiled FLOPs at peak: the best step time and the MFU it allows
       # (model FLOPs over compiled FLOPs: recompute, expert forming and overheads lower it).
+      # None when the compiler counts fewer FLOPs than the model has: its cost analysis misses
+      # some (FSDP steps, docs/scale.md), so no ceiling can be read from it.
       "step_s_at_peak": flops_dev and flops_dev / peak,
-      "mfu_ceiling": flops_dev and min(1.0, model_flops / (flops_dev * n)),
+      "compiled_over_model_flops": flops_dev and flops_dev * n / model_flops,
+      "mfu_ceiling": (model_flops / (flops_dev * n)
+                      if flops_dev and flops_dev * n >= model_flops else None),
       "peak_tflops_per_chip": chip.peak_tflops, "compile_s": round(built["compile_s"], 1),
   }
 
@@ -270,6 +274,9 @@ def main(argv):
     # Only the target is compiled for: the host's own backend stays CPU (with libtpu installed
     # and no TPU here, jax would otherwise try, and warn about, a TPU backend).
     jax.config.update("jax_platforms", "cpu")
+  # A compile-only executable cannot be read back from the persistent compilation cache (no TPU
+  # client to load it into): keep it out, whatever JAX_COMPILATION_CACHE_DIR says.
+  jax.config.update("jax_enable_compilation_cache", False)
   record = aot(FLAGS.config, topology=FLAGS.topology, num_slices=FLAGS.num_slices,
                finetune=FLAGS.finetune)
   print(json.dumps(record), flush=True)

@@ -40,6 +40,7 @@ def test_tiny_pn_compiles_for_v5e_2x2_and_fits():
   assert record["fits"] and 0 < record["total_gib"] < record["hbm_gib_per_chip"] == 16
   assert record["argument_bytes"] > 0 and record["alias_bytes"] > 0  # the state is donated
   assert record["compiled_tflops_per_step"] > 0 and 0 < record["mfu_ceiling"] <= 1
+  assert record["compiled_over_model_flops"] == pytest.approx(1 / record["mfu_ceiling"])
   assert not err.strip(), err  # libtpu's host-probing warnings are silenced
 
 
