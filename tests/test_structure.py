@@ -63,6 +63,7 @@ LAYERS = {
     "pn_jax.sweep": 6,
     "pn_jax.sweep_results": 6,
     "pn_jax.bench": 6,
+    "pn_jax.aot": 6,  # the train step compiled for a TPU topology ahead of time
     # 7: the main command lines.
     "pn_jax.main": 7,
     "pn_jax.data.__main__": 7,  # `python -m pn_jax.data`: prepare / stats / report

@@ -12,9 +12,10 @@ import contextlib
 import flax.linen as nn
 import jax
 import ml_collections
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from pn_jax.config import MESH_AXES, mesh_shape
+from pn_jax.config import MESH_AXES, ConfigError, mesh_shape
 
 # Activations shard their batch over every data-parallel axis and nothing else by default.
 ACTIVATION_RULES = (
@@ -28,10 +29,21 @@ ACTIVATION_RULES = (
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The config's mesh over `devices` (default: all). On a multi-slice TPU topology the `data`
+  axis spans the slices (its other factor and fsdp/tensor stay inside each slice's ICI)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(config, len(devices))
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  if sizes["data"] % slices:
+    raise ConfigError(f"config.mesh.data: {sizes['data']} must be a multiple of the "
+                      f"{slices} slices (the data axis spans them)")
+  per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple:

@@ -32,7 +32,9 @@ def _init_boxed(model, tx, rng):
 
 def state_shardings(model, tx, mesh, rules):
   """-> (abstract unboxed state [ShapeDtypeStruct with .sharding], sharding tree)."""
-  boxed = jax.eval_shape(lambda r: _init_boxed(model, tx, r), jax.random.key(0))
+  # The key is made inside the trace: a concrete one would be placed on the mesh's devices,
+  # which a compile-only TPU mesh (pn_jax/aot.py) cannot hold.
+  boxed = jax.eval_shape(lambda: _init_boxed(model, tx, jax.random.key(0)))
   shardings = tree_shardings(boxed, mesh, rules)
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   plain = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed,

@@ -1,0 +1,99 @@
+"""Ahead-of-time compiles for a TPU slice from this CPU machine (pn_jax.aot), through the CLI.
+
+The compiles run in a subprocess, as a user runs them: libtpu is loaded there and nowhere else,
+so the tests that share this worker keep a plain CPU jax. Skipped only where libtpu is not
+installed (`pip install -e '.[tpu]'`; the `test` extra includes it on Linux x86-64).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import REPO
+from pn_jax import aot, cli
+from pn_jax.train import flops
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+def run_aot(*args):
+  """`python -m pn_jax.aot ARGS` -> (exit code, JSON record or None, stderr)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  out = subprocess.run([sys.executable, "-m", "pn_jax.aot", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+  return out.returncode, json.loads(lines[-1]) if lines else None, out.stderr
+
+
+@needs_libtpu
+def test_tiny_pn_compiles_for_v5e_2x2_and_fits():
+  code, record, err = run_aot("--config=configs/pn.py:tiny", "--topology=v5e:2x2")
+  assert code == 0, err[-3000:]
+  assert record["chip"] == "TPU v5 lite" and record["devices"] == 4
+  assert record["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert record["fits"] and 0 < record["total_gib"] < record["hbm_gib_per_chip"] == 16
+  assert record["argument_bytes"] > 0 and record["alias_bytes"] > 0  # the state is donated
+  assert record["compiled_tflops_per_step"] > 0 and 0 < record["mfu_ceiling"] <= 1
+  assert record["compiled_over_model_flops"] == pytest.approx(1 / record["mfu_ceiling"])
+  assert not err.strip(), err  # libtpu's host-probing warnings are silenced
+
+
+@needs_libtpu
+def test_a_7b_pn_on_one_v5e_chip_is_reported_not_fitting():
+  code, record, err = run_aot("--config=configs/pn.py:1b", "--topology=v5e:1x1")
+  assert code == 2 and record is not None and not record["fits"], err[-3000:]
+  assert record["total_gib"] > 16 and record["margin_gib"] < 0
+  (line,) = [x for x in err.splitlines() if x.strip()]
+  assert line.startswith("error: DoesNotFit: pn_1b (pretrain step) on v5e:1x1") and "GiB" in line
+
+
+@needs_libtpu
+def test_bad_topology_and_mesh_are_one_line_errors():
+  code, _, err = run_aot("--config=configs/pn.py:tiny", "--topology=v5e:3x3")
+  assert code == 2 and "error: UsageError: --topology=v5e:3x3: libtpu refused it" in err
+  code, _, err = run_aot("--config=configs/pn.py:tiny", "--topology=v5e:2x2",
+                         "--config.mesh.tensor=3")
+  assert code == 2 and "error: ConfigError: config.mesh" in err
+
+
+def test_topology_names_are_checked_before_libtpu_loads():
+  assert aot.parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
+  for bad in ("v9:2x2", "v5e", "v5e:4", "v5e:0x2", ""):
+    with pytest.raises(cli.UsageError, match="topology"):
+      aot.parse_topology(bad)
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(cli.UsageError, match=r"libtpu is not installed.*pip install -e '\.\[tpu\]'"):
+    aot.tpu_devices("v5e:2x2")
+
+
+def test_chip_table_agrees_with_the_mfu_peak_table():
+  kinds = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+  for generation, kind in kinds.items():
+    device = types.SimpleNamespace(device_kind=kind)
+    assert flops.peak_flops(device) == aot.CHIPS[generation].peak_tflops * 1e12
+
+
+def test_out_of_hbm_messages_are_read():
+  assert aot.oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                       "required for HLO temporaries (22.83G) exceeds available HBM "
+                       "(15.75G).") == (22.83 * 2**30, 15.75 * 2**30)
+  assert aot.oom_bytes("Used 60.5G of 15.75G hbm. Exceeded hbm capacity by 44.75G.") == (
+      60.5 * 2**30, 15.75 * 2**30)
+  assert aot.oom_bytes("INTERNAL: something else") is None
+
+
+@needs_libtpu
+def test_finetune_step_is_the_projected_small_model_on_one_chip():
+  code, record, err = run_aot("--config=configs/pn.py:tiny", "--topology=v5e:1x1", "--finetune")
+  assert code == 0, err[-3000:]
+  assert record["step"] == "finetune" and record["devices"] == 1 and record["fits"]
+  assert record["mlp_kind"] == "dense" and record["k"] == 1
