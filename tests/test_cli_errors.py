@@ -48,7 +48,7 @@ def _size_typo(tmp_path, request):
   # full-size model this typo used to build (so the test cannot OOM the host).
   return (["-m", "pn_jax.main", "--config=configs/pn.py:tny", f"--workdir={tmp_path / 'w'}",
            "--config.train.steps=0"],
-          "ConfigError: configs/pn.py: unknown argument 'tny'; accepted: tiny, k=<int>, h=<int>, "
+          "ConfigError: configs/pn.py: unknown argument 'tny'; accepted: tiny, 1b, k=<int>, h=<int>, "
           "m=<int>")
 
 
