@@ -8,6 +8,8 @@ model, optimizer, shardings over the config's mesh and donation (train/compile.p
 abstract arguments, so nothing is allocated. `--finetune` compiles the step `specialize` trains
 instead: the dense small model one expert projects to (use a one-chip topology, `v5e:1x1`).
 
+The global batch is `--per_chip_batch` sequences per data-parallel chip (the config files'
+batches are sized for one machine), or `--config.data.batch_size` when that is given.
 Prints one JSON line: topology, chip, mesh, per-device argument/output/temp bytes against the
 chip's HBM (fits, margin), compiled FLOPs per step and per device, the MFU ceiling they imply at
 the chip's peak, compile time. A step that does not fit also exits 2 with a one-line error
@@ -252,9 +254,24 @@ def not_fitting_line(record: dict) -> str:
           "or set model.remat")
 
 
-def aot(config, *, topology: str, num_slices: int = 1, finetune: bool = False) -> dict:
-  """Compiles `config`'s pretraining (or, `finetune`, fine-tuning) step for the topology."""
+def with_per_chip_batch(config, devices: list, per_chip: int):
+  """`config` with data.batch_size = per_chip x the data-parallel chips (mesh data x fsdp): the
+  config files' global batches are sized for one machine, a slice's for its chip count."""
+  from pn_jax.config import mesh_shape
+  sizes = mesh_shape(config, len(devices))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.batch_size = per_chip * sizes["data"] * sizes["fsdp"]
+  return config
+
+
+def aot(config, *, topology: str, num_slices: int = 1, finetune: bool = False,
+        per_chip_batch: int = 0) -> dict:
+  """Compiles `config`'s pretraining (or, `finetune`, fine-tuning) step for the topology;
+  per_chip_batch > 0 sets the global batch from the chip count (else data.batch_size)."""
   devices = tpu_devices(topology, num_slices)
+  if per_chip_batch > 0:
+    config = with_per_chip_batch(config, devices, per_chip_batch)
   if finetune:
     config = finetune_config(config)
   built = compile_step(config, devices)
@@ -277,8 +294,10 @@ def main(argv):
   # A compile-only executable cannot be read back from the persistent compilation cache (no TPU
   # client to load it into): keep it out, whatever JAX_COMPILATION_CACHE_DIR says.
   jax.config.update("jax_enable_compilation_cache", False)
+  # A global batch given on the command line is compiled as given; else --per_chip_batch.
+  explicit = "data.batch_size" in config_flags.get_override_values(FLAGS["config"])
   record = aot(FLAGS.config, topology=FLAGS.topology, num_slices=FLAGS.num_slices,
-               finetune=FLAGS.finetune)
+               finetune=FLAGS.finetune, per_chip_batch=0 if explicit else FLAGS.per_chip_batch)
   print(json.dumps(record), flush=True)
   if not record["fits"]:
     raise DoesNotFit(not_fitting_line(record))
@@ -292,6 +311,9 @@ def define_flags():
                       "chips, e.g. v5e:4x4 (16 chips), v5p:4x4x4 (64), v5e:1x1 (one chip).")
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (multi-slice;"
                        " the mesh's data axis spans them).")
+  flags.DEFINE_integer("per_chip_batch", 8, "Sequences per data-parallel chip: the compiled "
+                       "step's global batch is this x mesh.data x mesh.fsdp, unless "
+                       "--config.data.batch_size is given (then that global batch).")
   flags.DEFINE_bool("finetune", False, "Compile the fine-tuning step of the dense small model one "
                     "expert projects to (what `specialize` trains) instead of pretraining.")
 

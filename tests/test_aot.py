@@ -37,6 +37,7 @@ def test_tiny_pn_compiles_for_v5e_2x2_and_fits():
   assert code == 0, err[-3000:]
   assert record["chip"] == "TPU v5 lite" and record["devices"] == 4
   assert record["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert record["batch"] == 4 * 8  # --per_chip_batch's default: 8 sequences a chip
   assert record["fits"] and 0 < record["total_gib"] < record["hbm_gib_per_chip"] == 16
   assert record["argument_bytes"] > 0 and record["alias_bytes"] > 0  # the state is donated
   assert record["compiled_tflops_per_step"] > 0 and 0 < record["mfu_ceiling"] <= 1
@@ -97,3 +98,18 @@ def test_finetune_step_is_the_projected_small_model_on_one_chip():
   assert code == 0, err[-3000:]
   assert record["step"] == "finetune" and record["devices"] == 1 and record["fits"]
   assert record["mlp_kind"] == "dense" and record["k"] == 1
+
+
+@needs_libtpu
+def test_a_global_batch_on_the_command_line_is_compiled_as_given():
+  code, record, err = run_aot("--config=configs/pn.py:tiny", "--topology=v5e:2x2",
+                              "--config.data.batch_size=12", "--per_chip_batch=2")
+  assert code == 0 and record["batch"] == 12, err[-3000:]
+
+
+def test_per_chip_batch_scales_with_the_data_parallel_chips():
+  from pn_jax.config import base_config
+  config = base_config()
+  config.mesh.update(data=2, fsdp=-1, tensor=2)
+  assert aot.with_per_chip_batch(config, [object()] * 16, 8).data.batch_size == 8 * 2 * 4
+  assert config.data.batch_size == 8  # the caller's config is left as it was
