@@ -113,3 +113,16 @@ def eval_batches(config, run_data, split: str = "validation", process_index: int
                               batch_size=d.batch_size, max_batches=d.eval_batches,
                               mode=d.cluster_batching,
                               shard=batches.Shard(process_index, process_count))
+
+
+def random_batch(config, seed: int = 0, cluster=None) -> dict:
+  """A host batch of random tokens of the config's shape; `cluster` [B] (default: random ids)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
+  batch = {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
+           "targets": rng.integers(0, V, (B, T), dtype=np.int32),
+           "mask": np.ones((B, T), np.float32)}
+  batch["cluster"] = (rng.integers(0, config.model.k, (B,), dtype=np.int32) if cluster is None
+                      else cluster)
+  return batch

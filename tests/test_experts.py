@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import copy_workdir, eval_batches, load_config, quiet, train_batches
+from conftest import copy_workdir, eval_batches, load_config, quiet, random_batch, train_batches
 from pn_jax import modes, saved_run
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, batches, packing, pipeline
@@ -30,12 +30,9 @@ DOMAIN = "legal"
 
 
 def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
-  return {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
-          "targets": rng.integers(0, V, (B, T), dtype=np.int32),
-          "mask": np.ones((B, T), np.float32),
-          "cluster": batches.stratified_clusters(B, config.model.k)}
+  """Random tokens, stratified by expert (slot c = cluster c)."""
+  return random_batch(config, seed, batches.stratified_clusters(config.data.batch_size,
+                                                                config.model.k))
 
 
 def _params(model):

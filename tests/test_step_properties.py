@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, random_batch
 from pn_jax.model import build_model
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.train.compile import step_options
@@ -24,15 +24,6 @@ def _one_device(kind: str):
   return config, mesh_lib.make_mesh(config, jax.devices()[:1]), mesh_lib.logical_rules(config)
 
 
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
-  return {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
-          "targets": rng.integers(0, V, (B, T), dtype=np.int32),
-          "mask": np.ones((B, T), np.float32),
-          "cluster": rng.integers(0, config.model.k, (B,), dtype=np.int32)}
-
-
 @pytest.mark.parametrize("kind", ["slm", "pn"])  # dense, projected
 def test_logits_at_t_do_not_depend_on_later_tokens(kind):
   """Perturbing the tokens after position t leaves the logits at positions <= t unchanged and
@@ -40,7 +31,7 @@ def test_logits_at_t_do_not_depend_on_later_tokens(kind):
   config, mesh, rules = _one_device(kind)
   model = build_model(config.model)
   tx, _ = make_optimizer(config)
-  batch = _batch(config)
+  batch = random_batch(config)
   T, t = config.data.seq_len, config.data.seq_len // 2
   perturbed = batch["inputs"].copy()
   perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 1 + np.arange(T - t - 1)) % config.model.vocab_size
@@ -61,7 +52,7 @@ def test_jitted_train_step_equals_the_unjitted_one(kind):
   step = make_train_step(model, tx, schedule, **step_options(config))
   with mesh_lib.activate(mesh, rules):
     state, _ = create_state(model, tx, mesh, rules, jax.random.key(0))
-    batch = mesh_lib.global_batch(_batch(config), mesh)
+    batch = mesh_lib.global_batch(random_batch(config), mesh)
     with jax.disable_jit():
       eager = jax.device_get(step(state, batch))
     jitted = jax.device_get(jax.jit(step)(state, batch))
