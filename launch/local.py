@@ -8,6 +8,9 @@ JAX_PROCESS_ID, which `pn_jax.parallel.distributed` reads. With --cpu_devices=D 
 runs on D fake CPU devices (global mesh N*D, gloo collectives); with --gpus every process sees
 one GPU (CUDA_VISIBLE_DEVICES=i). Output lines are prefixed `[p<i>]`. When one process fails,
 the others are terminated and its exit code is returned, so a crash never leaves peers hanging.
+A process that exits 143 or 130 stopped on SIGTERM/SIGINT after checkpointing (pn_jax's
+StopSignal): its peers stop at the same agreed step by themselves, so they are waited for, not
+terminated (a second signal would make them exit without finishing their part of that save).
 """
 
 from __future__ import annotations
@@ -44,17 +47,27 @@ def process_env(i: int, n: int, port: int, *, cpu_devices: int = 0, gpus: bool =
   return env
 
 
-def _pump(stream, prefix: str, out):
+# Exit codes of a process that stopped on SIGTERM/SIGINT after its checkpoint (128 + signal).
+STOPPED_CODES = (143, 130)
+
+
+def _pump(stream, i: int, out, on_line, procs):
   for line in iter(stream.readline, ""):
-    out.write(f"{prefix}{line}")
+    out.write(f"[p{i}] {line}")
     out.flush()
+    if on_line is not None:
+      on_line(i, line, procs)
   stream.close()
 
 
 def launch(cmd: list[str], num_processes: int, *, cpu_devices: int = 0, gpus: bool = False,
            timeout_s: float | None = None, cwd: str | None = None, env: dict | None = None,
-           out=None) -> int:
-  """Starts the N processes, streams their output, returns the first non-zero exit code (or 0)."""
+           out=None, on_line=None) -> int:
+  """Starts the N processes, streams their output, returns the first non-zero exit code (or 0).
+
+  `on_line(i, line, procs)`, if given, sees every output line of process i as it arrives (on that
+  process's reader thread), e.g. to signal one process at a given step (preemption_check.py).
+  """
   out = sys.stdout if out is None else out
   port = free_port()
   procs, pumps = [], []
@@ -63,15 +76,16 @@ def launch(cmd: list[str], num_processes: int, *, cpu_devices: int = 0, gpus: bo
                          text=True, bufsize=1,
                          env=process_env(i, num_processes, port, cpu_devices=cpu_devices,
                                          gpus=gpus, base=env))
-    t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", out), daemon=True)
-    t.start()
     procs.append(p)
+    t = threading.Thread(target=_pump, args=(p.stdout, i, out, on_line, procs), daemon=True)
+    t.start()
     pumps.append(t)
   deadline = None if timeout_s is None else time.time() + timeout_s
   code = 0
   try:
     while [p.poll() for p in procs].count(None):  # poll every process, every time
-      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+      failed = [p.returncode for p in procs
+                if p.returncode not in (None, 0) and p.returncode not in STOPPED_CODES]
       if failed or (deadline is not None and time.time() > deadline):
         code = failed[0] if failed else 124
         out.write(f"[launch] {'a process exited with ' + str(code) if failed else 'timeout'}: "

@@ -184,7 +184,7 @@ def bench_one(config, *, profile_dir: str = "") -> dict:
 def _record(config, train_cfg, device, measured: dict) -> dict:
   """The JSON line of one configuration from its `measured` times, compile and loss."""
   import jax
-  from pn_jax.config import small_model_config
+  from pn_jax.config import mesh_shape, small_model_config
   from pn_jax.train import flops as flops_lib
   times, mem = measured["times"], measured["memory"]
   step_s = statistics.median(times)
@@ -201,6 +201,7 @@ def _record(config, train_cfg, device, measured: dict) -> dict:
       "config": config.name,
       "device_kind": device.device_kind,
       "devices": n,
+      "mesh": mesh_shape(train_cfg, n),
       "platform": device.platform,
       "mlp_kind": m.mlp_kind,
       "k": m.k, "h": m.h, "m": m.m,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark runs behind docs/benchmarks.md, as sent to the device machine (one H100):
+# The benchmark runs behind docs/benchmarks.md, as sent to the device machine (one H100; the
+# sets `scaling` and `preemption` need two GPUs):
 #   bash configs/bench/device_run.sh <set>   (logs and traces land in $OUT, or /tmp/bench_out)
 # Each `python -m pn_jax.bench` is its own process so its peak memory is its own.
 set -o pipefail
@@ -49,6 +50,25 @@ case "${1:-main}" in
     bench pn_final --config=configs/bench/gpt2_pn.py --config.bench.sweep="model.h=8,model.m=4"
     bench pn_finetune_final --config=configs/bench/gpt2_pn.py:finetune=1
     bench mix_final --config=configs/bench/gpt2_mix.py
+    ;;
+  scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
+    export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+    nvidia-smi topo -m
+    python3 launch/scaling.py --devices=2 --per_device_batch=32 --timeout_s=240 -- \
+      --config=configs/bench/gpt2_dense.py 2>>"$OUT/log.txt" | tee "$OUT/scaling_dense.jsonl"
+    python3 launch/scaling.py --devices=2 --per_device_batch=32 --timeout_s=240 -- \
+      --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
+      2>>"$OUT/log.txt" | tee "$OUT/scaling_pn_mixed.jsonl"
+    ;;
+  preemption)  # two GPUs: 2 processes x 1 GPU, SIGTERM to process 1, resume, vs 1 process x 2 GPUs
+    export NCCL_NVLS_ENABLE=0
+    rm -rf /tmp/preemption
+    python3 launch/preemption_check.py --gpus --steps=100 --signal_at_step=40 \
+      --workdir=/tmp/preemption -- --config=configs/pn.py | tee "$OUT/preemption.jsonl"
+    code=$?
+    for f in reference preempted resumed; do xz -c "/tmp/preemption/$f.log" > "$OUT/$f.log.xz"; done
+    exit $code
     ;;
   *) echo "unknown set $1"; exit 2 ;;
 esac
