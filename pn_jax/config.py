@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 
 MLP_KINDS = ("dense", "mixture", "projected")
+# model.arch -> the MLP form: gpt act(x@w_in)@w_out | llama (act(x@w_gate) * (x@w_in)) @ w_out
+ARCHS = ("gpt", "llama")
 CLUSTER_BATCHING = ("mixed", "homogeneous", "stratified")
 # model.remat -> what nn.remat keeps for the backward pass: (a jax.checkpoint_policies name, and
 # the arguments to call it with or None if it is the policy itself); "none": no remat, "full":
@@ -59,6 +61,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.n_heads = 8
   m.mlp_dim = 4096  # the *small* model's MLP width (the SLM's), for every kind
   m.mlp_kind = "dense"  # dense | mixture | projected
+  m.arch = "gpt"  # gpt: act(x@w_in)@w_out | llama: gated MLP with w_gate (pn_jax/model/mlp.py)
   m.k = 1  # experts = clusters (mixture, projected)
   m.h = 1  # basis slices of the shared tensor T (projected)
   m.m = 1  # code length per expert: E is [k, m] (projected)
@@ -241,6 +244,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _fail("model.n_heads", f"head_dim={m.d_model // m.n_heads} must be even for RoPE")
   if m.mlp_kind not in MLP_KINDS:
     _fail("model.mlp_kind", f"unknown kind {m.mlp_kind!r}; choose one of {MLP_KINDS}")
+  if m.get("arch", "gpt") not in ARCHS:  # .get: configs saved before the key are gpt
+    _fail("model.arch", f"unknown architecture {m.arch!r}; choose one of {ARCHS}")
   if m.k < 1:
     _fail("model.k", f"number of experts/clusters must be >= 1, got {m.k}")
   if m.mlp_kind == "projected":
