@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = _distill_defaults()
   c.sample = _sample_defaults()
   c.mesh = _mesh_defaults()
+  c.export = _export_defaults()
   return c
 
 
@@ -186,6 +187,15 @@ def _sample_defaults() -> ml_collections.ConfigDict:
   sa.num_samples = 1
   sa.cluster = -1  # routed checkpoints (PN, mixture, SLM-mix): the expert (-1: cluster 0)
   return sa
+
+
+def _export_defaults() -> ml_collections.ConfigDict:
+  ex = ml_collections.ConfigDict()
+  # pn: <workdir>/export, pn-jax's safetensors layout (pn_jax/safetensors_io.py, reloads into
+  # pn_jax.model); hf: <workdir>/export_hf, a transformers LlamaForCausalLM directory with its
+  # tokenizer (pn_jax/hf_export.py; arch="llama" models only).
+  ex.format = "pn"
+  return ex
 
 
 # --- parallelism ---------------------------------------------------------------------------
@@ -346,10 +356,12 @@ def _validate_experts(config: ml_collections.ConfigDict) -> None:
 
 
 SELECT_RULES = ("frequent", "lowest_loss")
+EXPORT_FORMATS = ("pn", "hf")
 
 
 def _validate_specialize(config: ml_collections.ConfigDict) -> None:
-  """The specialization / distillation / sampling keys (absent in old saved configs: skipped)."""
+  """The specialization / distillation / sampling / export keys (absent in old saved configs:
+  skipped)."""
   if "specialize" in config:
     if config.specialize.select not in SELECT_RULES:
       _fail("specialize.select", f"unknown rule {config.specialize.select!r}; choose one of "
@@ -366,6 +378,9 @@ def _validate_specialize(config: ml_collections.ConfigDict) -> None:
       _fail("distill.weight", f"must be in [0, 1], got {config.distill.weight}")
   if "sample" in config:
     _validate_sample(config.sample)
+  if "export" in config and config.export.format not in EXPORT_FORMATS:
+    _fail("export.format", f"unknown format {config.export.format!r}; choose one of "
+          f"{EXPORT_FORMATS} (pn: pn-jax's safetensors layout, hf: Hugging Face transformers)")
 
 
 def _validate_sample(s: ml_collections.ConfigDict) -> None:

@@ -52,7 +52,7 @@ def check_target(out_dir: str, names=EXPORT_FILES, fmt: str = FORMAT) -> None:
     what = "a symlink" if os.path.islink(out_dir) else "a file"
   else:
     foreign = sorted(set(os.listdir(out_dir)) - set(names))
-    what = f"a directory holding {foreign[:5]}" if foreign else _config_problem(out_dir, fmt)
+    what = _config_problem(out_dir, fmt) or (foreign and f"a directory holding {foreign[:5]}")
     if not what:
       return
   raise ExportError(f"the export path {out_dir} exists and is not a pn-jax export ({what}); "
