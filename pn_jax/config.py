@@ -454,6 +454,17 @@ def use_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def use_arch(c: ml_collections.ConfigDict, name: str = "gpt") -> ml_collections.ConfigDict:
+  """The config-file arg `arch=<name>` (configs/{slm,llm,pn,mix,mix_shared,quickstart}.py):
+  "llama" is the gated MLP with SiLU, Llama's (docs/design.md); "gpt" leaves the model as is."""
+  if name not in ARCHS:
+    _fail("model.arch", f"unknown architecture {name!r}; choose one of {ARCHS}")
+  c.model.arch = name
+  if name == "llama":
+    c.model.activation = "silu"
+  return c
+
+
 def load_module(path: str, what: str = "config"):
   """Executes a config-like file (configs/*.py, configs/sweeps/*.py) and returns its module.
 
