@@ -4,7 +4,8 @@
 an earlier export is replaced, anything else at that path refused (ExportError). Tensor names are
 the flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
 holds the model config that pn_jax.model.transformer.LM needs, so `load(dir)` rebuilds the model
-and reproduces the checkpoint's logits exactly (tests/test_export.py).
+and reproduces the checkpoint's logits exactly (tests/test_export.py). `write_export` (the
+all-at-once directory write and the refusal of foreign paths) serves pn_jax/hf_export.py too.
 """
 
 from __future__ import annotations

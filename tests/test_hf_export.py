@@ -32,12 +32,6 @@ TEXTS = ["The court held that the contract was void.", " leading space", "  two 
          "x", ""]
 
 
-def llama(config):
-  """`config` with the llama architecture (--config.model.arch=llama, activation=silu)."""
-  config.model.update(arch="llama", activation="silu")
-  return config
-
-
 def hf_model(path):
   return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                            local_files_only=True).eval()
@@ -64,7 +58,7 @@ def exported(prepared, tmp_path_factory):
   as pn (the pn export reloads into pn-jax with the checkpoint's exact logits: test_export.py)."""
   root = tmp_path_factory.mktemp("hf")
   pn_dir = copy_workdir(prepared, root, "pn")
-  pretrain(quiet(llama(load_config("pn")), steps=2, checkpoint_every=2,
+  pretrain(quiet(load_config("pn", "tiny,arch=llama"), steps=2, checkpoint_every=2,
                  eval_every=100), pn_dir)
   legal = str(root / "legal")
   config = quiet(load_config("finetune", "tiny"), steps=2, eval_every=2, checkpoint_every=2)
@@ -132,7 +126,7 @@ def test_byte_tokenizer_gives_pn_jax_ids(tmp_path):
 
 def test_untied_gelu_model_gives_pn_jax_logits(tmp_path, prepared):
   """Untied unembedding (lm_head), the tanh GELU, another RoPE base and eps: random weights."""
-  config = llama(load_config("slm")).model
+  config = load_config("slm", "tiny,arch=llama").model
   config.update(tie_embeddings=False, activation="gelu", rope_theta=500_000.0, norm_eps=1e-5)
   cfg = ModelConfig.from_config(config)
   model = build_model(cfg)
