@@ -4,12 +4,13 @@ No parameter is shared: every expert is a whole dense SLM trained on its own clu
 (pn_jax/model/independent_experts.py). Batches are stratified, batch_size/k sequences per expert, so the
 batch size is rounded up to a multiple of k. Specialization fine-tunes the domain's most frequent
 cluster's model. For the shared-attention hard mixture (a PN special case) see mix_shared.py.
+Architecture gpt (GELU MLP) by default; `arch=llama`: Llama's gated SiLU MLP (docs/design.md).
 """
 
-from pn_jax.config import base_config, use_tiny
-from pn_jax.config_args import INT, Accepts
+from pn_jax.config import base_config, use_arch, use_tiny
+from pn_jax.config_args import ARCH, INT, Accepts
 
-ARGS = Accepts(words=("tiny",), keys=dict(k=INT))
+ARGS = Accepts(words=("tiny",), keys=dict(k=INT, arch=ARCH))
 
 
 def get_config(arg=None):
@@ -25,4 +26,5 @@ def get_config(arg=None):
   if "k" in args:
     c.model.k = args["k"]
   c.data.batch_size = -(-c.data.batch_size // c.model.k) * c.model.k
+  use_arch(c, args.get("arch", "gpt"))
   return c

@@ -3,12 +3,13 @@
 This is PN's special case h = k, E = I, M = I (pn_jax/model/mlp.py), *not* the paper's SLM-mix
 baseline, which shares nothing (configs/mix.py). Kept as a variant to separate what sharing
 attention buys from what the projection buys.
+Architecture gpt (GELU MLP) by default; `arch=llama`: Llama's gated SiLU MLP (docs/design.md).
 """
 
-from pn_jax.config import base_config, use_tiny
-from pn_jax.config_args import INT, Accepts
+from pn_jax.config import base_config, use_arch, use_tiny
+from pn_jax.config_args import ARCH, INT, Accepts
 
-ARGS = Accepts(words=("tiny",), keys=dict(k=INT))
+ARGS = Accepts(words=("tiny",), keys=dict(k=INT, arch=ARCH))
 
 
 def get_config(arg=None):
@@ -21,4 +22,5 @@ def get_config(arg=None):
     c.model.k = 4
   if "k" in args:
     c.model.k = args["k"]
+  use_arch(c, args.get("arch", "gpt"))
   return c

@@ -5,12 +5,13 @@ codes of length m. The paper's main run has k=32; h and m are not given: h=24 ma
 reported 1,422M parameters for k=32 with our SLM, and m=16 (<= h) is our choice (docs/design.md).
 `1b`: a 7B-class PN whose experts are ~0.9B dense models (d 2048, 16 layers, MLP 8192; k=32,
 h=12, m=8: 6.8B parameters), for sizing TPU slices (docs/scale.md).
+Architecture gpt (GELU MLP) by default; `arch=llama`: Llama's gated SiLU MLP (docs/design.md).
 """
 
-from pn_jax.config import base_config, use_tiny
-from pn_jax.config_args import INT, Accepts
+from pn_jax.config import base_config, use_arch, use_tiny
+from pn_jax.config_args import ARCH, INT, Accepts
 
-ARGS = Accepts(words=("tiny", "1b"), keys=dict(k=INT, h=INT, m=INT))
+ARGS = Accepts(words=("tiny", "1b"), keys=dict(k=INT, h=INT, m=INT, arch=ARCH))
 
 
 def get_config(arg=None):
@@ -28,4 +29,5 @@ def get_config(arg=None):
   for key in ("k", "h", "m"):
     if key in args:
       c.model[key] = args[key]
+  use_arch(c, args.get("arch", "gpt"))
   return c

@@ -203,7 +203,7 @@ def _record(config, train_cfg, device, measured: dict) -> dict:
       "devices": n,
       "mesh": mesh_shape(train_cfg, n),
       "platform": device.platform,
-      "mlp_kind": m.mlp_kind,
+      "mlp_kind": m.mlp_kind, "arch": m.arch,
       "k": m.k, "h": m.h, "m": m.m,
       "batch": B, "seq_len": T,
       "attention_kernel": "cudnn" if "__cudnn$fmha" in measured["hlo_text"] else "xla",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 
 MLP_KINDS = ("dense", "mixture", "projected")
+# model.arch -> the MLP form: gpt act(x@w_in)@w_out | llama (act(x@w_gate) * (x@w_in)) @ w_out
+ARCHS = ("gpt", "llama")
 CLUSTER_BATCHING = ("mixed", "homogeneous", "stratified")
 # model.remat -> what nn.remat keeps for the backward pass: (a jax.checkpoint_policies name, and
 # the arguments to call it with or None if it is the policy itself); "none": no remat, "full":
@@ -47,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = _distill_defaults()
   c.sample = _sample_defaults()
   c.mesh = _mesh_defaults()
+  c.export = _export_defaults()
   return c
 
 
@@ -59,6 +62,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.n_heads = 8
   m.mlp_dim = 4096  # the *small* model's MLP width (the SLM's), for every kind
   m.mlp_kind = "dense"  # dense | mixture | projected
+  m.arch = "gpt"  # gpt: act(x@w_in)@w_out | llama: gated MLP with w_gate (pn_jax/model/mlp.py)
   m.k = 1  # experts = clusters (mixture, projected)
   m.h = 1  # basis slices of the shared tensor T (projected)
   m.m = 1  # code length per expert: E is [k, m] (projected)
@@ -185,6 +189,15 @@ def _sample_defaults() -> ml_collections.ConfigDict:
   return sa
 
 
+def _export_defaults() -> ml_collections.ConfigDict:
+  ex = ml_collections.ConfigDict()
+  # pn: <workdir>/export, pn-jax's safetensors layout (pn_jax/safetensors_io.py, reloads into
+  # pn_jax.model); hf: <workdir>/export_hf, a transformers LlamaForCausalLM directory with its
+  # tokenizer (pn_jax/hf_export.py; arch="llama" models only).
+  ex.format = "pn"
+  return ex
+
+
 # --- parallelism ---------------------------------------------------------------------------
 def _mesh_defaults() -> ml_collections.ConfigDict:
   ml = ml_collections.ConfigDict()
@@ -241,6 +254,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _fail("model.n_heads", f"head_dim={m.d_model // m.n_heads} must be even for RoPE")
   if m.mlp_kind not in MLP_KINDS:
     _fail("model.mlp_kind", f"unknown kind {m.mlp_kind!r}; choose one of {MLP_KINDS}")
+  if m.get("arch", "gpt") not in ARCHS:  # .get: configs saved before the key are gpt
+    _fail("model.arch", f"unknown architecture {m.arch!r}; choose one of {ARCHS}")
   if m.k < 1:
     _fail("model.k", f"number of experts/clusters must be >= 1, got {m.k}")
   if m.mlp_kind == "projected":
@@ -341,10 +356,12 @@ def _validate_experts(config: ml_collections.ConfigDict) -> None:
 
 
 SELECT_RULES = ("frequent", "lowest_loss")
+EXPORT_FORMATS = ("pn", "hf")
 
 
 def _validate_specialize(config: ml_collections.ConfigDict) -> None:
-  """The specialization / distillation / sampling keys (absent in old saved configs: skipped)."""
+  """The specialization / distillation / sampling / export keys (absent in old saved configs:
+  skipped)."""
   if "specialize" in config:
     if config.specialize.select not in SELECT_RULES:
       _fail("specialize.select", f"unknown rule {config.specialize.select!r}; choose one of "
@@ -361,6 +378,9 @@ def _validate_specialize(config: ml_collections.ConfigDict) -> None:
       _fail("distill.weight", f"must be in [0, 1], got {config.distill.weight}")
   if "sample" in config:
     _validate_sample(config.sample)
+  if "export" in config and config.export.format not in EXPORT_FORMATS:
+    _fail("export.format", f"unknown format {config.export.format!r}; choose one of "
+          f"{EXPORT_FORMATS} (pn: pn-jax's safetensors layout, hf: Hugging Face transformers)")
 
 
 def _validate_sample(s: ml_collections.ConfigDict) -> None:
@@ -431,6 +451,17 @@ def use_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.update(corpus="tiny", seq_len=64, batch_size=8, eval_batches=2)
   o.update(lr=3e-3, warmup_steps=10)
   t.update(steps=40, log_every=5, eval_every=20, checkpoint_every=20, progress_bar=False)
+  return c
+
+
+def use_arch(c: ml_collections.ConfigDict, name: str = "gpt") -> ml_collections.ConfigDict:
+  """The config-file arg `arch=<name>` (configs/{slm,llm,pn,mix,mix_shared,quickstart}.py):
+  "llama" is the gated MLP with SiLU, Llama's (docs/design.md); "gpt" leaves the model as is."""
+  if name not in ARCHS:
+    _fail("model.arch", f"unknown architecture {name!r}; choose one of {ARCHS}")
+  c.model.arch = name
+  if name == "llama":
+    c.model.activation = "silu"
   return c
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from pn_jax.config import ConfigError
+from pn_jax.config import ARCHS, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,9 @@ def one_of(*choices: str) -> Value:
 def int_list(sep: str = "/") -> Value:
   return Value(f"<int>{sep}<int>...", lambda text: [int(x) for x in text.split(sep)],
                f"2{sep}4")
+
+
+ARCH = one_of(*ARCHS)  # `arch=llama` on the model config files: pn_jax.config.use_arch
 
 
 @dataclasses.dataclass(frozen=True)

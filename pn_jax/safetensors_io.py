@@ -4,7 +4,8 @@
 an earlier export is replaced, anything else at that path refused (ExportError). Tensor names are
 the flax param paths joined by "." (e.g. "blocks.attn.wq", stacked over layers on axis 0); the JSON
 holds the model config that pn_jax.model.transformer.LM needs, so `load(dir)` rebuilds the model
-and reproduces the checkpoint's logits exactly (tests/test_export.py).
+and reproduces the checkpoint's logits exactly (tests/test_export.py). `write_export` (the
+all-at-once directory write and the refusal of foreign paths) serves pn_jax/hf_export.py too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import jax
 import ml_collections
@@ -26,6 +28,7 @@ from pn_jax.train.preflight import WorkdirError
 
 FORMAT = "pn-jax-dense-lm/1"
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+EXPORT_FILES = (WEIGHTS, CONFIG, TOKENIZER)  # what `save` writes
 _NEW, _OLD = ".new-", ".old-"  # <parent>/.<name>.new-XXXX: being written; .old-XXXX: replaced
 
 
@@ -40,46 +43,47 @@ class ExportError(WorkdirError):
   """The export path holds something other than a pn-jax export: it is never replaced."""
 
 
-def check_target(out_dir: str) -> None:
-  """ExportError unless `out_dir` is absent or an earlier export (a directory holding only the
-  files an export writes, its config.json of FORMAT), which is derived output and replaced."""
+def check_target(out_dir: str, names=EXPORT_FILES, fmt: str = FORMAT) -> None:
+  """ExportError unless `out_dir` is absent or an earlier export of format `fmt` (a directory
+  holding only files of `names`, its config.json declaring `fmt`), which is derived output and
+  replaced."""
   if not os.path.lexists(out_dir):
     return
   if os.path.islink(out_dir) or not os.path.isdir(out_dir):
     what = "a symlink" if os.path.islink(out_dir) else "a file"
   else:
-    foreign = sorted(set(os.listdir(out_dir)) - {WEIGHTS, CONFIG, TOKENIZER})
-    what = f"a directory holding {foreign[:5]}" if foreign else _config_problem(out_dir)
+    foreign = sorted(set(os.listdir(out_dir)) - set(names))
+    what = _config_problem(out_dir, fmt) or (foreign and f"a directory holding {foreign[:5]}")
     if not what:
       return
   raise ExportError(f"the export path {out_dir} exists and is not a pn-jax export ({what}); "
                     "move it aside or delete it, then export again")
 
 
-def _config_problem(out_dir: str) -> str:
-  """'' if out_dir has no config.json or one of FORMAT; else what is wrong with it."""
+def export_format(info: dict):
+  """The export format a config.json declares: its "format" (this module's layout) or, in a
+  transformers config (pn_jax/hf_export.py), the "format" of its "pn_jax" entry."""
+  entry = info.get("pn_jax")
+  return entry.get("format") if isinstance(entry, dict) else info.get("format")
+
+
+def _config_problem(out_dir: str, fmt: str) -> str:
+  """'' if out_dir has no config.json or one of format `fmt`; else what is wrong with it."""
   path = os.path.join(out_dir, CONFIG)
   if not os.path.exists(path):
     return ""
   try:
     with open(path) as f:
-      found = json.load(f).get("format")
+      found = export_format(json.load(f))
   except (OSError, ValueError, AttributeError) as e:
     return f"an unreadable {CONFIG}: {type(e).__name__}"
-  return "" if found == FORMAT else f"a {CONFIG} of format {found!r}"
+  return "" if found == fmt else f"a {CONFIG} of format {found!r}"
 
 
 def save(out_dir: str, params, model_cfg: ml_collections.ConfigDict, *, tokenizer_path: str = "",
          metadata: dict | None = None) -> str:
-  """Writes the export into a new directory beside `out_dir`, then renames it into place: a
-  reader finds the earlier complete export or the new one, never a mix (and a failure leaves the
-  earlier one). Files are 0644 and the directory 0755, whatever the writing libraries chose."""
-  check_target(out_dir)
-  parent, name = os.path.split(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  _remove_leftovers(parent, name)
-  new = tempfile.mkdtemp(prefix=f".{name}{_NEW}", dir=parent)
-  try:
+  """Writes the export (write_export: all at once, an earlier export replaced)."""
+  def write(new: str) -> None:
     save_file(flatten(params), os.path.join(new, WEIGHTS), metadata={"format": FORMAT})
     info = {"format": FORMAT, "model": model_cfg.to_dict(), **(metadata or {})}
     if tokenizer_path and os.path.exists(tokenizer_path):
@@ -87,6 +91,23 @@ def save(out_dir: str, params, model_cfg: ml_collections.ConfigDict, *, tokenize
       info["tokenizer"] = TOKENIZER
     with open(os.path.join(new, CONFIG), "w") as f:
       json.dump(info, f, indent=1, default=float)
+
+  return write_export(out_dir, write)
+
+
+def write_export(out_dir: str, write: Callable[[str], None], names=EXPORT_FILES,
+                 fmt: str = FORMAT) -> str:
+  """Refuses `out_dir` unless check_target(out_dir, names, fmt) passes, then has `write(new)`
+  fill a new directory beside `out_dir` and renames it into place: a reader finds the earlier
+  complete export or the new one, never a mix (and a failure leaves the earlier one). Files are
+  0644 and the directory 0755, whatever the writing libraries chose."""
+  check_target(out_dir, names, fmt)
+  parent, name = os.path.split(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  _remove_leftovers(parent, name)
+  new = tempfile.mkdtemp(prefix=f".{name}{_NEW}", dir=parent)
+  try:
+    write(new)
     for path, mode in [(os.path.join(new, e), 0o644) for e in os.listdir(new)] + [(new, 0o755)]:
       os.chmod(path, mode)
       _fsync(path)  # on disk before the rename that publishes it

@@ -39,6 +39,8 @@ class Saved:
       extra = f", k={m.k} independent experts"
     else:
       extra = f", k={m.k}, h={m.h}, m={m.m}" if routed(m) else ""
+    if m.get("arch", "gpt") != "gpt":  # saved before model.arch existed: gpt
+      extra += f", arch={m.arch}"
     return (f"{self.config.get('name', '?')!r} step {self.step}: mlp_kind={m.mlp_kind}, "
             f"d_model={m.d_model}, mlp_dim={m.mlp_dim}, n_layers={m.n_layers}{extra}")
 

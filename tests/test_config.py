@@ -8,7 +8,7 @@ from pn_jax.config import ConfigError, mesh_shape, validate
 
 @pytest.mark.parametrize("name", ["slm", "llm", "mix", "mix_shared", "pn", "quickstart"])
 def test_shipped_configs_validate(name):
-  for arg in ("",) if name == "quickstart" else ("", "tiny"):  # quickstart takes no argument
+  for arg in ("",) if name == "quickstart" else ("", "tiny"):  # quickstart is tiny already (no `tiny`)
     cfg = load_config(name, arg)
     validate(cfg, device_count=8)
 

@@ -50,10 +50,12 @@ LAYERS = {
     "pn_jax.saved_run": 3,
     "pn_jax.workdir_lock": 3,
     # 4: libraries over a trained network: projection, expert selection, distillation,
-    # importance sampling (specialize/*), the sampler, safetensors files.
+    # importance sampling (specialize/*), the sampler, safetensors files (safetensors_io.py:
+    # pn-jax's export layout; hf_export.py: a transformers Llama directory).
     "pn_jax.specialize": 4,
     "pn_jax.generate": 4,
     "pn_jax.safetensors_io": 4,
+    "pn_jax.hf_export": 4,
     # 5: the user journeys: one entry function per mode (modes/*.py), the table in
     # modes/__init__.py.
     "pn_jax.modes": 5,

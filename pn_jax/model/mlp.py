@@ -11,6 +11,11 @@ with E [k, m] shared by all layers (it lives at the LM level), M^(l) [m, h] per 
 T^(l) [D, F, h] / [F, D, h] per matrix. `pn_weight` is that equation; everything else here is
 plumbing around it.
 
+Two MLP forms (config.model.arch): "gpt" `act(x @ w_in) @ w_out`, and "llama", the gated MLP
+`(act(x @ w_gate) * (x @ w_in)) @ w_out` (Llama's gate/up/down projections, so a dense expert
+loads into the Llama ecosystem). Every matrix of either form is dense, mixed or projected alike,
+with the same code and M.
+
 The hard mixture is the same computation with h = k, a one-hot code and M = I, so the mixture
 reuses the projected path: its per-expert weights are stacked on a trailing "basis" axis and
 selected by a one-hot code (tested in tests/test_mlp.py).
@@ -38,15 +43,22 @@ def pn_weight(code: Array, M_mh: Array, T_abh: Array) -> Array:
   return jnp.einsum("...q,qr,abr->...ab", code, M_mh, T_abh)
 
 
-def apply_mlp(x_BTD: Array, w_in: Array, w_out: Array, activation: str) -> Array:
-  """x @ w_in -> act -> @ w_out, with per-sequence ([B, ...]) or shared ([1, ...]) weights."""
+def apply_mlp(x_BTD: Array, w_in: Array, w_out: Array, activation: str,
+              w_gate: Array | None = None) -> Array:
+  """act(x @ w_in) @ w_out, or with `w_gate` (llama) (act(x @ w_gate) * (x @ w_in)) @ w_out;
+  weights per sequence ([B, ...]) or shared by the batch ([1, ...])."""
   act = ACTIVATIONS[activation]
-  if w_in.shape[0] == 1:
-    h_BTF = act(jnp.einsum("BTD,DF->BTF", x_BTD, w_in[0]))
-    h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", h_BTF, w_out[0])
-  h_BTF = act(jnp.einsum("BTD,BDF->BTF", x_BTD, w_in))
+  shared = w_in.shape[0] == 1
+
+  def up(w_BDF: Array) -> Array:
+    if shared:
+      return jnp.einsum("BTD,DF->BTF", x_BTD, w_BDF[0])
+    return jnp.einsum("BTD,BDF->BTF", x_BTD, w_BDF)
+
+  h_BTF = act(up(w_in)) if w_gate is None else act(up(w_gate)) * up(w_in)
   h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
+  if shared:
+    return jnp.einsum("BTF,FD->BTD", h_BTF, w_out[0])
   return jnp.einsum("BTF,BFD->BTD", h_BTF, w_out)
 
 
@@ -71,6 +83,8 @@ class MLP(nn.Module):
     dense:     w_in [D, F], w_out [F, D]
     mixture:   T_in [D, F, k], T_out [F, D, k]                 (expert i is T[..., i])
     projected: M [m, h], T_in [D, F, h], T_out [F, D, h]       (E [k, m] lives in the LM)
+  `gated` (arch "llama") adds the gate, shaped and initialised like w_in / T_in:
+    dense: w_gate [D, F]; mixture: T_gate [D, F, k]; projected: T_gate [D, F, h]
   """
 
   kind: str  # pn_jax.config.MLP_KINDS
@@ -79,31 +93,47 @@ class MLP(nn.Module):
   h: int = 1
   m: int = 1
   activation: str = "gelu"
+  gated: bool = False  # arch "llama": (act(x @ w_gate) * (x @ w_in)) @ w_out
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BTD: Array, code: Array | None) -> Array:
+    # Params are created in the order w_in, w_out[, w_gate] (T_in, T_out[, T_gate], M): the gate
+    # is only added when gated, so a gpt model's init draws exactly what it drew before.
     D, F, pd = self.d_model, self.mlp_dim, self.param_dtype
     if self.kind == "dense":
-      w_in = logical_param(self, "w_in", dense_init(D), (D, F), ("embed", "mlp"), pd)[None]
-      w_out = logical_param(self, "w_out", dense_init(F), (F, D), ("mlp", "embed"), pd)[None]
+      w = {"w_in": logical_param(self, "w_in", dense_init(D), (D, F), ("embed", "mlp"), pd),
+           "w_out": logical_param(self, "w_out", dense_init(F), (F, D), ("mlp", "embed"), pd)}
+      if self.gated:
+        w["w_gate"] = logical_param(self, "w_gate", dense_init(D), (D, F), ("embed", "mlp"), pd)
+      w = {name: w_ab[None] for name, w_ab in w.items()}  # [1, a, b]: shared by the batch
     else:
-      # T's basis axis is the last one and stays unsharded (rule `basis`): forming W needs no
-      # communication and W comes out with a dense weight's sharding.
-      T_in = logical_param(self, "T_in", dense_init(D), (D, F, self.h),
-                           ("embed", "mlp", "basis"), pd)
-      T_out = logical_param(self, "T_out", dense_init(F), (F, D, self.h),
-                            ("mlp", "embed", "basis"), pd)
-      if self.kind == "projected":
-        # Orthonormal rows: with unit-norm codes, |code @ M| = 1, so Var(W) = Var(T) = dense.
-        M = logical_param(self, "M", nn.initializers.orthogonal(), (self.m, self.h),
-                          ("code", "basis"), pd)
-      else:  # mixture: PN with h = k, a one-hot code and M = I
-        M = jnp.eye(self.h, dtype=pd)
-      # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;
-      # its gradient is one fused outer product), then rounded once, as project() does.
-      code = code.astype(pd)
-      w_in = pn_weight(code, M, T_in)  # [B|1, D, F]
-      w_out = pn_weight(code, M, T_out)  # [B|1, F, D]
-    return apply_mlp(x_BTD, w_in.astype(self.dtype), w_out.astype(self.dtype), self.activation)
+      w = self._formed_weights(code)
+    return apply_mlp(x_BTD, w["w_in"].astype(self.dtype), w["w_out"].astype(self.dtype),
+                     self.activation,
+                     w["w_gate"].astype(self.dtype) if self.gated else None)
+
+  def _formed_weights(self, code: Array) -> dict[str, Array]:
+    """Mixture / projected: each matrix W = pn_weight(code, M, T) -> {w_in, w_out[, w_gate]}."""
+    D, F, pd = self.d_model, self.mlp_dim, self.param_dtype
+    # T's basis axis is the last one and stays unsharded (rule `basis`): forming W needs no
+    # communication and W comes out with a dense weight's sharding.
+    T_in = logical_param(self, "T_in", dense_init(D), (D, F, self.h),
+                         ("embed", "mlp", "basis"), pd)
+    T_out = logical_param(self, "T_out", dense_init(F), (F, D, self.h),
+                          ("mlp", "embed", "basis"), pd)
+    T = {"w_in": T_in, "w_out": T_out}
+    if self.gated:
+      T["w_gate"] = logical_param(self, "T_gate", dense_init(D), (D, F, self.h),
+                                  ("embed", "mlp", "basis"), pd)
+    if self.kind == "projected":
+      # Orthonormal rows: with unit-norm codes, |code @ M| = 1, so Var(W) = Var(T) = dense.
+      M = logical_param(self, "M", nn.initializers.orthogonal(), (self.m, self.h),
+                        ("code", "basis"), pd)
+    else:  # mixture: PN with h = k, a one-hot code and M = I
+      M = jnp.eye(self.h, dtype=pd)
+    # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;
+    # its gradient is one fused outer product), then rounded once, as project() does.
+    code = code.astype(pd)
+    return {name: pn_weight(code, M, T_abh) for name, T_abh in T.items()}  # [B|1, a, b]

@@ -14,12 +14,13 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from pn_jax.config import ConfigError
+from pn_jax.config import ARCHS, ConfigError
 
 # Keys a checkpoint's saved config lacks when its run predates them -> the value that run used.
 OLD_RUN_DEFAULTS = {
     "code_init": "random",  # expert codes were independent unit rows before the key existed
     "independent_experts": False,  # SLM-mix did not exist
+    "arch": "gpt",  # the non-gated MLP was the only one
 }
 
 
@@ -33,6 +34,7 @@ class ModelConfig:
   n_heads: int  # N; head_dim = D / N
   mlp_dim: int  # F: the *small* model's MLP width (the SLM's), for every kind
   mlp_kind: str  # pn_jax.config.MLP_KINDS: dense | mixture | projected
+  arch: str  # pn_jax.config.ARCHS: gpt (act(x@w_in)@w_out) | llama (gated MLP, w_gate too)
   k: int  # experts = clusters (mixture, projected, independent experts)
   h: int  # basis slices of the shared tensor T (projected)
   m: int  # code length per expert: E is [k, m] (projected)
@@ -65,6 +67,13 @@ class ModelConfig:
       raise ConfigError(f"config.model: a model config needs exactly the keys of base_config()'s "
                         f"model section; missing {missing}, unknown {unknown}")
     return cls(**values)
+
+  def __post_init__(self):
+    # validate() checks run configs; this also catches a saved or hand-built model config, which
+    # would otherwise build a gpt MLP for any arch it does not know.
+    if self.arch not in ARCHS:
+      raise ConfigError(f"config.model.arch: unknown architecture {self.arch!r}; choose one of "
+                        f"{ARCHS}")
 
   def to_dict(self) -> dict[str, Any]:
     """Sorted by key, as ConfigDict.to_dict() is: the same JSON either way (export config.json)."""

@@ -132,7 +132,7 @@ class Block(nn.Module):
     x_BTD = x_BTD + checkpoint_name(attn_out, "attn_out")
     mlp = MLP(kind=c.mlp_kind, d_model=c.d_model, mlp_dim=c.mlp_dim,
               h=c.k if c.mlp_kind == "mixture" else c.h, m=c.m, activation=c.activation,
-              dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+              gated=c.arch == "llama", dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
     mlp_out = mlp(norm(name="mlp_norm")(x_BTD), code)
     x_BTD = x_BTD + checkpoint_name(mlp_out, "mlp_out")
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))

@@ -38,14 +38,16 @@ def project(params, model_cfg: ml_collections.ConfigDict, cluster: int):
             small_model_config(model_cfg))
   code = expert_code(params, model_cfg, cluster)
   mlp = params["blocks"]["mlp"]
-  T_in, T_out = mlp["T_in"], mlp["T_out"]  # [L, D, F, h], [L, F, D, h]
+  T_in = mlp["T_in"]  # [L, D, F, h]; T_out [L, F, D, h], T_gate (llama) [L, D, F, h]
   if model_cfg.mlp_kind == "projected":
     M = mlp["M"]  # [L, m, h]
   else:
     eye = jnp.eye(model_cfg.k, dtype=T_in.dtype)
     M = jnp.broadcast_to(eye, (T_in.shape[0],) + eye.shape)
   per_layer = jax.vmap(pn_weight, in_axes=(None, 0, 0))
+  # Every basis tensor T_x becomes the dense w_x: w_in, w_out, and w_gate for a llama model.
+  dense_mlp = {"w" + name[1:]: per_layer(code, M, mlp[name])
+               for name in ("T_in", "T_out", "T_gate") if name in mlp}
   dense = {name: value for name, value in params.items() if name != "E"}
-  dense["blocks"] = {**params["blocks"],
-                     "mlp": {"w_in": per_layer(code, M, T_in), "w_out": per_layer(code, M, T_out)}}
+  dense["blocks"] = {**params["blocks"], "mlp": dense_mlp}
   return dense, small_model_config(model_cfg)

@@ -38,9 +38,15 @@ def peak_flops(device: jax.Device | None = None, override_tflops: float = 0.0) -
   return None
 
 
+def mlp_matrices(m: ml_collections.ConfigDict) -> int:
+  """[D, F]-sized matrices per MLP: 2 (gpt: w_in, w_out), 3 (llama: w_gate too). getattr: a
+  config saved before model.arch existed is gpt."""
+  return 3 if getattr(m, "arch", "gpt") == "llama" else 2
+
+
 def active_matmul_params(m: ml_collections.ConfigDict) -> int:
   """Parameters of the small (per-expert) model that multiply activations, unembedding included."""
-  per_layer = 4 * m.d_model * m.d_model + 2 * m.d_model * m.mlp_dim
+  per_layer = 4 * m.d_model * m.d_model + mlp_matrices(m) * m.d_model * m.mlp_dim
   return m.n_layers * per_layer + m.d_model * m.vocab_size
 
 
@@ -50,6 +56,8 @@ def train_flops_per_step(m: ml_collections.ConfigDict, batch: int, seq_len: int,
   flops = tokens * (6 * active_matmul_params(m) + 12 * m.n_layers * seq_len * m.d_model)
   if m.mlp_kind != "dense":
     basis = m.k if m.mlp_kind == "mixture" else m.h
-    # Forming W = code M T for each expert present: 2 matrices x 2*D*F*h, times 3 (fwd + bwd).
-    flops += 3 * experts_per_step * m.n_layers * 2 * (2 * m.d_model * m.mlp_dim * basis)
+    # Forming W = code M T for each expert present: 2 (3: llama) matrices x 2*D*F*h, times 3
+    # (fwd + bwd).
+    flops += 3 * experts_per_step * m.n_layers * mlp_matrices(m) * (
+        2 * m.d_model * m.mlp_dim * basis)
   return float(flops)

@@ -35,11 +35,11 @@ def decay_mask(params, decay_codes: bool = True):
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-BASIS = ("T_in", "T_out")  # the PN's shared basis tensors (pn_jax/model/mlp.py)
+BASIS = ("T_in", "T_out", "T_gate")  # the PN's shared basis tensors (pn_jax/model/mlp.py)
 
 
 def scale_basis_updates(scale: float) -> optax.GradientTransformation:
-  """Multiplies the updates of the PN's shared basis tensors (T_in, T_out) by `scale`.
+  """Multiplies the updates of the PN's shared basis tensors (T_in, T_out, T_gate) by `scale`.
 
   Why: Adam moves every element of T by about lr per step, and a projected weight is
   W = sum_r c_r T_r with |c|_2 = 1 (c = E[i] M), so W moves by about lr * |c|_1, up to

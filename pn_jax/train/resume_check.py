@@ -43,13 +43,15 @@ from pn_jax.train.optimizer import make_optimizer
 #                  after the change with those before it);
 #   data.cache_dir / data_dir / prep_workers: where and how fast data is prepared; the data's
 #                  content is checked separately (provenance.py, READY.json);
-#   name, sample.*: a label, and settings the sample mode reads, not training.
+#   name, sample.*, export.*: a label, and settings the sample and export modes read, not
+#                  training.
 RUN_CONTROL_KEYS = (
     "name", "train.steps", "train.stop_at_step", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.checkpoint_every_minutes", "train.keep_checkpoints",
     "train.async_checkpoint", "train.progress_bar", "train.peak_tflops", "mesh",
     "model.remat", "model.attention", "model.logits_chunk", "model.scan_layers",
-    "data.eval_batches", "data.cache_dir", "data.data_dir", "data.prep_workers", "sample")
+    "data.eval_batches", "data.cache_dir", "data.data_dir", "data.prep_workers", "sample",
+    "export")
 
 ABSENT = "(absent)"
 _SHOWN = 20  # changed keys listed in one error line, at most
