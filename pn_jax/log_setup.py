@@ -1,7 +1,7 @@
 """The log policy of every absl command line (pn_jax.main, .experiment, .sweep, .bench, .aot),
 installed by cli.parse_flags right after the flags are parsed.
 
-Orbax writes ~20 INFO lines per checkpoint and JAX a few at start-up, all through the same absl
+Orbax writes ~70 INFO lines per checkpoint and JAX a few at start-up, all through the same absl
 handler as pn-jax's own lines; they buried the step lines and the result. By default
 (`--log_level=concise`) a record is shown when it is a warning or worse, from anyone, or when
 pn-jax's own code logged it (decided by the calling file: orbax and pn-jax both log through
