@@ -3,7 +3,7 @@
 and no traceback; anything else is a bug and keeps its traceback (exit 1).
 
 Each entry point runs its main through `entry(...)` (absl ones parse flags with `parse_flags`,
-argparse ones use `ArgumentParser`), so a user error is reported the same way wherever it is
+which also installs the log policy of log_setup.py; argparse ones use `ArgumentParser`), so a user error is reported the same way wherever it is
 raised: in flag parsing, in a config file, or deep inside a mode.
 """
 
@@ -73,9 +73,10 @@ def entry(main, exit_now=None):
 def parse_flags(argv):
   """absl's flag parsing with every problem as a one-line error (exit 2): wrong flag values,
   unknown flags or --config.* keys, a config file that is missing, does not compile, or refuses
-  its argument (pn_jax/config_args.py)."""
+  its argument (pn_jax/config_args.py). Then the log policy of --log_level (log_setup.py)."""
   from absl import flags
 
+  from pn_jax import log_setup  # defines --log_level
   from pn_jax.config import ConfigError, syntax_error
   try:
     rest = flags.FLAGS(argv)
@@ -95,6 +96,7 @@ def parse_flags(argv):
     detail = str(e).replace("\n", "; ")
     fail("ConfigError", f"unknown config key {detail} (in {' '.join(overrides)})")
   _check_config_files(flags.FLAGS)
+  log_setup.install(flags.FLAGS)
   return rest
 
 

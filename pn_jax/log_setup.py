@@ -1,0 +1,120 @@
+"""The log policy of every absl command line (pn_jax.main, .experiment, .sweep, .bench, .aot),
+installed by cli.parse_flags right after the flags are parsed.
+
+Orbax writes ~70 INFO lines per checkpoint and JAX a few at start-up, all through the same absl
+handler as pn-jax's own lines; they buried the step lines and the result. By default
+(`--log_level=concise`) a record is shown when it is a warning or worse, from anyone, or when
+pn-jax's own code logged it (decided by the calling file: orbax and pn-jax both log through
+absl's one logger). `--log_level=info` shows everything at INFO (the old behaviour), `debug`
+everything, `warning` warnings only; an explicit `-v`/`--verbosity` without `--log_level` leaves
+the levels to absl, unfiltered.
+
+Every level also writes log lines with tqdm's bars cleared first and redrawn after, so a line
+never lands at the end of the progress bar's line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+from absl import flags
+from absl import logging as absl_logging
+from tqdm import tqdm
+
+LEVELS = {"concise": logging.INFO, "info": logging.INFO, "debug": logging.DEBUG,
+          "warning": logging.WARNING}
+# Python loggers of libraries, set to WARNING when quiet (unless the user has set them).
+LIBRARY_LOGGERS = ("jax", "jaxlib", "orbax", "etils", "tensorstore", "grain", "tensorboardX")
+
+_LOG_LEVEL = flags.DEFINE_enum(
+    "log_level", "concise", list(LEVELS),
+    "concise: pn-jax's INFO lines and anyone's warnings (libraries' INFO lines hidden); info: "
+    "every INFO line (orbax, JAX, absl included); debug: everything; warning: warnings and "
+    "errors only. An explicit -v/--verbosity without --log_level leaves levels to absl.")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_package(pathname: str) -> bool:
+  return os.path.abspath(pathname).startswith(_PACKAGE_DIR)
+
+
+def is_own(record: logging.LogRecord) -> bool:
+  """Whether pn-jax's code logged `record`: by its file (absl's logger, shared with orbax, names
+  the real caller) or by a `pn_jax.*` logger name."""
+  return (record.name == "pn_jax" or record.name.startswith("pn_jax.")
+          or _in_package(record.pathname or ""))
+
+
+class ConciseFilter(logging.Filter):
+  """Passes warnings and worse from anyone, INFO and below from pn-jax's own code only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or is_own(record)
+
+
+class BarSafeHandler(logging.Handler):
+  """Emits through `inner` (absl's handler) inside tqdm.external_write_mode: the bar is cleared,
+  the line written, the bar redrawn."""
+
+  def __init__(self, inner: logging.Handler):
+    super().__init__()
+    self.inner = inner
+
+  def handle(self, record: logging.LogRecord) -> bool:
+    if not self.filter(record):
+      return False
+    with tqdm.external_write_mode(file=sys.stderr):
+      return bool(self.inner.handle(record))
+
+  def emit(self, record: logging.LogRecord) -> None:  # (handle() bypasses it; for completeness)
+    self.inner.emit(record)
+
+  def flush(self) -> None:
+    self.inner.flush()
+
+
+def chosen_level(flag_values=flags.FLAGS) -> str | None:
+  """The --log_level to apply; None when an explicit -v/--verbosity (and no --log_level) hands
+  the levels to absl."""
+  if not flag_values["log_level"].present and flag_values["verbosity"].present:
+    return None
+  return flag_values["log_level"].value
+
+
+def install(flag_values=flags.FLAGS) -> str | None:
+  """Applies the policy of the parsed flags to the root logger (idempotent); -> the level name
+  applied (None: absl's own -v)."""
+  level = chosen_level(flag_values)
+  if level is not None:
+    # Named, as absl's levels are not Python's. Setting it also stops app.run's bump of an
+    # unset verbosity to INFO, which would undo "warning" and "debug".
+    absl_logging.set_verbosity("info" if level == "concise" else level)
+    logging.getLogger().setLevel(LEVELS[level])  # (set_verbosity does it only the first time)
+  handler = _bar_safe_root_handler()
+  for f in [f for f in handler.filters if isinstance(f, ConciseFilter)]:
+    handler.removeFilter(f)
+  if level in ("concise", "warning"):
+    for name in LIBRARY_LOGGERS:
+      if logging.getLogger(name).level == logging.NOTSET:  # not set by the user or the library
+        logging.getLogger(name).setLevel(logging.WARNING)
+  if level == "concise":
+    handler.addFilter(ConciseFilter())
+  return level
+
+
+def _bar_safe_root_handler() -> BarSafeHandler:
+  """The root logger's BarSafeHandler, put in place of absl's handler on the first call."""
+  root = logging.getLogger()
+  for h in root.handlers:
+    if isinstance(h, BarSafeHandler):
+      return h
+  absl_handler = absl_logging.get_absl_handler()
+  wrapper = BarSafeHandler(absl_handler)
+  root.removeHandler(absl_handler)  # (a no-op where app.run has not installed it)
+  root.addHandler(wrapper)
+  return wrapper
