@@ -30,6 +30,21 @@ def test_sentencepiece_roundtrip_and_specials(sp):
   assert again.encode(text) == ids and again.fingerprint() == tok.fingerprint()
 
 
+def test_decode_continuation_keeps_the_space_before_a_new_word(sp):
+  """Generated tokens shown after their prompt (the sample mode): decoding them alone drops the
+  space of their first word's "▁" piece; the continuation keeps it."""
+  tok, _ = sp
+  prompt, rest = "The license", " software is free."
+  ids = tok.encode(prompt + rest)
+  head = tok.encode(prompt)
+  assert ids[:len(head)] == head  # the prompt's pieces start the whole text's
+  new = ids[len(head):]
+  assert tok.decode(new) == rest.lstrip()  # what sample printed: "The licensesoftware..."
+  assert prompt + tok.decode_continuation([tok.bos_id] + head, new) == prompt + rest
+  byte = tok_lib.byte_tokenizer()
+  assert byte.decode_continuation(byte.encode("ab"), byte.encode(" c")) == " c"
+
+
 def test_training_is_deterministic(tmp_path):
   texts = corpus_lib.load_texts(corpus_lib.TINY_ROOT, "train")[:80]
   a = tok_lib.train_tokenizer(texts, str(tmp_path / "a.model"), vocab_size=400, seed=0)

@@ -52,6 +52,13 @@ class Tokenizer:
     specials = (self.pad_id, self.bos_id, self.eos_id)
     return self._sp.decode([i for i in ids if i not in specials])
 
+  def decode_continuation(self, prompt_ids, new_ids) -> str:
+    """The text `new_ids` add after `prompt_ids`. Decoded alone, a sentencepiece sequence loses
+    the space that starts its first word ("▁software" -> "software"), so the continuation is
+    the decoded whole minus the decoded prompt."""
+    head, whole = self.decode(prompt_ids), self.decode(list(prompt_ids) + list(new_ids))
+    return whole[len(head):] if whole.startswith(head) else self.decode(new_ids)
+
   def decode_batch(self, seqs: Sequence[np.ndarray], num_threads: int = -1) -> list[str]:
     """[decode(s) for s in seqs], without a Python int per token: specials are dropped on one
     flat array and sentencepiece decodes the batch on its own threads."""

@@ -48,7 +48,7 @@ def sample_mode(config, workdir: str) -> dict:
     row = list(row[len(prompt):])
     if tok.eos_id in row:
       row = row[:row.index(tok.eos_id)]
-    texts.append(s.prompt + tok.decode(row))
+    texts.append(s.prompt + tok.decode_continuation(prompt, row))
   for i, t in enumerate(texts):
     print(f"--- sample {i} ---\n{t}")
   return {"step": saved.step, "samples": texts}
