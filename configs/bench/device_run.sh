@@ -61,6 +61,12 @@ case "${1:-main}" in
       --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
       2>>"$OUT/log.txt" | tee "$OUT/scaling_pn_mixed.jsonl"
     ;;
+  scaling_b64)  # the PN with twice the work per GPU: does the gradient all-reduce hide?
+    export NCCL_NVLS_ENABLE=0
+    python3 launch/scaling.py --devices=2 --per_device_batch=64 --meshes=data --timeout_s=240 -- \
+      --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
+      2>>"$OUT/log.txt" | tee "$OUT/scaling_pn_mixed_b64.jsonl"
+    ;;
   preemption)  # two GPUs: 2 processes x 1 GPU, SIGTERM to process 1, resume, vs 1 process x 2 GPUs
     export NCCL_NVLS_ENABLE=0
     rm -rf /tmp/preemption
