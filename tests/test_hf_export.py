@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from conftest import copy_workdir, load_config, quiet, snapshot  # noqa: E402
 from pn_jax import hf_export, modes, safetensors_io  # noqa: E402
 from pn_jax.config import ConfigError  # noqa: E402
-from pn_jax.data import tokenizer as tok_lib  # noqa: E402
+from pn_jax.data import hf_tokenizer, tokenizer as tok_lib  # noqa: E402
 from pn_jax.generate import generate  # noqa: E402
 from pn_jax.model import build_model  # noqa: E402
 from pn_jax.model.model_config import ModelConfig  # noqa: E402
@@ -115,7 +115,7 @@ def test_byte_tokenizer_gives_pn_jax_ids(tmp_path):
   pn_tok = tok_lib.byte_tokenizer()
   with open(tmp_path / "config.json", "w") as f:
     json.dump({"model_type": "llama"}, f)
-  for name, content in hf_export.tokenizer_files(pn_tok, max_len=128).items():
+  for name, content in hf_tokenizer.tokenizer_files(pn_tok, max_len=128).items():
     with open(tmp_path / name, "w") as f:
       json.dump(content, f)
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)

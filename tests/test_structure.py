@@ -40,7 +40,8 @@ LAYERS = {
     "pn_jax.config_args": 1,
     "pn_jax.cli": 1,
     "pn_jax.log_setup": 1,  # the log policy every absl command line installs (cli.parse_flags)
-    # 2: the libraries training is made of (model/model_config.py's ModelConfig included).
+    # 2: the libraries training is made of (model/model_config.py's ModelConfig included; the
+    # data package also writes its tokenizer for transformers: data/hf_tokenizer.py).
     "pn_jax.parallel": 2,
     "pn_jax.model": 2,
     "pn_jax.data": 2,
