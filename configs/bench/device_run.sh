@@ -51,6 +51,13 @@ case "${1:-main}" in
     bench pn_finetune_final --config=configs/bench/gpt2_pn.py:finetune=1
     bench mix_final --config=configs/bench/gpt2_mix.py
     ;;
+  peer)  # the PyTorch peer (torch.compile, fused AdamW) beside pn-jax's dense step, one GPU, one call
+    python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+    echo "### torch_peer" | tee -a "$OUT/log.txt"
+    timeout 300 python3 configs/bench/torch_peer.py --config=configs/bench/gpt2_dense.py \
+      2>>"$OUT/log.txt" | tee -a "$log"
+    bench dense_vs_peer --config=configs/bench/gpt2_dense.py
+    ;;
   scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
     export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
