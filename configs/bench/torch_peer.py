@@ -48,10 +48,9 @@ class RMSNorm(nn.Module):
     return (x32 * self.scale).to(x.dtype)
 
 
-def rope(x_BNTH, cos_TH, sin_TH):
-  """Rotate-half RoPE in float32 (pn_jax/model/transformer.py::rope)."""
+def rope(x_BNTH, cos, sin):
+  """Rotate-half RoPE in float32 (pn_jax/model/transformer.py::rope); cos, sin: [T, H/2]."""
   x1, x2 = x_BNTH.float().chunk(2, dim=-1)
-  cos, sin = cos_TH.chunk(2, dim=-1)[0], sin_TH.chunk(2, dim=-1)[0]
   return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BNTH.dtype)
 
 
@@ -91,8 +90,8 @@ class GPT(nn.Module):
     H = m.d_model // m.n_heads
     freqs = m.rope_theta ** (-torch.arange(0, H, 2, dtype=torch.float32) / H)
     angles = torch.arange(m.max_len, dtype=torch.float32)[:, None] * freqs[None, :]
-    self.register_buffer("cos", torch.cat([angles.cos()] * 2, -1), persistent=False)
-    self.register_buffer("sin", torch.cat([angles.sin()] * 2, -1), persistent=False)
+    self.register_buffer("cos", angles.cos(), persistent=False)  # [max_len, H/2]
+    self.register_buffer("sin", angles.sin(), persistent=False)
 
   def forward(self, tokens_BT, targets_BT):
     T = tokens_BT.shape[1]
