@@ -27,6 +27,7 @@ import os
 import pathlib
 import re
 import signal
+import subprocess
 import sys
 import threading
 
@@ -81,7 +82,7 @@ class SignalAtStep:
 
 
 def run_reference(args, run_args, out) -> tuple[int, pathlib.Path]:
-  import subprocess
+  """Run 1: one process, every device, straight through -> (exit code, workdir)."""
   workdir = pathlib.Path(args.workdir, "reference")
   env = reference_env(args.num_processes, cpu_devices=args.cpu_devices, gpus=args.gpus)
   with open(pathlib.Path(args.workdir, "reference.log"), "w") as log:
