@@ -3,8 +3,9 @@
 and no traceback; anything else is a bug and keeps its traceback (exit 1).
 
 Each entry point runs its main through `entry(...)` (absl ones parse flags with `parse_flags`,
-which also installs the log policy of log_setup.py; argparse ones use `ArgumentParser`), so a user error is reported the same way wherever it is
-raised: in flag parsing, in a config file, or deep inside a mode.
+which also installs the log policy of log_setup.py; argparse ones use `ArgumentParser`), so a
+user error is reported the same way wherever it is raised: in flag parsing, in a config file, or
+deep inside a mode.
 """
 
 from __future__ import annotations
