@@ -111,7 +111,7 @@ def run_preempted(args, run_args, out) -> dict:
   checkpoints = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) \
       if (workdir / "checkpoints").is_dir() else []
   resumed = {int(m.group(1)) for m in RESUMED.finditer(texts[1])}
-  stops = [json.loads(line.split("] ", 1)[1])["stopped_at"] for line in texts[0].splitlines()
+  stops = [json.loads(line.split("] ", 1)[1]).get("stopped_at") for line in texts[0].splitlines()
            if '] {"mode"' in line]
   return {"workdir": workdir, "signal_sent": signal_at.sent.is_set(), "codes": codes,
           "stopped_at": stops, "resumed_from": sorted(resumed), "checkpoints": checkpoints}
