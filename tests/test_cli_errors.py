@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, copy_workdir, load_config, train_tiny_pn
+from conftest import CONFIG_SCRIPTS, REPO, copy_workdir, load_config, train_tiny_pn
 from pn_jax.config import ConfigError, load_module
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -138,8 +138,8 @@ def test_a_crash_keeps_its_traceback_and_exit_1(tmp_path):
 
 # --- strict config-file arguments --------------------------------------------------------------
 
-CONFIG_FILES = sorted(os.path.relpath(p, REPO)
-                      for p in glob.glob(str(REPO / "configs" / "**" / "*.py"), recursive=True))
+CONFIG_FILES = sorted(set(os.path.relpath(p, REPO) for p in glob.glob(
+    str(REPO / "configs" / "**" / "*.py"), recursive=True)) - set(CONFIG_SCRIPTS))
 
 
 def _getter(path):

@@ -8,15 +8,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import REPO, load_config
+from conftest import CONFIG_SCRIPTS, REPO, load_config
 from pn_jax.config import ConfigError, load_config as load_spec
 from pn_jax.model import build_model
 from pn_jax.model.model_config import ModelConfig
 from pn_jax.model.independent_experts import IndependentLM
 from pn_jax.model.transformer import LM, init_params
 
-CONFIG_FILES = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.py")) + sorted(
-    str(p.relative_to(REPO)) for p in (REPO / "configs" / "bench").glob("*.py"))
+CONFIG_FILES = sorted(set(
+    str(p.relative_to(REPO)) for folder in ("configs", "configs/bench")
+    for p in (REPO / folder).glob("*.py")) - set(CONFIG_SCRIPTS))
 
 
 def _models(path):
