@@ -31,19 +31,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(i: int, n: int, port: int, *, cpu_devices: int = 0, gpus: bool = False,
-                base: dict | None = None) -> dict:
-  env = dict(os.environ if base is None else base)
-  env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
-             JAX_PROCESS_ID=str(i))
+def device_env(base: dict, *, cpu_devices: int = 0, gpus: list[int] | None = None) -> dict:
+  """`base` with the devices one process sees: `cpu_devices` fake CPU devices, or the GPUs
+  `gpus` (by CUDA_VISIBLE_DEVICES, NVLink multicast kept off)."""
+  env = dict(base)
   if cpu_devices:
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(cpu_devices))
     # The XLA flag would override JAX_NUM_CPU_DEVICES; keep any other XLA flags.
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = flags.strip()
-  if gpus:
-    env["CUDA_VISIBLE_DEVICES"] = str(i)
+  if gpus is not None:
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+  return env
+
+
+def process_env(i: int, n: int, port: int, *, cpu_devices: int = 0, gpus: bool = False,
+                base: dict | None = None) -> dict:
+  """Process i of n: its devices (device_env) and where to find the coordinator."""
+  env = device_env(os.environ if base is None else base, cpu_devices=cpu_devices,
+                   gpus=[i] if gpus else None)
+  env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
+             JAX_PROCESS_ID=str(i))
   return env
 
 

@@ -48,22 +48,16 @@ def main_cmd(workdir: pathlib.Path, run_args: list[str], steps: int) -> list[str
 
 def reference_env(n: int, *, cpu_devices: int, gpus: bool) -> dict:
   """One process, every device: N GPUs, or N * cpu_devices fake CPU devices."""
-  env = dict(os.environ)
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
-  if cpu_devices:
-    env = local.process_env(0, 1, 0, cpu_devices=n * cpu_devices, base=env)
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-      env.pop(name)
-  if gpus:
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(n)))
-    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
-  return env
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  return local.device_env(env, cpu_devices=n * cpu_devices,
+                          gpus=list(range(n)) if gpus else None)
 
 
 def train_losses(workdir: pathlib.Path) -> dict[int, float]:
-  """step -> train loss, from the run's metrics.jsonl (process 0 writes it)."""
-  rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+  """step -> train loss, from the run's metrics.jsonl (process 0 writes it; {} without one)."""
+  from pn_jax.train import metrics
+  rows = metrics.read_rows(str(workdir / metrics.LOG))
   return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
@@ -120,7 +114,7 @@ def run_preempted(args, run_args, out) -> dict:
 def verdict(args, ref_code: int, ref_dir: pathlib.Path, mp: dict, steps: int) -> dict:
   """The JSON result: every check by name, the curves and their largest relative gap."""
   ref = train_losses(ref_dir) if ref_code == 0 else {}
-  multi = train_losses(mp["workdir"]) if (mp["workdir"] / "metrics.jsonl").exists() else {}
+  multi = train_losses(mp["workdir"])
   stop = mp["stopped_at"][0] if mp["stopped_at"] else None
   common = sorted(set(ref) & set(multi))
   gaps = [abs(multi[s] - ref[s]) / max(abs(ref[s]), 1e-12) for s in common]

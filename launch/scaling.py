@@ -19,23 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import local  # noqa: E402  launch/local.py
 
 MESHES = {"data": dict(data=-1, fsdp=1, tensor=1), "fsdp": dict(data=1, fsdp=-1, tensor=1)}
 
 
 def bench_env(devices: int, platform: str) -> dict:
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  if platform == "gpu":
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
-    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
-  else:
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env.update(JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
-  return env
+  """The environment of a bench process that sees `devices` GPUs or fake CPU devices."""
+  gpu = platform == "gpu"
+  return local.device_env(dict(os.environ, PYTHONUNBUFFERED="1"),
+                          cpu_devices=0 if gpu else devices,
+                          gpus=list(range(devices)) if gpu else None)
 
 
 def bench(bench_args: list[str], devices: int, batch: int, mesh: dict, platform: str,

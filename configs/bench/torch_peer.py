@@ -154,7 +154,7 @@ def record(config, args, model, device, times, compile_s, loss) -> dict:
   step_s = statistics.median(times)
   model_flops = flops_lib.train_flops_per_step(small_model_config(m), B, T)
   kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-  peak = next((f for name, f in flops_lib.PEAK_FLOPS if name.lower() in kind.lower()), None)
+  peak = flops_lib.peak_flops_of(kind)
   return {
       "config": f"torch_peer[{config.name}]", "device_kind": kind, "devices": 1,
       "platform": device.type, "arch": m.get("arch", "gpt"), "batch": B, "seq_len": T,

@@ -31,7 +31,12 @@ PEAK_FLOPS = (
 def peak_flops(device: jax.Device | None = None, override_tflops: float = 0.0) -> float | None:
   if override_tflops:
     return override_tflops * 1e12
-  kind = (device or jax.devices()[0]).device_kind
+  return peak_flops_of((device or jax.devices()[0]).device_kind)
+
+
+def peak_flops_of(kind: str) -> float | None:
+  """The table's peak for a device kind ("NVIDIA H200", "TPU v5 lite"; also what
+  torch.cuda.get_device_name says), None if unknown."""
   for name, flops in PEAK_FLOPS:
     if name.lower() in kind.lower():
       return flops
