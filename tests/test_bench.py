@@ -131,3 +131,21 @@ def test_profile_summary_classes_kernels(tmp_path):
   assert summary["kernel_ms_per_step"] == pytest.approx(1.0)
   assert summary["by_kernel"] == {"matmul": 0.6, "attention": 0.3, "other_fusion": 0.1}
   assert summary["by_phase"]["optimizer"] == 0.1
+
+
+def test_scaling_runs_one_and_n_devices_per_mesh(capsys, monkeypatch):
+  """launch/scaling.py (docs/benchmarks.md, "Scaling") on fake CPU devices: a bench process on
+  1 device, one on N per mesh with N times the batch, and the efficiency of each."""
+  sys.path.insert(0, str(REPO / "launch"))
+  import scaling
+  monkeypatch.chdir(REPO)
+  assert scaling.main(["--platform=cpu", "--devices=2", "--per_device_batch=2",
+                       "--meshes=data,fsdp", "--", "--config=configs/bench/gpt2_dense.py:tiny"]) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  one, data, fsdp, *summary = lines
+  assert (one["devices"], one["batch"]) == (1, 2)
+  assert (data["devices"], data["batch"], data["mesh"]) == (2, 4, {"data": 2, "fsdp": 1, "tensor": 1})
+  assert (fsdp["devices"], fsdp["mesh"]) == (2, {"data": 1, "fsdp": 2, "tensor": 1})
+  assert [s["mesh"] for s in summary] == ["data=2", "fsdp=2"]
+  for many, s in zip((data, fsdp), summary):
+    assert s["efficiency"] == pytest.approx(many["tokens_per_s"] / (2 * one["tokens_per_s"]))
