@@ -120,6 +120,19 @@ def eval_batches(config, run_data, split: str = "validation", process_index: int
                               shard=batches.Shard(process_index, process_count))
 
 
+def offset_params(model, seed: int = 0):
+  """The model's init params (key `seed`), each moved off its init by 0.05 * N(0, 1) (key
+  seed + 1): every expert differs, so no equivalence test can pass by symmetry."""
+  import flax.linen as nn
+  import jax
+  from pn_jax.model.transformer import init_params
+  params = nn.unbox(init_params(model, jax.random.key(seed)))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
+                            for p, k in zip(leaves, keys)])
+
+
 def random_batch(config, seed: int = 0, cluster=None) -> dict:
   """A host batch of random tokens of the config's shape; `cluster` [B] (default: random ids)."""
   import numpy as np

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import copy_workdir, eval_batches, load_config, quiet, random_batch, train_batches
+from conftest import (copy_workdir, eval_batches, load_config, offset_params, quiet, random_batch,
+                      train_batches)
 from pn_jax import modes, saved_run
 from pn_jax.config import ConfigError, routed, small_model_config, validate
 from pn_jax.data import DataError, batches, packing, pipeline
@@ -33,15 +34,6 @@ def _batch(config, seed=0):
   """Random tokens, stratified by expert (slot c = cluster c)."""
   return random_batch(config, seed, batches.stratified_clusters(config.data.batch_size,
                                                                 config.model.k))
-
-
-def _params(model):
-  """Params moved off their init (every expert differently), so nothing holds by symmetry."""
-  params = nn.unbox(init_params(model, jax.random.key(0)))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
-                            for p, k in zip(leaves, keys)])
 
 
 def _expert(tree, c):
@@ -87,7 +79,7 @@ def test_gradient_of_one_experts_rows_reaches_only_that_expert():
   config = load_config("mix")
   model = build_model(config.model)
   assert isinstance(model, IndependentLM)
-  params = _params(model)
+  params = offset_params(model)
   batch = _batch(config)
   b = config.data.batch_size // config.model.k
   grad = jax.jit(jax.grad(lambda p, bt: loss_fn(p, bt, model=model, one_cluster=False,
@@ -146,7 +138,7 @@ def test_nan_skip_is_per_expert():
   config.train.nan_policy = "skip"
   model = build_model(config.model)
   tx, schedule = make_optimizer(config)
-  params = jax.tree.map(np.array, _params(model))  # writable host copies
+  params = jax.tree.map(np.array, offset_params(model))  # writable host copies
   params["experts"]["final_norm"]["scale"][2] = np.nan
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   new, _ = jax.jit(make_train_step(model, tx, schedule, **step_options(config)))(state, _batch(config))
@@ -160,7 +152,7 @@ def test_nan_skip_is_per_expert():
 def test_projected_expert_equals_its_rows_of_the_mixture():
   config = load_config("mix")
   model = build_model(config.model)
-  params = _params(model)
+  params = offset_params(model)
   tokens = _batch(config)["inputs"][:, :32]
   b = tokens.shape[0] // config.model.k
   logits = jax.jit(model.apply)({"params": params}, tokens)

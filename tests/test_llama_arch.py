@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config, random_batch
+from conftest import load_config, offset_params, random_batch
 from pn_jax.config import ConfigError, validate
 from pn_jax.model import build_model
 from pn_jax.model.mlp import MLP, apply_mlp
@@ -20,15 +20,6 @@ TINY = dict(D=64, F=256, L=2, V=512)  # use_tiny's model (pn_jax/config.py)
 
 def _llama(name: str):
   return load_config(name, "tiny,arch=llama")
-
-
-def _params(model_cfg, seed: int = 0):
-  """Init params moved off their init (so no equality can hold by symmetry)."""
-  params = nn.unbox(init_params(build_model(model_cfg), jax.random.key(seed)))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in
-                            zip(leaves, keys)])
 
 
 def _shapes(tree) -> dict:
@@ -142,7 +133,8 @@ def test_projected_llama_expert_equals_the_cluster_path(kind):
   """project() of a llama PN / mixture, run as a dense llama LM, gives the routed model's logits
   on that cluster; and the experts differ (so the check can fail)."""
   cfg = _llama(kind).model
-  model, params = build_model(cfg), _params(cfg)
+  model = build_model(cfg)
+  params = offset_params(model)
   tokens = jax.random.randint(jax.random.key(2), (3, 32), 0, cfg.vocab_size)
   routed_apply = jax.jit(model.apply)
   small_apply, outputs = None, []
@@ -159,7 +151,8 @@ def test_projected_llama_expert_equals_the_cluster_path(kind):
 
 def test_independent_llama_expert_equals_its_slice():
   cfg = _llama("mix").model
-  model, params = build_model(cfg), _params(cfg)
+  model = build_model(cfg)
+  params = offset_params(model)
   tokens = jax.random.randint(jax.random.key(2), (cfg.k, 16), 0, cfg.vocab_size)
   logits = jax.jit(model.apply)({"params": params}, tokens)
   dense_params, small_cfg = project(params, cfg, 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, offset_params
 from pn_jax.model import build_model
 from pn_jax.model.transformer import init_params
 from pn_jax.specialize.project import project
@@ -15,13 +15,7 @@ from pn_jax.specialize.project import project
 def _model_and_params(kind):
   cfg = load_config(kind).model
   model = build_model(cfg)
-  params = nn.unbox(init_params(model, jax.random.key(0)))
-  # Move every parameter off its init so the test can't pass by symmetry.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in
-                              zip(leaves, keys)])
-  return cfg, model, params
+  return cfg, model, offset_params(model)
 
 
 def _apply(model):
