@@ -58,6 +58,26 @@ case "${1:-main}" in
       2>>"$OUT/log.txt" | tee -a "$log"
     bench dense_vs_peer --config=configs/bench/gpt2_dense.py
     ;;
+  profile15)  # speed issue, first look: where the dense, one-cluster and mixed PN steps go
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+    profile dense15 --config=configs/bench/gpt2_dense.py
+    profile pn_mixed15 --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed
+    profile pn_one15 --config=configs/bench/gpt2_pn.py
+    echo "### mlp_probe" | tee -a "$OUT/log.txt"
+    timeout 300 python3 configs/bench/mlp_probe.py 2>>"$OUT/log.txt" | tee -a "$log"
+    ;;
+  r15b)  # one-cluster PN forming as a fused reduction; XLA flags on dense; cuDNN ragged dot
+    profile pn_one15b --config=configs/bench/gpt2_pn.py --config.bench.sweep="model.h=8,model.m=4"
+    XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" bench pn_mixed_dsf \
+      --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed
+    for f in --xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=3 \
+        --xla_gpu_enable_cublaslt=true; do
+      XLA_FLAGS="$f" bench "dense${f}" --config=configs/bench/gpt2_dense.py
+    done
+    echo "### mlp_probe ragged_dot_fusion" | tee -a "$OUT/log.txt"
+    XLA_FLAGS="--xla_gpu_experimental_use_ragged_dot_fusion=true" timeout 200 \
+      python3 configs/bench/mlp_probe.py 2>>"$OUT/log.txt" | tee -a "$log"
+    ;;
   scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
     export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
