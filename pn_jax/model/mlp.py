@@ -43,18 +43,6 @@ def pn_weight(code: Array, M_mh: Array, T_abh: Array) -> Array:
   return jnp.einsum("...q,qr,abr->...ab", code, M_mh, T_abh)
 
 
-def pn_weight_one(code_1m: Array, M_mh: Array, T_abh: Array) -> Array:
-  """`pn_weight` for one code ([1, m] -> [1, a, b]), written as a multiply and a sum over h.
-
-  The same sum, in a form XLA fuses on GPU: as a reduction it reads this layer's slice of the
-  stacked [L, a, b, h] T in place (a dot copies the slice out first, 226 MB per matrix at the
-  bench shape), and its gradient dT = dW x (code @ M) stays a lazy outer product that the
-  gradient-norm and optimizer fusions read through, never written (docs/benchmarks.md).
-  """
-  c_h = (code_1m @ M_mh)[0]
-  return jnp.sum(T_abh * c_h, axis=-1)[None]
-
-
 def apply_mlp(x_BTD: Array, w_in: Array, w_out: Array, activation: str,
               w_gate: Array | None = None) -> Array:
   """act(x @ w_in) @ w_out, or with `w_gate` (llama) (act(x @ w_gate) * (x @ w_in)) @ w_out;
@@ -145,9 +133,7 @@ class MLP(nn.Module):
                         ("code", "basis"), pd)
     else:  # mixture: PN with h = k, a one-hot code and M = I
       M = jnp.eye(self.h, dtype=pd)
-    # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it),
-    # then rounded once, as project() does.
+    # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;
+    # its gradient is one fused outer product), then rounded once, as project() does.
     code = code.astype(pd)
-    if code.shape[0] == 1:
-      return {name: pn_weight_one(code, M, T_abh) for name, T_abh in T.items()}  # [1, a, b]
-    return {name: pn_weight(code, M, T_abh) for name, T_abh in T.items()}  # [B, a, b]
+    return {name: pn_weight(code, M, T_abh) for name, T_abh in T.items()}  # [B|1, a, b]
