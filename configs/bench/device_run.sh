@@ -78,6 +78,10 @@ case "${1:-main}" in
     XLA_FLAGS="--xla_gpu_experimental_use_ragged_dot_fusion=true" timeout 200 \
       python3 configs/bench/mlp_probe.py 2>>"$OUT/log.txt" | tee -a "$log"
     ;;
+  r15c)  # MLP activation recomputed in the backward (mlp.activate)
+    bench dense15c --config=configs/bench/gpt2_dense.py
+    bench pn_mixed15c --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed
+    ;;
   scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
     export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
