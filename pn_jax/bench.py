@@ -191,7 +191,8 @@ def _record(config, train_cfg, device, measured: dict) -> dict:
   B, T = train_cfg.data.batch_size, train_cfg.data.seq_len
   m = train_cfg.model
   model_flops = flops_lib.train_flops_per_step(small_model_config(m), B, T)
-  experts = 1 if train_cfg.data.cluster_batching == "homogeneous" else B
+  experts = (1 if train_cfg.data.cluster_batching == "homogeneous" else  # weights formed
+             min(m.k, B) if m.mixed_mlp == "grouped" else B)
   all_flops = flops_lib.train_flops_per_step(m, B, T, experts_per_step=experts)
   peak = flops_lib.peak_flops(device, config.train.peak_tflops)
   n = jax.device_count()
@@ -208,7 +209,7 @@ def _record(config, train_cfg, device, measured: dict) -> dict:
       "batch": B, "seq_len": T,
       "attention_kernel": "cudnn" if "__cudnn$fmha" in measured["hlo_text"] else "xla",
       "remat": m.remat, "logits_chunk": m.logits_chunk, "attention": m.attention,
-      "scan_layers": m.scan_layers,
+      "scan_layers": m.scan_layers, "mixed_mlp": m.mixed_mlp,
       "cluster_batching": train_cfg.data.cluster_batching,
       "params": measured["params"],
       "step_time_s": step_s,

@@ -13,6 +13,9 @@ MLP_KINDS = ("dense", "mixture", "projected")
 # model.arch -> the MLP form: gpt act(x@w_in)@w_out | llama (act(x@w_gate) * (x@w_in)) @ w_out
 ARCHS = ("gpt", "llama")
 CLUSTER_BATCHING = ("mixed", "homogeneous", "stratified")
+# model.mixed_mlp -> how a mixture/projected MLP applies a mixed-cluster batch's experts
+# (pn_jax/model/transformer.py::LM): one weight per sequence, or sorted by cluster + ragged_dot
+MIXED_MLPS = ("per_sequence", "grouped")
 # model.remat -> what nn.remat keeps for the backward pass: (a jax.checkpoint_policies name, and
 # the arguments to call it with or None if it is the policy itself); "none": no remat, "full":
 # nn.remat's default (keeps nothing). Names, not functions: this module imports no jax
@@ -87,6 +90,11 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.remat = "none"  # none | full | dots | dots_no_batch | save_out
   m.attention = "auto"  # auto (cudnn on GPU) | xla | cudnn
   m.logits_chunk = 0  # >0: chunked cross-entropy over the sequence (avoids [B,T,V] fp32 logits)
+  # Mixed-cluster batches (mixture, projected): per_sequence (a [B, D, F] weight per sequence,
+  # batched einsums) | grouped (sequences sorted by cluster, one weight per distinct cluster,
+  # jax.lax.ragged_dot: for backends with a native grouped matmul; on GPU with jax 0.11 it is a
+  # dense masked product, ~23x slower for one MLP matrix on an H200: docs/design.md).
+  m.mixed_mlp = "per_sequence"
   return m
 
 
@@ -269,6 +277,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   _validate_experts(config)
   if m.remat not in REMAT_POLICIES:
     _fail("model.remat", f"unknown policy {m.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
+  if m.get("mixed_mlp", "per_sequence") not in MIXED_MLPS:  # .get: saved before the key
+    _fail("model.mixed_mlp", f"unknown mixed-batch MLP {m.mixed_mlp!r}; choose one of "
+          f"{MIXED_MLPS}")
   if m.attention not in ("auto", "xla", "cudnn"):
     _fail("model.attention", f"unknown implementation {m.attention!r}")
   if m.dtype not in ("bfloat16", "float32", "float16") or m.param_dtype not in (

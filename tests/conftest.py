@@ -19,9 +19,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-# Runnable scripts kept beside the config files they read (configs/bench/torch_peer.py reads
-# the bench configs): not config files, so the every-config-file tests leave them out.
-CONFIG_SCRIPTS = ("configs/bench/torch_peer.py",)
+# Runnable benchmark scripts kept in configs/bench beside the bench configs (torch_peer.py reads
+# them; mlp_probe.py times one MLP matrix): not config files, so the every-config-file tests
+# leave them out.
+CONFIG_SCRIPTS = ("configs/bench/torch_peer.py", "configs/bench/mlp_probe.py")
 
 
 def load_config(name: str, arg: str = "tiny"):

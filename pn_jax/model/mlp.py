@@ -22,6 +22,9 @@ selected by a one-hot code (tested in tests/test_mlp.py).
 
 Routing is per sequence. `code` is [B, m] (one row per sequence) or [1, m] when the caller knows
 the whole batch is one cluster; then the weights are formed once and the MLP is a dense matmul.
+With `group_sizes` (config.model.mixed_mlp="grouped"), `code` is [G, m], one row per distinct
+cluster of the batch, whose sequences the LM has sorted by cluster: G weights, applied with
+`jax.lax.ragged_dot` (`apply_mlp_grouped`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,21 @@ def apply_mlp(x_BTD: Array, w_in: Array, w_out: Array, activation: str,
   return jnp.einsum("BTF,BFD->BTD", h_BTF, w_out)
 
 
+def apply_mlp_grouped(x_ND: Array, w_in: Array, w_out: Array, activation: str,
+                      group_sizes_G: Array, w_gate: Array | None = None) -> Array:
+  """`apply_mlp` for a mixed batch whose sequences the LM sorted by cluster (mixed_mlp="grouped").
+
+  Why: one weight per distinct cluster of the batch (w [G, a, b], G <= min(k, B)) instead of
+  one per sequence ([B, a, b]), so fewer weights are formed and read. x_ND is the sorted tokens
+  [N = B*T, D]: the first group_sizes_G[0] rows use weight 0, the next group_sizes_G[1] rows
+  weight 1, ... (0 rows for a padding slot). Each matrix is one `jax.lax.ragged_dot`.
+  """
+  act = ACTIVATIONS[activation]
+  up = lambda w_GDF: jax.lax.ragged_dot(x_ND, w_GDF, group_sizes_G)
+  h_NF = act(up(w_in)) if w_gate is None else act(up(w_gate)) * up(w_in)
+  return jax.lax.ragged_dot(h_NF, w_out, group_sizes_G)
+
+
 def logical_param(module: nn.Module, name: str, init, shape, axes, dtype) -> Array:
   """`module.param` whose boxed value carries the logical axis names `axes` (one per dim): the
   mesh rules map them to a sharding (pn_jax/parallel/mesh.py)."""
@@ -77,7 +95,8 @@ def dense_init(fan_in: int):
 
 
 class MLP(nn.Module):
-  """One block's MLP. `code` ([B|1, m]; one-hot [B|1, k] for mixture) selects the expert.
+  """One block's MLP. `code` ([B|1, m]; one-hot [B|1, k] for mixture) selects the expert; with
+  `group_sizes` ([G] tokens per row of `code`), code is [G, m] and x is sorted by cluster.
 
   Params (per layer; nn.scan adds a leading L axis):
     dense:     w_in [D, F], w_out [F, D]
@@ -98,7 +117,8 @@ class MLP(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BTD: Array, code: Array | None) -> Array:
+  def __call__(self, x_BTD: Array, code: Array | None, group_sizes: Array | None = None
+               ) -> Array:
     # Params are created in the order w_in, w_out[, w_gate] (T_in, T_out[, T_gate], M): the gate
     # is only added when gated, so a gpt model's init draws exactly what it drew before.
     D, F, pd = self.d_model, self.mlp_dim, self.param_dtype
@@ -110,6 +130,12 @@ class MLP(nn.Module):
       w = {name: w_ab[None] for name, w_ab in w.items()}  # [1, a, b]: shared by the batch
     else:
       w = self._formed_weights(code)
+    if group_sizes is not None:  # grouped: x sorted by cluster, one weight per distinct cluster
+      B, T, D = x_BTD.shape
+      w = {name: w_ab.astype(self.dtype) for name, w_ab in w.items()}
+      y_ND = apply_mlp_grouped(x_BTD.reshape(B * T, D), w["w_in"], w["w_out"], self.activation,
+                               group_sizes, w.get("w_gate"))
+      return y_ND.reshape(B, T, D)
     return apply_mlp(x_BTD, w["w_in"].astype(self.dtype), w["w_out"].astype(self.dtype),
                      self.activation,
                      w["w_gate"].astype(self.dtype) if self.gated else None)
@@ -136,4 +162,4 @@ class MLP(nn.Module):
     # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;
     # its gradient is one fused outer product), then rounded once, as project() does.
     code = code.astype(pd)
-    return {name: pn_weight(code, M, T_abh) for name, T_abh in T.items()}  # [B|1, a, b]
+    return {name: pn_weight(code, M, T_abh) for name, T_abh in T.items()}  # [B|1|G, a, b]

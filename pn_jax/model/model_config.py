@@ -21,6 +21,7 @@ OLD_RUN_DEFAULTS = {
     "code_init": "random",  # expert codes were independent unit rows before the key existed
     "independent_experts": False,  # SLM-mix did not exist
     "arch": "gpt",  # the non-gated MLP was the only one
+    "mixed_mlp": "per_sequence",  # mixed batches used a weight per sequence
 }
 
 
@@ -51,6 +52,7 @@ class ModelConfig:
   remat: str  # pn_jax.config.REMAT_POLICIES
   attention: str  # auto (cudnn on GPU) | xla | cudnn
   logits_chunk: int  # >0: chunked cross-entropy over the sequence (read by the loss)
+  mixed_mlp: str  # pn_jax.config.MIXED_MLPS: per_sequence | grouped (mixed-cluster batches)
 
   @classmethod
   def from_config(cls, cd: ml_collections.ConfigDict | ModelConfig | Mapping[str, Any]

@@ -124,7 +124,7 @@ class Block(nn.Module):
   param_dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x_BTD: Array, code: Array | None):
+  def __call__(self, x_BTD: Array, code: Array | None, group_sizes: Array | None = None):
     c = self.cfg
     norm = functools.partial(RMSNorm, c.norm_eps, self.dtype, self.param_dtype)
     attn = Attention(c, self.dtype, self.param_dtype, name="attn")
@@ -133,7 +133,7 @@ class Block(nn.Module):
     mlp = MLP(kind=c.mlp_kind, d_model=c.d_model, mlp_dim=c.mlp_dim,
               h=c.k if c.mlp_kind == "mixture" else c.h, m=c.m, activation=c.activation,
               gated=c.arch == "llama", dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
-    mlp_out = mlp(norm(name="mlp_norm")(x_BTD), code)
+    mlp_out = mlp(norm(name="mlp_norm")(x_BTD), code, group_sizes)
     x_BTD = x_BTD + checkpoint_name(mlp_out, "mlp_out")
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
     return x_BTD, None
@@ -144,7 +144,10 @@ class LM(nn.Module):
 
   `one_cluster=True` promises every sequence of the batch has cluster[0] (the data pipeline's
   homogeneous batches); the expert's weights are then formed once per step instead of once per
-  sequence. The result is the same either way.
+  sequence. Otherwise `cfg.mixed_mlp` picks the mixed-batch MLP: "per_sequence" (a weight per
+  sequence) or "grouped" (the sequences sorted by cluster, a weight per distinct cluster:
+  `cluster_groups`, mlp.apply_mlp_grouped; outputs back in the caller's order). The result is
+  the same every way.
   """
 
   cfg: ModelConfig
@@ -154,6 +157,12 @@ class LM(nn.Module):
                one_cluster: bool = False, return_hidden: bool = False):
     c = self.cfg
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    if c.mlp_kind != "dense" and cluster_B is None:
+      raise ValueError(f"mlp_kind={c.mlp_kind!r} needs a cluster id per sequence")
+    groups = None  # grouped: (order_B, slot clusters [G], tokens per slot [G])
+    if c.mlp_kind in ("projected", "mixture") and not one_cluster and c.mixed_mlp == "grouped":
+      groups = cluster_groups(cluster_B, c.k, tokens_BT.shape[1])
+      tokens_BT = tokens_BT[groups[0]]  # sequences sorted by cluster
     embed = logical_param(self, "embed", nn.initializers.normal(stddev=1.0),
                           (c.vocab_size, c.d_model), ("vocab", "embed"), pdtype)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(dtype)
@@ -161,15 +170,14 @@ class LM(nn.Module):
 
     code = None
     if c.mlp_kind != "dense":
-      if cluster_B is None:
-        raise ValueError(f"mlp_kind={c.mlp_kind!r} needs a cluster id per sequence")
-      cluster = cluster_B[:1] if one_cluster else cluster_B
+      cluster = (groups[1] if groups is not None else
+                 cluster_B[:1] if one_cluster else cluster_B)
       if c.mlp_kind == "projected":
         init = CODE_INITS[c.code_init]
         E = logical_param(self, "E", init, (c.k, c.m), ("expert", "code"), pdtype)
-        code = jnp.take(E, cluster, axis=0)  # [B|1, m]
+        code = jnp.take(E, cluster, axis=0)  # [B|1|G, m]
       else:
-        code = jax.nn.one_hot(cluster, c.k, dtype=pdtype)  # [B|1, k]
+        code = jax.nn.one_hot(cluster, c.k, dtype=pdtype)  # [B|1|G, k]
 
     block = Block
     if c.remat != "none":
@@ -180,7 +188,10 @@ class LM(nn.Module):
                      in_axes=nn.broadcast, length=c.n_layers,
                      unroll=1 if c.scan_layers else c.n_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BTD, _ = blocks(c, dtype, pdtype, name="blocks")(x_BTD, code)
+    block_args = (x_BTD, code) if groups is None else (x_BTD, code, groups[2])
+    x_BTD, _ = blocks(c, dtype, pdtype, name="blocks")(*block_args)
+    if groups is not None:
+      x_BTD = x_BTD[jnp.argsort(groups[0])]  # back to the caller's order
     x_BTD = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x_BTD)
 
     if c.tie_embeddings:
@@ -194,6 +205,18 @@ class LM(nn.Module):
       return x_BTD, unembed_DV
     logits = jnp.einsum("BTD,DV->BTV", x_BTD, unembed_DV)
     return nn.with_logical_constraint(logits, ("act_batch", "act_seq", "act_vocab"))
+
+
+def cluster_groups(cluster_B: Array, k: int, seq_len: int) -> tuple[Array, Array, Array]:
+  """The grouped mixed-batch MLP's layout (model.mixed_mlp="grouped"): -> (order_B, the
+  sequences sorted by cluster (stable); slot_G, the batch's distinct clusters ascending, one per
+  slot, G = min(k, B) static slots, padding slots clipped to k - 1 for the code look-up;
+  group_sizes_G, int32 tokens (sequences * seq_len) of each slot, 0 for a padding slot)."""
+  G = min(k, cluster_B.shape[0])
+  order_B = jnp.argsort(cluster_B, stable=True)
+  slot_G = jnp.unique(cluster_B, size=G, fill_value=k)  # k: matches no sequence
+  group_sizes_G = jnp.sum(cluster_B[None, :] == slot_G[:, None], axis=1) * seq_len
+  return order_B, jnp.minimum(slot_G, k - 1), group_sizes_G.astype(jnp.int32)
 
 
 def unit_rows_init(key, shape, dtype=jnp.float32):

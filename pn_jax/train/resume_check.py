@@ -37,8 +37,8 @@ from pn_jax.train.optimizer import make_optimizer
 #   train.steps    documented as allowed: extends (or shortens) the run, and with it the end of
 #                  the learning-rate schedule from the restored step on;
 #   mesh.*         checkpoints restore onto any mesh (the same arrays, resharded);
-#   model.remat / attention / logits_chunk / scan_layers: how the same function is computed
-#                  (same params, same math up to float rounding);
+#   model.remat / attention / logits_chunk / scan_layers / mixed_mlp: how the same function
+#                  is computed (same params, same math up to float rounding);
 #   data.eval_batches: how much held-out text an eval reads (early stopping compares the evals
 #                  after the change with those before it);
 #   data.cache_dir / data_dir / prep_workers: where and how fast data is prepared; the data's
@@ -50,6 +50,7 @@ RUN_CONTROL_KEYS = (
     "train.checkpoint_every", "train.checkpoint_every_minutes", "train.keep_checkpoints",
     "train.async_checkpoint", "train.progress_bar", "train.peak_tflops", "mesh",
     "model.remat", "model.attention", "model.logits_chunk", "model.scan_layers",
+    "model.mixed_mlp",
     "data.eval_batches", "data.cache_dir", "data.data_dir", "data.prep_workers", "sample",
     "export")
 
