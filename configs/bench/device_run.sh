@@ -82,6 +82,9 @@ case "${1:-main}" in
     bench dense15c --config=configs/bench/gpt2_dense.py
     bench pn_mixed15c --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed
     ;;
+  r15d)  # cross-entropy log Z in one pass over the logits (loss.online_logsumexp)
+    profile dense15d --config=configs/bench/gpt2_dense.py
+    ;;
   scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
     export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
