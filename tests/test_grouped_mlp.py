@@ -136,3 +136,17 @@ def test_unknown_mixed_mlp_is_refused_naming_the_key_and_old_configs_are_per_seq
   old = load_config("pn").model.to_dict()
   del old["mixed_mlp"]  # saved before the key existed
   assert ModelConfig.from_config(old).mixed_mlp == "per_sequence"
+
+
+@pytest.mark.parametrize("backend,one_cluster,warned", [
+    ("gpu", False, True), ("gpu", True, False), ("cpu", False, False)])
+def test_grouped_on_gpu_is_warned_before_compiling(monkeypatch, caplog, backend, one_cluster,
+                                                   warned):
+  """ragged_dot is a dense masked product on GPU (measured ~23x slower, OOM at the bench shape):
+  compile_steps says so, and only when the grouped path would run there."""
+  from pn_jax.train import compile as compile_lib
+  _, grouped = _models("pn", "gpt", 4)
+  monkeypatch.setattr(compile_lib.jax, "default_backend", lambda: backend)
+  with caplog.at_level("WARNING"):
+    compile_lib.warn_grouped_on_gpu(grouped.cfg, one_cluster)
+  assert ("mixed_mlp=grouped on GPU" in caplog.text) == warned

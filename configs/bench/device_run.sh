@@ -85,6 +85,22 @@ case "${1:-main}" in
   r15d)  # cross-entropy log Z in one pass over the logits (loss.online_logsumexp)
     profile dense15d --config=configs/bench/gpt2_dense.py
     ;;
+  final15)  # the speed issue's table: peer, dense, PN (one-cluster / mixed, h=24 / h=8), mixture,
+    # projected fine-tuning, and the grouped (ragged_dot) mixed PN, one GPU, one call
+    python3 -c "import jax, torch; print(jax.__version__, torch.__version__, jax.devices())"
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+    echo "### torch_peer" | tee -a "$OUT/log.txt"
+    timeout 200 python3 configs/bench/torch_peer.py --config=configs/bench/gpt2_dense.py \
+      2>>"$OUT/log.txt" | tee -a "$log"
+    bench dense --config=configs/bench/gpt2_dense.py
+    bench pn_one --config=configs/bench/gpt2_pn.py --config.bench.sweep="model.h=8,model.m=4"
+    bench pn_mixed --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
+      --config.bench.sweep="model.h=8,model.m=4"
+    bench mix --config=configs/bench/gpt2_mix.py --config.bench.sweep="data.cluster_batching='mixed'"
+    bench pn_finetune --config=configs/bench/gpt2_pn.py:finetune=1
+    bench pn_mixed_grouped --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
+      --config.model.mixed_mlp=grouped --config.bench.steps=5 --config.bench.warmup=1
+    ;;
   scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
     export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
