@@ -275,12 +275,30 @@ def _phase(op_name: str) -> str:
   return "other"
 
 
+# Model parts by the name stack of a kernel's op (first match wins; XLA's own GEMM fusions carry
+# one, cuBLAS/cuDNN kernels in a CUDA graph do not and go by _kernel_class). What the "where the
+# time goes" tables of docs/benchmarks.md add up.
+PARTS = (("pn_forming", "_formed_weights"), ("cross_entropy", "cross_entropy"),
+         ("optimizer", "optimizer"))
+ELEMENTWISE_PARTS = (("norms", "norm/"), ("attention_other", "/attn/"),
+                     ("mlp_elementwise", "/mlp/"))
+
+
+def profile_part(kernel_class: str, op_name: str) -> str:
+  """The model part a kernel's time counts to in `profile_summary`'s part_ms."""
+  named = next((part for part, key in PARTS if key in op_name), None)
+  if named or kernel_class in ("matmul", "attention", "copy"):
+    return named or kernel_class
+  return next((part for part, key in ELEMENTWISE_PARTS if key in op_name), "other")
+
+
 def profile_summary(profile_dir: str, steps: int = PROFILE_STEPS) -> dict:
   """Where device time goes, from the perfetto trace and the HLO written by `bench_one`.
 
   Kernel time is summed over every GPU event of the trace and divided by `steps`; each kernel
   is classed by its name (matmul / attention / other) and by its HLO op's name stack (forward /
-  backward / cross_entropy / optimizer). Fractions are of summed kernel time.
+  backward / cross_entropy / optimizer). Fractions are of summed kernel time; `part_ms` is ms
+  per step by model part (`PARTS`: norms, the MLP's elementwise ops, PN weight forming, ...).
   """
   traces = glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not traces:
@@ -294,7 +312,7 @@ def profile_summary(profile_dir: str, steps: int = PROFILE_STEPS) -> dict:
       op_names = _hlo_op_names(f.read())
   gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
               and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-  by_class, by_phase, by_op = (collections.Counter() for _ in range(3))
+  by_class, by_phase, by_part, by_op = (collections.Counter() for _ in range(4))
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
       continue
@@ -304,13 +322,16 @@ def profile_summary(profile_dir: str, steps: int = PROFILE_STEPS) -> dict:
     hlo_op = e["name"] if e["name"] in op_names else args.get("hlo_op", "")
     op_name = op_names.get(hlo_op, "")
     dur = float(e.get("dur", 0.0)) / 1e3 / steps  # ms per step
-    by_class[_kernel_class(e["name"], op_name)] += dur
+    kernel_class = _kernel_class(e["name"], op_name)
+    by_class[kernel_class] += dur
     by_phase[_phase(op_name)] += dur
+    by_part[profile_part(kernel_class, op_name)] += dur
     by_op[e["name"][:60], op_name[-90:]] += dur
   total = sum(by_class.values())
   frac = lambda c: {k: round(v / total, 3) for k, v in c.most_common()} if total else {}
   return {"kernel_ms_per_step": round(total, 3), "by_kernel": frac(by_class),
           "by_phase": frac(by_phase),
+          "part_ms": {k: round(v, 3) for k, v in by_part.most_common()},
           "top_ops": [{"op": k[0], "ms": round(v, 3), "name_stack": k[1]}
                       for k, v in by_op.most_common(15)]}
 

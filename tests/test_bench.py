@@ -131,6 +131,21 @@ def test_profile_summary_classes_kernels(tmp_path):
   assert summary["kernel_ms_per_step"] == pytest.approx(1.0)
   assert summary["by_kernel"] == {"matmul": 0.6, "attention": 0.3, "other_fusion": 0.1}
   assert summary["by_phase"]["optimizer"] == 0.1
+  assert summary["part_ms"] == {"matmul": 0.6, "attention": 0.3, "optimizer": 0.1}
+
+
+@pytest.mark.parametrize("kernel_class,op_name,part", [
+    ("matmul", "jit(train_step)/transpose(jvp(LM))/blocks/mlp/mlp._formed_weights/dot_general",
+     "pn_forming"),
+    ("matmul", "", "matmul"),  # a cuBLAS kernel in a CUDA graph: no op name
+    ("other_fusion", "jit(train_step)/jvp(LM)/blocks/attn_norm/reduce_sum", "norms"),
+    ("other_fusion", "jit(train_step)/jvp(LM)/blocks/mlp/mul", "mlp_elementwise"),
+    ("other_fusion", "jit(train_step)/jvp(LM)/blocks/attn/concatenate", "attention_other"),
+    ("other_fusion", "jit(train_step)/transpose(jvp(cross_entropy))/convert", "cross_entropy"),
+    ("other_fusion", "jit(train_step)/jvp(LM)/slice", "other")])
+def test_profile_parts(kernel_class, op_name, part):
+  """The model part each kernel's time is added to in `part_ms` (docs/benchmarks.md tables)."""
+  assert bench.profile_part(kernel_class, op_name) == part
 
 
 def test_scaling_runs_one_and_n_devices_per_mesh(capsys, monkeypatch):
