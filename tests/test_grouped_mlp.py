@@ -138,15 +138,19 @@ def test_unknown_mixed_mlp_is_refused_naming_the_key_and_old_configs_are_per_seq
   assert ModelConfig.from_config(old).mixed_mlp == "per_sequence"
 
 
-@pytest.mark.parametrize("backend,one_cluster,warned", [
-    ("gpu", False, True), ("gpu", True, False), ("cpu", False, False)])
-def test_grouped_on_gpu_is_warned_before_compiling(monkeypatch, caplog, backend, one_cluster,
-                                                   warned):
+@pytest.mark.parametrize("backend,kind,warned", [
+    ("gpu", "projected", True), ("gpu", "mixture", True), ("cpu", "projected", False)])
+def test_grouped_on_gpu_is_warned_before_compiling(monkeypatch, caplog, backend, kind, warned):
   """ragged_dot is a dense masked product on GPU (measured ~23x slower, OOM at the bench shape):
-  compile_steps says so, and only when the grouped path would run there."""
+  compile_steps says so when a grouped mixture/PN will run there (its eval step always runs
+  mixed batches); a grouped setting on a dense model changes nothing and is not warned about."""
   from pn_jax.train import compile as compile_lib
-  _, grouped = _models("pn", "gpt", 4)
+  _, grouped = _models("pn" if kind == "projected" else "mix_shared", "gpt", 4)
+  assert grouped.cfg.mlp_kind == kind
+  dense_cfg = dataclasses.replace(grouped.cfg, mlp_kind="dense")
   monkeypatch.setattr(compile_lib.jax, "default_backend", lambda: backend)
   with caplog.at_level("WARNING"):
-    compile_lib.warn_grouped_on_gpu(grouped.cfg, one_cluster)
+    compile_lib.warn_grouped_on_gpu(dense_cfg)
+    assert "mixed_mlp=grouped" not in caplog.text
+    compile_lib.warn_grouped_on_gpu(grouped.cfg)
   assert ("mixed_mlp=grouped on GPU" in caplog.text) == warned

@@ -32,7 +32,7 @@ def compile_steps(model, tx, schedule, mesh: jax.sharding.Mesh, shardings, *, on
   """-> (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> sums), jitted
   with the state's `shardings` (pn_jax.train.state), batches split over the data axes, metrics
   replicated. train_step donates the state it is given: use the state it returns."""
-  warn_grouped_on_gpu(model.cfg, one_cluster)
+  warn_grouped_on_gpu(model.cfg)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   replicated = mesh_lib.replicated(mesh)
   train_step = jax.jit(
@@ -46,11 +46,12 @@ def compile_steps(model, tx, schedule, mesh: jax.sharding.Mesh, shardings, *, on
   return train_step, eval_step
 
 
-def warn_grouped_on_gpu(model_cfg, one_cluster: bool) -> None:
+def warn_grouped_on_gpu(model_cfg) -> None:
   """model.mixed_mlp="grouped" on GPU: jax.lax.ragged_dot is lowered there as a dense masked
   product (jax 0.11); measured on an H200 ~23x slower than per_sequence for one MLP matrix, and
-  the GPT-2-small PN bench step asks for 110 GiB (docs/benchmarks.md). Say so before compiling."""
-  if (not one_cluster and model_cfg.mixed_mlp == "grouped"
+  the GPT-2-small PN bench step asks for 110 GiB (docs/benchmarks.md). Say so before compiling
+  (the eval step runs mixed batches even when training batches are one cluster each)."""
+  if (model_cfg.mlp_kind != "dense" and model_cfg.mixed_mlp == "grouped"
       and jax.default_backend() == "gpu"):
     logging.warning("model.mixed_mlp=grouped on GPU: jax.lax.ragged_dot runs as a dense masked "
                     "product here (measured ~23x slower per MLP matrix than per_sequence, and "
