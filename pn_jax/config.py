@@ -92,8 +92,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.logits_chunk = 0  # >0: chunked cross-entropy over the sequence (avoids [B,T,V] fp32 logits)
   # Mixed-cluster batches (mixture, projected): per_sequence (a [B, D, F] weight per sequence,
   # batched einsums) | grouped (sequences sorted by cluster, one weight per distinct cluster,
-  # jax.lax.ragged_dot: for backends with a native grouped matmul; on GPU with jax 0.11 it is a
-  # dense masked product, ~23x slower for one MLP matrix on an H200: docs/design.md).
+  # jax.lax.ragged_dot: for a backend whose grouped matmul covers the weight gradient; on GPU with
+  # jax 0.11 it is a dense masked product, ~23x slower for one MLP matrix on an H200, and on TPU
+  # its weight gradient is: docs/benchmarks.md).
   m.mixed_mlp = "per_sequence"
   return m
 
