@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark runs behind docs/benchmarks.md, as sent to the device machine (one H100; the
-# sets `scaling` and `preemption` need two GPUs):
+# The benchmark runs behind docs/benchmarks.md, as sent to the device machine (one GPU, H100 or
+# H200; the sets `scaling` and `preemption` need two GPUs):
 #   bash configs/bench/device_run.sh <set>   (logs and traces land in $OUT, or /tmp/bench_out)
 # Each `python -m pn_jax.bench` is its own process so its peak memory is its own.
 set -o pipefail
