@@ -2,9 +2,11 @@
 
     python3 configs/bench/mlp_probe.py [--batch=32 --seq=1024 --d=768 --f=3072 --k=32 --h=24]
 
-Times y = x @ W[cluster] and its gradients (x and T) for the ways of forming and applying the
-expert weights W = code @ M @ T that pn_jax/model/mlp.py can use, and prints one JSON line each
-(median ms of synchronised calls). Why: the mixed-batch PN step is slower than the one-cluster
+Times y = x @ W[cluster] and its gradients (x and T), W = code @ T formed from the basis, for
+each way of forming and applying the expert weights: one shared weight (one-cluster batches),
+one per sequence and grouped by cluster with ragged_dot (pn_jax/model/mlp.py's paths), and the
+latter two formed from a bf16 copy of T. Prints one JSON line each (median ms of synchronised
+calls). Why: the mixed-batch PN step is slower than the one-cluster
 step by how these move the [B|k, D, F] weights; this isolates that from the rest of the model.
 """
 
