@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pn_jax.model.transformer import cluster_groups
+
 
 def timed(fn, *args, steps=20):
   out = fn(*args)
@@ -45,14 +47,13 @@ def variants(k):
     W = jnp.einsum("Bq,abq->Bab", c[cl].astype(bf), T.astype(bf), preferred_element_type=bf)
     return jnp.einsum("BTD,BDF->BTF", x, W)
 
-  def grouped(x, c, T, cl, form_bf16=False):  # sort by cluster, k weights, ragged_dot
+  def grouped(x, c, T, cl, form_bf16=False):  # the model's grouped layout, then ragged_dot
     B, S, D = x.shape
-    order = jnp.argsort(cl, stable=True)
+    order, slot, sizes = cluster_groups(cl, k, S)  # G = min(k, B) weights
     if form_bf16:
-      W = jnp.einsum("kq,abq->kab", c.astype(bf), T.astype(bf), preferred_element_type=bf)
+      W = jnp.einsum("Gq,abq->Gab", c[slot].astype(bf), T.astype(bf), preferred_element_type=bf)
     else:
-      W = jnp.einsum("kq,abq->kab", c, T).astype(bf)
-    sizes = jnp.bincount(cl, length=k).astype(jnp.int32) * S
+      W = jnp.einsum("Gq,abq->Gab", c[slot], T).astype(bf)
     y = jax.lax.ragged_dot(x[order].reshape(B * S, D), W, sizes)
     return y.reshape(B, S, -1)[jnp.argsort(order)]
 
