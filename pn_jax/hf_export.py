@@ -46,7 +46,8 @@ HIDDEN_ACT = {"gelu": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
 
 
 def check_llama(cfg: ModelConfig, what: str = "this model") -> None:
-  """ConfigError unless `cfg` is a dense llama-arch model (the one kind with an HF architecture)."""
+  """ConfigError unless `cfg` is a llama-arch model (the one arch with an HF architecture). A
+  routed one passes: the export mode projects it onto a cluster (same arch) before `save`."""
   if cfg.arch != "llama":
     raise ConfigError(
         f"config.export.format: {what} has arch={cfg.arch!r}, whose MLP is not gated "
@@ -54,9 +55,6 @@ def check_llama(cfg: ModelConfig, what: str = "this model") -> None:
         "--config.export.format=pn, or train a llama-arch model (gated MLP, what "
         "LlamaForCausalLM computes) with --config.model.arch=llama --config.model.activation=silu "
         "(config files: configs/pn.py:arch=llama, configs/slm.py:arch=llama, ...)")
-  if cfg.mlp_kind != "dense" or cfg.independent_experts:
-    raise ValueError(f"hf_export needs a dense model (project a routed one first), got "
-                     f"mlp_kind={cfg.mlp_kind!r}, independent_experts={cfg.independent_experts}")
 
 
 def state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -69,6 +67,9 @@ def state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   D**-0.5 goes into model.norm.weight (embed_tokens is also the input embedding: unscaled).
   """
   check_llama(cfg)
+  if cfg.mlp_kind != "dense" or cfg.independent_experts:
+    raise ValueError(f"hf_export needs a dense model (project a routed one first), got "
+                     f"mlp_kind={cfg.mlp_kind!r}, independent_experts={cfg.independent_experts}")
   f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
   D, N, H = cfg.d_model, cfg.n_heads, cfg.d_model // cfg.n_heads
   b = params["blocks"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: no network, ever
 
@@ -20,6 +21,7 @@ from pn_jax.model.model_config import ModelConfig  # noqa: E402
 from pn_jax.model.transformer import init_params  # noqa: E402
 from pn_jax.modes.pretrain import pretrain  # noqa: E402
 from pn_jax.parallel import mesh as mesh_lib  # noqa: E402
+from pn_jax.specialize.project import project  # noqa: E402
 from pn_jax.train.checkpoint import Checkpointer  # noqa: E402
 from pn_jax.train.optimizer import make_optimizer  # noqa: E402
 from pn_jax.train.state import create_state  # noqa: E402
@@ -147,18 +149,51 @@ def test_untied_gelu_model_gives_pn_jax_logits(tmp_path, prepared):
     hf_export.save(pn_out, params, cfg, tokenizer=tok_lib.BYTE)
 
 
-def test_gpt_arch_is_refused_and_nothing_is_written(tmp_path):
-  workdir = str(tmp_path / "slm")
-  config = load_config("slm")  # arch=gpt: a checkpoint as the training code writes it
+def write_checkpoint(config, workdir: str, step: int = 1):
+  """A checkpoint of `config`'s freshly initialized model, as the training code writes it (no
+  training, no data) -> its params."""
+  config = config.copy_and_resolve_references()
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh, rules = mesh_lib.make_mesh(config, jax.devices()[:1]), mesh_lib.logical_rules(config)
   with mesh_lib.activate(mesh, rules):
     state, _ = create_state(build_model(config.model), make_optimizer(config)[0], mesh, rules,
                             jax.random.key(0))
     ckpt = Checkpointer(workdir, async_save=False)
-    ckpt.save(1, state, config, force=True)
+    ckpt.save(step, state, config, force=True)
     ckpt.close()
+  return jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("name", ["pn", "mix_shared", "mix"])  # PN, hard mixture, SLM-mix
+def test_routed_llama_run_exports_its_cluster_projection(name, prepared, tmp_path):
+  """A routed llama-arch pretraining run exports the dense model of config.sample.cluster:
+  transformers' logits are those of pn-jax's projection onto that cluster."""
+  workdir = tmp_path / name
+  workdir.mkdir()
+  shutil.copyfile(prepared / "tokenizer.model", workdir / "tokenizer.model")
+  config = load_config(name, "tiny,arch=llama")
+  params = write_checkpoint(config, str(workdir), step=3)
+  config.export.format = "hf"
+  with pytest.raises(ConfigError, match="config.sample.cluster: .* one expert per cluster"):
+    modes.MODES["export"](config, str(workdir))  # which expert: the user's choice, not ours
+  config.sample.cluster = 1
+  result = modes.MODES["export"](config, str(workdir))
+  assert result["format"] == "hf" and result["cluster"] == 1 and result["step"] == 3
+  with open(os.path.join(result["export_dir"], "config.json")) as f:
+    info = json.load(f)["pn_jax"]
+  assert info["cluster"] == 1 and info["model"]["mlp_kind"] == "dense"
+  dense_params, dense_cfg = project(params, config.model, 1)
+  tokens = np.random.default_rng(2).integers(0, config.model.vocab_size, (2, 24))
+  assert_close_logits(hf_logits(hf_model(result["export_dir"]), tokens),
+                      pn_logits(build_model(dense_cfg), dense_params, tokens))
+
+
+@pytest.mark.parametrize("name", ["slm", "pn"])  # dense and routed
+def test_gpt_arch_is_refused_and_nothing_is_written(name, tmp_path):
+  workdir = str(tmp_path / name)
+  write_checkpoint(load_config(name), workdir)  # arch=gpt
   config = load_config("finetune", "tiny")
+  config.sample.cluster = 1  # a routed run's expert: the arch is still refused
   config.export.format = "hf"
   before = snapshot(workdir, ignore=("LOCK",))
   with pytest.raises(ConfigError, match=r"config.export.format: .*arch='gpt'.*not gated"
