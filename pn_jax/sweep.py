@@ -14,7 +14,9 @@ Each point runs in <root>/<name> (name from its overrides, e.g. `h=8,m=4`). Mode
   slurm   writes <root>/points.txt and <root>/sweep.sbatch (one array task per unfinished point);
   gather  only collects results: <root>/results.{csv,md,png}.
 A point is finished when its workdir holds the checkpoint of its last step (train.steps), so a
-re-run (after a crash, or with more points) does only what is missing.
+re-run (after a crash, or with more points) does only what is missing. SIGTERM/SIGINT to a local
+sweep is passed on to the running point, which checkpoints and exits; the sweep then exits
+143/130 and the same command resumes it (PointSignals).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import itertools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -140,20 +143,76 @@ def share_data(point: Point, points: list[Point]) -> str | None:
   return None
 
 
-def run_local(points: list[Point], *, log=print, reuse_data: bool = True) -> dict[str, int]:
-  """Runs unfinished points one after another; output to <workdir>/sweep.log. -> exit codes."""
+class PointSignals:
+  """While installed: SIGTERM/SIGINT to the sweep go to the running point, and no point starts
+  after one. The point checkpoints and exits 143/130 (pn_jax.train.loop.StopSignal) before the
+  sweep exits, so it is never left training as an orphan that holds its workdir's lock, nor
+  killed without its checkpoint where only the sweep gets the signal (a container's PID 1).
+
+  Points run in their own process group: a signal to the sweep's whole group (Ctrl-C in a
+  terminal, `kill -- -PGID`) reaches a point once, through the sweep, not twice (a second signal
+  makes a point exit at once without saving). A second signal to the sweep is passed on too:
+  the point then exits at once, as one run by hand does.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None  # the first signal received
+    self._received: list[int] = []
+    self._sent = 0  # how many of them the running point was sent
+    self._point: subprocess.Popen | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "PointSignals":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = self.signum or signum
+    self._received.append(signum)
+    self._forward()
+
+  def _forward(self) -> None:
+    while self._point is not None and self._sent < len(self._received):
+      self._sent += 1
+      self._point.send_signal(self._received[self._sent - 1])
+
+  def run(self, command: list[str], out) -> int:
+    """Runs one point to its exit (a signal that came while it started is passed on too)."""
+    self._point = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   process_group=0)
+    self._forward()
+    try:
+      return self._point.wait()
+    finally:
+      self._point = None
+
+
+def run_local(points: list[Point], signals: PointSignals, *, log=print,
+              reuse_data: bool = True) -> dict[str, int]:
+  """Runs unfinished points one after another; output to <workdir>/sweep.log. -> exit codes.
+  Stops after the running point once `signals` (installed by the caller) has a signal."""
   codes = {}
   for i, point in enumerate(points):
+    if signals.signum is not None:
+      break
     if is_done(point):
       log(f"[{i + 1}/{len(points)}] {point.name}: done, skipped")
       continue
     os.makedirs(point.workdir, exist_ok=True)
     if reuse_data and (source := share_data(point, points)):
       log(f"[{i + 1}/{len(points)}] {point.name}: data prepared by {source} reused")
+    if signals.signum is not None:  # it came while the data was copied
+      break
     t0 = time.time()
     log(f"[{i + 1}/{len(points)}] {point.name}: {shlex.join(point.command)}")
     with open(os.path.join(point.workdir, "sweep.log"), "a", encoding="utf-8") as out:
-      code = subprocess.run(point.command, stdout=out, stderr=subprocess.STDOUT).returncode
+      code = signals.run(point.command, out)
     codes[point.name] = code
     log(f"[{i + 1}/{len(points)}] {point.name}: exit {code} in {time.time() - t0:.0f} s"
         + ("" if code == 0 else f" (see {point.workdir}/sweep.log)"))
@@ -211,9 +270,14 @@ def main(argv=None) -> int:
   codes = {}
   if f.mode == "local":
     from pn_jax import workdir_lock
-    with workdir_lock.hold(f.root, "sweep", flag="--root"):  # each point locks its own workdir
-      codes = run_local(points, log=lambda s: print(s, file=sys.stderr),
+    with (workdir_lock.hold(f.root, "sweep", flag="--root"),  # each point locks its own workdir
+          PointSignals() as signals):
+      codes = run_local(points, signals, log=lambda s: print(s, file=sys.stderr),
                         reuse_data=f.reuse_data)
+    if signals.signum is not None:
+      print(f"sweep stopped by {signal.Signals(signals.signum).name} (the running point saved "
+            "a checkpoint); rerun the same command to resume", file=sys.stderr)
+      return 128 + signals.signum
   table = sweep_results.gather(points)
   paths = sweep_results.write(table, f.root, plot_spec=sweep.get("plot"))
   print(sweep_results.markdown(table))

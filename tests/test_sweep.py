@@ -2,9 +2,12 @@
 
 import csv
 import os
+import json
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,20 +18,22 @@ from pn_jax import sweep_results
 from pn_jax.config import ConfigError
 
 
-
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
   """A ~200 KB slice of the bundled corpus: data prep in ~2 s, the sweep tests the sweep."""
   return write_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+def _env(devices=1):
+  # one device and cheap XLA compiles: each point is a few seconds of compile
+  return {**os.environ,
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+
+
 def _sweep(args, env_devices=1):
-  env = {**os.environ,
-         # one device and cheap XLA compiles: each point is a few seconds of compile
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices} "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
-  return subprocess.run([sys.executable, "-m", "pn_jax.sweep", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", "pn_jax.sweep", *args], cwd=REPO,
+                        env=_env(env_devices), capture_output=True, text=True, timeout=300)
 
 
 def test_tiny_sweep_runs_skips_and_gathers(small_corpus, tmp_path):
@@ -87,3 +92,91 @@ def test_names_slurm_script_and_missing_points(tmp_path):
   assert "--config.model.k=4" in lines[1] and "--config.train.steps=7" in lines[1]
   rows = sweep_results.gather(points)
   assert [r["status"] for r in rows] == ["missing", "missing"] and rows[0]["eval_loss"] is None
+
+
+# Two points, long enough that a signal lands mid-training (60 steps, one metrics row a step);
+# they differ in a key that neither their data nor their compiled step depends on, so the second
+# reuses the first's data and compilations.
+SIGNAL_SWEEP = """
+from pn_jax.sweep import product
+def get_sweep(arg=None):
+  return dict(config="configs/pn.py:tiny", points=product(**{{"data.eval_batches": [1, 2]}}),
+              base={{"data.corpus": {corpus!r}, "train.steps": 60, "train.log_every": 1,
+                     "train.eval_every": 60, "train.checkpoint_every": 60}})
+"""
+
+
+def _checkpoints(workdir) -> list[int]:
+  path = workdir / "checkpoints"
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+
+
+def _last_train_step(workdir) -> int:
+  path = workdir / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] \
+      if path.exists() else []
+  return max([r["step"] for r in rows if r["split"] == "train"], default=0)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def _stop_mid_training(args, point_dir, after_step, send, log):
+  """Starts the sweep driver (in a process group of its own: the test's stays out), waits for its
+  first point to log a step after `after_step`, then `send(driver_pid)`.
+  -> (the driver's exit code, the point's pid)."""
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "pn_jax.sweep", *args], cwd=REPO, env=_env(),
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 300
+    while _last_train_step(point_dir) <= after_step:  # an event: the point's metrics row
+      assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+      assert time.monotonic() < deadline, "timed out waiting for the point to train"
+      time.sleep(0.05)
+    point = json.loads((point_dir / "LOCK").read_text())["pid"]  # the point holds its lock
+    send(proc.pid)
+    code = proc.wait(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  if _alive(point):  # an orphan still training: end it (our own child's child) and fail
+    os.kill(point, signal.SIGKILL)
+    pytest.fail(f"the point (pid {point}) outlived the sweep driver")
+  return code, point
+
+
+def test_sigterm_to_the_driver_stops_the_point_at_a_checkpoint_and_a_rerun_resumes(
+    small_corpus, tmp_path):
+  spec = tmp_path / "signal_sweep.py"
+  spec.write_text(SIGNAL_SWEEP.format(corpus=str(small_corpus)))
+  root = tmp_path / "sweep"
+  first = root / "eval_batches=1"
+  args = [f"--sweep={spec}", f"--root={root}", "--mode=local"]
+  log = tmp_path / "driver.log"
+
+  # SIGTERM to the driver's pid only (a container's PID 1, `kill PID`)
+  code, _ = _stop_mid_training(args, first, 0, lambda pid: os.kill(pid, signal.SIGTERM), log)
+  assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
+  saved = _checkpoints(first)
+  assert saved and saved[-1] < 60, saved  # the point checkpointed where it stopped
+  assert "sweep stopped by SIGTERM" in log.read_text() and "failed" not in log.read_text()
+  assert not (root / "eval_batches=2").exists()  # no point starts after the signal
+
+  # SIGTERM to the driver's whole process group: the point gets it once (twice would make it
+  # exit at once, without a new checkpoint)
+  code, _ = _stop_mid_training(args, first, saved[-1], lambda pid: os.killpg(pid, signal.SIGTERM),
+                               log)
+  assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
+  assert _checkpoints(first)[-1] > saved[-1], (_checkpoints(first), saved)
+
+  rerun = _sweep(args)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resumed from step" in (first / "sweep.log").read_text()
+  assert "data prepared by eval_batches=1 reused" in rerun.stderr
+  assert [_checkpoints(root / n)[-1] for n in ("eval_batches=1", "eval_batches=2")] == [60, 60]
