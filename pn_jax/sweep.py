@@ -275,8 +275,9 @@ def main(argv=None) -> int:
       codes = run_local(points, signals, log=lambda s: print(s, file=sys.stderr),
                         reuse_data=f.reuse_data)
     if signals.signum is not None:
-      print(f"sweep stopped by {signal.Signals(signals.signum).name} (the running point saved "
-            "a checkpoint); rerun the same command to resume", file=sys.stderr)
+      print(f"sweep stopped by {signal.Signals(signals.signum).name} after its running point "
+            "(a point that was training saved a checkpoint); rerun the same command to resume",
+            file=sys.stderr)
       return 128 + signals.signum
   table = sweep_results.gather(points)
   paths = sweep_results.write(table, f.root, plot_spec=sweep.get("plot"))

@@ -1,8 +1,8 @@
 """Sweeps: a 2x2 h/m grid runs end to end on CPU, finished points are skipped, results gathered."""
 
 import csv
-import os
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -18,6 +18,7 @@ from pn_jax import sweep_results
 from pn_jax.config import ConfigError
 
 
+
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
   """A ~200 KB slice of the bundled corpus: data prep in ~2 s, the sweep tests the sweep."""
@@ -28,7 +29,8 @@ def _env(devices=1):
   # one device and cheap XLA compiles: each point is a few seconds of compile
   return {**os.environ,
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+                       "--xla_backend_optimization_level=0 "
+                       "--xla_llvm_disable_expensive_passes=true"}
 
 
 def _sweep(args, env_devices=1):
@@ -112,10 +114,11 @@ def _checkpoints(workdir) -> list[int]:
 
 
 def _last_train_step(workdir) -> int:
+  """The point's last logged train step (0 before its first; a torn last line is skipped)."""
   path = workdir / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] \
-      if path.exists() else []
-  return max([r["step"] for r in rows if r["split"] == "train"], default=0)
+  lines = path.read_text().splitlines() if path.exists() else []
+  rows = [json.loads(line) for line in lines if line.endswith("}")]
+  return max((r["step"] for r in rows if r["split"] == "train"), default=0)
 
 
 def _alive(pid: int) -> bool:
@@ -153,6 +156,8 @@ def _stop_mid_training(args, point_dir, after_step, send, log):
 
 def test_sigterm_to_the_driver_stops_the_point_at_a_checkpoint_and_a_rerun_resumes(
     small_corpus, tmp_path):
+  """The point outlives neither signal to the driver and saves at both; the sweep exits 143
+  without starting the next point; the same command then resumes and completes both points."""
   spec = tmp_path / "signal_sweep.py"
   spec.write_text(SIGNAL_SWEEP.format(corpus=str(small_corpus)))
   root = tmp_path / "sweep"
@@ -165,7 +170,7 @@ def test_sigterm_to_the_driver_stops_the_point_at_a_checkpoint_and_a_rerun_resum
   assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
   saved = _checkpoints(first)
   assert saved and saved[-1] < 60, saved  # the point checkpointed where it stopped
-  assert "sweep stopped by SIGTERM" in log.read_text() and "failed" not in log.read_text()
+  assert "sweep stopped by SIGTERM" in log.read_text() and "point(s) failed" not in log.read_text()
   assert not (root / "eval_batches=2").exists()  # no point starts after the signal
 
   # SIGTERM to the driver's whole process group: the point gets it once (twice would make it
