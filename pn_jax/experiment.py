@@ -93,8 +93,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: str) -> None:
     try:
       parent[leaf] = kind(value)
     except (TypeError, ValueError) as e:
-      raise config_lib.ConfigError(f"override {item!r}: {key} takes a {kind.__name__} "
-                                   f"(it is {node!r}), got {value!r}") from e
+      raise config_lib.ConfigError(f"override {item!r}: {key} takes {kind.__name__} "
+                                   f"values (it is {node!r}), not {value!r}") from e
 
 
 # --- corpus ---------------------------------------------------------------------------------
