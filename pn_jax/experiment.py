@@ -5,8 +5,10 @@ write docs/results.md and docs/results_ppl_vs_cost.png (pn_jax/experiment_report
 
 Every stage is an ordinary run under --root (pretrain/<method>, specialize/<method>/<domain>-<n>,
 specialize/<method>@<step>/... for the equal-time view) made with the same mode functions as
-the CLI, so any cell of the table can be re-run or inspected alone. Finished stages are skipped
-on a rerun (a pretraining run resumes from its checkpoint; a specialization is done when its
+the CLI, so any cell of the table can be re-run or inspected alone (from inside the root: the
+stages run there and their configs hold paths relative to it, so a moved root resumes). Every
+method's configs are validated before the first stage. Finished stages are skipped on a rerun
+(a pretraining run resumes from its checkpoint; a specialization is done when its
 specialize.json exists). A signal (or --max_seconds) stops the experiment at a stage boundary
 or through the running stage's own checkpoint-and-stop, with exit code 128 + signum; the same
 command resumes it.
@@ -214,7 +216,7 @@ class Stages:
   paths resolve against (stage_path); stopped by `stop`; `old_root`: where the root was when its
   results.json was last saved (a moved root: its stages' saved absolute paths are re-rooted);
   `allow_change`: --allow_config_change, passed to a stage that resumes with another config."""
-  root: str
+  root: str  # absolute: stages change the working directory
   stop: StopRequest | None = None
   old_root: str = ""
   allow_change: bool = False
@@ -618,7 +620,8 @@ def run(exp, root: str, stop: StopRequest | None = None,
     check_reusable(saved.get("exp", {}), exp)
     results.update({k: v for k, v in saved.items() if k != "exp"})
   # Where the stages were made: their saved absolute paths under it are re-rooted here.
-  stages = Stages(root, stop, old_root=saved.get("root", ""), allow_change=allow_config_change)
+  stages = Stages(os.path.abspath(root), stop, old_root=saved.get("root", ""),
+                  allow_change=allow_config_change)
   if stages.old_root and os.path.abspath(stages.old_root) != os.path.abspath(root):
     logging.info("experiment root moved from %s to %s: resuming its stages here",
                  stages.old_root, os.path.abspath(root))
@@ -836,6 +839,7 @@ def main(argv):
                                    "experiment first, or point --root at one that ran")
     results = read_results(root)
   else:
+    check_experiment(exp)  # (run checks again) before the lock creates the root
     stop = StopRequest().install()
     if FLAGS.max_seconds > 0:
       stop.deadline(FLAGS.max_seconds)

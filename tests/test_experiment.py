@@ -393,7 +393,7 @@ def test_a_damaged_results_json_is_refused_and_kept(tmp_path, text, problem):
 
 
 def test_a_damaged_results_json_is_one_error_line_from_the_command(tmp_path):
-  """The command line, --report_only (also a flag the driver now accepts): exit 2, one line."""
+  """The command line, --report_only: exit 2, one line, no traceback, no report."""
   import subprocess
   import sys
   root = tmp_path / "exp"
@@ -401,8 +401,8 @@ def test_a_damaged_results_json_is_one_error_line_from_the_command(tmp_path):
   (root / "results.json").write_text('{"pretrain": {')
   out = subprocess.run(
       [sys.executable, "-m", "pn_jax.experiment", "--config=configs/experiments/cpu_small.py",
-       f"--root={root}", f"--docs={tmp_path / 'docs'}", "--report_only",
-       "--allow_config_change"], cwd=REPO, capture_output=True, text=True, timeout=300)
+       f"--root={root}", f"--docs={tmp_path / 'docs'}", "--report_only"], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
   assert out.returncode == 2, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
@@ -411,17 +411,20 @@ def test_a_damaged_results_json_is_one_error_line_from_the_command(tmp_path):
   assert not (tmp_path / "docs").exists()
 
 
-def test_a_torn_stage_record_is_moved_aside_and_the_stage_redone(tmp_path, fake_stages, caplog):
+def test_a_torn_stage_record_is_moved_aside_and_the_stage_redone(tmp_path, fake_stages, caplog,
+                                                                monkeypatch):
   """A specialize.json that is torn (or lacks what the report reads) is a cache of the stage's
   checkpoints: moved aside (never deleted), said so in one log line, the stage run again."""
   from pn_jax import experiment
   exp, root = _one_method(_toy_experiment()), tmp_path / "exp"
+  monkeypatch.chdir(tmp_path)  # --root as the command's default is given: relative
   cell = root / "specialize" / "slm" / "legal-2048"
   cell.mkdir(parents=True)
   (cell / "specialize.json.damaged").write_text("an earlier one")
   (cell / "specialize.json").write_text('{"test_ppl": 4.')
   with caplog.at_level("WARNING"):
-    results = experiment.run(exp, str(root))
+    results = experiment.run(exp, "exp")
+  assert os.getcwd() == str(tmp_path)
   assert results["specialize"]["legal/2048"]["slm"]["test_ppl"] == CELL["test_ppl"]
   # Run from the root, with paths relative to it (a moved root's stages still find each other).
   assert fake_stages == [("pretrain", str(root), "pretrain/slm", ""),
@@ -429,10 +432,10 @@ def test_a_torn_stage_record_is_moved_aside_and_the_stage_redone(tmp_path, fake_
   assert (cell / "specialize.json.damaged").read_text() == "an earlier one"
   assert (cell / "specialize.json.damaged.1").read_text() == '{"test_ppl": 4.'
   moved = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
-  assert moved == [f"{cell / 'specialize.json'} cannot be read (JSONDecodeError: Expecting ','"
-                   " delimiter: line 1 column 15 (char 14)): moved it to "
-                   f"{cell / 'specialize.json.damaged.1'}; redoing that stage from its "
-                   "checkpoints"]
+  rel = os.path.join("exp", "specialize", "slm", "legal-2048", "specialize.json")
+  assert moved == [f"{rel} cannot be read (JSONDecodeError: Expecting ',' delimiter: line 1 "
+                   f"column 15 (char 14)): moved it to {rel}.damaged.1; redoing that stage "
+                   "from its checkpoints"]
 
 
 @pytest.mark.parametrize("method, match", [
@@ -482,6 +485,7 @@ def test_a_moved_root_resumes_and_a_changed_stage_config_names_the_drivers_flags
   os.rename(first, moved)
 
   real_load = experiment.load_run_config
+
   def edited(spec):  # configs/slm.py edited between the two calls
     c = real_load(spec)
     c.optim.b2 = 0.9
@@ -496,11 +500,10 @@ def test_a_moved_root_resumes_and_a_changed_stage_config_names_the_drivers_flags
                             "trained with: optim.b2: 0.95 -> 0.9; restore those settings"), message
   assert "--allow_config_change to resume" in message and "--workdir" not in message
   assert "data.corpus" not in message  # the move itself is no change
-  monkeypatch.setattr(experiment, "load_run_config", real_load)
 
   monkeypatch.setitem(modes.MODES, "specialize", preempted(real_specialize, 2))
-  with pytest.raises(experiment.Preempted):
-    experiment.run(exp, moved)
+  with pytest.raises(experiment.Preempted):  # (the edited config from here on)
+    experiment.run(exp, moved, allow_config_change=True)
   saved = json.load(open(os.path.join(moved, "results.json")))
   assert saved["pretrain"]["slm"]["steps"] == 8 and saved["root"] == moved
   cell = os.path.join("specialize", "slm", "legal-2048")
