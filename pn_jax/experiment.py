@@ -50,7 +50,7 @@ from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import metrics as metrics_lib
 from pn_jax.train import resume_check
-from pn_jax.train.checkpoint import Checkpointer
+from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.preflight import WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,15 +303,35 @@ def _resume_allowance(stages: Stages, mode: str, config, workdir: str) -> bool:
   if moved:
     logging.info("%s: resuming from step %d with its paths re-rooted in %s (%s)", workdir, step,
                  os.path.abspath(stages.root), ", ".join(moved))
-  if not left or stages.allow_change:
-    return bool(moved or left)
-  listing = "; ".join(f"{k}: {json.dumps(diff[k][0])} -> {json.dumps(diff[k][1])}"
-                      for k in left[:10])
+  if not left:
+    return bool(moved)
+  _check_shapes(stages, workdir, step, saved, final, diff, left)
+  if stages.allow_change:
+    return True
   raise config_lib.ConfigError(
       f"stage {workdir} (under --root {stages.root}) would resume from its checkpoint step "
-      f"{step} with a config that differs from the one it was trained with: {listing}; restore "
-      "those settings (configs/*.py), rerun with --allow_config_change to resume it with the "
-      f"new ones, or move {os.path.join(stages.root, workdir)} aside to redo that stage")
+      f"{step} with a config that differs from the one it was trained with: "
+      f"{_listing(diff, left)}; restore those settings (configs/*.py), rerun with "
+      "--allow_config_change to resume it with the new ones, or move "
+      f"{os.path.join(stages.root, workdir)} aside to redo that stage")
+
+
+def _listing(diff: dict, keys: list[str]) -> str:
+  return "; ".join(f"{k}: {json.dumps(diff[k][0])} -> {json.dumps(diff[k][1])}"
+                   for k in keys[:10])
+
+
+def _check_shapes(stages: Stages, workdir: str, step: int, saved: dict, final, diff: dict,
+                  keys: list[str]) -> None:
+  """CheckpointError (in the driver's terms) if `keys` change the train state's shapes: such a
+  checkpoint cannot be resumed at all, --allow_config_change or not."""
+  culprits, _ = resume_check.shape_changing(saved, resume_check.as_json(final), keys)
+  if culprits:
+    raise CheckpointError(
+        f"stage {workdir} (under --root {stages.root}): its checkpoint step {step} holds "
+        f"parameters of another shape ({_listing(diff, culprits)}); --allow_config_change does "
+        f"not apply: revert {', '.join(culprits)}, or move {os.path.join(stages.root, workdir)} "
+        "aside to redo that stage")
 
 
 # --- stages ---------------------------------------------------------------------------------

@@ -468,7 +468,7 @@ def test_a_moved_root_resumes_and_a_changed_stage_config_names_the_drivers_flags
   own config changed (an edited configs/*.py) is refused with the driver's flags, and resumes
   with --allow_config_change."""
   from pn_jax import experiment, modes
-  from pn_jax.train.checkpoint import Checkpointer
+  from pn_jax.train.checkpoint import CheckpointError, Checkpointer
   exp = _one_method(_toy_experiment())
   real_pretrain, real_specialize = modes.MODES["pretrain"], modes.MODES["specialize"]
 
@@ -500,6 +500,16 @@ def test_a_moved_root_resumes_and_a_changed_stage_config_names_the_drivers_flags
                             "trained with: optim.b2: 0.95 -> 0.9; restore those settings"), message
   assert "--allow_config_change to resume" in message and "--workdir" not in message
   assert "data.corpus" not in message  # the move itself is no change
+
+  def reshaped(spec):  # a change no flag can resume: the checkpoint's arrays would not fit
+    c = edited(spec)
+    c.model.n_layers += 1
+    return c
+  monkeypatch.setattr(experiment, "load_run_config", reshaped)
+  with pytest.raises(CheckpointError, match=r"^stage pretrain/slm .*--allow_config_change does "
+                     r"not apply: revert model.n_layers, or move .*/moved/pretrain/slm aside"):
+    experiment.run(exp, moved, allow_config_change=True)
+  monkeypatch.setattr(experiment, "load_run_config", edited)
 
   monkeypatch.setitem(modes.MODES, "specialize", preempted(real_specialize, 2))
   with pytest.raises(experiment.Preempted):  # (the edited config from here on)
