@@ -40,11 +40,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import config as config_lib
-from pn_jax import cli, modes, workdir_lock
+from pn_jax import cli, experiment_report, modes, workdir_lock
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import packing
 from pn_jax.data import tokenizer as tok_lib
-from pn_jax import experiment_report
 from pn_jax.experiment_report import finetune_lr, merge_results, write_report
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
@@ -562,8 +561,11 @@ def check_experiment(exp) -> None:
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"exp.methods.{name} ({what} config of {spec!r}): {e}") from e
   if exp.distill:
-    c = finetune_config(exp, "pretrain", cell["domain"], cell["budget"], teacher="teacher")
-    config_lib.validate(c, device_count=jax.device_count())
+    try:
+      c = finetune_config(exp, "pretrain", cell["domain"], cell["budget"], teacher="teacher")
+      config_lib.validate(c, device_count=jax.device_count())
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"exp.distill (SLM-d's fine-tuning config): {e}") from e
 
 
 def check_reusable(saved_exp: dict, exp) -> None:
