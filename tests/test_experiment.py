@@ -235,6 +235,7 @@ def test_every_experiment_config_builds_valid_run_configs():
   cpu_codes = str(REPO / "configs" / "experiments" / "cpu_small.py:codes")
   for path in [str(f) for f in files] + [gpu_small + part for part in gpu_parts] + [cpu_codes]:
     exp = config_lib.load_config(path)
+    experiment.check_experiment(exp)  # what the driver checks before its first stage
     for name in exp.methods:
       spec, overrides, finetune = experiment.method_spec(exp, name)
       c = experiment.pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model")
