@@ -5,8 +5,10 @@ write docs/results.md and docs/results_ppl_vs_cost.png (pn_jax/experiment_report
 
 Every stage is an ordinary run under --root (pretrain/<method>, specialize/<method>/<domain>-<n>,
 specialize/<method>@<step>/... for the equal-time view) made with the same mode functions as
-the CLI, so any cell of the table can be re-run or inspected alone. Finished stages are skipped
-on a rerun (a pretraining run resumes from its checkpoint; a specialization is done when its
+the CLI, so any cell of the table can be re-run or inspected alone (from inside the root: the
+stages run there and their configs hold paths relative to it, so a moved root resumes). Every
+method's configs are validated before the first stage. Finished stages are skipped on a rerun
+(a pretraining run resumes from its checkpoint; a specialization is done when its
 specialize.json exists). A signal (or --max_seconds) stops the experiment at a stage boundary
 or through the running stage's own checkpoint-and-stop, with exit code 128 + signum; the same
 command resumes it.
@@ -18,6 +20,9 @@ from its latest pretraining milestone within the reference method's training sec
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
 import json
 import math
 import os
@@ -35,7 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import config as config_lib
-from pn_jax import cli, modes, workdir_lock
+from pn_jax import cli, experiment_report, modes, workdir_lock
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import packing
 from pn_jax.data import tokenizer as tok_lib
@@ -43,6 +48,9 @@ from pn_jax.experiment_report import finetune_lr, merge_results, write_report
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import metrics as metrics_lib
+from pn_jax.train import resume_check
+from pn_jax.train.checkpoint import CheckpointError, Checkpointer
+from pn_jax.train.preflight import WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,20 +71,31 @@ def override_items(overrides: str) -> list[tuple[str, str]]:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: str) -> None:
-  """'a.b=1,c=x' -> config.a.b = 1, config.c = 'x' (each value cast to the key's type)."""
+  """'a.b=1,c=x' -> config.a.b = 1, config.c = 'x' (each value cast to the key's type); a key
+  the config lacks or a value of the wrong type is a ConfigError naming the override."""
   for key, value in override_items(overrides):
     item = f"{key}={value}"
     *parents, leaf = key.split(".")
     node = config
-    for p in parents:
-      node = node[p]
-    kind = type(node[leaf])
+    for p in [*parents, leaf]:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        close = difflib.get_close_matches(p, list(node.keys()), n=3) if isinstance(
+            node, ml_collections.ConfigDict) else []
+        hint = f"did you mean {' or '.join(close)}?" if close else "fix the key"
+        raise config_lib.ConfigError(f"override {item!r}: the config has no key {key!r}; "
+                                     + hint)
+      parent, node = node, node[p]
+    kind = type(node)
     if kind is bool:  # bool("False") is True
       if value.lower() not in ("true", "false"):
         raise config_lib.ConfigError(f"override {item!r}: {key} takes true or false")
-      node[leaf] = value.lower() == "true"
-    else:
-      node[leaf] = kind(value)
+      parent[leaf] = value.lower() == "true"
+      continue
+    try:
+      parent[leaf] = kind(value)
+    except (TypeError, ValueError) as e:
+      raise config_lib.ConfigError(f"override {item!r}: {key} takes {kind.__name__} "
+                                   f"values (it is {node!r}), not {value!r}") from e
 
 
 # --- corpus ---------------------------------------------------------------------------------
@@ -190,15 +209,48 @@ class StopRequest:
     return thread
 
 
-def _stage(stop: StopRequest | None, fn, config, workdir) -> tuple[dict, float]:
-  """Runs one stage (a mode function) -> (result, wall seconds); raises Preempted instead of
-  returning a result that a signal cut short."""
+@dataclasses.dataclass
+class Stages:
+  """How this invocation runs its stages: from `root`, the directory their configs' relative
+  paths resolve against (stage_path); stopped by `stop`; `old_root`: where the root was when its
+  results.json was last saved (a moved root: its stages' saved absolute paths are re-rooted);
+  `allow_change`: --allow_config_change, passed to a stage that resumes with another config."""
+  root: str  # absolute: stages change the working directory
+  stop: StopRequest | None = None
+  old_root: str = ""
+  allow_change: bool = False
+
+
+def stage_path(root: str, path: str) -> str:
+  """`path` as a stage's config holds it: relative to the experiment root when inside it (stages
+  run from the root, so the runs of a moved root still find each other), else absolute."""
+  path, top = os.path.abspath(path), os.path.abspath(root)
+  return os.path.relpath(path, top) if path == top or path.startswith(top + os.sep) else path
+
+
+@contextlib.contextmanager
+def _inside(root: str):
+  """The working directory of a running stage: the root (see stage_path)."""
+  back = os.getcwd()
+  os.chdir(root)
+  try:
+    yield
+  finally:
+    os.chdir(back)
+
+
+def _stage(stages: Stages, mode: str, config, workdir) -> tuple[dict, float]:
+  """Runs one stage (the mode `mode`, on `workdir` under the root) -> (result, wall seconds);
+  raises Preempted instead of returning a result that a signal cut short."""
+  stop, wd = stages.stop, stage_path(stages.root, workdir)
   if stop:
     stop.check()
     stop.in_stage = True
   t0 = time.perf_counter()
   try:
-    result = fn(config, workdir)
+    with _inside(stages.root):
+      allow = _resume_allowance(stages, mode, config, wd)
+      result = modes.MODES[mode](config, wd, **({"allow_config_change": True} if allow else {}))
   finally:
     if stop:
       stop.in_stage = False
@@ -206,6 +258,79 @@ def _stage(stop: StopRequest | None, fn, config, workdir) -> tuple[dict, float]:
   if reason.startswith("SIG"):
     raise Preempted(signal.Signals[reason].value)
   return result, time.perf_counter() - t0
+
+
+# Config keys holding a path: a resuming stage's saved value and its current one are the same
+# place when they are the same path under the root's old and new locations.
+_PATH_KEYS = ("data.corpus", "data.tokenizer_path", "data.cache_dir", "init_from",
+              "distill.teacher")
+
+
+def _same_place(saved, now, old_root: str, root: str) -> bool:
+  def where(path, top):  # -> relative to `top` if under it (a relative path: from the root)
+    path = os.path.normpath(os.path.join(top, path))
+    return os.path.relpath(path, top) if path.startswith(top + os.sep) else path
+  if not (isinstance(saved, str) and isinstance(now, str) and saved and now):
+    return False
+  return where(saved, os.path.abspath(old_root)) == where(now, os.path.abspath(root))
+
+
+def _resume_allowance(stages: Stages, mode: str, config, workdir: str) -> bool:
+  """Before a stage resumes from its checkpoint (run from the root): its saved config against the
+  one the mode runs. Paths naming the same place under the root's old location are no change
+  (the root moved, or was made when stages stored absolute paths); any other change is refused
+  in the driver's own terms unless --allow_config_change. -> whether the mode must be told to
+  accept the differences (it then logs them)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    saved = None if step is None else resume_check.saved_config(ckpt, step)
+  finally:
+    ckpt.close()
+  if saved is None:
+    return False
+  # The config the mode compares: a specialization's is completed from its source run.
+  final = (modes.specialize.open_specialize_run(config, workdir).config
+           if mode == "specialize" else config)
+  diff = resume_check.changes(saved, resume_check.as_json(final))
+  moved = [k for k in _PATH_KEYS
+           if k in diff and _same_place(*diff[k], stages.old_root or stages.root, stages.root)]
+  new = resume_check.added_since(diff)
+  left = [k for k in diff if not resume_check.is_run_control(k) and k not in new + moved]
+  if moved:
+    logging.info("%s: resuming from step %d with its paths re-rooted in %s (%s)", workdir, step,
+                 os.path.abspath(stages.root), ", ".join(moved))
+  if not left:
+    return bool(moved)
+  _check_shapes(stages, workdir, step, saved, final, diff, left)
+  if stages.allow_change:
+    return True
+  raise config_lib.ConfigError(
+      f"stage {workdir} (under --root {stages.root}) would resume from its checkpoint step "
+      f"{step} with a config that differs from the one it was trained with: "
+      f"{_listing(diff, left)}; restore those settings (configs/*.py), rerun with "
+      "--allow_config_change to resume it with the new ones, or move "
+      f"{os.path.join(stages.root, workdir)} aside to redo that stage")
+
+
+def _listing(diff: dict, keys: list[str]) -> str:
+  return "; ".join(f"{k}: {json.dumps(diff[k][0])} -> {json.dumps(diff[k][1])}"
+                   for k in keys[:10])
+
+
+def _check_shapes(stages: Stages, workdir: str, step: int, saved: dict, final, diff: dict,
+                  keys: list[str]) -> None:
+  """CheckpointError (in the driver's terms) if `keys` change the train state's shapes: such a
+  checkpoint cannot be resumed at all, --allow_config_change or not."""
+  culprits, _ = resume_check.shape_changing(saved, resume_check.as_json(final), keys)
+  if culprits:
+    raise CheckpointError(
+        f"stage {workdir} (under --root {stages.root}): its checkpoint step {step} holds "
+        f"parameters of another shape ({_listing(diff, culprits)}); --allow_config_change does "
+        f"not apply: revert {', '.join(culprits)}, or move {os.path.join(stages.root, workdir)} "
+        "aside to redo that stage")
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -258,7 +383,7 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
                  progress_bar=False, async_checkpoint=False)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   if root:
-    c.data.cache_dir = os.path.join(exp.get("data_root") or root, "data_cache")
+    c.data.cache_dir = stage_path(root, os.path.join(exp.get("data_root") or root, "data_cache"))
   return c
 
 
@@ -287,22 +412,45 @@ def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0, ove
   return c
 
 
-def specialize(exp, stop, init_from, workdir, domain, budget, teacher="", init_step=0,
+def specialize(exp, stages, init_from, workdir, domain, budget, teacher="", init_step=0,
                overrides="") -> dict:
   """One fine-tuning cell; done when its specialize.json exists (a preempted one has only
   checkpoints, and the mode resumes from them)."""
-  done = os.path.join(workdir, "specialize.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      result = json.load(f)
-  else:
-    c = finetune_config(exp, init_from, domain, budget, teacher, init_step, overrides)
-    result, _ = _stage(stop, modes.MODES["specialize"], c, workdir)
+  result = _stage_record(os.path.join(workdir, "specialize.json"))
+  if result is None:
+    rel = lambda path: stage_path(stages.root, path) if path else ""
+    c = finetune_config(exp, rel(init_from), domain, budget, rel(teacher), init_step, overrides)
+    result, _ = _stage(stages, "specialize", c, workdir)
   if "hit_step_cap" not in result:  # specialize.json written before the mode recorded it
     result["hit_step_cap"] = (int(result["steps"]) >= exp.finetune.steps
                               and result.get("stop_reason") != "early_stopping")
   result["pretrain_step"] = int(init_step) or None  # None: the final checkpoint
   return result
+
+
+def _stage_record(path: str) -> dict | None:
+  """A finished stage's record (specialize.json), or None when there is none. One that cannot
+  be read or lacks what the report reads (torn by a copy, a full disk) is moved aside to
+  `<name>.damaged[.N]` and the stage counts as not done: the mode rebuilds it from the stage's
+  checkpoints."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    problem = experiment_report.record_problem(record, experiment_report.CELL_FIELDS)
+  except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    problem = f"cannot be read ({type(e).__name__}: {e})"
+  if not problem:
+    return record
+  aside, n = path + ".damaged", 0
+  while os.path.exists(aside):
+    n += 1
+    aside = f"{path}.damaged.{n}"
+  os.replace(path, aside)
+  logging.warning("%s %s: moved it to %s; redoing that stage from its checkpoints", path,
+                  problem, aside)
+  return None
 
 
 # --- costs and the equal-time view ------------------------------------------------------------
@@ -363,6 +511,61 @@ _REUSE_KEYS = ("source", "seed", "generic_chars", "heldout_chars", "domain_train
                "vocab_size", "seq_len", "batch_size", "pretrain_tokens", "pretrain_lr",
                "eval_batches", "finetune", "distill", "tokenizer_from", "milestones",
                "equal_time_reference")
+
+
+def check_experiment(exp) -> None:
+  """Every method's run configs (config file and argument, overrides) built and validated as
+  its stages will build them, and the cells' domains and budgets checked, before any stage
+  runs: a typo in the last method must not surface after the first ones have trained.
+  ConfigError naming the method and the key."""
+  ref = exp.equal_time_reference
+  if ref and (ref not in exp.methods or ref == "slm_is"):
+    raise config_lib.ConfigError(
+        f"exp.equal_time_reference={ref!r}: the method whose pretraining time defines the "
+        f"equal-time budget, one of {sorted(set(exp.methods) - {'slm_is'})}, or '' (no "
+        "equal-time view)")
+  budgets = tuple(exp.budgets)
+  if not budgets or not all(type(b) is int and b > 0 for b in budgets):
+    raise config_lib.ConfigError(f"exp.budgets={budgets!r}: one or more domain training token "
+                                 "counts, positive integers")
+  if not exp.domains:
+    raise config_lib.ConfigError("exp.domains is empty: name the domains to specialize on")
+  source = (os.path.join(exp.data_root, "corpus") if exp.get("data_root")
+            else corpus_lib.resolve_root(exp.source, "data_cache"))
+  have = corpus_lib.list_domains(source)
+  missing = [d for d in exp.domains if d not in have]
+  if have and missing:  # (a source without domains/ is reported when the corpus is built)
+    raise config_lib.ConfigError(f"exp.domains: {missing} not among the domains of "
+                                 f"{source!r}: {have}; fix the name")
+  if exp.distill and not {"slm", "llm"} <= set(exp.methods):
+    raise config_lib.ConfigError("exp.distill=True: SLM-d distils the fine-tuned 'llm' into the "
+                                 "pretrained 'slm'; add both methods, or set distill=False")
+  cell = dict(domain=exp.domains[0], budget=budgets[0])
+  for name in exp.methods:
+    entry = exp.methods[name]
+    if (not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3)
+        or not all(isinstance(x, str) for x in entry)):
+      raise config_lib.ConfigError(
+          f"exp.methods.{name}={entry!r}: expected (config file[:arg], pretraining overrides"
+          "[, fine-tuning overrides]), e.g. ('configs/pn.py:tiny', 'model.k=4')")
+    spec, overrides, finetune = method_spec(exp, name)
+    what = "pretraining"
+    try:
+      c = pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model")
+      if name == "slm_is":
+        c.data.update(domain=cell["domain"], domain_tokens=cell["budget"])
+      config_lib.validate(c, device_count=jax.device_count())
+      what = "fine-tuning"
+      c = finetune_config(exp, "pretrain", cell["domain"], cell["budget"], overrides=finetune)
+      config_lib.validate(c, device_count=jax.device_count())
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"exp.methods.{name} ({what} config of {spec!r}): {e}") from e
+  if exp.distill:
+    try:
+      c = finetune_config(exp, "pretrain", cell["domain"], cell["budget"], teacher="teacher")
+      config_lib.validate(c, device_count=jax.device_count())
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"exp.distill (SLM-d's fine-tuning config): {e}") from e
 
 
 def check_reusable(saved_exp: dict, exp) -> None:
@@ -426,32 +629,57 @@ def _pretrain_record(exp, c, out: dict, secs: float, workdir: str) -> dict:
           "device_count": costs.get("device_count"), **pretrain_fit(workdir)}
 
 
-def run(exp, root: str, stop: StopRequest | None = None) -> dict:
+def run(exp, root: str, stop: StopRequest | None = None,
+        allow_config_change: bool = False) -> dict:
   """Every stage not done yet; -> results (also saved to <root>/results.json after each).
-  Raises Preempted (after saving) when a signal stops a stage or arrives between stages."""
-  ref = exp.equal_time_reference
-  if ref and (ref not in exp.methods or ref == "slm_is"):
-    raise config_lib.ConfigError(
-        f"exp.equal_time_reference={ref!r}: the method whose pretraining time defines the "
-        f"equal-time budget, one of {sorted(set(exp.methods) - {'slm_is'})}, or '' (no "
-        "equal-time view)")
+  Raises Preempted (after saving) when a signal stops a stage or arrives between stages.
+  `allow_config_change`: a stage resumes although its config changed (logged)."""
+  check_experiment(exp)
   results = {"pretrain": {}, "specialize": {}, "exp": exp.to_dict()}
-  path = os.path.join(root, "results.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  path = os.path.join(root, RESULTS)
+  saved = read_results(root) if os.path.exists(path) else {}
+  if saved:
     check_reusable(saved.get("exp", {}), exp)
     results.update({k: v for k, v in saved.items() if k != "exp"})
+  # Where the stages were made: their saved absolute paths under it are re-rooted here.
+  stages = Stages(os.path.abspath(root), stop, old_root=saved.get("root", ""),
+                  allow_change=allow_config_change)
+  if stages.old_root and os.path.abspath(stages.old_root) != os.path.abspath(root):
+    logging.info("experiment root moved from %s to %s: resuming its stages here",
+                 stages.old_root, os.path.abspath(root))
+  results["root"] = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
 
   def save():  # atomically: a kill mid-write must not lose the finished stages
     corpus_lib.write_json(path, results)
 
   try:
-    _run_stages(exp, root, results, save, stop)
+    _run_stages(exp, root, results, save, stages)
   except Preempted:
     save()
     raise
+  return results
+
+
+RESULTS = "results.json"
+
+
+def read_results(root: str, flag: str = "--root") -> dict:
+  """<root>/results.json, checked: one that cannot be read, is not an object or holds a record
+  the driver or the report cannot read is refused (WorkdirError naming it and the fix), never
+  rewritten: it holds the finished stages."""
+  path = os.path.join(root, RESULTS)
+  try:
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+    problem = experiment_report.check_results(results)
+  except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    problem = f"cannot be read ({type(e).__name__}: {e})"
+  if problem:
+    raise WorkdirError(
+        f"{flag} {root}: {path} {problem}; restore it (a copy, or docs/results_data/ for a "
+        "published run), or move it aside and rerun the experiment, which then records the "
+        "stages again from their runs under the root")
   return results
 
 
@@ -497,7 +725,7 @@ def shared_data(exp, root: str) -> tuple[str, str]:
   return corpus, tokenizer
 
 
-def _run_stages(exp, root, results, save, stop) -> None:
+def _run_stages(exp, root, results, save, stages) -> None:
   corpus, tokenizer = shared_data(exp, root)
   # A (domain, budget) cell runs only if the domain holds `budget` training tokens: with fewer,
   # "1M tokens" would silently mean the whole, smaller split (the paper's 8M and 64M columns
@@ -514,8 +742,9 @@ def _run_stages(exp, root, results, save, stop) -> None:
       results["pretrain"][name] = results["pretrain"][owners[name]]
       continue
     spec, overrides, _ = method_spec(exp, name)
-    c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
-    out, secs = _stage(stop, modes.MODES["pretrain"], c, pre_dir(name))
+    c = pretrain_config(exp, spec, overrides, stage_path(root, corpus),
+                        stage_path(root, tokenizer), root)
+    out, secs = _stage(stages, "pretrain", c, pre_dir(name))
     results["pretrain"][name] = _pretrain_record(exp, c, out, secs, pre_dir(name))
     save()
   results["equal_time"] = (equal_time_choice(exp, results, root)
@@ -527,10 +756,10 @@ def _run_stages(exp, root, results, save, stop) -> None:
   order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
   # Equal tokens first, every cell; then the equal-time cells (a stopped run has the main view).
   for domain, budget in cells:
-    _equal_tokens_cell(exp, stop, results, save, root, corpus, tokenizer, pre_dir, order,
+    _equal_tokens_cell(exp, stages, results, save, root, corpus, tokenizer, pre_dir, order,
                        domain, budget)
   for domain, budget in cells:
-    _equal_time_cell(exp, stop, results, save, root, pre_dir, order, eq_time, domain, budget)
+    _equal_time_cell(exp, stages, results, save, root, pre_dir, order, eq_time, domain, budget)
 
 
 def _spec_dir(root, name, cell_dir, step=0):
@@ -538,27 +767,27 @@ def _spec_dir(root, name, cell_dir, step=0):
   return os.path.join(root, "specialize", name + (f"@{step}" if step else ""), cell_dir)
 
 
-def _equal_tokens_cell(exp, stop, results, save, root, corpus, tokenizer, pre_dir, order,
+def _equal_tokens_cell(exp, stages, results, save, root, corpus, tokenizer, pre_dir, order,
                        domain, budget) -> None:
   """Every method fine-tuned on one (domain, budget) from its final pretraining checkpoint."""
   cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
   res = results["specialize"].setdefault(cell, {})
   for name in order:
     if name not in res:
-      res[name] = specialize(exp, stop, pre_dir(name), _spec_dir(root, name, cell_dir), domain,
+      res[name] = specialize(exp, stages, pre_dir(name), _spec_dir(root, name, cell_dir), domain,
                              budget, overrides=method_spec(exp, name)[2])
       save()
   if exp.distill and "slm_d" not in res:
-    res["slm_d"] = specialize(exp, stop, pre_dir("slm"), _spec_dir(root, "slm_d", cell_dir),
+    res["slm_d"] = specialize(exp, stages, pre_dir("slm"), _spec_dir(root, "slm_d", cell_dir),
                               domain, budget, teacher=_spec_dir(root, "llm", cell_dir))
     save()
   if "slm_is" in exp.methods and "slm_is" not in res:
-    res["slm_is"] = _importance_cell(exp, stop, results, save, root, corpus, tokenizer,
+    res["slm_is"] = _importance_cell(exp, stages, results, save, root, corpus, tokenizer,
                                      domain, budget, _spec_dir(root, "slm_is", cell_dir))
     save()
 
 
-def _equal_time_cell(exp, stop, results, save, root, pre_dir, order, eq_time, domain,
+def _equal_time_cell(exp, stages, results, save, root, pre_dir, order, eq_time, domain,
                      budget) -> None:
   """The methods whose equal-time checkpoint is not their final one, fine-tuned from it."""
   cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
@@ -568,31 +797,32 @@ def _equal_time_cell(exp, stop, results, save, root, pre_dir, order, eq_time, do
     if not choice or choice["final"]:
       continue  # the equal-token cell is the equal-time one
     if res_t.get(name, {}).get("pretrain_step") != choice["step"]:
-      res_t[name] = specialize(exp, stop, pre_dir(name),
+      res_t[name] = specialize(exp, stages, pre_dir(name),
                                _spec_dir(root, name, cell_dir, choice["step"]), domain, budget,
                                init_step=choice["step"], overrides=method_spec(exp, name)[2])
       save()
 
 
-def _importance_cell(exp, stop, results, save, root, corpus, tokenizer, domain, budget,
+def _importance_cell(exp, stages, results, save, root, corpus, tokenizer, domain, budget,
                      workdir) -> dict:
   """SLM-is for one (domain, budget): pretrain on the generic set resampled to the domain's
   cluster histogram, then fine-tune it like every other method."""
   cell, cell_dir = f"{domain}/{budget}", f"{domain}-{budget}"
   spec, overrides, _ = method_spec(exp, "slm_is")
-  c = pretrain_config(exp, spec, overrides, corpus, tokenizer, root)
+  c = pretrain_config(exp, spec, overrides, stage_path(root, corpus),
+                      stage_path(root, tokenizer), root)
   c.data.update(domain=domain, domain_tokens=int(budget))
   pre_dir = os.path.join(root, "pretrain_is", cell_dir)
   pre_is = results.setdefault("pretrain_is", {})
   if cell not in pre_is:
-    out, secs = _stage(stop, modes.MODES["importance"], c, pre_dir)
+    out, secs = _stage(stages, "importance", c, pre_dir)
     _, final = _final_costs(pre_dir, c)
     pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
                         is_pretrain_train_seconds=final.get("train_seconds"),
                         is_pretrain_domain_valid_ppl=out["eval_perplexity"],
                         ess_sequences=out["ess_sequences"])
     save()
-  out = specialize(exp, stop, pre_dir, workdir, domain, budget)
+  out = specialize(exp, stages, pre_dir, workdir, domain, budget)
   out.update(pre_is[cell])
   return out
 
@@ -604,11 +834,9 @@ _PART_KEYS = ("distill", "equal_time_reference", "budgets", "domains", "data_roo
 def load_part(exp, root: str) -> dict:
   """Another part's results.json (an experiment root run on this one's data, e.g. the seeds or
   the hypotheses of gpu_small), checked to share this experiment's settings."""
-  path = os.path.join(root, "results.json")
-  if not os.path.isfile(path):
+  if not os.path.isfile(os.path.join(root, RESULTS)):
     raise config_lib.ConfigError(f"--merge: no results.json in {root!r}")
-  with open(path) as f:
-    part = json.load(f)
+  part = read_results(root, flag="--merge")
   saved = {k: v for k, v in part.get("exp", {}).items() if k not in _PART_KEYS}
   try:
     check_reusable(dict(saved, methods={}), exp)
@@ -631,15 +859,15 @@ def main(argv):
     if not os.path.isfile(os.path.join(root, "results.json")):
       raise config_lib.ConfigError(f"--report_only: no results.json in --root={root!r}; run the "
                                    "experiment first, or point --root at one that ran")
-    with open(os.path.join(root, "results.json")) as f:
-      results = json.load(f)
+    results = read_results(root)
   else:
+    check_experiment(exp)  # (run checks again) before the lock creates the root
     stop = StopRequest().install()
     if FLAGS.max_seconds > 0:
       stop.deadline(FLAGS.max_seconds)
     try:
       with workdir_lock.hold(root, "experiment", flag="--root"):  # stages lock their own
-        results = run(exp, root, stop)
+        results = run(exp, root, stop, allow_config_change=FLAGS.allow_config_change)
         results["wall_seconds_this_invocation"] = time.perf_counter() - t0
         corpus_lib.write_json(os.path.join(root, "results.json"), results)
     except Preempted as e:
@@ -670,6 +898,10 @@ def define_flags():
                     "data, e.g. gpu_small:seeds) whose results join this report.")
   flags.DEFINE_float("max_seconds", 0, "> 0: after this much wall clock, stop as on SIGTERM "
                      "(the running stage checkpoints) and exit 143; rerun to resume. 0: no limit.")
+  flags.DEFINE_bool("allow_config_change", False, "Resume a stage whose checkpoint was trained "
+                    "with another config (e.g. after editing configs/*.py); the changed keys "
+                    "are logged. Settings of the experiment config itself are compared with "
+                    "<root>/results.json and never allowed to change.")
   flags.mark_flags_as_required(["config"])
 
 

@@ -31,6 +31,67 @@ LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SL
           "mix_shared": "SLM-mix (shared attention)"}
 
 
+# What the driver and the report read from each record, a number each: a results.json (or a
+# stage's specialize.json) whose records lack one is refused when it is read, not half-way
+# through writing the report.
+PRETRAIN_FIELDS = ("flops", "seconds")
+CELL_FIELDS = ("test_ppl", "noft_test_ppl", "specialize_flops", "fit_seconds", "steps")
+EQUAL_TIME_FIELDS = ("step", "seconds", "flops")
+_SECTIONS = ("pretrain", "pretrain_is", "specialize", "specialize_equal_time", "equal_time",
+             "domain_train_tokens", "exp")
+
+
+def record_problem(record, fields) -> str:
+  """'' if `record` is an object holding a number at each of `fields`, else what is wrong."""
+  if not isinstance(record, dict):
+    return f"is {_short(record)}, not an object"
+  for f in fields:
+    value = record.get(f)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return f"has {f}={_short(value)}, not a number" if f in record else f"lacks {f}"
+  return ""
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_results(results) -> str:
+  """'' if `results` (a parsed results.json) has the shape the driver and the report read, else
+  what is wrong with it, naming the first bad entry."""
+  if not isinstance(results, dict):
+    return f"holds {_short(results)}, not a results object"
+  if not results:
+    return "holds an empty object"
+  for section in _SECTIONS:
+    if section in results and not isinstance(results[section], dict):
+      return f"has {section}={_short(results[section])}, not an object"
+  checks = [(f"pretrain[{m!r}]", r, PRETRAIN_FIELDS)
+            for m, r in results.get("pretrain", {}).items()]
+  checks += [(f"pretrain_is[{c!r}]", r, ()) for c, r in results.get("pretrain_is", {}).items()]
+  for view in ("specialize", "specialize_equal_time"):
+    for cell, methods in results.get(view, {}).items():
+      if not isinstance(methods, dict):
+        return f"has {view}[{cell!r}]={_short(methods)}, not an object"
+      checks += [(f"{view}[{cell!r}][{m!r}]", r, CELL_FIELDS) for m, r in methods.items()]
+  timed = results.get("equal_time", {})
+  if timed:
+    if not isinstance(timed.get("methods"), dict):
+      return f"has equal_time.methods={_short(timed.get('methods'))}, not an object"
+    checks += [(f"equal_time.methods[{m!r}]", r, EQUAL_TIME_FIELDS)
+               for m, r in timed["methods"].items()]
+  for where, record, fields in checks:
+    problem = record_problem(record, fields)
+    if problem:
+      return f"has a malformed record: {where} {problem}"
+  tokens = results.get("domain_train_tokens", {})
+  bad = [d for d, n in tokens.items() if isinstance(n, bool) or not isinstance(n, int)]
+  if bad:
+    return f"has domain_train_tokens[{bad[0]!r}]={_short(tokens[bad[0]])}, not an integer"
+  return ""
+
+
 def label(method: str, exp=None) -> str:
   """The table name: the config's (`exp.labels`, for the methods it adds) before the module's."""
   labels = (exp.get("labels") if exp is not None else None) or {}

@@ -235,6 +235,7 @@ def test_every_experiment_config_builds_valid_run_configs():
   cpu_codes = str(REPO / "configs" / "experiments" / "cpu_small.py:codes")
   for path in [str(f) for f in files] + [gpu_small + part for part in gpu_parts] + [cpu_codes]:
     exp = config_lib.load_config(path)
+    experiment.check_experiment(exp)  # what the driver checks before its first stage
     for name in exp.methods:
       spec, overrides, finetune = experiment.method_spec(exp, name)
       c = experiment.pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model")
@@ -333,3 +334,198 @@ def test_pretrain_fit_reads_the_final_losses_and_skips_a_torn_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
   assert experiment.pretrain_fit(str(tmp_path)) == {"train_loss_end": 6.5, "valid_loss_end": 2.5}
   assert experiment.pretrain_fit(str(tmp_path / "missing")) == {}
+
+
+# --- bad input: damaged records, config typos, a moved root (issue 25, item 6) ---------------
+
+CELL = {"test_ppl": 5.0, "noft_test_ppl": 9.0, "specialize_flops": 1.0, "fit_seconds": 1.0,
+        "steps": 4, "stop_reason": "step_cap"}
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+  """Pretrain and specialize modes that train nothing; each call recorded as (mode, working
+  directory, workdir, config.init_from)."""
+  from pn_jax import modes
+  calls = []
+
+  def fake(mode, out):
+    def run(config, workdir):
+      calls.append((mode, os.getcwd(), workdir, config.get("init_from", "")))
+      return dict(out)
+    return run
+
+  monkeypatch.setitem(modes.MODES, "pretrain", fake("pretrain", {"eval_perplexity": 30.0}))
+  monkeypatch.setitem(modes.MODES, "specialize", fake("specialize", CELL))
+  return calls
+
+
+def _one_method(exp):
+  exp.methods = ml_collections.ConfigDict(dict(slm=("configs/slm.py:tiny", "")))
+  exp.budgets, exp.equal_time_reference = (2048,), ""
+  return exp
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"pretrain": {"slm": {"flops": 1', "cannot be read (JSONDecodeError"),
+    ("", "cannot be read (JSONDecodeError"),
+    ("[1, 2]", "holds [1, 2], not a results object"),
+    ("{}", "holds an empty object"),
+    ('{"specialize": {"legal/2048": {"slm": {"test_ppl": "x"}}}}',
+     "has a malformed record: specialize['legal/2048']['slm'] has test_ppl='x', not a number"),
+    ('{"specialize": {"legal/2048": [3]}}', "has specialize['legal/2048']=[3], not an object"),
+], ids=["truncated", "empty", "list", "empty_object", "cell_value", "cell_list"])
+def test_a_damaged_results_json_is_refused_and_kept(tmp_path, text, problem):
+  """Resume, --report_only and --merge read results.json through one check: a damaged one is a
+  WorkdirError naming it, what is wrong and the fix, raised before anything is written."""
+  from pn_jax import experiment
+  from pn_jax.train.preflight import WorkdirError
+  root = tmp_path / "exp"
+  root.mkdir()
+  (root / "results.json").write_text(text)
+  for read in (lambda: experiment.run(_one_method(_toy_experiment()), str(root)),
+               lambda: experiment.read_results(str(root)),
+               lambda: experiment.load_part(_toy_experiment(), str(root))):
+    with pytest.raises(WorkdirError) as e:
+      read()
+    assert f"{root / 'results.json'} {problem}" in str(e.value)
+    assert "restore it" in str(e.value) and "move it aside" in str(e.value)
+  assert os.listdir(root) == ["results.json"] and (root / "results.json").read_text() == text
+
+
+def test_a_damaged_results_json_is_one_error_line_from_the_command(tmp_path):
+  """The command line, --report_only: exit 2, one line, no traceback, no report."""
+  import subprocess
+  import sys
+  root = tmp_path / "exp"
+  root.mkdir()
+  (root / "results.json").write_text('{"pretrain": {')
+  out = subprocess.run(
+      [sys.executable, "-m", "pn_jax.experiment", "--config=configs/experiments/cpu_small.py",
+       f"--root={root}", f"--docs={tmp_path / 'docs'}", "--report_only"], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: WorkdirError: --root {root}: {root / 'results.json'} cannot "
+                         "be read (JSONDecodeError"), last
+  assert not (tmp_path / "docs").exists()
+
+
+def test_a_torn_stage_record_is_moved_aside_and_the_stage_redone(tmp_path, fake_stages, caplog,
+                                                                monkeypatch):
+  """A specialize.json that is torn (or lacks what the report reads) is a cache of the stage's
+  checkpoints: moved aside (never deleted), said so in one log line, the stage run again."""
+  from pn_jax import experiment
+  exp, root = _one_method(_toy_experiment()), tmp_path / "exp"
+  monkeypatch.chdir(tmp_path)  # --root as the command's default is given: relative
+  cell = root / "specialize" / "slm" / "legal-2048"
+  cell.mkdir(parents=True)
+  (cell / "specialize.json.damaged").write_text("an earlier one")
+  (cell / "specialize.json").write_text('{"test_ppl": 4.')
+  with caplog.at_level("WARNING"):
+    results = experiment.run(exp, "exp")
+  assert os.getcwd() == str(tmp_path)
+  assert results["specialize"]["legal/2048"]["slm"]["test_ppl"] == CELL["test_ppl"]
+  # Run from the root, with paths relative to it (a moved root's stages still find each other).
+  assert fake_stages == [("pretrain", str(root), "pretrain/slm", ""),
+                         ("specialize", str(root), "specialize/slm/legal-2048", "pretrain/slm")]
+  assert (cell / "specialize.json.damaged").read_text() == "an earlier one"
+  assert (cell / "specialize.json.damaged.1").read_text() == '{"test_ppl": 4.'
+  moved = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
+  rel = os.path.join("exp", "specialize", "slm", "legal-2048", "specialize.json")
+  assert moved == [f"{rel} cannot be read (JSONDecodeError: Expecting ',' delimiter: line 1 "
+                   f"column 15 (char 14)): moved it to {rel}.damaged.1; redoing that stage "
+                   "from its checkpoints"]
+
+
+@pytest.mark.parametrize("method, match", [
+    (("configs/pn.py:tiny", "model.k=2,model.kk=4"),
+     r"exp.methods.pn \(pretraining config of 'configs/pn.py:tiny'\): override 'model.kk=4': "
+     r"the config has no key 'model.kk'; did you mean k\?"),
+    (("configs/pn.py:tiny", "model.k=two"),
+     r"exp.methods.pn .*override 'model.k=two': model.k takes int values \(it is 4\), not 'two'"),
+    (("configs/pn.py:tiny", "", "specialize.selct=lowest_loss"),
+     r"exp.methods.pn \(fine-tuning config .*no key 'specialize.selct'; did you mean select\?"),
+    (("configs/pnn.py:tiny", ""), r"exp.methods.pn .*configs/pnn.py' does not exist"),
+    (("configs/pn.py:tiny", "model.h=0"), r"exp.methods.pn \(pretraining config"),
+], ids=["key", "value", "finetune_key", "file", "invalid"])
+def test_every_methods_config_is_checked_before_the_first_stage(tmp_path, fake_stages, method,
+                                                                match):
+  """A typo in the last method's config fails the experiment before the first method trains
+  (or the corpus is built), naming the method and the key."""
+  from pn_jax import experiment
+  exp, root = _one_method(_toy_experiment()), tmp_path / "exp"
+  exp.methods.pn = method
+  with pytest.raises(ConfigError, match=match):
+    experiment.run(exp, str(root))
+  assert fake_stages == [] and not root.exists()
+
+
+def test_a_moved_root_resumes_and_a_changed_stage_config_names_the_drivers_flags(tmp_path,
+                                                                                monkeypatch):
+  """Stages store paths relative to the root and run from it: a root moved while a pretraining
+  run and then a specialization were preempted resumes both where they stopped. A stage whose
+  own config changed (an edited configs/*.py) is refused with the driver's flags, and resumes
+  with --allow_config_change."""
+  from pn_jax import experiment, modes
+  from pn_jax.train.checkpoint import CheckpointError, Checkpointer
+  exp = _one_method(_toy_experiment())
+  real_pretrain, real_specialize = modes.MODES["pretrain"], modes.MODES["specialize"]
+
+  def preempted(real, step):
+    def run(config, workdir, **kw):  # stops at `step` as SIGTERM would
+      config.train.stop_at_step = step
+      return {**real(config, workdir, **kw), "stop_reason": "SIGTERM"}
+    return run
+
+  first, moved, again = (str(tmp_path / name) for name in ("exp", "moved", "again"))
+  monkeypatch.setitem(modes.MODES, "pretrain", preempted(real_pretrain, 4))
+  with pytest.raises(experiment.Preempted):
+    experiment.run(exp, first)
+  os.rename(first, moved)
+
+  real_load = experiment.load_run_config
+
+  def edited(spec):  # configs/slm.py edited between the two calls
+    c = real_load(spec)
+    c.optim.b2 = 0.9
+    return c
+  monkeypatch.setattr(experiment, "load_run_config", edited)
+  monkeypatch.setitem(modes.MODES, "pretrain", real_pretrain)
+  with pytest.raises(ConfigError) as e:
+    experiment.run(exp, moved)
+  message = str(e.value)
+  assert message.startswith(f"stage pretrain/slm (under --root {moved}) would resume from its "
+                            "checkpoint step 4 with a config that differs from the one it was "
+                            "trained with: optim.b2: 0.95 -> 0.9; restore those settings"), message
+  assert "--allow_config_change to resume" in message and "--workdir" not in message
+  assert "data.corpus" not in message  # the move itself is no change
+
+  def reshaped(spec):  # a change no flag can resume: the checkpoint's arrays would not fit
+    c = edited(spec)
+    c.model.n_layers += 1
+    return c
+  monkeypatch.setattr(experiment, "load_run_config", reshaped)
+  with pytest.raises(CheckpointError, match=r"^stage pretrain/slm .*--allow_config_change does "
+                     r"not apply: revert model.n_layers, or move .*/moved/pretrain/slm aside"):
+    experiment.run(exp, moved, allow_config_change=True)
+  monkeypatch.setattr(experiment, "load_run_config", edited)
+
+  monkeypatch.setitem(modes.MODES, "specialize", preempted(real_specialize, 2))
+  with pytest.raises(experiment.Preempted):  # (the edited config from here on)
+    experiment.run(exp, moved, allow_config_change=True)
+  saved = json.load(open(os.path.join(moved, "results.json")))
+  assert saved["pretrain"]["slm"]["steps"] == 8 and saved["root"] == moved
+  cell = os.path.join("specialize", "slm", "legal-2048")
+  ckpt = Checkpointer(os.path.join(moved, cell), read_only=True)
+  assert ckpt.latest_step() == 2
+  ckpt.close()
+  os.rename(moved, again)
+
+  monkeypatch.setitem(modes.MODES, "specialize", real_specialize)
+  done = experiment.run(exp, again)
+  record = done["specialize"]["legal/2048"]["slm"]
+  assert math.isfinite(record["test_ppl"]) and record["steps"] == 4
+  assert record["init_from"] == os.path.join(again, "pretrain", "slm")
+  assert done["root"] == again and not os.path.exists(first) and not os.path.exists(moved)

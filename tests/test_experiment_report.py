@@ -2,6 +2,7 @@
 the seeds and "what mattered" sections (hand-made results, no training)."""
 
 import copy
+import glob
 import json
 import math
 import os
@@ -178,3 +179,21 @@ def test_paper_section_puts_the_papers_table_8_beside_ours():
   assert pn.endswith(f"| {100 * (18.57 / 19.31 - 1):+.1f}% / {100 * (15.58 / 15.61 - 1):+.1f}% |")
   exp.budgets = (B,)
   assert report.paper_section(results, report.table_rows(results, exp), exp) == []
+
+
+def test_the_published_results_pass_the_load_check_and_a_damaged_cell_does_not():
+  """check_results (what the driver applies to every results.json it reads) accepts each
+  results.json behind docs/results.md, and names the first record the report could not read."""
+  paths = sorted(glob.glob(os.path.join(REPO, "docs", "results_data", "*.json")))
+  assert len(paths) >= 5
+  for path in paths:
+    with open(path) as f:
+      results = json.load(f)
+    assert report.check_results(results) == "", path
+  cell, method = next((c, m) for c, ms in results["specialize"].items() for m in ms)
+  del results["specialize"][cell][method]["fit_seconds"]
+  assert report.check_results(results) == (f"has a malformed record: specialize[{cell!r}]"
+                                            f"[{method!r}] lacks fit_seconds")
+  results["pretrain"] = {"slm": {"flops": True, "seconds": 1.0}}
+  assert report.check_results(results) == ("has a malformed record: pretrain['slm'] has "
+                                            "flops=True, not a number")
