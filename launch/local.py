@@ -6,7 +6,10 @@
 Each process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID, which `pn_jax.parallel.distributed` reads. With --cpu_devices=D every process
 runs on D fake CPU devices (global mesh N*D, gloo collectives); with --gpus every process sees
-one GPU (CUDA_VISIBLE_DEVICES=i). Output lines are prefixed `[p<i>]`. When one process fails,
+one GPU (CUDA_VISIBLE_DEVICES=i). Output lines are prefixed `[p<i>]`; gloo's `[Gloo] Rank i is
+connected to ...` lines (C++, printed whenever a set of devices first runs a collective) are
+dropped unless the command asks for library lines (`--log_level=info|debug` or absl's own
+`-v`/`--verbosity`, as pn_jax/log_setup.py decides). When one process fails,
 the others are terminated and its exit code is returned, so a crash never leaves peers hanging.
 A process that exits 143 or 130 stopped on SIGTERM/SIGINT after checkpointing (pn_jax's
 StopSignal): its peers stop at the same agreed step by themselves, so they are waited for, not
@@ -60,8 +63,27 @@ def process_env(i: int, n: int, port: int, *, cpu_devices: int = 0, gpus: bool =
 STOPPED_CODES = (143, 130)
 
 
-def _pump(stream, i: int, out, on_line, procs):
+GLOO_PREFIX = "[Gloo] "
+
+
+def shows_library_lines(cmd: list[str]) -> bool:
+  """Whether `cmd` runs at a log level that shows libraries' INFO lines (gloo's included):
+  --log_level=info|debug, or -v/--verbosity without --log_level (default: concise, hidden)."""
+  level = None
+  for j, arg in enumerate(cmd):
+    if arg.startswith("--log_level="):
+      level = arg.split("=", 1)[1]
+    elif arg == "--log_level" and j + 1 < len(cmd):
+      level = cmd[j + 1]
+  if level is None:
+    return any(a in ("-v", "--verbosity") or a.startswith(("-v=", "--verbosity=")) for a in cmd)
+  return level in ("info", "debug")
+
+
+def _pump(stream, i: int, out, on_line, procs, hide_gloo: bool = False):
   for line in iter(stream.readline, ""):
+    if hide_gloo and line.startswith(GLOO_PREFIX):
+      continue
     out.write(f"[p{i}] {line}")
     out.flush()
     if on_line is not None:
@@ -78,6 +100,7 @@ def launch(cmd: list[str], num_processes: int, *, cpu_devices: int = 0, gpus: bo
   process's reader thread), e.g. to signal one process at a given step (preemption_check.py).
   """
   out = sys.stdout if out is None else out
+  hide_gloo = not shows_library_lines(cmd)
   port = free_port()
   procs, pumps = [], []
   for i in range(num_processes):
@@ -86,7 +109,8 @@ def launch(cmd: list[str], num_processes: int, *, cpu_devices: int = 0, gpus: bo
                          env=process_env(i, num_processes, port, cpu_devices=cpu_devices,
                                          gpus=gpus, base=env))
     procs.append(p)
-    t = threading.Thread(target=_pump, args=(p.stdout, i, out, on_line, procs), daemon=True)
+    t = threading.Thread(target=_pump, args=(p.stdout, i, out, on_line, procs, hide_gloo),
+                         daemon=True)
     t.start()
     pumps.append(t)
   deadline = None if timeout_s is None else time.time() + timeout_s

@@ -28,7 +28,7 @@ import re
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import cli
@@ -269,12 +269,17 @@ def with_per_chip_batch(config, devices: list, per_chip: int):
 def aot(config, *, topology: str, num_slices: int = 1, finetune: bool = False,
         per_chip_batch: int = 0) -> dict:
   """Compiles `config`'s pretraining (or, `finetune`, fine-tuning) step for the topology;
-  per_chip_batch > 0 sets the global batch from the chip count (else data.batch_size)."""
+  per_chip_batch > 0 sets the global batch from the chip count (else data.batch_size). Logs a
+  line as each of its two long stages starts (libtpu's load, the compile: tens of seconds)."""
+  logging.info("[1/2] %s x%d slice(s): loading libtpu for the topology", topology, num_slices)
   devices = tpu_devices(topology, num_slices)
   if per_chip_batch > 0:
     config = with_per_chip_batch(config, devices, per_chip_batch)
   if finetune:
     config = finetune_config(config)
+  logging.info("[2/2] compiling the %s step for %d %s devices (batch %d)",
+               "finetune" if finetune else "pretrain", len(devices), devices[0].device_kind,
+               config.data.batch_size)
   built = compile_step(config, devices)
   return report(config, built, topology=topology, num_slices=num_slices,
                 step="finetune" if finetune else "pretrain", devices=devices)

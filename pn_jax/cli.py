@@ -74,11 +74,13 @@ def entry(main, exit_now=None):
 def parse_flags(argv):
   """absl's flag parsing with every problem as a one-line error (exit 2): wrong flag values,
   unknown flags or --config.* keys, a config file that is missing, does not compile, or refuses
-  its argument (pn_jax/config_args.py). Then the log policy of --log_level (log_setup.py)."""
+  its argument (pn_jax/config_args.py). Then the log policy of --log_level (log_setup.py), and
+  no TPU probing where no TPU is attached (parallel/platforms.py)."""
   from absl import flags
 
   from pn_jax import log_setup  # defines --log_level
   from pn_jax.config import ConfigError, syntax_error
+  from pn_jax.parallel import platforms
   try:
     rest = flags.FLAGS(argv)
   except SyntaxError as e:  # a config file that does not compile (config_flags lets it escape)
@@ -98,6 +100,7 @@ def parse_flags(argv):
     fail("ConfigError", f"unknown config key {detail} (in {' '.join(overrides)})")
   _check_config_files(flags.FLAGS)
   log_setup.install(flags.FLAGS)
+  platforms.skip_absent_tpu()
   return rest
 
 

@@ -462,7 +462,7 @@ def use_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            dtype="float32", remat="none")
   d.update(corpus="tiny", seq_len=64, batch_size=8, eval_batches=2)
   o.update(lr=3e-3, warmup_steps=10)
-  t.update(steps=40, log_every=5, eval_every=20, checkpoint_every=20, progress_bar=False)
+  t.update(steps=40, log_every=5, eval_every=20, checkpoint_every=20)
   return c
 
 

@@ -11,7 +11,8 @@ method's configs are validated before the first stage. Finished stages are skipp
 (a pretraining run resumes from its checkpoint; a specialization is done when its
 specialize.json exists). A signal (or --max_seconds) stops the experiment at a stage boundary
 or through the running stage's own checkpoint-and-stop, with exit code 128 + signum; the same
-command resumes it.
+command resumes it. Each stage logs one line as it starts (`[3/14] specialize pn on legal at 1M
+tokens`) and shows its training bar.
 
 Two views of the comparison (the paper compares methods at equal pretraining GPU hours):
 equal tokens (every method from its final checkpoint) and equal device time (every method
@@ -209,6 +210,33 @@ class StopRequest:
     return thread
 
 
+def token_count(n: int) -> str:
+  """1000000 -> '1M', 250000 -> '250k' (a budget in a progress line)."""
+  for unit, size in (("M", 10**6), ("k", 10**3)):
+    if n >= size:
+      return f"{n / size:.3g}{unit}"
+  return str(n)
+
+
+class Progress:
+  """The experiment's progress: one line per stage as it starts, `[3/14] specialize pn on legal
+  at 1M tokens`. Stages finished by an earlier invocation are counted, not shown; the
+  equal-time stages join the total once pretraining has chosen their checkpoints."""
+
+  def __init__(self, total: int = 0):
+    self.total, self.seen = total, 0
+
+  def add(self, n: int) -> None:
+    self.total += n
+
+  def skip(self) -> None:
+    self.seen += 1
+
+  def start(self, what: str) -> None:
+    self.seen += 1
+    logging.info("[%d/%d] %s", self.seen, self.total, what)
+
+
 @dataclasses.dataclass
 class Stages:
   """How this invocation runs its stages: from `root`, the directory their configs' relative
@@ -219,6 +247,7 @@ class Stages:
   stop: StopRequest | None = None
   old_root: str = ""
   allow_change: bool = False
+  progress: Progress = dataclasses.field(default_factory=Progress)  # the stage lines
 
 
 def stage_path(root: str, path: str) -> str:
@@ -380,7 +409,7 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   saves = steps // every + (steps % every != 0)
   c.train.update(eval_every=every, checkpoint_every=every,
                  keep_checkpoints=max(c.train.keep_checkpoints, saves + 8), log_every=25,
-                 progress_bar=False, async_checkpoint=False)
+                 async_checkpoint=False)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   if root:
     c.data.cache_dir = stage_path(root, os.path.join(exp.get("data_root") or root, "data_cache"))
@@ -403,8 +432,8 @@ def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0, ove
   c.distill.teacher = teacher
   c.optim.update(lr=finetune_lr(exp, budget))
   c.train.update(steps=f.steps, eval_every=f.eval_every, checkpoint_every=f.eval_every,
-                 early_stop_patience=f.early_stop_patience, progress_bar=False,
-                 async_checkpoint=False, log_every=10)
+                 early_stop_patience=f.early_stop_patience, async_checkpoint=False,
+                 log_every=10)
   c.data.update(domain=domain, domain_tokens=int(budget), batch_size=exp.batch_size,
                 eval_batches=f.eval_batches)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
@@ -418,9 +447,16 @@ def specialize(exp, stages, init_from, workdir, domain, budget, teacher="", init
   checkpoints, and the mode resumes from them)."""
   result = _stage_record(os.path.join(workdir, "specialize.json"))
   if result is None:
+    name = os.path.basename(os.path.dirname(workdir))  # specialize/<name>/<cell>
+    stages.progress.start(
+        f"specialize {name} on {domain} at {token_count(int(budget))} tokens"
+        + (f" (distilled from {os.path.basename(os.path.dirname(teacher))})" if teacher else "")
+        + (" (equal time)" if init_step else ""))
     rel = lambda path: stage_path(stages.root, path) if path else ""
     c = finetune_config(exp, rel(init_from), domain, budget, rel(teacher), init_step, overrides)
     result, _ = _stage(stages, "specialize", c, workdir)
+  else:
+    stages.progress.skip()
   if "hit_step_cap" not in result:  # specialize.json written before the mode recorded it
     result["hit_step_cap"] = (int(result["steps"]) >= exp.finetune.steps
                               and result.get("stop_reason") != "early_stopping")
@@ -725,6 +761,15 @@ def shared_data(exp, root: str) -> tuple[str, str]:
   return corpus, tokenizer
 
 
+def planned_stages(exp, cells) -> int:
+  """The stages of the pretraining and equal-token views (the equal-time ones come later)."""
+  owners = pretraining_owners(exp)
+  pretrains = sum(1 for m in exp.methods if m != "slm_is" and owners[m] == m)
+  per_cell = (sum(1 for m in exp.methods if m != "slm_is") + bool(exp.distill)
+              + 2 * ("slm_is" in exp.methods))  # SLM-is: its pretraining, its fine-tuning
+  return pretrains + per_cell * len(cells)
+
+
 def _run_stages(exp, root, results, save, stages) -> None:
   corpus, tokenizer = shared_data(exp, root)
   # A (domain, budget) cell runs only if the domain holds `budget` training tokens: with fewer,
@@ -733,10 +778,14 @@ def _run_stages(exp, root, results, save, stages) -> None:
   counted = results.setdefault("domain_train_tokens", {})
   counted.update(domain_train_tokens(corpus, tokenizer, [d for d in exp.domains
                                                          if d not in counted]))
+  cells = [(d, b) for d in exp.domains for b in exp.budgets if counted[d] >= b]
+  stages.progress.add(planned_stages(exp, cells))
   owners = pretraining_owners(exp)
   pre_dir = lambda name: os.path.join(root, "pretrain", owners[name])
   for name in exp.methods:
     if name == "slm_is" or name in results["pretrain"]:
+      if owners[name] == name != "slm_is":
+        stages.progress.skip()  # pretrained by an earlier invocation
       continue  # SLM-is: per domain, below
     if owners[name] != name:
       results["pretrain"][name] = results["pretrain"][owners[name]]
@@ -744,6 +793,8 @@ def _run_stages(exp, root, results, save, stages) -> None:
     spec, overrides, _ = method_spec(exp, name)
     c = pretrain_config(exp, spec, overrides, stage_path(root, corpus),
                         stage_path(root, tokenizer), root)
+    stages.progress.start(f"pretrain {name} ({spec}{' ' + overrides if overrides else ''}): "
+                          f"{c.train.steps} steps")
     out, secs = _stage(stages, "pretrain", c, pre_dir(name))
     results["pretrain"][name] = _pretrain_record(exp, c, out, secs, pre_dir(name))
     save()
@@ -751,9 +802,10 @@ def _run_stages(exp, root, results, save, stages) -> None:
                            if exp.equal_time_reference else {})
   save()
   eq_time = results["equal_time"].get("methods", {})
-  cells = [(d, b) for d in exp.domains for b in exp.budgets if counted[d] >= b]
   # The LLM first (SLM-d's teacher), then the config's order; SLM-is pretrains per cell below.
   order = sorted((m for m in exp.methods if m != "slm_is"), key=lambda m: m != "llm")
+  stages.progress.add(
+      len(cells) * sum(1 for m in order if eq_time.get(m) and not eq_time[m]["final"]))
   # Equal tokens first, every cell; then the equal-time cells (a stopped run has the main view).
   for domain, budget in cells:
     _equal_tokens_cell(exp, stages, results, save, root, corpus, tokenizer, pre_dir, order,
@@ -777,14 +829,21 @@ def _equal_tokens_cell(exp, stages, results, save, root, corpus, tokenizer, pre_
       res[name] = specialize(exp, stages, pre_dir(name), _spec_dir(root, name, cell_dir), domain,
                              budget, overrides=method_spec(exp, name)[2])
       save()
+    else:
+      stages.progress.skip()
   if exp.distill and "slm_d" not in res:
     res["slm_d"] = specialize(exp, stages, pre_dir("slm"), _spec_dir(root, "slm_d", cell_dir),
                               domain, budget, teacher=_spec_dir(root, "llm", cell_dir))
     save()
+  elif exp.distill:
+    stages.progress.skip()
   if "slm_is" in exp.methods and "slm_is" not in res:
     res["slm_is"] = _importance_cell(exp, stages, results, save, root, corpus, tokenizer,
                                      domain, budget, _spec_dir(root, "slm_is", cell_dir))
     save()
+  elif "slm_is" in exp.methods:
+    stages.progress.skip()
+    stages.progress.skip()
 
 
 def _equal_time_cell(exp, stages, results, save, root, pre_dir, order, eq_time, domain,
@@ -801,6 +860,8 @@ def _equal_time_cell(exp, stages, results, save, root, pre_dir, order, eq_time, 
                                _spec_dir(root, name, cell_dir, choice["step"]), domain, budget,
                                init_step=choice["step"], overrides=method_spec(exp, name)[2])
       save()
+    else:
+      stages.progress.skip()
 
 
 def _importance_cell(exp, stages, results, save, root, corpus, tokenizer, domain, budget,
@@ -815,6 +876,8 @@ def _importance_cell(exp, stages, results, save, root, corpus, tokenizer, domain
   pre_dir = os.path.join(root, "pretrain_is", cell_dir)
   pre_is = results.setdefault("pretrain_is", {})
   if cell not in pre_is:
+    stages.progress.start(f"pretrain slm_is for {domain} at {token_count(int(budget))} tokens "
+                          f"(importance sampling): {c.train.steps} steps")
     out, secs = _stage(stages, "importance", c, pre_dir)
     _, final = _final_costs(pre_dir, c)
     pre_is[cell] = dict(is_pretrain_flops=pretrain_flops(c), is_pretrain_seconds=secs,
@@ -822,6 +885,8 @@ def _importance_cell(exp, stages, results, save, root, corpus, tokenizer, domain
                         is_pretrain_domain_valid_ppl=out["eval_perplexity"],
                         ess_sequences=out["ess_sequences"])
     save()
+  else:
+    stages.progress.skip()
   out = specialize(exp, stages, pre_dir, workdir, domain, budget)
   out.update(pre_is[cell])
   return out

@@ -7,7 +7,9 @@ handler as pn-jax's own lines; they buried the step lines and the result. By def
 pn-jax's own code logged it (decided by the calling file: orbax and pn-jax both log through
 absl's one logger). `--log_level=info` shows everything at INFO (the old behaviour), `debug`
 everything, `warning` warnings only; an explicit `-v`/`--verbosity` without `--log_level` leaves
-the levels to absl, unfiltered.
+the levels to absl, unfiltered. `concise` and `warning` also hide the NOTICES: warnings by which
+a library only confirms a setting pn-jax chose (orbax, on every read-only checkpoint directory
+a specialize or eval opens).
 
 Every level also writes log lines with tqdm's bars cleared first and redrawn after, so a line
 never lands at the end of the progress bar's line.
@@ -35,6 +37,9 @@ _LOG_LEVEL = flags.DEFINE_enum(
     "every INFO line (orbax, JAX, absl included); debug: everything; warning: warnings and "
     "errors only. An explicit -v/--verbosity without --log_level leaves levels to absl.")
 
+# (a word of the logging file's path, the message's start): warnings that report no problem.
+NOTICES = (("orbax", "Given directory is read only"),)
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -50,11 +55,20 @@ def is_own(record: logging.LogRecord) -> bool:
           or _in_package(record.pathname or ""))
 
 
+def is_notice(record: logging.LogRecord) -> bool:
+  """Whether `record` is one of the NOTICES (a warning that reports no problem)."""
+  path = record.pathname or ""
+  return any(word in path and record.getMessage().startswith(start) for word, start in NOTICES)
+
+
 class ConciseFilter(logging.Filter):
-  """Passes warnings and worse from anyone, INFO and below from pn-jax's own code only."""
+  """Passes warnings and worse from anyone (but the NOTICES), INFO and below from pn-jax's own
+  code only."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or is_own(record)
+    if record.levelno >= logging.WARNING:
+      return not is_notice(record)
+    return is_own(record)
 
 
 class BarSafeHandler(logging.Handler):
@@ -102,7 +116,7 @@ def install(flag_values=flags.FLAGS) -> str | None:
     for name in LIBRARY_LOGGERS:
       if logging.getLogger(name).level == logging.NOTSET:  # not set by the user or the library
         logging.getLogger(name).setLevel(logging.WARNING)
-  if level == "concise":
+  if level in ("concise", "warning"):  # (at "warning" only the NOTICES are left to hide)
     handler.addFilter(ConciseFilter())
   return level
 

@@ -9,7 +9,8 @@ A definition (configs/sweeps/*.py, big_vision style) has `get_sweep(arg) -> dict
   plot    (optional) {"x": key, "y": metric} for the figure.
 Each point runs in <root>/<name> (name from its overrides, e.g. `h=8,m=4`). Modes:
   local   runs every unfinished point in turn (`python -m pn_jax.main` subprocesses; points with
-          the same data settings share one tokenizer/clustering), then gathers;
+          the same data settings share one tokenizer/clustering; a bar follows the running
+          point's steps, with its ETA), then gathers;
   print   one command line per unfinished point (feed them to launch/tpu_vm.sh, xpk, a queue);
   slurm   writes <root>/points.txt and <root>/sweep.sbatch (one array task per unfinished point);
   gather  only collects results: <root>/results.{csv,md,png}.
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import ml_collections
@@ -193,6 +196,56 @@ class PointSignals:
       self._point = None
 
 
+class StepBar:
+  """While a point runs (its output goes to sweep.log): a bar of its training steps with rate
+  and ETA, from the train rows its run appends to metrics.jsonl (read every `every_s`, and once
+  more when the run ends)."""
+
+  def __init__(self, point: Point, every_s: float = 2.0):
+    self.path = os.path.join(point.workdir, "metrics.jsonl")
+    self.total, self.every_s, self.offset, self.step = point.config.train.steps, every_s, 0, 0
+    self.stopped = threading.Event()
+
+  def read(self) -> int:
+    """The last train step logged so far (complete lines only: the run may be mid-write)."""
+    if not os.path.exists(self.path):
+      return self.step
+    if os.path.getsize(self.path) < self.offset:  # rewritten (a resume cuts redone steps)
+      self.offset = self.step = 0
+    with open(self.path, "rb") as f:
+      f.seek(self.offset)
+      for line in f:
+        if not line.endswith(b"\n"):
+          break
+        self.offset += len(line)
+        try:
+          row = json.loads(line)
+        except ValueError:  # a line the rewrite cut through
+          continue
+        if row.get("split") == "train":
+          self.step = int(row["step"])
+    return self.step
+
+  def _follow(self) -> None:
+    while not self.stopped.wait(self.every_s):
+      self.bar.update(self.read() - self.bar.n)
+
+  def __enter__(self):
+    from tqdm import tqdm
+    name = os.path.basename(os.path.normpath(os.path.dirname(self.path)))
+    self.bar = tqdm(total=self.total, initial=self.read(), desc=name, unit="step",
+                    dynamic_ncols=True)
+    self.thread = threading.Thread(target=self._follow, daemon=True)
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.stopped.set()
+    self.thread.join()
+    self.bar.update(self.read() - self.bar.n)
+    self.bar.close()
+
+
 def run_local(points: list[Point], signals: PointSignals, *, log=print,
               reuse_data: bool = True) -> dict[str, int]:
   """Runs unfinished points one after another; output to <workdir>/sweep.log. -> exit codes.
@@ -211,7 +264,8 @@ def run_local(points: list[Point], signals: PointSignals, *, log=print,
       break
     t0 = time.time()
     log(f"[{i + 1}/{len(points)}] {point.name}: {shlex.join(point.command)}")
-    with open(os.path.join(point.workdir, "sweep.log"), "a", encoding="utf-8") as out:
+    with open(os.path.join(point.workdir, "sweep.log"), "a", encoding="utf-8") as out, \
+        StepBar(point):
       code = signals.run(point.command, out)
     codes[point.name] = code
     log(f"[{i + 1}/{len(points)}] {point.name}: exit {code} in {time.time() - t0:.0f} s"

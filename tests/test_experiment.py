@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 
 import ml_collections
@@ -66,11 +67,28 @@ def fake_costs(monkeypatch):
   return calls
 
 
-def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path, fake_costs):
+def stage_lines(caplog) -> list[str]:
+  """The driver's `[i/n] <stage>` progress lines logged so far (then forgotten)."""
+  lines = [r.getMessage() for r in caplog.records if re.match(r"\[\d+/\d+\] ", r.getMessage())]
+  caplog.clear()
+  return lines
+
+
+def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path, fake_costs, caplog):
   from pn_jax import experiment, experiment_report
 
+  caplog.set_level("INFO", logger="absl")
   exp, root = _toy_experiment(), str(tmp_path / "exp")
   first = experiment.run(exp, root)
+  # One line per stage as it starts; the equal-time stages join the count after pretraining.
+  pn = "configs/pn.py:tiny model.k=2,model.h=4,model.m=2"
+  assert stage_lines(caplog) == [
+      f"[1/6] pretrain pn ({pn}): 8 steps", "[2/6] pretrain slm (configs/slm.py:tiny): 8 steps",
+      "[3/8] specialize pn on legal at 2.05k tokens",
+      "[4/8] specialize slm on legal at 2.05k tokens",
+      "[5/8] specialize pn on legal at 4.1k tokens", "[6/8] specialize slm on legal at 4.1k tokens",
+      "[7/8] specialize pn@4 on legal at 2.05k tokens (equal time)",
+      "[8/8] specialize pn@4 on legal at 4.1k tokens (equal time)"]
   assert set(first["pretrain"]) == {"slm", "pn"}
   for budget in exp.budgets:
     cell = first["specialize"][f"legal/{budget}"]
@@ -94,6 +112,9 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path, fake_c
 
   exp.domains = ("legal", "religious")
   second = experiment.run(exp, root)
+  # Finished stages are counted, not shown: only religious's 4 + 2 run.
+  assert [line.split("]")[0] + "]" for line in stage_lines(caplog)] == [
+      "[7/14]", "[8/14]", "[9/14]", "[10/14]", "[13/14]", "[14/14]"]
   assert second["pretrain"] == json.loads(json.dumps(first["pretrain"]))  # not re-run
   assert os.path.getmtime(generic) == generic_mtime
   assert second["specialize"]["legal/2048"] == json.loads(json.dumps(first["specialize"]["legal/2048"]))

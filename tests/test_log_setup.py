@@ -3,9 +3,12 @@ warnings, the progress bar and the result, not the hundreds of INFO lines of orb
 --log_level=info (or an explicit -v) brings those back; a log line never lands on the bar's
 line."""
 
+import fnmatch
+import importlib.util
 import io
 import json
 import logging
+import os
 import pathlib
 import re
 import subprocess
@@ -16,9 +19,11 @@ from tqdm import tqdm
 
 from conftest import REPO, copy_workdir
 from pn_jax import log_setup
+from pn_jax.parallel import platforms, xla_flags
 
 PN_JAX = REPO / "pn_jax"
 ORBAX_FILE = "/site-packages/orbax/checkpoint/_src/metadata/checkpoint.py"
+ORBAX_MANAGER = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
 ABSL_LINE = re.compile(r"([DIWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):(\d+)\] (.*)")
 
 
@@ -38,6 +43,10 @@ def record(level=logging.INFO, pathname=str(PN_JAX / "train" / "loop.py"), name=
     (record(logging.WARNING, pathname=ORBAX_FILE), True),  # anyone's warnings
     (record(logging.ERROR, name="jax._src.xla_bridge", pathname="/x/jax/_src/b.py"), True),
     (record(pathname=str(REPO / "pn_jax_extra" / "x.py")), False),  # not a prefix match
+    (logging.LogRecord("absl", logging.WARNING, ORBAX_MANAGER, 1, "Given directory is read "
+                       "only=%s", ("/w/checkpoints",), None), False),  # a NOTICE
+    (logging.LogRecord("absl", logging.WARNING, str(PN_JAX / "x.py"), 1, "Given directory is "
+                       "read only", None, None), True),  # pn-jax's own warning, whatever it says
 ])
 def test_concise_filter(rec, shown):
   assert log_setup.ConciseFilter().filter(rec) is shown
@@ -79,10 +88,11 @@ def main(argv):
   emit("absl", logging.DEBUG, {str(PN_JAX / "train" / "loop.py")!r}, "OWN_DEBUG")
   emit("absl", logging.INFO, {ORBAX_FILE!r}, "ORBAX_INFO")
   emit("absl", logging.WARNING, {ORBAX_FILE!r}, "ORBAX_WARNING")
+  emit("absl", logging.WARNING, {ORBAX_MANAGER!r}, "Given directory is read only=ORBAX_NOTICE")
   emit("jax._src.xla_bridge", logging.INFO, "/x/jax/_src/xla_bridge.py", "JAX_INFO")
 app.run(main, flags_parser=cli.parse_flags)
 """
-EVERYTHING_AT_INFO = {"OWN_INFO", "ORBAX_INFO", "ORBAX_WARNING", "JAX_INFO"}
+EVERYTHING_AT_INFO = {"OWN_INFO", "ORBAX_INFO", "ORBAX_WARNING", "ORBAX_NOTICE", "JAX_INFO"}
 
 
 @pytest.mark.parametrize("argv, shown", [
@@ -99,7 +109,7 @@ def test_log_level_flag(argv, shown):
   out = subprocess.run([sys.executable, "-c", PROGRAM, *argv], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
   assert out.returncode == 0, out.stderr
-  tags = {"OWN_INFO", "OWN_DEBUG", "ORBAX_INFO", "ORBAX_WARNING", "JAX_INFO"}
+  tags = {"OWN_INFO", "OWN_DEBUG", "ORBAX_INFO", "ORBAX_WARNING", "ORBAX_NOTICE", "JAX_INFO"}
   assert {t for t in tags if t in out.stderr} == shown, out.stderr
 
 
@@ -116,10 +126,10 @@ QUICK = ["--config=configs/quickstart.py", "--config.train.steps=6", "--config.t
          "--config.train.checkpoint_every=3", "--config.train.eval_every=6"]
 
 
-def quickstart(workdir, *extra) -> subprocess.CompletedProcess:
+def quickstart(workdir, *extra, env=None) -> subprocess.CompletedProcess:
   """The run's stdout and stderr as written (text=True would turn the bar's \r into \n)."""
   cmd = [sys.executable, "-m", "pn_jax.main", *QUICK, f"--workdir={workdir}", *extra]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300)
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300, env=env)
   out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
   assert out.returncode == 0, out.stderr[-3000:]
   return out
@@ -146,8 +156,21 @@ def is_pn_jax_log_call(name: str, lineno: int) -> bool:
   return False
 
 
-def test_a_run_logs_only_its_own_info_lines(prepared, tmp_path):
-  out = quickstart(copy_workdir(prepared, tmp_path))
+def users_env() -> dict:
+  """The environment of a user's shell: no JAX_PLATFORMS (conftest sets it for pytest itself),
+  so a run's jax probes every platform installed, libtpu's TPU included."""
+  return {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+
+
+@pytest.fixture(scope="module")
+def users_quickstart(prepared, tmp_path_factory):
+  """(workdir, its output): the short quickstart, run as a user runs it (users_env)."""
+  workdir = copy_workdir(prepared, tmp_path_factory.mktemp("quickstart"))
+  return workdir, quickstart(workdir, env=users_env())
+
+
+def test_a_run_logs_only_its_own_info_lines(users_quickstart):
+  out = users_quickstart[1]
   lines = log_lines(out.stderr)
   infos = [(name, n, msg) for level, name, n, msg in lines if level == "I"]
   assert [x for x in infos if not is_pn_jax_log_call(x[0], x[1])] == [], out.stderr[-3000:]
@@ -176,3 +199,48 @@ def test_pn_jax_files_are_found_by_path():
   for path in PN_JAX.rglob("*.py"):
     assert log_setup.is_own(record(pathname=str(path))), path
   assert not log_setup.is_own(record(pathname=str(pathlib.Path(logging.__file__))))
+
+
+# --- no TPU probing without a TPU, no library notices (parallel/platforms.py, NOTICES) ---------
+
+# What libtpu prints when jax probes for a TPU that is not there, orbax's read-only notices, and
+# gloo's connection lines (multi-process only: test_multihost.py counts those).
+NOISE = re.compile(r"TPU|libtpu|InitGoogle|Source Location Trace|read_only|read only|\[Gloo\]")
+
+
+def test_quickstart_and_specialize_print_no_tpu_orbax_or_gloo_lines(users_quickstart, tmp_path):
+  workdir, quick = users_quickstart
+  runs = [quick]
+  cmd = [sys.executable, "-m", "pn_jax.main", "--config=configs/finetune.py:tiny",
+         f"--config.init_from={workdir}", "--config.data.domain=legal", "--mode=specialize",
+         f"--workdir={tmp_path / 'legal'}", "--config.train.steps=2",
+         "--config.train.eval_every=2", "--config.data.eval_batches=2"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=users_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  runs.append(out)
+  for run in runs:
+    noise = [line for line in (run.stdout + run.stderr).splitlines() if NOISE.search(line)]
+    assert noise == [], "\n".join(noise)
+  assert json.loads(out.stdout.strip().splitlines()[-1])["mode"] == "specialize"
+
+
+@pytest.mark.parametrize("env, files, libtpu, gpu, expected", [
+    ({}, [], True, False, "cpu"),  # libtpu installed, no TPU: CPU only
+    ({}, ["/dev/vfio/vfio"], True, False, "cpu"),  # VFIO's control file alone is no TPU
+    ({}, [], True, True, "cuda,cpu"),  # a CUDA GPU jax will use, and the CPU
+    ({}, ["/dev/accel0"], True, False, None),  # a TPU (v4, v5p): jax's choice
+    ({}, ["/dev/vfio/0"], True, False, None),  # a TPU (v5e and later)
+    ({}, ["/dev/kfd"], True, False, None),  # an AMD GPU: jax's choice
+    ({}, [], False, False, None),  # no libtpu: nothing probes a TPU
+    ({"JAX_PLATFORMS": "cpu"}, [], True, True, None),  # the user's choice stands
+    ({"JAX_PLATFORMS": ""}, [], True, False, None),
+])
+def test_default_platforms(monkeypatch, env, files, libtpu, gpu, expected):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: (None if name == "libtpu" and not libtpu
+                                        else real(name, *a)))
+  monkeypatch.setattr(xla_flags, "gpu_expected", lambda: gpu)
+  match = lambda pattern: fnmatch.filter(files, pattern)
+  assert platforms.default_platforms(env, files=match) == expected

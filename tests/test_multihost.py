@@ -80,6 +80,7 @@ def test_two_processes_resume_equals_one_process(prepared, tmp_path):
   print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
 
   first, second = logs
+  assert "[Gloo]" not in first + second  # gloo's connection lines: only at --log_level=info
   for p in (0, 1):
     assert f"process {p}/2, 4 local cpu devices of 8" in first
     assert f"[p{p}]" in second and f"resumed from step {STOP}" in "\n".join(
@@ -135,6 +136,24 @@ def test_data_shard_is_the_block_this_process_holds():
     block([0, 1, 4, 5])
   with pytest.raises(ValueError, match="not one contiguous equal block"):
     block([1, 2])
+
+
+def test_launcher_drops_gloo_lines_unless_the_command_shows_library_lines():
+  """gloo prints `[Gloo] Rank i is connected to ...` from C++ (no log level of its own): the
+  launcher drops those lines, unless the command runs at --log_level=info|debug or with -v."""
+  code = ("import sys\n"
+          "print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer "
+          "ranks is : 1', flush=True)\nprint('own line', flush=True)\n")
+  for extra, gloo_shown in (([], False), (["--log_level=concise"], False),
+                            (["--log_level=warning"], False), (["--log_level=info"], True),
+                            (["--log_level", "debug"], True), (["-v", "1"], True),
+                            (["-v", "1", "--log_level=concise"], False)):
+    out = io.StringIO()
+    assert local_launch.launch([sys.executable, "-c", code, *extra], 2, cpu_devices=1,
+                               out=out) == 0
+    text = out.getvalue()
+    assert ("[p0] [Gloo] Rank 0" in text and "[p1] [Gloo] Rank 0" in text) is gloo_shown, extra
+    assert "[p0] own line" in text and "[p1] own line" in text, text
 
 
 def test_launcher_stops_all_when_one_fails():

@@ -44,6 +44,9 @@ def test_tiny_sweep_runs_skips_and_gathers(small_corpus, tmp_path):
   out = _sweep([spec, f"--root={root}", "--mode=local"])
   assert out.returncode == 0, out.stderr[-4000:]
   assert out.stderr.count("data prepared by h=4,m=2 reused") == 3  # same k: prepared once
+  # A bar follows each point's steps while it runs (its own output goes to sweep.log).
+  bars = [part for part in out.stderr.replace("\r", "\n").splitlines() if " 2/2 [" in part]
+  assert {b.split(":")[0] for b in bars} == {"h=4,m=2", "h=4,m=4", "h=8,m=2", "h=8,m=4"}, bars
 
   names = ["h=4,m=2", "h=4,m=4", "h=8,m=2", "h=8,m=4"]
   for name in names:
