@@ -3,12 +3,13 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
-from conftest import load_config, quiet
+from conftest import load_config, quiet, snapshot
 from pn_jax import modes, saved_run
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
@@ -17,6 +18,7 @@ from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.modes.specialize import open_specialize_run, pick_expert
 from pn_jax.specialize import importance_sampling
 from pn_jax.train import loop
+from pn_jax.config import ConfigError
 from pn_jax.train.checkpoint import CheckpointError
 
 DOMAIN = "legal"
@@ -141,6 +143,45 @@ def test_init_step_picks_that_checkpoint(pretrained, specialized, tmp_path):
   with pytest.raises(CheckpointError, match=r"config\.init_step=7: step 7 is not among the "
                      r"checkpoints in .*: \[10, 20\]; pick one of those steps, or 0"):
     modes.MODES["specialize"](config, str(tmp_path / "at7"))
+
+
+def test_a_specialization_stays_bound_to_the_source_step_it_started_from(pretrained, tmp_path):
+  """The source's latest checkpoint moves on from step 10 to 20 (as its pretraining continuing
+  leaves it) between two runs of one specialization with init_step=0 (the latest): resuming the
+  preempted run is refused, --allow_config_change or not, naming both steps; with init_step=10 it
+  continues; and rerunning the finished one against step 20 is refused (CLI: one error line,
+  exit 2) and leaves its workdir, specialize.json included, as it was."""
+  from test_reliability import cli, run_cli
+  source, step20 = tmp_path / "pn", os.path.join(pretrained, "checkpoints", "20")
+  shutil.copytree(pretrained, source, ignore=lambda d, names: ["20"] if os.path.join(d, "20") ==
+                  step20 else [])
+  workdir = str(tmp_path / "spec")
+  first = modes.MODES["specialize"](
+      finetune_config(str(source), steps=4, eval_every=2, stop_at_step=2), workdir)
+  assert first["stop_reason"] == "stop_at_step"
+  shutil.copytree(step20, source / "checkpoints" / "20")  # the source advanced
+  config = finetune_config(str(source), steps=4, eval_every=2)
+  for allow in (False, True):
+    with pytest.raises(ConfigError, match=r"holds a preempted specialization of config\.init_from"
+                       r"=.* at step 10, but config\.init_step=0 \(its latest checkpoint\) is step "
+                       r"20: resuming it would mix the two; pass --config\.init_step=10 to "
+                       r"continue it, or use a fresh --workdir to specialize step 20"):
+      modes.MODES["specialize"](config, workdir, allow_config_change=allow)
+  config.init_step = 10
+  done = modes.MODES["specialize"](config, workdir)
+  assert (done["init_step"], done["steps"]) == (10, 4)
+  before = snapshot(workdir)
+  rerun = run_cli(cli(workdir, "--mode=specialize", f"--config.init_from={source}",
+                      f"--config.data.domain={DOMAIN}", "--config.train.steps=4",
+                      "--config.train.eval_every=2", config="configs/finetune.py:tiny"))
+  assert rerun.returncode == 2, rerun.stderr[-3000:]
+  error = [l for l in rerun.stderr.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
+  assert error[0].startswith("error: ConfigError: --workdir ") and (
+      "holds a finished specialization" in error[0] and "at step 10, but config.init_step=0 "
+      "(its latest checkpoint) is step 20: rerunning it would mix the two; pass "
+      "--config.init_step=10 to rerun it" in error[0]), error
+  assert snapshot(workdir) == before
 
 
 # Runs pn_jax.main, but once the step-3 train metrics are written, touches a marker file and
