@@ -18,7 +18,7 @@ from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.modes.specialize import open_specialize_run, pick_expert
 from pn_jax.specialize import importance_sampling
 from pn_jax.train import loop
-from pn_jax.config import ConfigError
+from pn_jax.config import ConfigError, validate
 from pn_jax.train.checkpoint import CheckpointError
 
 DOMAIN = "legal"
@@ -114,6 +114,30 @@ def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, mo
   assert np.isfinite(result["test_ppl"])
   with open(os.path.join(workdir, "specialize.json")) as f:
     assert json.load(f)["hit_step_cap"] is False
+
+
+def test_patience_0_runs_to_the_cap_and_keeps_the_best_step(pretrained, tmp_path, monkeypatch):
+  """early_stop_patience=0: never stop early, and the best eval step is still the result. The
+  validation losses only get worse after the first eval (step 2): its checkpoint outlives
+  keep_checkpoints=2 through a time-boxed stop at step 6 and the resume to the cap at 12."""
+  losses = iter(range(1, 7))
+  monkeypatch.setattr(loop, "heldout_loss_fn", lambda run, eval_step, split: (
+      lambda params: {"loss": float(next(losses)), "perplexity": 1.0, "tokens": 1.0}))
+  workdir = str(tmp_path / "patience0")
+  settings = dict(steps=12, eval_every=2, checkpoint_every=5, keep_checkpoints=2,
+                  early_stop_patience=0)
+  first = modes.MODES["specialize"](finetune_config(pretrained, **settings, stop_at_step=6),
+                                    workdir)
+  assert first["stop_reason"] == "stop_at_step"
+  result = modes.MODES["specialize"](finetune_config(pretrained, **settings), workdir)
+  assert (result["stop_reason"], result["steps"], result["best_step"]) == ("step_cap", 12, 2)
+  assert np.isfinite(result["test_ppl"])
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps == [2, 10, 12]  # the best, and the latest two
+  with pytest.raises(ConfigError, match=r"config\.train\.early_stop_patience: must be >= 0 "
+                     r"\(0: never stop early; a specialization still reports its best eval "
+                     r"step\), got -1"):
+    validate(finetune_config(pretrained, early_stop_patience=-1))
 
 
 def test_stopped_specialization_is_not_a_result_and_resumes(pretrained, specialized, tmp_path):

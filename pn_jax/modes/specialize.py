@@ -141,16 +141,13 @@ def _check_source_step(workdir: str, config, pre: saved_run.Saved) -> None:
 
 
 def _fine_tune_settings(config, pre: saved_run.Saved) -> ml_collections.ConfigDict:
-  """A copy of `config` that records init_from and the step of it this run starts from and,
-  with early stopping, keeps every checkpoint an early stop could still come back to, and one
-  per eval."""
+  """A copy of `config` that records init_from and the step of it this run starts from, and
+  saves at every eval, so the best eval step (the result, kept by fit's keep_best whatever
+  train.keep_checkpoints and train.early_stop_patience are) is on disk."""
   config = unlocked(config)
   config.init_from = pre.workdir
   config.init_step = pre.step  # resolved: 0 (the latest) moves on with the source
-  t = config.train
-  if t.early_stop_patience:
-    t.checkpoint_every = t.eval_every
-    t.keep_checkpoints = max(t.keep_checkpoints, t.early_stop_patience + 2)
+  config.train.checkpoint_every = config.train.eval_every
   return config
 
 
@@ -195,7 +192,8 @@ def _fine_tune(run: Run, t0: float, allow_config_change: bool) -> dict:
     train_iter, teacher_flops = _train_iterator(run, summary)
     fit_t0 = time.perf_counter()
     result = loop.fit(run, train_iter, init_params=params, eval_split="validation",
-                      desc="specialize", allow_config_change=allow_config_change)
+                      desc="specialize", allow_config_change=allow_config_change,
+                      keep_best=True)
     fit_seconds = time.perf_counter() - fit_t0
     stop_reason = result.get("stop_reason") or "step_cap"
     if stop_reason not in ("early_stopping", "step_cap"):
