@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, quiet, snapshot
-from pn_jax import modes, saved_run
+from pn_jax import modes, safetensors_io, saved_run
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
 from pn_jax.modes.pretrain import pretrain
@@ -103,7 +103,8 @@ def test_projected_model_equals_pn_on_its_cluster_before_finetuning(pretrained, 
 
 def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, monkeypatch):
   """Validation losses that only get worse after the first eval: with patience 3 the run stops
-  at the 4th eval (step 8 of 20), reports step 2 as best and says the cap did not bind."""
+  at the 4th eval (step 8 of 20), reports step 2 as best and says the cap did not bind. Step 2
+  is the result: eval, sample and export use it (the export records it), not the latest, 8."""
   losses = iter([1.0, 2.0, 3.0, 4.0])
   monkeypatch.setattr(loop, "heldout_loss_fn", lambda run, eval_step, split: (
       lambda params: {"loss": next(losses), "perplexity": 1.0, "tokens": 1.0}))
@@ -114,6 +115,22 @@ def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, mo
   assert np.isfinite(result["test_ppl"])
   with open(os.path.join(workdir, "specialize.json")) as f:
     assert json.load(f)["hit_step_cap"] is False
+  assert saved_run.load_saved(workdir).step == 8
+  config = finetune_config(pretrained)
+  got = modes.MODES["eval"](config, workdir)
+  assert got["step"] == 2
+  np.testing.assert_allclose(got["perplexity"], result["test_ppl"], rtol=1e-5)
+  config.sample.update(max_new_tokens=2, num_samples=1)
+  assert modes.MODES["sample"](config, workdir)["step"] == 2
+  exported = modes.MODES["export"](config, workdir)
+  _, params, info = safetensors_io.load(exported["export_dir"])
+  assert (info["step"], info["step_chosen"]) == (2, "best_step of specialize.json")
+  best = saved_run.load_saved(workdir, 2)
+  want = safetensors_io.flatten(saved_run.restore_params(
+      best, mesh_lib.make_mesh(best.config), mesh_lib.logical_rules(best.config)))
+  params = safetensors_io.flatten(params)
+  assert params.keys() == want.keys()
+  assert all(np.array_equal(params[k], want[k]) for k in want)  # the step-2 weights
 
 
 def test_patience_0_runs_to_the_cap_and_keeps_the_best_step(pretrained, tmp_path, monkeypatch):

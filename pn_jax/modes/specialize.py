@@ -48,7 +48,7 @@ from pn_jax.train import loop, resume_check
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer, MissingStep
 from pn_jax.train.step import make_eval_step
 
-SUMMARY = "specialize.json"
+SUMMARY = saved_run.RESULT
 
 
 def _check_inputs(config) -> None:
