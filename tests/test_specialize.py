@@ -204,8 +204,8 @@ def test_a_specialization_stays_bound_to_the_source_step_it_started_from(pretrai
   config = finetune_config(str(source), steps=4, eval_every=2)
   for allow in (False, True):
     with pytest.raises(ConfigError, match=r"holds a preempted specialization of config\.init_from"
-                       r"=.* at step 10, but config\.init_step=0 \(its latest checkpoint\) is step "
-                       r"20: resuming it would mix the two; pass --config\.init_step=10 to "
+                       r"=.* at step 10, but config\.init_step=0 \(its latest checkpoint\) is now "
+                       r"step 20: resuming it would mix the two; pass --config\.init_step=10 to "
                        r"continue it, or use a fresh --workdir to specialize step 20"):
       modes.MODES["specialize"](config, workdir, allow_config_change=allow)
   config.init_step = 10
@@ -220,7 +220,7 @@ def test_a_specialization_stays_bound_to_the_source_step_it_started_from(pretrai
   assert len(error) == 1 and "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
   assert error[0].startswith("error: ConfigError: --workdir ") and (
       "holds a finished specialization" in error[0] and "at step 10, but config.init_step=0 "
-      "(its latest checkpoint) is step 20: rerunning it would mix the two; pass "
+      "(its latest checkpoint) is now step 20: rerunning it would mix the two; pass "
       "--config.init_step=10 to rerun it" in error[0]), error
   assert snapshot(workdir) == before
 

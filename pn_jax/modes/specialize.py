@@ -123,8 +123,8 @@ def _check_source_step(workdir: str, config, pre: saved_run.Saved) -> None:
   recorded = recorded_source_step(workdir)
   if recorded is None or recorded == pre.step:
     return
-  asked = (f"config.init_step={config.init_step}" if config.init_step else
-           "config.init_step=0 (its latest checkpoint)")
+  now = (f"config.init_step={config.init_step} asks for step {pre.step}" if config.init_step
+         else f"config.init_step=0 (its latest checkpoint) is now step {pre.step}")
   done = os.path.exists(os.path.join(workdir, SUMMARY))
   ckpt = Checkpointer(pre.workdir, read_only=True)
   try:
@@ -135,7 +135,7 @@ def _check_source_step(workdir: str, config, pre: saved_run.Saved) -> None:
            if kept else f"init_from no longer keeps step {recorded}; ")
   raise ConfigError(
       f"--workdir {workdir} holds a {'finished' if done else 'preempted'} specialization of "
-      f"config.init_from={config.init_from} at step {recorded}, but {asked} is step {pre.step}: "
+      f"config.init_from={config.init_from} at step {recorded}, but {now}: "
       f"{'rerunning' if done else 'resuming'} it would mix the two; {again}use a fresh "
       f"--workdir to specialize step {pre.step}")
 
