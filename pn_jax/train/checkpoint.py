@@ -120,8 +120,8 @@ class Checkpointer:
     """`progress`: the loop's small JSON state, committed atomically with the arrays (so it is
     always the state of exactly this step, unlike a log that may run ahead of the checkpoint).
     `keep_step`: a step never garbage-collected however old (the best eval step, which a
-    specialization restores at the end), along with the previous save's until this one is
-    committed (a save that fails leaves the last committed checkpoint's best step on disk)."""
+    specialization restores at the end); the previous save's stays kept until the next save, so
+    while this one is in flight (async) the last committed checkpoint's best step is on disk."""
     self._kept.steps = {self._last_keep, keep_step}
     self._last_keep = keep_step
     items = dict(params=ocp.args.StandardSave(state.params),
