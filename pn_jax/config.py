@@ -162,7 +162,7 @@ def _train_defaults() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.async_checkpoint = True
   t.nan_policy = "stop"  # stop | skip
-  t.early_stop_patience = 0  # >0: stop after this many evals without a better eval loss
+  t.early_stop_patience = 0  # >0: stop after this many evals without a better eval loss; 0: never
   t.progress_bar = True
   t.peak_tflops = 0.0  # 0: look the device up in pn_jax.train.flops
   return t
@@ -295,8 +295,11 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
 def _validate_training(config: ml_collections.ConfigDict) -> None:
   """The train and optim sections (and init_step)."""
   m, o, t = config.model, config.optim, config.train
-  if t.early_stop_patience < 0 or t.stop_at_step < 0:
-    _fail("train.early_stop_patience", "early_stop_patience and stop_at_step must be >= 0")
+  if t.early_stop_patience < 0:
+    _fail("train.early_stop_patience", f"must be >= 0 (0: never stop early; a specialization "
+          f"still reports its best eval step), got {t.early_stop_patience}")
+  if t.stop_at_step < 0:
+    _fail("train.stop_at_step", f"must be >= 0 (0: off), got {t.stop_at_step}")
   if config.get("init_step", 0) < 0:
     _fail("init_step", f"must be 0 (the latest checkpoint of init_from) or a saved step, got "
           f"{config.init_step}")

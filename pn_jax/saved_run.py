@@ -9,25 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import ml_collections
 import optax
+from absl import logging
 
 from pn_jax.config import MLP_KINDS, routed
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
-from pn_jax.train.checkpoint import CheckpointError, Checkpointer
+from pn_jax.train.checkpoint import CheckpointError, Checkpointer, MissingStep
 from pn_jax.train.state import state_shardings
+
+
+# A finished specialization's result (pn_jax/modes/specialize.py writes it).
+RESULT = "specialize.json"
 
 
 @dataclasses.dataclass
 class Saved:
-  """A run's latest checkpoint: its config (as saved) and step."""
+  """A run's checkpoint (its latest, unless asked for by step): its config (as saved) and step;
+  `chosen` says why this step (what an export records)."""
 
   workdir: str
   config: ml_collections.ConfigDict
   step: int
+  chosen: str = "latest"
 
   @property
   def model(self) -> ml_collections.ConfigDict:
@@ -84,6 +92,32 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
     raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} has a config without a known "
                           f"model.mlp_kind (found {kind!r}); not a pn-jax model checkpoint")
   return Saved(workdir=os.path.abspath(workdir), config=config, step=step)
+
+
+def load_result(workdir: str) -> Saved:
+  """The checkpoint that is `workdir`'s model, for eval, sample and export: a finished
+  specialization's best step (specialize.json's best_step: the model whose test perplexity it
+  reports, not the later steps early stopping ran past), else the latest checkpoint (with a
+  warning for a specialization that has not finished)."""
+  path = os.path.join(workdir, RESULT)
+  if not os.path.exists(path):
+    saved = load_saved(workdir)
+    if saved.config.get("init_from"):
+      logging.warning("%s has no %s (its specialization has not finished): using its latest "
+                      "checkpoint, step %d", workdir, RESULT, saved.step)
+    return saved
+  try:
+    with open(path) as f:
+      best = int(json.load(f)["best_step"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); rerun the "
+                          "specialization to rewrite it") from e
+  try:
+    return dataclasses.replace(load_saved(workdir, best), chosen=f"best_step of {RESULT}")
+  except MissingStep as e:
+    raise CheckpointError(f"{path} reports best step {best}, the model it measured, but "
+                          f"{workdir} no longer keeps it (checkpoints {e.steps}); rerun the "
+                          "specialization in a fresh --workdir") from e
 
 
 def restore_params(saved: Saved, mesh, rules, step: int | None = None):

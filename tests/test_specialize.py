@@ -3,13 +3,14 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
-from conftest import load_config, quiet
-from pn_jax import modes, saved_run
+from conftest import load_config, quiet, snapshot
+from pn_jax import modes, safetensors_io, saved_run
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import pipeline
 from pn_jax.modes.pretrain import pretrain
@@ -17,6 +18,7 @@ from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.modes.specialize import open_specialize_run, pick_expert
 from pn_jax.specialize import importance_sampling
 from pn_jax.train import loop
+from pn_jax.config import ConfigError, validate
 from pn_jax.train.checkpoint import CheckpointError
 
 DOMAIN = "legal"
@@ -101,7 +103,8 @@ def test_projected_model_equals_pn_on_its_cluster_before_finetuning(pretrained, 
 
 def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, monkeypatch):
   """Validation losses that only get worse after the first eval: with patience 3 the run stops
-  at the 4th eval (step 8 of 20), reports step 2 as best and says the cap did not bind."""
+  at the 4th eval (step 8 of 20), reports step 2 as best and says the cap did not bind. Step 2
+  is the result: eval, sample and export use it (the export records it), not the latest, 8."""
   losses = iter([1.0, 2.0, 3.0, 4.0])
   monkeypatch.setattr(loop, "heldout_loss_fn", lambda run, eval_step, split: (
       lambda params: {"loss": next(losses), "perplexity": 1.0, "tokens": 1.0}))
@@ -112,6 +115,46 @@ def test_early_stopping_ends_fine_tuning_before_the_cap(pretrained, tmp_path, mo
   assert np.isfinite(result["test_ppl"])
   with open(os.path.join(workdir, "specialize.json")) as f:
     assert json.load(f)["hit_step_cap"] is False
+  assert saved_run.load_saved(workdir).step == 8
+  config = finetune_config(pretrained)
+  got = modes.MODES["eval"](config, workdir)
+  assert got["step"] == 2
+  np.testing.assert_allclose(got["perplexity"], result["test_ppl"], rtol=1e-5)
+  config.sample.update(max_new_tokens=2, num_samples=1)
+  assert modes.MODES["sample"](config, workdir)["step"] == 2
+  exported = modes.MODES["export"](config, workdir)
+  _, params, info = safetensors_io.load(exported["export_dir"])
+  assert (info["step"], info["step_chosen"]) == (2, "best_step of specialize.json")
+  best = saved_run.load_saved(workdir, 2)
+  want = safetensors_io.flatten(saved_run.restore_params(
+      best, mesh_lib.make_mesh(best.config), mesh_lib.logical_rules(best.config)))
+  params = safetensors_io.flatten(params)
+  assert params.keys() == want.keys()
+  assert all(np.array_equal(params[k], want[k]) for k in want)  # the step-2 weights
+
+
+def test_patience_0_runs_to_the_cap_and_keeps_the_best_step(pretrained, tmp_path, monkeypatch):
+  """early_stop_patience=0: never stop early, and the best eval step is still the result. The
+  validation losses only get worse after the first eval (step 2): its checkpoint outlives
+  keep_checkpoints=2 through a time-boxed stop at step 6 and the resume to the cap at 12."""
+  losses = iter(range(1, 7))
+  monkeypatch.setattr(loop, "heldout_loss_fn", lambda run, eval_step, split: (
+      lambda params: {"loss": float(next(losses)), "perplexity": 1.0, "tokens": 1.0}))
+  workdir = str(tmp_path / "patience0")
+  settings = dict(steps=12, eval_every=2, checkpoint_every=5, keep_checkpoints=2,
+                  early_stop_patience=0)
+  first = modes.MODES["specialize"](finetune_config(pretrained, **settings, stop_at_step=6),
+                                    workdir)
+  assert first["stop_reason"] == "stop_at_step"
+  result = modes.MODES["specialize"](finetune_config(pretrained, **settings), workdir)
+  assert (result["stop_reason"], result["steps"], result["best_step"]) == ("step_cap", 12, 2)
+  assert np.isfinite(result["test_ppl"])
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps == [2, 10, 12]  # the best, and the latest two
+  with pytest.raises(ConfigError, match=r"config\.train\.early_stop_patience: must be >= 0 "
+                     r"\(0: never stop early; a specialization still reports its best eval "
+                     r"step\), got -1"):
+    validate(finetune_config(pretrained, early_stop_patience=-1))
 
 
 def test_stopped_specialization_is_not_a_result_and_resumes(pretrained, specialized, tmp_path):
@@ -141,6 +184,45 @@ def test_init_step_picks_that_checkpoint(pretrained, specialized, tmp_path):
   with pytest.raises(CheckpointError, match=r"config\.init_step=7: step 7 is not among the "
                      r"checkpoints in .*: \[10, 20\]; pick one of those steps, or 0"):
     modes.MODES["specialize"](config, str(tmp_path / "at7"))
+
+
+def test_a_specialization_stays_bound_to_the_source_step_it_started_from(pretrained, tmp_path):
+  """The source's latest checkpoint moves on from step 10 to 20 (as its pretraining continuing
+  leaves it) between two runs of one specialization with init_step=0 (the latest): resuming the
+  preempted run is refused, --allow_config_change or not, naming both steps; with init_step=10 it
+  continues; and rerunning the finished one against step 20 is refused (CLI: one error line,
+  exit 2) and leaves its workdir, specialize.json included, as it was."""
+  from test_reliability import cli, run_cli
+  source, step20 = tmp_path / "pn", os.path.join(pretrained, "checkpoints", "20")
+  shutil.copytree(pretrained, source, ignore=lambda d, names: ["20"] if os.path.join(d, "20") ==
+                  step20 else [])
+  workdir = str(tmp_path / "spec")
+  first = modes.MODES["specialize"](
+      finetune_config(str(source), steps=4, eval_every=2, stop_at_step=2), workdir)
+  assert first["stop_reason"] == "stop_at_step"
+  shutil.copytree(step20, source / "checkpoints" / "20")  # the source advanced
+  config = finetune_config(str(source), steps=4, eval_every=2)
+  for allow in (False, True):
+    with pytest.raises(ConfigError, match=r"holds a preempted specialization of config\.init_from"
+                       r"=.* at step 10, but config\.init_step=0 \(its latest checkpoint\) is now "
+                       r"step 20: resuming it would mix the two; pass --config\.init_step=10 to "
+                       r"continue it, or use a fresh --workdir to specialize step 20"):
+      modes.MODES["specialize"](config, workdir, allow_config_change=allow)
+  config.init_step = 10
+  done = modes.MODES["specialize"](config, workdir)
+  assert (done["init_step"], done["steps"]) == (10, 4)
+  before = snapshot(workdir)
+  rerun = run_cli(cli(workdir, "--mode=specialize", f"--config.init_from={source}",
+                      f"--config.data.domain={DOMAIN}", "--config.train.steps=4",
+                      "--config.train.eval_every=2", config="configs/finetune.py:tiny"))
+  assert rerun.returncode == 2, rerun.stderr[-3000:]
+  error = [l for l in rerun.stderr.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
+  assert error[0].startswith("error: ConfigError: --workdir ") and (
+      "holds a finished specialization" in error[0] and "at step 10, but config.init_step=0 "
+      "(its latest checkpoint) is now step 20: rerunning it would mix the two; pass "
+      "--config.init_step=10 to rerun it" in error[0]), error
+  assert snapshot(workdir) == before
 
 
 # Runs pn_jax.main, but once the step-3 train metrics are written, touches a marker file and

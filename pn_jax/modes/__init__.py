@@ -19,8 +19,8 @@ TRAINING_MODES = ("pretrain", "specialize", "importance")
 
 MODES = {
     "pretrain": pretrain.pretrain,
-    # Held-out loss/perplexity of the latest checkpoint in `workdir` (any run: pretraining or
-    # specialized); data.domain "" = generic validation, a name = its test split, "all" = every
+    # Held-out loss/perplexity of `workdir`'s model (any run: pretraining, or specialized: its
+    # best step); data.domain "" = generic validation, a name = its test split, "all" = every
     # domain plus the macro average.
     "eval": eval_mode.evaluate,
     # Project (PN/mixture) or take (dense) init_from's model, fine-tune on data.domain.

@@ -1,10 +1,12 @@
 """The eval mode: held-out perplexity of a run's checkpoint, generic or per domain.
 
-The model comes from the checkpoint's saved config and the data (tokenizer, clusters) from the
-pretraining run at the root of its init_from chain, so the same command evaluates a pretraining
-run, a specialized small model or a distilled one. data.domain: "" = generic validation split,
-a name = that domain's test split, "all" = every domain's test split plus their macro average
-(the paper's metric: mean per-token NLL per domain, averaged over domains, then exp).
+The model is the run's result (saved_run.load_result: a finished specialization's best step,
+else the latest checkpoint), built from that checkpoint's saved config, and the data
+(tokenizer, clusters) come from the pretraining run at the root of its init_from chain, so the
+same command evaluates a pretraining run, a specialized small model or a distilled one.
+data.domain: "" = generic validation split, a name = that domain's test split, "all" = every
+domain's test split plus their macro average (the paper's metric: mean per-token NLL per domain,
+averaged over domains, then exp).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pn_jax.train.step import make_eval_step
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """The caller's eval settings (batch, eval_batches, domain, mesh) on the model of `workdir`'s
-  checkpoint (the latest, or `step`) and the data of its pretraining run."""
-  saved = saved_run.load_saved(workdir, step)
+  checkpoint (saved_run.load_result's: a finished specialization's best step, else the latest;
+  or `step`) and the data of its pretraining run."""
+  saved = saved_run.load_saved(workdir, step) if step else saved_run.load_result(workdir)
   domain = config.data.domain
   run = open_run(_eval_settings(config, saved), workdir, init_from=saved,
                  domain="" if domain == "all" else domain)

@@ -1,4 +1,4 @@
-"""The export mode: a run's latest checkpoint as a dense model, in one of two formats.
+"""The export mode: a run's model as a dense model, in one of two formats.
 
     python -m pn_jax.main --config=configs/finetune.py:tiny --workdir=runs/pn_legal --mode=export
 
@@ -8,7 +8,10 @@ config.export.format:
   hf            <workdir>/export_hf: a Hugging Face transformers LlamaForCausalLM directory
                 with its tokenizer (pn_jax/hf_export.py), for arch="llama" models only.
 A PN, mixture or independent-experts checkpoint is projected onto config.sample.cluster first:
-what is exported is always a dense model.
+what is exported is always a dense model. The checkpoint is the run's result
+(saved_run.load_result): a finished specialization's best step, the model whose test perplexity
+specialize.json reports, else the latest; config.json records it (`step`, and `step_chosen`:
+why that step).
 """
 
 from __future__ import annotations
@@ -40,20 +43,21 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _export(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The export mode: latest checkpoint of `workdir` -> <workdir>/export[_hf]."""
+  """The export mode: `workdir`'s model (saved_run.load_result) -> <workdir>/export[_hf]."""
   fmt = config.export.format
   out = os.path.join(workdir, OUT_DIRS[fmt])
   if fmt == "hf":
     safetensors_io.check_target(out, hf_export.FILES, hf_export.FORMAT)  # before any work
   else:
     safetensors_io.check_target(out)
-  saved = saved_run.load_saved(workdir)
+  saved = saved_run.load_result(workdir)
   if fmt == "hf":  # before the checkpoint is read: nothing is written for a gpt model
     hf_export.check_llama(ModelConfig.from_config(saved.model), saved.describe())
   run = open_run(config, workdir, init_from=saved, load_data=False)
   with mesh_lib.activate(run.mesh, run.rules):
     params = saved_run.restore_params(saved, run.mesh, run.rules)
-  model_cfg, meta = saved.model, {"step": saved.step, "source": saved.workdir}
+  model_cfg, meta = saved.model, {"step": saved.step, "step_chosen": saved.chosen,
+                                  "source": saved.workdir}
   if routed(model_cfg):
     cluster = int(config.sample.cluster)
     if cluster < 0:

@@ -1,4 +1,5 @@
-"""The sample mode: text from the latest checkpoint of a run (any model kind), config.sample.*.
+"""The sample mode: text from a run's model (any kind), config.sample.*: a finished
+specialization's best step, else the run's latest checkpoint (saved_run.load_result).
 
 The sampler is pn_jax/generate.py; a PN or mixture samples the expert config.sample.cluster
 through its routing, independent experts that expert's own dense model.
@@ -19,9 +20,9 @@ from pn_jax.specialize.project import project
 
 
 def sample_mode(config, workdir: str) -> dict:
-  """The sample mode: config.sample.* from the latest checkpoint of `workdir` (any model kind)."""
+  """The sample mode: config.sample.* from `workdir`'s model (any model kind)."""
   validate(config)  # the sampling flags, before a checkpoint is read
-  saved = saved_run.load_saved(workdir)
+  saved = saved_run.load_result(workdir)
   s = config.sample
   cluster = expert_of(int(s.cluster), saved.model, saved.describe())
   if s.top_k > saved.model.vocab_size:

@@ -14,10 +14,16 @@ specialize.json is the result, written only when fine-tuning ended by early stop
 step cap (`stop_reason`, `hit_step_cap`): a preempted (SIGTERM/SIGINT) or time-boxed
 (train.stop_at_step) run returns the fit's result and writes nothing, and rerunning the same
 command resumes from the workdir's checkpoint (early-stopping state included).
+
+The source step is part of the run's identity: the run's config records the init_from step it
+resolved (config.init_step, also specialize.json's init_step), and a workdir started from
+another step of init_from is refused (init_step=0 follows the source's latest checkpoint, which
+moves on while its pretraining continues): resuming would fine-tune one step and report another.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,11 +44,11 @@ from pn_jax.specialize import select, source_paths
 from pn_jax.specialize.distill import TeacherIterator
 from pn_jax.specialize.project import project
 from pn_jax.train import flops as flops_lib
-from pn_jax.train import loop
-from pn_jax.train.checkpoint import CheckpointError, MissingStep
+from pn_jax.train import loop, resume_check
+from pn_jax.train.checkpoint import CheckpointError, Checkpointer, MissingStep
 from pn_jax.train.step import make_eval_step
 
-SUMMARY = "specialize.json"
+SUMMARY = saved_run.RESULT
 
 
 def _check_inputs(config) -> None:
@@ -81,20 +87,67 @@ def open_specialize_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     raise CheckpointError(f"config.init_from={config.init_from!r} holds {pre.describe()}, but "
                           f"config.specialize.expect_kind={expect!r}")
   source_paths.check_apart(workdir, {"the pretraining run of config.init_from": pre.root.workdir})
+  _check_source_step(workdir, config, pre)
   model = small_model_config(pre.model) if routed(pre.model) else pre.model
   return open_run(_fine_tune_settings(config, pre), workdir, init_from=pre, model=model,
                   domain=config.data.domain)
 
 
+def recorded_source_step(workdir: str) -> int | None:
+  """The init_from step the specialization in `workdir` started from: specialize.json's
+  init_step if it finished, else its latest checkpoint's config.init_step; None for a new workdir
+  (or checkpoints saved before the resolved step was recorded, init_step 0)."""
+  summary = os.path.join(workdir, SUMMARY)
+  if os.path.exists(summary):
+    try:
+      with open(summary) as f:
+        return int(json.load(f)["init_step"])
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{summary} is unreadable ({type(e).__name__}: {e}); move it aside "
+                            "to rerun the specialization's final evaluation") from e
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      return None
+    return int(resume_check.saved_config(ckpt, step).get("init_step", 0)) or None
+  finally:
+    ckpt.close()
+
+
+def _check_source_step(workdir: str, config, pre: saved_run.Saved) -> None:
+  """ConfigError if `workdir` holds a specialization of another step of init_from than `pre`
+  (--allow_config_change does not apply: the run would mix two checkpoints of its source)."""
+  recorded = recorded_source_step(workdir)
+  if recorded is None or recorded == pre.step:
+    return
+  now = (f"config.init_step={config.init_step} asks for step {pre.step}" if config.init_step
+         else f"config.init_step=0 (its latest checkpoint) is now step {pre.step}")
+  done = os.path.exists(os.path.join(workdir, SUMMARY))
+  ckpt = Checkpointer(pre.workdir, read_only=True)
+  try:
+    kept = recorded in ckpt.manager.all_steps()
+  finally:
+    ckpt.close()
+  again = (f"pass --config.init_step={recorded} to {'rerun' if done else 'continue'} it, or "
+           if kept else f"init_from no longer keeps step {recorded}; ")
+  raise ConfigError(
+      f"--workdir {workdir} holds a {'finished' if done else 'preempted'} specialization of "
+      f"config.init_from={config.init_from} at step {recorded}, but {now}: "
+      f"{'rerunning' if done else 'resuming'} it would mix the two; {again}use a fresh "
+      f"--workdir to specialize step {pre.step}")
+
+
 def _fine_tune_settings(config, pre: saved_run.Saved) -> ml_collections.ConfigDict:
-  """A copy of `config` that records init_from and, with early stopping, keeps every checkpoint
-  an early stop could still come back to, and one per eval."""
+  """A copy of `config` that records init_from and the step of it this run starts from, and
+  saves at every eval, so the best eval step (the result, kept by fit's keep_best whatever
+  train.keep_checkpoints and train.early_stop_patience are) is on disk."""
   config = unlocked(config)
   config.init_from = pre.workdir
-  t = config.train
-  if t.early_stop_patience:
-    t.checkpoint_every = t.eval_every
-    t.keep_checkpoints = max(t.keep_checkpoints, t.early_stop_patience + 2)
+  config.init_step = pre.step  # resolved: 0 (the latest) moves on with the source
+  config.train.checkpoint_every = config.train.eval_every
   return config
 
 
@@ -139,7 +192,8 @@ def _fine_tune(run: Run, t0: float, allow_config_change: bool) -> dict:
     train_iter, teacher_flops = _train_iterator(run, summary)
     fit_t0 = time.perf_counter()
     result = loop.fit(run, train_iter, init_params=params, eval_split="validation",
-                      desc="specialize", allow_config_change=allow_config_change)
+                      desc="specialize", allow_config_change=allow_config_change,
+                      keep_best=True)
     fit_seconds = time.perf_counter() - fit_t0
     stop_reason = result.get("stop_reason") or "step_cap"
     if stop_reason not in ("early_stopping", "step_cap"):

@@ -75,16 +75,33 @@ def check_compatible(saved, expected, what: str) -> None:
     raise CheckpointError(f"{what} does not match this config's model:\n{shown}")
 
 
+class _KeepSteps:
+  """An orbax preservation policy: keeps the checkpoints whose step is in `steps` (a set its
+  Checkpointer updates)."""
+
+  def __init__(self):
+    self.steps: set[int] = set()
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [info.step in self.steps for info in checkpoints]
+
+
 class Checkpointer:
-  """One run's CheckpointManager under <workdir>/checkpoints."""
+  """One run's CheckpointManager under <workdir>/checkpoints: keeps the latest `keep` steps,
+  and the step each save names as `keep_step` (see save)."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self._kept = _KeepSteps()
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(n=keep), self._kept])
     # Read-only: the save settings orbax would reset itself (warning once per setting) are
     # given as it wants them (no saves, nothing to keep).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        preservation_policy=None if read_only else policy,
+        save_interval_steps=0 if read_only else 1,
         create=not read_only, read_only=read_only,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(
@@ -96,14 +113,21 @@ class Checkpointer:
                        "data": grain.checkpoint.CheckpointHandler()})
     self._async = async_save
     self._in_flight = None  # the last step handed to an async save, until it is known written
+    self._last_keep = None  # the keep_step of the last save
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None, *,
-           progress: dict | None = None, force: bool = False) -> bool:
+           progress: dict | None = None, force: bool = False,
+           keep_step: int | None = None) -> bool:
     """`progress`: the loop's small JSON state, committed atomically with the arrays (so it is
-    always the state of exactly this step, unlike a log that may run ahead of the checkpoint)."""
+    always the state of exactly this step, unlike a log that may run ahead of the checkpoint).
+    `keep_step`: a step never garbage-collected however old (the best eval step, which a
+    specialization restores at the end); the previous save's stays kept until the next save, so
+    while this one is in flight (async) the last committed checkpoint's best step is on disk."""
+    self._kept.steps = {self._last_keep, keep_step}
+    self._last_keep = keep_step
     items = dict(params=ocp.args.StandardSave(state.params),
                  opt_state=ocp.args.StandardSave(state.opt_state),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))

@@ -304,6 +304,7 @@ class _Host:
   train_iter: object
   run_eval: object  # params -> eval metrics
   clock: _WallClockSaves
+  keep_best: bool = False  # never garbage-collect the best eval step's checkpoint
   final: dict = dataclasses.field(default_factory=dict)
   pending: tuple | None = None  # (step, device metrics) of the last dispatched step
 
@@ -365,8 +366,9 @@ class _Host:
 
   def save(self, step: int, state) -> None:
     with self.progress.clock.paused():
+      best = self.progress.early.best_step if self.keep_best else None
       self.ckpt.save(step, state, self.config, self.train_iter,
-                     progress=self.progress.to_json(), force=True)
+                     progress=self.progress.to_json(), force=True, keep_step=best or None)
       self.writer.flush()  # TensorBoard on disk up to the checkpoint too, as the JSONL is
       self.progress.saved(step)
     self.clock.saved()
@@ -385,7 +387,8 @@ def _result(final: dict, step: int, early: EarlyStop) -> dict[str, float]:
 
 
 def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation",
-        desc: str = "pretrain", allow_config_change: bool = False) -> dict[str, float]:
+        desc: str = "pretrain", allow_config_change: bool = False,
+        keep_best: bool = False) -> dict[str, float]:
   """The training loop shared by pretraining and fine-tuning.
 
   Resumes from the latest checkpoint in run.workdir if there is one; otherwise starts from
@@ -395,6 +398,10 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
   restored on resume, so a resumed run stops where an uninterrupted one would. A resume first
   compares the checkpoint's saved config with run.config (resume_check.py): a changed key other
   than run control is refused unless `allow_config_change`.
+
+  keep_best: the checkpoint of the best eval step so far (early stopping's best step, tracked for
+  every patience) is kept however many newer ones train.keep_checkpoints lets go, so a caller can
+  restore it at the end (specialize: save at every eval to have it on disk).
 
   Costs: each checkpoint's cumulative `train_seconds` goes to <workdir>/costs.json
   (pn_jax/train/costs.py). It counts host wall-clock time from the end of the first step this
@@ -424,7 +431,7 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
                desc=desc, dynamic_ncols=True)
     host = _Host(config, ckpt, writer, progress, window, stop, bar, train_iter,
                  heldout_loss_fn(run, eval_step, eval_split),
-                 _WallClockSaves(t.checkpoint_every_minutes))
+                 _WallClockSaves(t.checkpoint_every_minutes), keep_best=keep_best)
     step = start
     if progress.early.stopped:  # resumed after early stopping had ended the run
       host.final.update(stopped_at=step, stop_reason="early_stopping")
