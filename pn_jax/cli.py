@@ -28,11 +28,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from pn_jax import modes
   from pn_jax.config import ConfigError
   from pn_jax.data import DataError
-  return (UsageError, app.UsageError, ConfigError, DataError, *modes.USER_ERRORS)
+  from pn_jax.storage import OutOfSpace
+  return (UsageError, app.UsageError, ConfigError, DataError, OutOfSpace, *modes.USER_ERRORS)
 
 
 def is_user_error(e: BaseException) -> bool:
-  return isinstance(e, user_error_types())
+  """A user error, or a write the filesystem refused for lack of space that no writer turned
+  into OutOfSpace (a full disk is the user's to fix, never a traceback)."""
+  from pn_jax import storage
+  return isinstance(e, user_error_types()) or storage.is_out_of_space(e)
 
 
 def one_line(message) -> str:
@@ -64,7 +68,10 @@ def entry(main, exit_now=None):
     except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
       if not is_user_error(e):
         raise
-      fail(type(e).__name__, e, exit_now or sys.exit)
+      if isinstance(e, user_error_types()):
+        fail(type(e).__name__, e, exit_now or sys.exit)
+      from pn_jax import storage
+      fail(storage.OutOfSpace.__name__, storage.describe(e), exit_now or sys.exit)
   return run
 
 

@@ -9,6 +9,11 @@ absl's one logger). `--log_level=info` shows everything at INFO (the old behavio
 everything, `warning` warnings only; an explicit `-v`/`--verbosity` without `--log_level` leaves
 the levels to absl, unfiltered.
 
+A checkpoint save that the filesystem refuses (a full disk) is reported in one line by
+pn_jax.train.checkpoint; at `concise` and `warning` the tracebacks that orbax's background threads
+log for it, and the "Event loop is closed" errors that tensorstore's late callbacks raise after
+it, are not shown (StorageNoiseFilter, `_quiet_unraisable`).
+
 Every level also writes log lines with tqdm's bars cleared first and redrawn after, so a line
 never lands at the end of the progress bar's line.
 """
@@ -23,6 +28,8 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
+
+from pn_jax import storage
 
 LEVELS = {"concise": logging.INFO, "info": logging.INFO, "debug": logging.DEBUG,
           "warning": logging.WARNING}
@@ -55,6 +62,30 @@ class ConciseFilter(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or is_own(record)
+
+
+class StorageNoiseFilter(logging.Filter):
+  """Drops a library's error record whose exception is the filesystem refusing a write: orbax
+  logs each failed write of a checkpoint save with its traceback (6-27 per save), and
+  pn_jax.train.checkpoint reports the failure in one line naming the surviving step."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or is_own(record) or not record.exc_info:
+      return True
+    return storage.error_code(record.exc_info[1]) is None
+
+
+def _quiet_unraisable(previous):
+  """A sys.unraisablehook that drops asyncio's "Event loop is closed" raised in a callback that
+  tensorstore runs after orbax's event loop has ended (after a failed write); others go on to
+  `previous`."""
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.pn_jax_quiet = True
+  return hook
 
 
 class BarSafeHandler(logging.Handler):
@@ -96,7 +127,7 @@ def install(flag_values=flags.FLAGS) -> str | None:
     absl_logging.set_verbosity("info" if level == "concise" else level)
     logging.getLogger().setLevel(LEVELS[level])  # (set_verbosity does it only the first time)
   handler = _bar_safe_root_handler()
-  for f in [f for f in handler.filters if isinstance(f, ConciseFilter)]:
+  for f in [f for f in handler.filters if isinstance(f, (ConciseFilter, StorageNoiseFilter))]:
     handler.removeFilter(f)
   if level in ("concise", "warning"):
     for name in LIBRARY_LOGGERS:
@@ -104,6 +135,10 @@ def install(flag_values=flags.FLAGS) -> str | None:
         logging.getLogger(name).setLevel(logging.WARNING)
   if level == "concise":
     handler.addFilter(ConciseFilter())
+  if level in ("concise", "warning"):
+    handler.addFilter(StorageNoiseFilter())
+    if not getattr(sys.unraisablehook, "pn_jax_quiet", False):
+      sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   return level
 
 

@@ -15,6 +15,7 @@ moved into place with `os.replace`, so a crash never leaves a half-written split
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import html.parser
@@ -25,6 +26,7 @@ import tempfile
 import unicodedata
 from typing import Iterable, Iterator
 
+from pn_jax import storage
 from pn_jax.data.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -175,17 +177,21 @@ def _atomic_path(path: str) -> str:
 
 
 def write_json(path: str, obj) -> None:
-  """Atomically (temp file + rename); numpy scalars are written as floats."""
+  """Atomically (temp file + rename); numpy scalars are written as floats. A full disk is an
+  OutOfSpace error, the temporary file removed and an earlier `path` kept."""
+  text = json.dumps(obj, indent=1, sort_keys=True, default=float)
   tmp = _atomic_path(path)
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  with storage.writing(path, needed=len(text.encode()), temp=tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
 
 
 def write_docs(path: str, docs: Iterable[dict]) -> dict:
   """Writes documents atomically to ArrayRecord (or JSON lines if `path` ends in .jsonl).
 
-  Returns {docs, bytes, sha256}; on any error the destination is left untouched.
+  Returns {docs, bytes, sha256}; on any error the destination is left untouched (a full disk:
+  OutOfSpace, the temporary file removed).
   """
   tmp = _atomic_path(path)
   jsonl = path.endswith(".jsonl")
@@ -206,12 +212,27 @@ def write_docs(path: str, docs: Iterable[dict]) -> dict:
       n += 1
       size += len(doc["text"].encode("utf-8"))
     close()
-  except BaseException:
-    close()
+    if not jsonl and not writer.ok():  # ArrayRecord reports a failed write only this way
+      raise storage.unexplained_failure(path, _record_bytes(docs)) or DataError(
+          f"could not write {path}: the ArrayRecord writer failed; check the disk and rerun")
+  except BaseException as e:
+    with contextlib.suppress(Exception):  # (a writer that failed may fail to close again)
+      close()
     os.remove(tmp)
+    if storage.is_out_of_space(e):
+      raise storage.OutOfSpace(storage.message(path, storage.error_code(e),
+                                               _record_bytes(docs))) from e
     raise
   os.replace(tmp, path)
   return {"docs": n, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def _record_bytes(docs) -> int | None:
+  """The bytes write_docs' records of `docs` take (None for a one-pass iterator)."""
+  if not isinstance(docs, (list, tuple)):
+    return None
+  return sum(len(json.dumps({"text": d["text"], "source": d.get("source", "")},
+                            ensure_ascii=False).encode("utf-8")) + 1 for d in docs)
 
 
 def _records(path: str) -> list[bytes]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from pn_jax import storage
 
 
 class CheckpointError(RuntimeError):
@@ -38,22 +39,12 @@ def _brief(e: Exception) -> str:
   return f"{type(e).__name__}: {text[:400]}"
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
 def storage_failure(e: BaseException) -> str | None:
   """'No space left on device (errno 28)' if `e` (or what caused it) is the filesystem refusing
   a write, else None. tensorstore reports those as ValueError('RESOURCE_EXHAUSTED: ... [os_error_
-  code='28']'), raised from orbax's background threads, not as OSError."""
-  while e is not None:
-    if isinstance(e, OSError) and e.errno:
-      return f"{os.strerror(e.errno)} (errno {e.errno})"
-    match = _OS_ERROR_CODE.search(str(e))
-    if match:
-      code = int(match.group(1))
-      return f"{os.strerror(code)} (errno {code})"
-    e = e.__cause__ or e.__context__
-  return None
+  code='28']'), raised from orbax's background threads, not as OSError (storage.error_code)."""
+  code = storage.error_code(e)
+  return None if code is None else f"{os.strerror(code)} (errno {code})"
 
 
 def _shape_tree(tree) -> dict[str, tuple]:
