@@ -57,11 +57,19 @@ class Saved:
     return saved
 
 
-def load_saved(workdir: str, step: int | None = None) -> Saved:
-  """The saved config of `workdir`'s checkpoint; CheckpointError saying what is there if none."""
+def load_saved(workdir: str, step: int | None = None, *, mode: str = "") -> Saved:
+  """The saved config of `workdir`'s checkpoint; CheckpointError saying what is there if none.
+  `mode`: the mode reading its own --workdir (eval, sample, export), told to train that run
+  first when it has no checkpoint; without it `workdir` is a source (init_from, a teacher)."""
   if not workdir:
     raise CheckpointError("no checkpoint workdir given (config.init_from is empty)")
   ckpt_dir = os.path.join(workdir, "checkpoints")
+  if mode and not _has_checkpoint(ckpt_dir):
+    found = sorted(os.listdir(workdir))[:12] if os.path.isdir(workdir) else "nothing (no such dir)"
+    raise CheckpointError(f"--workdir {workdir} holds no checkpoint (found: {found}): "
+                          f"--mode={mode} reads a trained run; run --mode=specialize (or "
+                          "--mode=pretrain) with this --workdir first, or pass the --workdir of "
+                          "a run that has finished one")
   if not os.path.isdir(ckpt_dir):
     found = sorted(os.listdir(workdir))[:12] if os.path.isdir(workdir) else "nothing (no such dir)"
     raise CheckpointError(f"{workdir!r} holds no checkpoints/ directory (found: {found}); "
@@ -73,9 +81,7 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
   except CheckpointError:
     raise
   except Exception as e:  # orbax: assorted errors for unreadable items
-    raise CheckpointError(f"checkpoint in {ckpt.directory} has no readable config "
-                          f"({type(e).__name__}: {e}); found steps "
-                          f"{sorted(ckpt.manager.all_steps())}") from e
+    raise ckpt.unreadable_config(step, e) from e
   finally:
     ckpt.close()
   config = ml_collections.ConfigDict(raw)
@@ -84,6 +90,11 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
     raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} has a config without a known "
                           f"model.mlp_kind (found {kind!r}); not a pn-jax model checkpoint")
   return Saved(workdir=os.path.abspath(workdir), config=config, step=step)
+
+
+def _has_checkpoint(ckpt_dir: str) -> bool:
+  """Whether `ckpt_dir` holds a complete step (orbax's temporary directories do not count)."""
+  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
 
 
 def restore_params(saved: Saved, mesh, rules, step: int | None = None):

@@ -303,11 +303,24 @@ def list_domains(root: str) -> list[str]:
   return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
+def check_domain(root: str, domain: str, key: str = "config.data.domain") -> None:
+  """DataError for a domain that the corpus at `root` does not hold (a typo, not a missing
+  `prepare`): the known domains and the closest one. A missing corpus is left to the readers,
+  whose errors say how to prepare it."""
+  domains = list_domains(root)
+  if domain in domains or not os.path.isdir(root):
+    return
+  import difflib
+  close = difflib.get_close_matches(domain, domains, n=1, cutoff=0.5)
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  raise DataError(f"{key}: unknown domain {domain!r}; corpus {root} has the domains "
+                  f"{', '.join(domains) or '(none)'}{hint}")
+
+
 def load_texts(root: str, split: str, domain: str = "") -> list[str]:
   """The non-empty document texts of one split; DataError naming the domain if there are none."""
-  if domain and not os.path.isdir(os.path.join(root, "domains", domain)):
-    raise DataError(f"domain {domain!r} not found under {root!r}/domains; available: "
-                    f"{list_domains(root)}; set config.data.domain to one of them")
+  if domain:
+    check_domain(root, domain)
   path = split_path(root, split, domain)
   texts = [d["text"] for d in read_docs(path) if d["text"].strip()]
   if not texts:

@@ -28,7 +28,7 @@ from pn_jax.train.step import make_eval_step
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """The caller's eval settings (batch, eval_batches, domain, mesh) on the model of `workdir`'s
   checkpoint (the latest, or `step`) and the data of its pretraining run."""
-  saved = saved_run.load_saved(workdir, step)
+  saved = saved_run.load_saved(workdir, step, mode="eval")
   domain = config.data.domain
   run = open_run(_eval_settings(config, saved), workdir, init_from=saved,
                  domain="" if domain == "all" else domain)

@@ -21,7 +21,7 @@ from pn_jax.specialize.project import project
 def sample_mode(config, workdir: str) -> dict:
   """The sample mode: config.sample.* from the latest checkpoint of `workdir` (any model kind)."""
   validate(config)  # the sampling flags, before a checkpoint is read
-  saved = saved_run.load_saved(workdir)
+  saved = saved_run.load_saved(workdir, mode="sample")
   s = config.sample
   cluster = expert_of(int(s.cluster), saved.model, saved.describe())
   if s.top_k > saved.model.vocab_size:
