@@ -110,18 +110,6 @@ def writing(path: str, *, needed: int | None = None, temp: str | None = None):
     raise OutOfSpace(message(path, code, needed)) from e
 
 
-def unexplained_failure(path: str, needed: int) -> OutOfSpace | None:
-  """For writers that report a failed write without its cause (ArrayRecord's writer only says
-  "not ok"): OutOfSpace if `needed` bytes exceed the file-size limit or the free space."""
-  limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-  if limit != resource.RLIM_INFINITY and needed > limit:
-    return OutOfSpace(message(path, errno.EFBIG, needed))
-  free = free_bytes(path)
-  if free is not None and needed > free:
-    return OutOfSpace(message(path, errno.ENOSPC, needed))
-  return None
-
-
 def describe(e: BaseException) -> str:
   """The OutOfSpace message of a space error that no writer wrapped (its file if it names one)."""
   cause = e

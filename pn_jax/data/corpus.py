@@ -211,10 +211,7 @@ def write_docs(path: str, docs: Iterable[dict]) -> dict:
       digest.update(rec)
       n += 1
       size += len(doc["text"].encode("utf-8"))
-    close()
-    if not jsonl and not writer.ok():  # ArrayRecord reports a failed write only this way
-      raise storage.unexplained_failure(path, _record_bytes(docs)) or DataError(
-          f"could not write {path}: the ArrayRecord writer failed; check the disk and rerun")
+    close()  # (ArrayRecord's writer raises a failed write here, as RuntimeError('... No space'))
   except BaseException as e:
     with contextlib.suppress(Exception):  # (a writer that failed may fail to close again)
       close()
