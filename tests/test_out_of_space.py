@@ -169,3 +169,20 @@ def test_errors_of_native_writers_are_recognised():
   wrapped = RuntimeError("save failed")
   wrapped.__cause__ = OSError(27, "File too large")
   assert storage.is_out_of_space(wrapped) and not storage.is_out_of_space(ValueError("x 28"))
+
+
+def test_a_space_error_no_writer_named_is_still_one_line(capfd, tmp_path):
+  """cli.entry's fallback: an OSError(ENOSPC) from an unexpected place is an OutOfSpace line
+  (exit 2) naming its file, not a traceback."""
+  from pn_jax import cli
+
+  def main():
+    raise OSError(28, "No space left on device", str(tmp_path / "somewhere.json"))
+
+  codes = []
+  cli.entry(main, exit_now=codes.append)()
+  assert codes == [2]
+  line = capfd.readouterr().err.strip().splitlines()[-1]
+  assert line.startswith(f"error: OutOfSpace: could not write {tmp_path}/somewhere.json: No space "
+                         "left on device (errno 28); it could not be written in full, its "
+                         "filesystem has "), line
