@@ -117,15 +117,18 @@ def unknown_key_message(flag_values, args) -> str | None:
   a key its loaded config lacks; None if none does. Only that flag and the closest keys
   (difflib), not every override of the command line."""
   import difflib
+  keys_of = {}  # config flag -> its config's keys (None: not a config file flag)
   for arg in args:
     name, _, _ = arg.lstrip("-").partition("=")
     flag, _, key = name.partition(".")
     if not key or flag not in flag_values:
       continue
-    config = _loaded_config(flag, args)
-    if config is None:
+    if flag not in keys_of:
+      config = _loaded_config(flag, args)
+      keys_of[flag] = None if config is None else _dotted_keys(config)
+    known = keys_of[flag]
+    if known is None:
       continue
-    known = _dotted_keys(config)
     if key in known:
       continue
     leaves = [k for k in known if not any(other.startswith(k + ".") for other in known)]

@@ -69,8 +69,9 @@ def free_bytes(path: str) -> int | None:
     return None
 
 
-def message(path: str, code: int, needed: int | None = None) -> str:
-  """The OutOfSpace message for a failed write of `path`."""
+def message(path: str, code: int, needed: int | None = None, *, cleaned: bool = True) -> str:
+  """The OutOfSpace message for a failed write of `path` (`cleaned`: its temporary file was
+  removed, as pn-jax's writers do; not so for another program's)."""
   needs = f"it needs {size(needed)}" if needed else "it could not be written in full"
   if code == errno.EFBIG:
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -83,7 +84,8 @@ def message(path: str, code: int, needed: int | None = None) -> str:
     where = f"its filesystem has {size(free)} free" if free is not None else "no space is free"
     fix = "free some space or use a larger disk"
   return (f"could not write {path}: {os.strerror(code)} (errno {code}); {needs}, {where}; {fix}, "
-          "then rerun (the incomplete file was removed; files written before are kept)")
+          "then rerun" + (" (the incomplete file was removed; files written before are kept)"
+                          if cleaned else ""))
 
 
 def _remove(path: str) -> None:
@@ -116,4 +118,4 @@ def describe(e: BaseException) -> str:
   while cause is not None and not (isinstance(cause, OSError) and cause.filename):
     cause = cause.__cause__ or cause.__context__
   path = cause.filename if cause is not None else "a file"
-  return message(str(path), error_code(e))
+  return message(str(path), error_code(e), cleaned=False)

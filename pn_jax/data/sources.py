@@ -149,7 +149,7 @@ def _run(cmd: list[str], cwd: str, hint: str = "") -> str:
     for code in storage.SPACE_ERRNOS:  # a full disk is not the network's fault
       if os.strerror(code) in (e.stderr or ""):
         raise storage.OutOfSpace(f"`{' '.join(cmd)}` (in {cwd}) failed: "
-                                 f"{storage.message(cwd, code)}") from e
+                                 f"{storage.message(cwd, code, cleaned=False)}") from e
     raise DataError(f"`{' '.join(cmd)}` failed:\n{e.stderr[-2000:]}\n{hint}Check the network to "
                     "the package registry (run `apt-get update` once for Debian sources)") from e
 
