@@ -28,11 +28,15 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from pn_jax import modes
   from pn_jax.config import ConfigError
   from pn_jax.data import DataError
-  return (UsageError, app.UsageError, ConfigError, DataError, *modes.USER_ERRORS)
+  from pn_jax.storage import OutOfSpace
+  return (UsageError, app.UsageError, ConfigError, DataError, OutOfSpace, *modes.USER_ERRORS)
 
 
 def is_user_error(e: BaseException) -> bool:
-  return isinstance(e, user_error_types())
+  """A user error, or a write the filesystem refused for lack of space that no writer turned
+  into OutOfSpace (a full disk is the user's to fix, never a traceback)."""
+  from pn_jax import storage
+  return isinstance(e, user_error_types()) or storage.is_out_of_space(e)
 
 
 def one_line(message) -> str:
@@ -64,7 +68,10 @@ def entry(main, exit_now=None):
     except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
       if not is_user_error(e):
         raise
-      fail(type(e).__name__, e, exit_now or sys.exit)
+      if isinstance(e, user_error_types()):
+        fail(type(e).__name__, e, exit_now or sys.exit)
+      from pn_jax import storage
+      fail(storage.OutOfSpace.__name__, storage.describe(e), exit_now or sys.exit)
   return run
 
 
@@ -91,17 +98,78 @@ def parse_flags(argv):
       fail("ConfigError", cause)
     fail("UsageError", e)
   except (AttributeError, KeyError) as e:  # ml_collections: override of a key the config lacks
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    if not overrides:
+    if not any(a.startswith("--") and "." in a.split("=")[0] for a in argv[1:]):
       raise
-    while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError(message))
-      e = e.args[0]
-    detail = str(e).replace("\n", "; ")
-    fail("ConfigError", f"unknown config key {detail} (in {' '.join(overrides)})")
+    fail("ConfigError", unknown_key_message(flags.FLAGS, argv[1:]) or
+         f"unknown config key {_innermost_message(e)}")
   _check_config_files(flags.FLAGS)
   log_setup.install(flags.FLAGS)
   platforms.skip_absent_tpu()
   return rest
+
+
+def _innermost_message(e: BaseException) -> str:
+  while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError(message))
+    e = e.args[0]
+  return str(e).replace("\n", "; ")
+
+
+def unknown_key_message(flag_values, args) -> str | None:
+  """'unknown config key train.chekpoint_every (in --config.train.chekpoint_every=3); closest
+  known keys: train.checkpoint_every, ...' for the first `--<config flag>.<key>` override naming
+  a key its loaded config lacks; None if none does. Only that flag and the closest keys
+  (difflib), not every override of the command line."""
+  import difflib
+  keys_of = {}  # config flag -> its config's keys (None: not a config file flag)
+  for arg in args:
+    name, _, _ = arg.lstrip("-").partition("=")
+    flag, _, key = name.partition(".")
+    if not key or flag not in flag_values:
+      continue
+    if flag not in keys_of:
+      config = _loaded_config(flag, args)
+      keys_of[flag] = None if config is None else _dotted_keys(config)
+    known = keys_of[flag]
+    if known is None:
+      continue
+    if key in known:
+      continue
+    leaves = [k for k in known if not any(other.startswith(k + ".") for other in known)]
+    close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+    if not close:  # nothing alike: the closest keys of the section the override names
+      section = key.rpartition(".")[0]
+      pool = ([k for k in leaves if k.startswith(section + ".")] if section in known else
+              [k for k in known if "." not in k])
+      close = difflib.get_close_matches(key, pool, n=3, cutoff=0.0)
+    hint = f"; closest known keys: {', '.join(close)}" if close else ""
+    return f"unknown config key {key!r} (in {arg}){hint}"
+  return None
+
+
+def _loaded_config(name: str, args):
+  """The ConfigDict of config_flags flag `name`, loaded again from the file its `--name=` arg
+  gives (a failed override leaves the flag without a value); None for other flags."""
+  import ml_collections
+
+  from pn_jax.config import load_config
+  specs = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+  if not specs or ".py" not in specs[-1]:  # not a config file flag
+    return None
+  try:
+    config = load_config(specs[-1])
+  except Exception:  # noqa: BLE001 - no suggestion then; the flag's own error stands
+    return None
+  return config if isinstance(config, ml_collections.ConfigDict) else None
+
+
+def _dotted_keys(config, prefix: str = "") -> list[str]:
+  """Every key of a ConfigDict, sections and leaves, as dotted paths."""
+  out = []
+  for k, v in config.items():
+    out.append(prefix + k)
+    if hasattr(v, "items") and not isinstance(v, str):
+      out.extend(_dotted_keys(v, prefix + k + "."))
+  return out
 
 
 def _innermost(e: BaseException, kind: type) -> BaseException | None:

@@ -119,6 +119,8 @@ def build_corpus(exp, root: str) -> str:
   trained on the rest (tokenizer, pretraining, finished cells) valid."""
   src = corpus_lib.resolve_root(exp.source, "data_cache")
   out = os.path.join(root, "corpus")
+  for domain in exp.domains:  # a typo is not a missing `prepare`
+    corpus_lib.check_domain(src, domain, "exp.domains")
   for domain in (None, *exp.domains):
     for split in corpus_lib.SPLITS:
       path = corpus_lib.split_path(out, split, domain)

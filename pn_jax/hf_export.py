@@ -137,7 +137,8 @@ def save(out_dir: str, params, cfg: ModelConfig, *, tokenizer: str,
     with open(os.path.join(new, README), "w") as f:
       f.write(readme(config))
 
-  return safetensors_io.write_export(out_dir, write, FILES, FORMAT)
+  return safetensors_io.write_export(out_dir, write, FILES, FORMAT,
+                                     needed=sum(t.nbytes for t in tensors.values()))
 
 
 def readme(config: dict) -> str:

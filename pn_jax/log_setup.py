@@ -11,6 +11,11 @@ the levels to absl, unfiltered. `concise` and `warning` also hide the NOTICES: w
 a library only confirms a setting pn-jax chose (orbax, on every read-only checkpoint directory
 a specialize or eval opens).
 
+A checkpoint save that the filesystem refuses (a full disk) is reported in one line by
+pn_jax.train.checkpoint; at `concise` and `warning` the tracebacks that orbax's background threads
+log for it, and the "Event loop is closed" errors that tensorstore's late callbacks raise after
+it, are not shown (StorageNoiseFilter, `_quiet_unraisable`).
+
 Every level also writes log lines with tqdm's bars cleared first and redrawn after, so a line
 never lands at the end of the progress bar's line.
 """
@@ -25,6 +30,8 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
+
+from pn_jax import storage
 
 LEVELS = {"concise": logging.INFO, "info": logging.INFO, "debug": logging.DEBUG,
           "warning": logging.WARNING}
@@ -71,6 +78,30 @@ class ConciseFilter(logging.Filter):
     return is_own(record)
 
 
+class StorageNoiseFilter(logging.Filter):
+  """Drops a library's error record whose exception is the filesystem refusing a write: orbax
+  logs each failed write of a checkpoint save with its traceback (6-27 per save), and
+  pn_jax.train.checkpoint reports the failure in one line naming the surviving step."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or is_own(record) or not record.exc_info:
+      return True
+    return storage.error_code(record.exc_info[1]) is None
+
+
+def _quiet_unraisable(previous):
+  """A sys.unraisablehook that drops asyncio's "Event loop is closed" raised in a callback that
+  tensorstore runs after orbax's event loop has ended (after a failed write); others go on to
+  `previous`."""
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.pn_jax_quiet = True
+  return hook
+
+
 class BarSafeHandler(logging.Handler):
   """Emits through `inner` (absl's handler) inside tqdm.external_write_mode: the bar is cleared,
   the line written, the bar redrawn."""
@@ -110,7 +141,7 @@ def install(flag_values=flags.FLAGS) -> str | None:
     absl_logging.set_verbosity("info" if level == "concise" else level)
     logging.getLogger().setLevel(LEVELS[level])  # (set_verbosity does it only the first time)
   handler = _bar_safe_root_handler()
-  for f in [f for f in handler.filters if isinstance(f, ConciseFilter)]:
+  for f in [f for f in handler.filters if isinstance(f, (ConciseFilter, StorageNoiseFilter))]:
     handler.removeFilter(f)
   if level in ("concise", "warning"):
     for name in LIBRARY_LOGGERS:
@@ -118,6 +149,10 @@ def install(flag_values=flags.FLAGS) -> str | None:
         logging.getLogger(name).setLevel(logging.WARNING)
   if level in ("concise", "warning"):  # (at "warning" only the NOTICES are left to hide)
     handler.addFilter(ConciseFilter())
+  if level in ("concise", "warning"):
+    handler.addFilter(StorageNoiseFilter())
+    if not getattr(sys.unraisablehook, "pn_jax_quiet", False):
+      sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   return level
 
 

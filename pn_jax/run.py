@@ -17,7 +17,6 @@ import ml_collections
 
 from pn_jax import saved_run
 from pn_jax.config import ConfigError, validate
-from pn_jax.data import DataError
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
@@ -60,10 +59,7 @@ def tokenizer_path(root: saved_run.Saved, workdir: str = "") -> str:
 
 
 def check_domain(data: pipeline.RunData, domain: str) -> None:
-  domains = corpus_lib.list_domains(data.root)
-  if domain not in domains:
-    raise DataError(f"config.data.domain={domain!r} is not a domain of corpus {data.root!r}; "
-                    f"available: {domains}")
+  corpus_lib.check_domain(data.root, domain)
 
 
 def run_config(config: ml_collections.ConfigDict, init_from: saved_run.Saved | None,

@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from pn_jax import storage
 from pn_jax.model.model_config import ModelConfig
 from pn_jax.model.transformer import LM
 from pn_jax.train.preflight import WorkdirError
@@ -83,8 +84,10 @@ def _config_problem(out_dir: str, fmt: str) -> str:
 def save(out_dir: str, params, model_cfg: ml_collections.ConfigDict, *, tokenizer_path: str = "",
          metadata: dict | None = None) -> str:
   """Writes the export (write_export: all at once, an earlier export replaced)."""
+  flat = flatten(params)
+
   def write(new: str) -> None:
-    save_file(flatten(params), os.path.join(new, WEIGHTS), metadata={"format": FORMAT})
+    save_file(flat, os.path.join(new, WEIGHTS), metadata={"format": FORMAT})
     info = {"format": FORMAT, "model": model_cfg.to_dict(), **(metadata or {})}
     if tokenizer_path and os.path.exists(tokenizer_path):
       shutil.copyfile(tokenizer_path, os.path.join(new, TOKENIZER))
@@ -92,26 +95,28 @@ def save(out_dir: str, params, model_cfg: ml_collections.ConfigDict, *, tokenize
     with open(os.path.join(new, CONFIG), "w") as f:
       json.dump(info, f, indent=1, default=float)
 
-  return write_export(out_dir, write)
+  return write_export(out_dir, write, needed=sum(a.nbytes for a in flat.values()))
 
 
 def write_export(out_dir: str, write: Callable[[str], None], names=EXPORT_FILES,
-                 fmt: str = FORMAT) -> str:
+                 fmt: str = FORMAT, needed: int | None = None) -> str:
   """Refuses `out_dir` unless check_target(out_dir, names, fmt) passes, then has `write(new)`
   fill a new directory beside `out_dir` and renames it into place: a reader finds the earlier
   complete export or the new one, never a mix (and a failure leaves the earlier one). Files are
-  0644 and the directory 0755, whatever the writing libraries chose."""
+  0644 and the directory 0755, whatever the writing libraries chose. A full disk (about `needed`
+  bytes of weights) is an OutOfSpace error; the new directory is removed."""
   check_target(out_dir, names, fmt)
   parent, name = os.path.split(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   _remove_leftovers(parent, name)
   new = tempfile.mkdtemp(prefix=f".{name}{_NEW}", dir=parent)
   try:
-    write(new)
-    for path, mode in [(os.path.join(new, e), 0o644) for e in os.listdir(new)] + [(new, 0o755)]:
-      os.chmod(path, mode)
-      _fsync(path)  # on disk before the rename that publishes it
-    _publish(new, os.path.join(parent, name))
+    with storage.writing(out_dir, needed=needed):
+      write(new)
+      for path, mode in [(os.path.join(new, e), 0o644) for e in os.listdir(new)] + [(new, 0o755)]:
+        os.chmod(path, mode)
+        _fsync(path)  # on disk before the rename that publishes it
+      _publish(new, os.path.join(parent, name))
   finally:
     shutil.rmtree(new, ignore_errors=True)  # (gone already once published)
   return out_dir

@@ -65,11 +65,19 @@ class Saved:
     return saved
 
 
-def load_saved(workdir: str, step: int | None = None) -> Saved:
-  """The saved config of `workdir`'s checkpoint; CheckpointError saying what is there if none."""
+def load_saved(workdir: str, step: int | None = None, *, mode: str = "") -> Saved:
+  """The saved config of `workdir`'s checkpoint; CheckpointError saying what is there if none.
+  `mode`: the mode reading its own --workdir (eval, sample, export), told to train that run
+  first when it has no checkpoint; without it `workdir` is a source (init_from, a teacher)."""
   if not workdir:
     raise CheckpointError("no checkpoint workdir given (config.init_from is empty)")
   ckpt_dir = os.path.join(workdir, "checkpoints")
+  if mode and not _has_checkpoint(ckpt_dir):
+    found = sorted(os.listdir(workdir))[:12] if os.path.isdir(workdir) else "nothing (no such dir)"
+    raise CheckpointError(f"--workdir {workdir} holds no checkpoint (found: {found}): "
+                          f"--mode={mode} reads a trained run; run --mode=specialize (or "
+                          "--mode=pretrain) with this --workdir first, or pass the --workdir of "
+                          "a run that has finished one")
   if not os.path.isdir(ckpt_dir):
     found = sorted(os.listdir(workdir))[:12] if os.path.isdir(workdir) else "nothing (no such dir)"
     raise CheckpointError(f"{workdir!r} holds no checkpoints/ directory (found: {found}); "
@@ -81,9 +89,7 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
   except CheckpointError:
     raise
   except Exception as e:  # orbax: assorted errors for unreadable items
-    raise CheckpointError(f"checkpoint in {ckpt.directory} has no readable config "
-                          f"({type(e).__name__}: {e}); found steps "
-                          f"{sorted(ckpt.manager.all_steps())}") from e
+    raise ckpt.unreadable_config(step, e) from e
   finally:
     ckpt.close()
   config = ml_collections.ConfigDict(raw)
@@ -94,14 +100,19 @@ def load_saved(workdir: str, step: int | None = None) -> Saved:
   return Saved(workdir=os.path.abspath(workdir), config=config, step=step)
 
 
-def load_result(workdir: str) -> Saved:
+def _has_checkpoint(ckpt_dir: str) -> bool:
+  """Whether `ckpt_dir` holds a complete step (orbax's temporary directories do not count)."""
+  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def load_result(workdir: str, *, mode: str = "") -> Saved:
   """The checkpoint that is `workdir`'s model, for eval, sample and export: a finished
   specialization's best step (specialize.json's best_step: the model whose test perplexity it
   reports, not the later steps early stopping ran past), else the latest checkpoint (with a
-  warning for a specialization that has not finished)."""
+  warning for a specialization that has not finished). `mode`: as in load_saved."""
   path = os.path.join(workdir, RESULT)
   if not os.path.exists(path):
-    saved = load_saved(workdir)
+    saved = load_saved(workdir, mode=mode)
     if saved.config.get("init_from"):
       logging.warning("%s has no %s (its specialization has not finished): using its latest "
                       "checkpoint, step %d", workdir, RESULT, saved.step)
@@ -113,7 +124,8 @@ def load_result(workdir: str) -> Saved:
     raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); rerun the "
                           "specialization to rewrite it") from e
   try:
-    return dataclasses.replace(load_saved(workdir, best), chosen=f"best_step of {RESULT}")
+    return dataclasses.replace(load_saved(workdir, best, mode=mode),
+                               chosen=f"best_step of {RESULT}")
   except MissingStep as e:
     raise CheckpointError(f"{path} reports best step {best}, the model it measured, but "
                           f"{workdir} no longer keeps it (checkpoints {e.steps}); rerun the "

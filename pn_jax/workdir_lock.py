@@ -69,7 +69,7 @@ def held_message(workdir: str, info: dict, flag: str = "--workdir") -> str:
 def try_lock(workdir: str, what: str, flag: str = "--workdir") -> int | None:
   """Locks `workdir` (creating it); -> the LOCK file's descriptor, or None when the filesystem
   cannot lock (a warning says so). WorkdirError if another process holds it."""
-  path = check_writable(workdir)
+  path = check_writable(workdir, flag)
   lock_path = os.path.join(path, LOCK)
   try:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -145,3 +145,74 @@ def random_batch(config, seed: int = 0, cluster=None) -> dict:
   batch["cluster"] = (rng.integers(0, config.model.k, (B,), dtype=np.int32) if cluster is None
                       else cluster)
   return batch
+
+
+class FullDisk:
+  """A filesystem under `root` that runs out of space: once `allow` files have been written
+  there (through Python's open/io.open/os.fdopen: json, jsonl, npz, copies), the next write()
+  raises ENOSPC, as a full disk does. Files elsewhere are untouched. `install(monkeypatch)`."""
+
+  def __init__(self, root, allow: int = 0):
+    import io
+    import os
+    self.root, self.allow, self.written, self.failed = os.path.realpath(root), allow, 0, []
+    self._open, self._io_open, self._fdopen = open, io.open, os.fdopen
+
+  def _inside(self, path) -> bool:
+    import os
+    return isinstance(path, (str, os.PathLike)) and os.path.realpath(path).startswith(
+        self.root + os.sep)
+
+  def _wrap(self, f, path):
+    disk = self
+
+    class Filling:
+      def __getattr__(self, name):
+        return getattr(f, name)
+
+      def __enter__(self):
+        return self
+
+      def __exit__(self, *exc):
+        self.close()
+
+      def __iter__(self):
+        return iter(f)
+
+      def write(self, data):
+        if disk.written >= disk.allow:
+          disk.failed.append(str(path))
+          raise OSError(28, "No space left on device")
+        return f.write(data)
+
+      def close(self):
+        disk.written += 1
+        return f.close()
+
+    return Filling()
+
+  def open(self, file, mode="r", *args, **kwargs):
+    f = self._io_open(file, mode, *args, **kwargs)
+    writing = any(c in mode for c in "wax+")
+    return self._wrap(f, file) if writing and self._inside(file) else f
+
+  def fdopen(self, fd, mode="r", *args, **kwargs):
+    import os
+    f = self._fdopen(fd, mode, *args, **kwargs)
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    return self._wrap(f, path) if any(c in mode for c in "wax+") and self._inside(path) else f
+
+  def install(self, monkeypatch):
+    import builtins
+    import io
+    import os
+    monkeypatch.setattr(builtins, "open", self.open)
+    monkeypatch.setattr(io, "open", self.open)
+    monkeypatch.setattr(os, "fdopen", self.fdopen)
+    return self
+
+
+def temp_files(root) -> list[str]:
+  """Files under `root` that a writer leaves only when it did not clean up after a failure."""
+  return sorted(str(p) for p in pathlib.Path(root).rglob("*")
+                if ".tmp" in p.name or p.name.endswith(".training") or ".new-" in p.name)

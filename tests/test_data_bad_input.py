@@ -117,7 +117,7 @@ def test_domain_without_text(tmp_path):
   with pytest.raises(DataError, match="domain 'empty_domain' has no text"):
     batches.domain_batches(rd, "empty_domain", "train",
                            batch_size=config.data.batch_size, seed=config.seed)
-  with pytest.raises(DataError, match="domain 'nope' not found.*empty_domain"):
+  with pytest.raises(DataError, match="unknown domain 'nope'; .*has the domains empty_domain"):
     batches.domain_batches(rd, "nope", "train",
                            batch_size=config.data.batch_size, seed=config.seed)
   config.data.domain = "empty_domain"

@@ -75,5 +75,5 @@ def test_export_refuses_bad_input(pn_checkpoint, tmp_path):
   workdir, config, _ = pn_checkpoint
   with pytest.raises(ConfigError, match="sample.cluster"):
     modes.MODES["export"](config, workdir)  # a PN needs an expert to export
-  with pytest.raises(CheckpointError, match="no checkpoints"):
+  with pytest.raises(CheckpointError, match="holds no checkpoint .*run --mode=specialize"):
     modes.MODES["export"](config, str(tmp_path / "empty"))

@@ -229,8 +229,8 @@ def test_nan_skip_leaves_params_unchanged_and_counts(prepared, tmp_path, monkeyp
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.train.step=5",
-     'error: ConfigError: unknown config key \'step\'; Did you mean "steps" instead of "step"? '
-     "(in --config.train.step)"),
+     "error: ConfigError: unknown config key 'train.step' (in --config.train.step=5); closest "
+     "known keys: train.steps"),
     ("--config.model.k=2.5",
      "error: UsageError: flag --config.model.k=2.5: invalid literal for int() with base 10: "
      "'2.5'"),

@@ -389,3 +389,23 @@ def test_teacher_targets_are_computed_on_the_mesh():
       logits = model.apply({"params": params}, want_inputs["inputs"], want_inputs["cluster"])
       want = jax.nn.log_softmax(np.asarray(logits, np.float32) / 2.0, axis=-1)
       np.testing.assert_allclose(np.asarray(targets), want, atol=1e-5)
+
+
+def test_a_corrupt_source_step_points_to_init_step(pretrained, tmp_path):
+  """A torn file in the source's latest step: the fix is another step of the source (which
+  specialize only reads), not moving files of it aside."""
+  import shutil
+  from conftest import snapshot
+  source = shutil.copytree(pretrained, tmp_path / "pn")
+  for f in (source / "checkpoints" / "20" / "params").rglob("d/*"):
+    with open(f, "r+b") as fh:
+      fh.truncate(8)
+  before = snapshot(source)
+  with pytest.raises(CheckpointError) as err:
+    modes.MODES["specialize"](finetune_config(str(source)), str(tmp_path / "pn_legal"))
+  message = str(err.value)
+  assert message.startswith(f"config.init_from={source}: its checkpoint step 20 is corrupt or "
+                            "incomplete ("), message
+  assert message.endswith("; pass --config.init_step=<an earlier good step> (e.g. "
+                          "--config.init_step=10; its steps: [10])"), message
+  assert "aside" not in message and snapshot(source) == before

@@ -26,6 +26,8 @@ import tempfile
 
 import numpy as np
 
+from pn_jax import storage
+
 STAGES = ("docs", "embed", "clusters", "packed")
 
 
@@ -88,15 +90,12 @@ class ArtefactStore:
     path = self.path(stage, stage_key)
     fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{stage}-{stage_key}.",
                                suffix=".tmp.npz")
-    try:
+    with storage.writing(path, needed=sum(np.asarray(a).nbytes for a in arrays.values()),
+                         temp=tmp):  # (removed on any failure; a full disk: OutOfSpace)
       with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)
       os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
       os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
 
 
 def json_array(obj) -> np.ndarray:

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from pn_jax import storage
 from pn_jax.data.errors import DataError
 from pn_jax.data.corpus import write_json
 
@@ -66,9 +67,10 @@ class ClusterModel:
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     arrays = dict(self.arrays, centroids=self.centroids)
-    tmp = os.path.join(directory, ".model.npz.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, os.path.join(directory, "model.npz"))
+    tmp, path = os.path.join(directory, ".model.npz.tmp.npz"), os.path.join(directory, "model.npz")
+    with storage.writing(path, needed=sum(a.nbytes for a in arrays.values()), temp=tmp):
+      np.savez(tmp, **arrays)
+      os.replace(tmp, path)
     write_json(os.path.join(directory, "meta.json"), dict(self.meta, embedding=self.embedding))
 
 

@@ -15,6 +15,7 @@ moved into place with `os.replace`, so a crash never leaves a half-written split
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import html.parser
@@ -25,6 +26,7 @@ import tempfile
 import unicodedata
 from typing import Iterable, Iterator
 
+from pn_jax import storage
 from pn_jax.data.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -175,17 +177,21 @@ def _atomic_path(path: str) -> str:
 
 
 def write_json(path: str, obj) -> None:
-  """Atomically (temp file + rename); numpy scalars are written as floats."""
+  """Atomically (temp file + rename); numpy scalars are written as floats. A full disk is an
+  OutOfSpace error, the temporary file removed and an earlier `path` kept."""
+  text = json.dumps(obj, indent=1, sort_keys=True, default=float)
   tmp = _atomic_path(path)
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  with storage.writing(path, needed=len(text.encode()), temp=tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
 
 
 def write_docs(path: str, docs: Iterable[dict]) -> dict:
   """Writes documents atomically to ArrayRecord (or JSON lines if `path` ends in .jsonl).
 
-  Returns {docs, bytes, sha256}; on any error the destination is left untouched.
+  Returns {docs, bytes, sha256}; on any error the destination is left untouched (a full disk:
+  OutOfSpace, the temporary file removed).
   """
   tmp = _atomic_path(path)
   jsonl = path.endswith(".jsonl")
@@ -205,13 +211,25 @@ def write_docs(path: str, docs: Iterable[dict]) -> dict:
       digest.update(rec)
       n += 1
       size += len(doc["text"].encode("utf-8"))
-    close()
-  except BaseException:
-    close()
+    close()  # (ArrayRecord's writer raises a failed write here, as RuntimeError('... No space'))
+  except BaseException as e:
+    with contextlib.suppress(Exception):  # (a writer that failed may fail to close again)
+      close()
     os.remove(tmp)
+    if storage.is_out_of_space(e):
+      raise storage.OutOfSpace(storage.message(path, storage.error_code(e),
+                                               _record_bytes(docs))) from e
     raise
   os.replace(tmp, path)
   return {"docs": n, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def _record_bytes(docs) -> int | None:
+  """The bytes write_docs' records of `docs` take (None for a one-pass iterator)."""
+  if not isinstance(docs, (list, tuple)):
+    return None
+  return sum(len(json.dumps({"text": d["text"], "source": d.get("source", "")},
+                            ensure_ascii=False).encode("utf-8")) + 1 for d in docs)
 
 
 def _records(path: str) -> list[bytes]:
@@ -282,11 +300,24 @@ def list_domains(root: str) -> list[str]:
   return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
+def check_domain(root: str, domain: str, key: str = "config.data.domain") -> None:
+  """DataError for a domain that the corpus at `root` does not hold (a typo, not a missing
+  `prepare`): the known domains and the closest one. A missing corpus is left to the readers,
+  whose errors say how to prepare it."""
+  domains = list_domains(root)
+  if domain in domains or not os.path.isdir(root):
+    return
+  import difflib
+  close = difflib.get_close_matches(domain, domains, n=1, cutoff=0.5)
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  raise DataError(f"{key}: unknown domain {domain!r}; corpus {root} has the domains "
+                  f"{', '.join(domains) or '(none)'}{hint}")
+
+
 def load_texts(root: str, split: str, domain: str = "") -> list[str]:
   """The non-empty document texts of one split; DataError naming the domain if there are none."""
-  if domain and not os.path.isdir(os.path.join(root, "domains", domain)):
-    raise DataError(f"domain {domain!r} not found under {root!r}/domains; available: "
-                    f"{list_domains(root)}; set config.data.domain to one of them")
+  if domain:
+    check_domain(root, domain)
   path = split_path(root, split, domain)
   texts = [d["text"] for d in read_docs(path) if d["text"].strip()]
   if not texts:

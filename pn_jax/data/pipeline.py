@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from pn_jax import storage
 from pn_jax.data.errors import DataError
 from pn_jax.data import cache as cache_lib
 from pn_jax.data import clusters as clusters_lib
@@ -149,9 +150,10 @@ def _train_tokenizer(config, root: str, path: str, inputs: dict | None) -> tok_l
                                 int(config.seed),
                                 max_chars=int(config.data.get("tokenizer_sample_chars",
                                                               20_000_000)))
-  if inputs is not None:
-    provenance.write_tokenizer_record(os.path.dirname(path), inputs, tok.fingerprint())
-  os.replace(tmp, path)
+  with storage.writing(path, temp=tmp):  # a record that cannot be written: no tokenizer either
+    if inputs is not None:
+      provenance.write_tokenizer_record(os.path.dirname(path), inputs, tok.fingerprint())
+    os.replace(tmp, path)
   return tok_lib.load_tokenizer(path)
 
 

@@ -23,8 +23,10 @@ import subprocess
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from typing import Callable, Iterator
 
+from pn_jax import storage
 from pn_jax.data.errors import DataError
 from pn_jax.data.corpus import chunk_text, clean_text, decode_bytes, html_to_text
 
@@ -144,8 +146,45 @@ def _run(cmd: list[str], cwd: str, hint: str = "") -> str:
     raise DataError(f"`{cmd[0]}` is not installed; `prepare` needs apt-get/dpkg-deb for Debian "
                     "sources, pip for PyPI sources and npm for npm sources") from e
   except subprocess.CalledProcessError as e:
+    for code in storage.SPACE_ERRNOS:  # a full disk is not the network's fault
+      if os.strerror(code) in (e.stderr or ""):
+        raise storage.OutOfSpace(f"`{' '.join(cmd)}` (in {cwd}) failed: "
+                                 f"{storage.message(cwd, code, cleaned=False)}") from e
     raise DataError(f"`{' '.join(cmd)}` failed:\n{e.stderr[-2000:]}\n{hint}Check the network to "
                     "the package registry (run `apt-get update` once for Debian sources)") from e
+
+
+# What reading a cut-short or corrupted archive raises (tar.gz / zip members).
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error)
+
+
+def _damaged(archive: str, unpacking: str, detail: str) -> DataError:
+  """A cached package archive that cannot be read (a download cut short, a truncated copy) is
+  deleted with its half-unpacked directory, so the rerun downloads it again instead of
+  failing on the same file."""
+  for path in (archive, unpacking):
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+      os.remove(path)
+  return DataError(f"package archive {archive} is damaged ({detail}); it was deleted: rerun "
+                   "`python -m pn_jax.data prepare` to download it again")
+
+
+def _unpack_deb(archive: str, tmp: str, pkg_dir: str) -> None:
+  """`dpkg-deb -x`; a failure whose archive does not list either (`dpkg-deb --contents` reads
+  it through, writing nothing) is a damaged archive, not a registry or network problem."""
+  try:
+    _run(["dpkg-deb", "-x", archive, tmp], cwd=pkg_dir)
+  except DataError as e:
+    if not isinstance(e.__cause__, subprocess.CalledProcessError):
+      raise  # dpkg-deb not installed
+    check = subprocess.run(["dpkg-deb", "--contents", archive], cwd=pkg_dir,
+                           capture_output=True, text=True)
+    if check.returncode == 0:
+      raise
+    detail = " ".join((check.stderr or e.__cause__.stderr or "").split())[-300:]
+    raise _damaged(archive, tmp, f"dpkg-deb: {detail}") from None
 
 
 def _fetch_npm(source: Source, pkg_dir: str) -> str:
@@ -187,7 +226,7 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
       tmp = out + ".tmp"
       _run(["rm", "-rf", tmp], cwd=pkg_dir)
       os.makedirs(tmp)
-      _run(["dpkg-deb", "-x", archive, tmp], cwd=pkg_dir)
+      _unpack_deb(archive, tmp, pkg_dir)
       os.replace(tmp, out)
     return out, version, archive
   if source.registry == N:
@@ -196,8 +235,11 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
     if not os.path.isdir(out):
       tmp = out + ".tmp"
       shutil.rmtree(tmp, ignore_errors=True)
-      with tarfile.open(archive) as t:
-        t.extractall(tmp, filter="data")
+      try:
+        with storage.writing(out, temp=tmp), tarfile.open(archive) as t:
+          t.extractall(tmp, filter="data")
+      except _ARCHIVE_ERRORS as e:  # a download cut short
+        raise _damaged(archive, tmp, f"{type(e).__name__}: {e}") from None
       os.replace(tmp, out)
     return out, source.version, archive
   if source.registry != P:
@@ -215,11 +257,10 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
     tmp = out + ".tmp"
     _run(["rm", "-rf", tmp], cwd=pkg_dir)
     try:
-      with zipfile.ZipFile(archive) as z:
+      with storage.writing(out, temp=tmp), zipfile.ZipFile(archive) as z:
         z.extractall(tmp)
-    except zipfile.BadZipFile as e:  # a download cut short
-      raise DataError(f"package archive {archive} is damaged ({e}); delete it and rerun "
-                      "`python -m pn_jax.data prepare` to download it again") from None
+    except _ARCHIVE_ERRORS as e:  # a download cut short
+      raise _damaged(archive, tmp, f"{type(e).__name__}: {e}") from None
     os.replace(tmp, out)
   return out, source.version, archive
 

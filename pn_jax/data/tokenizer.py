@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pn_jax import storage
 from pn_jax.data import DataError
 
 BYTE = "byte"
@@ -161,7 +162,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, seed: 
                     f"may not support vocab_size={vocab_size}: lower config.model.vocab_size")
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out_path)), suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, out_path)
+  with storage.writing(out_path, needed=len(model.getvalue()), temp=tmp):
+    with os.fdopen(fd, "wb") as f:
+      f.write(model.getvalue())
+    os.replace(tmp, out_path)
   return load_tokenizer(out_path)

@@ -31,7 +31,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   """The caller's eval settings (batch, eval_batches, domain, mesh) on the model of `workdir`'s
   checkpoint (saved_run.load_result's: a finished specialization's best step, else the latest;
   or `step`) and the data of its pretraining run."""
-  saved = saved_run.load_saved(workdir, step) if step else saved_run.load_result(workdir)
+  saved = (saved_run.load_saved(workdir, step, mode="eval") if step
+           else saved_run.load_result(workdir, mode="eval"))
   domain = config.data.domain
   run = open_run(_eval_settings(config, saved), workdir, init_from=saved,
                  domain="" if domain == "all" else domain)

@@ -50,7 +50,7 @@ def _export(config: ml_collections.ConfigDict, workdir: str) -> dict:
     safetensors_io.check_target(out, hf_export.FILES, hf_export.FORMAT)  # before any work
   else:
     safetensors_io.check_target(out)
-  saved = saved_run.load_result(workdir)
+  saved = saved_run.load_result(workdir, mode="export")
   if fmt == "hf":  # before the checkpoint is read: nothing is written for a gpt model
     hf_export.check_llama(ModelConfig.from_config(saved.model), saved.describe())
   run = open_run(config, workdir, init_from=saved, load_data=False)

@@ -22,7 +22,7 @@ from pn_jax.specialize.project import project
 def sample_mode(config, workdir: str) -> dict:
   """The sample mode: config.sample.* from `workdir`'s model (any model kind)."""
   validate(config)  # the sampling flags, before a checkpoint is read
-  saved = saved_run.load_result(workdir)
+  saved = saved_run.load_result(workdir, mode="sample")
   s = config.sample
   cluster = expert_of(int(s.cluster), saved.model, saved.describe())
   if s.top_k > saved.model.vocab_size:

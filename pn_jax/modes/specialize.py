@@ -45,7 +45,8 @@ from pn_jax.specialize.distill import TeacherIterator
 from pn_jax.specialize.project import project
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import loop, resume_check
-from pn_jax.train.checkpoint import CheckpointError, Checkpointer, MissingStep
+from pn_jax.train.checkpoint import (CheckpointError, Checkpointer, CorruptCheckpoint,
+                                     MissingStep)
 from pn_jax.train.step import make_eval_step
 
 SUMMARY = saved_run.RESULT
@@ -216,7 +217,10 @@ def _initial_params(run: Run, summary: dict):
   """The fine-tuning's start: init_from's params, projected onto the picked expert if routed
   (the choice goes into `summary`)."""
   pre = run.source
-  pre_params = saved_run.restore_params(pre, run.mesh, run.rules)
+  try:
+    pre_params = saved_run.restore_params(pre, run.mesh, run.rules)
+  except CorruptCheckpoint as e:
+    raise _corrupt_source(run.config, e) from e
   if not routed(pre.model):
     return pre_params
   cluster, info = pick_expert(run, pre_params)
@@ -262,6 +266,20 @@ def _load_init(config) -> saved_run.Saved:
   except MissingStep as e:
     raise CheckpointError(f"config.init_step={config.init_step}: {e}; pick one of those steps, "
                           "or 0 for the latest") from e
+  except CorruptCheckpoint as e:
+    raise _corrupt_source(config, e) from e
+
+
+def _corrupt_source(config, e: CorruptCheckpoint) -> CheckpointError:
+  """A corrupt step of init_from: the fix is another step of it (config.init_step), not moving
+  files of a run this one only reads."""
+  earlier = [s for s in e.others if s < e.step]
+  fix = (f"pass --config.init_step=<an earlier good step> (e.g. --config.init_step={earlier[-1]};"
+         f" its steps: {e.others})" if earlier else
+         f"pass --config.init_step=<another step> (its steps: {e.others})" if e.others else
+         "it has no other step: repair or retrain that run")
+  return CheckpointError(f"config.init_from={config.init_from}: its checkpoint step {e.step} is "
+                         f"corrupt or incomplete ({e.detail}); {fix}")
 
 
 def _with_teacher(run: Run, train_iter):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from pn_jax import storage
 
 
 class CheckpointError(RuntimeError):
@@ -32,28 +33,28 @@ class MissingStep(CheckpointError):
     self.steps = steps
 
 
+class CorruptCheckpoint(CheckpointError):
+  """A saved step that cannot be read (a torn or missing file). `detail`: what failed;
+  `others`: the run's other steps. The message says how to resume this run past it; a run that
+  only reads it (specialize's init_from) says how to pick another step instead."""
+
+  def __init__(self, message: str, step: int, detail: str, others: list[int]):
+    super().__init__(message)
+    self.step, self.detail, self.others = step, detail, others
+
+
 def _brief(e: Exception) -> str:
   """One line of an orbax/tensorstore error, without the multi-kB tensorstore spec dump."""
   text = " ".join(str(e).split("[tensorstore_spec=")[0].split())
   return f"{type(e).__name__}: {text[:400]}"
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
 def storage_failure(e: BaseException) -> str | None:
   """'No space left on device (errno 28)' if `e` (or what caused it) is the filesystem refusing
   a write, else None. tensorstore reports those as ValueError('RESOURCE_EXHAUSTED: ... [os_error_
-  code='28']'), raised from orbax's background threads, not as OSError."""
-  while e is not None:
-    if isinstance(e, OSError) and e.errno:
-      return f"{os.strerror(e.errno)} (errno {e.errno})"
-    match = _OS_ERROR_CODE.search(str(e))
-    if match:
-      code = int(match.group(1))
-      return f"{os.strerror(code)} (errno {code})"
-    e = e.__cause__ or e.__context__
-  return None
+  code='28']'), raised from orbax's background threads, not as OSError (storage.error_code)."""
+  code = storage.error_code(e)
+  return None if code is None else f"{os.strerror(code)} (errno {code})"
 
 
 def _shape_tree(tree) -> dict[str, tuple]:
@@ -216,12 +217,17 @@ class Checkpointer:
                         f"{steps}", steps)
     return step
 
-  def _unreadable(self, step: int, e: Exception, what: str = "") -> CheckpointError:
+  def _unreadable(self, step: int, e: Exception, what: str = "") -> CorruptCheckpoint:
     others = sorted(s for s in self.manager.all_steps() if s != step)
     fix = (f"move {os.path.join(self.directory, str(step))} aside to resume from step "
            f"{others[-1]}" if others else "restart from scratch in a fresh --workdir")
-    return CheckpointError(f"checkpoint step {step} in {self.directory} is corrupt or incomplete"
-                           f"{what} ({_brief(e)}); {fix}")
+    detail = f"{what.lstrip(': ')}{' ' if what else ''}({_brief(e)})"
+    return CorruptCheckpoint(f"checkpoint step {step} in {self.directory} is corrupt or "
+                             f"incomplete{what} ({_brief(e)}); {fix}", step, detail, others)
+
+  def unreadable_config(self, step: int, e: Exception) -> CorruptCheckpoint:
+    """The error for a step whose saved config cannot be read (saved_run.load_saved)."""
+    return self._unreadable(step, e, ": its config is unreadable")
 
   def _check(self, step: int, item: str, expected) -> None:
     try:

@@ -36,8 +36,9 @@ def state_bytes(abstract_state) -> int:
                  for x in jax.tree.leaves(abstract_state) if hasattr(x, "shape")))
 
 
-def check_writable(workdir: str) -> str:
-  """Creates `workdir` if needed and writes+removes a probe file there; -> its absolute path."""
+def check_writable(workdir: str, flag: str = "--workdir") -> str:
+  """Creates `workdir` if needed and writes+removes a probe file there; -> its absolute path.
+  `flag` names the directory in the error (--workdir, or the drivers' --root)."""
   path = os.path.abspath(workdir)
   try:
     os.makedirs(path, exist_ok=True)
@@ -47,7 +48,7 @@ def check_writable(workdir: str) -> str:
       os.fsync(f.fileno())
   except OSError as e:
     where = e.filename or path
-    raise WorkdirError(f"--workdir {path} is not writable ({e.strerror or e} at {where}); "
+    raise WorkdirError(f"{flag} {path} is not writable ({e.strerror or e} at {where}); "
                        "choose a writable directory") from e
   return path
 
