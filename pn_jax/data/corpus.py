@@ -19,6 +19,7 @@ import hashlib
 import html
 import html.parser
 import json
+import math
 import os
 import re
 import tempfile
@@ -195,11 +196,31 @@ def _atomic_path(path: str) -> str:
   return tmp
 
 
+def strict_json(obj):
+  """`obj` with every non-finite float (nan, inf: a skipped step's loss) as None, numpy scalars as
+  Python numbers: what json.dumps(..., allow_nan=False) writes as strict JSON (its default
+  writes a bare NaN, which JSON parsers other than Python's refuse)."""
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # a numpy scalar
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def dumps(obj, **kwargs) -> str:
+  """json.dumps as strict JSON (strict_json); numpy scalars are written as numbers."""
+  return json.dumps(strict_json(obj), allow_nan=False, default=float, **kwargs)
+
+
 def write_json(path: str, obj) -> None:
-  """Atomically (temp file + rename); numpy scalars are written as floats."""
+  """Atomically (temp file + rename), as strict JSON (`dumps`)."""
   tmp = _atomic_path(path)
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True, default=float)
+    f.write(dumps(obj, indent=1, sort_keys=True))
   os.replace(tmp, path)
 
 
