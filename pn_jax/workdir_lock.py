@@ -70,36 +70,37 @@ def held_message(workdir: str, info: dict, flag: str = "--workdir") -> str:
           f"process (see docs/operations.md, 'The workdir lock')")
 
 
-def try_lock(workdir: str, what: str, flag: str = "--workdir") -> int | None:
+def try_lock(workdir: str, what: str, flag: str = "--workdir", *,
+             retry: bool = True) -> int | None:
   """Locks `workdir` (creating it); -> the LOCK file's descriptor, or None when the filesystem
-  cannot lock (a warning says so). WorkdirError if another process holds it."""
-  for attempt in range(3):  # again only if the LOCK file was removed under us (see above)
-    path = check_writable(workdir)
-    lock_path = os.path.join(path, LOCK)
-    try:
-      fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      if e.errno == errno.ENOENT and attempt < 2:  # the workdir was removed under us
-        continue
-      raise WorkdirError(f"{flag} {path}: cannot open {lock_path} ({e.strerror or e}); "
-                         "choose a writable directory") from e
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      os.close(fd)
-      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise WorkdirError(held_message(path, read_holder(lock_path), flag)) from None
-      if e.errno in UNSUPPORTED:
-        logging.warning("%s %s: this filesystem does not support flock (%s): running WITHOUT "
-                        "the workdir lock; make sure no other process uses this directory",
-                        flag, path, os.strerror(e.errno))
-        return None
-      raise
-    if _is_lock_file(fd, lock_path):
-      break
+  cannot lock (a warning says so). WorkdirError if another process holds it. `retry`: once more
+  if the LOCK file (or the workdir) was removed under us (see the module docstring)."""
+  path = check_writable(workdir)
+  lock_path = os.path.join(path, LOCK)
+  try:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    if e.errno == errno.ENOENT and retry:  # the workdir was removed after check_writable
+      return try_lock(workdir, what, flag, retry=False)
+    raise WorkdirError(f"{flag} {path}: cannot open {lock_path} ({e.strerror or e}); "
+                       "choose a writable directory") from e
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
     os.close(fd)
-  else:
-    raise WorkdirError(f"{flag} {path}: its LOCK file keeps being removed while this run locks "
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise WorkdirError(held_message(path, read_holder(lock_path), flag)) from None
+    if e.errno in UNSUPPORTED:
+      logging.warning("%s %s: this filesystem does not support flock (%s): running "
+                      "WITHOUT the workdir lock; make sure no other process uses this directory",
+                      flag, path, os.strerror(e.errno))
+      return None
+    raise
+  if not _is_lock_file(fd, lock_path):  # unlinked between our open and flock: lock the new one
+    os.close(fd)
+    if retry:
+      return try_lock(workdir, what, flag, retry=False)
+    raise WorkdirError(f"{flag} {path}: its LOCK file was removed twice while this run locked "
                        "it; make sure no other process uses this directory")
   try:
     os.ftruncate(fd, 0)
