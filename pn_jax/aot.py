@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -45,30 +46,46 @@ class Chip:
   peak_tflops: float  # dense bf16; pn_jax/train/flops.py's PEAK_FLOPS says the same
   chips_per_host: int  # a 1-chip topology needs chips_per_host_bounds of its own
   pod_type: str  # TPU_ACCELERATOR_TYPE of the slice, {n}: chips (v4, v5p: TensorCores = 2x)
+  max_chips: int  # chips in one pod, the largest slice (the same docs' "pod" figures)
+  max_side: int = 0  # 2D generations (v5e, v6e: a 16x16 torus): chips per dimension; 0: 3D
   chip_config: str = "default"
 
 
 CHIPS = {
     "v4": Chip(hbm_gib=32, peak_tflops=275, chips_per_host=4, pod_type="v4-{cores}",
-               chip_config="megacore"),  # one device per chip, as a v4 VM presents it
-    "v5e": Chip(hbm_gib=16, peak_tflops=197, chips_per_host=4, pod_type="v5litepod-{chips}"),
-    "v5p": Chip(hbm_gib=95, peak_tflops=459, chips_per_host=4, pod_type="v5p-{cores}"),
-    "v6e": Chip(hbm_gib=32, peak_tflops=918, chips_per_host=4, pod_type="v6e-{chips}"),
+               max_chips=4096, chip_config="megacore"),  # one device per chip, as a v4 VM has
+    "v5e": Chip(hbm_gib=16, peak_tflops=197, chips_per_host=4, pod_type="v5litepod-{chips}",
+                max_chips=256, max_side=16),
+    "v5p": Chip(hbm_gib=95, peak_tflops=459, chips_per_host=4, pod_type="v5p-{cores}",
+                max_chips=8960),
+    "v6e": Chip(hbm_gib=32, peak_tflops=918, chips_per_host=4, pod_type="v6e-{chips}",
+                max_chips=256, max_side=16),
 }
 TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 INSTALL = "pip install -e '.[tpu]'"
 
 
 def parse_topology(text: str) -> tuple[str, tuple[int, ...]]:
-  """'v5p:4x4x4' -> ('v5p', (4, 4, 4)); anything else is a UsageError naming the forms."""
+  """'v5p:4x4x4' -> ('v5p', (4, 4, 4)); anything else is a UsageError naming the forms. A slice
+  larger than its generation's pod, or 3D for a 2D generation, is refused here: libtpu aborts
+  the process on some of them (v5e:1000x1000 exits 134) and silently accepts others."""
   match = TOPOLOGY.match(text or "")
   if not match:
     raise cli.UsageError(f"--topology={text!r}: expected <generation>:<chips per dimension>, "
                          f"e.g. v5e:4x4, v5p:4x4x4, v5e:1x1 (generations: {', '.join(CHIPS)})")
-  dims = tuple(int(d) for d in match.group(2).split("x"))
+  generation, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
   if min(dims) < 1:
     raise cli.UsageError(f"--topology={text!r}: every dimension must be >= 1")
-  return match.group(1), dims
+  chip, chips = CHIPS[generation], math.prod(dims)
+  if chip.max_side and (dims[2:] not in ((), (1,)) or max(dims) > chip.max_side):
+    side = chip.max_side
+    raise cli.UsageError(f"--topology={text!r}: {generation} slices are 2D, at most {side}x{side}"
+                         f" chips (e.g. {generation}:4x4, {generation}:{side}x{side})")
+  if chips > chip.max_chips:
+    raise cli.UsageError(f"--topology={text!r}: {chips} chips, but a {generation} slice has at "
+                         f"most {chip.max_chips} (one pod); use a smaller slice, and "
+                         "--num_slices for several")
+  return generation, dims
 
 
 def _libtpu_env(generation: str, chips: int) -> None:
@@ -91,10 +108,7 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     raise cli.UsageError(f"--num_slices={num_slices}: must be >= 1")
   if importlib.util.find_spec("libtpu") is None:
     raise cli.UsageError(f"libtpu is not installed: compiling for a TPU needs it ({INSTALL})")
-  chip = CHIPS[generation]
-  chips = 1
-  for d in dims:
-    chips *= d
+  chip, chips = CHIPS[generation], math.prod(dims)
   _libtpu_env(generation, chips)
   import jax
   from jax.experimental import topologies
@@ -319,7 +333,8 @@ def define_flags():
                        " the mesh's data axis spans them).")
   flags.DEFINE_integer("per_chip_batch", 8, "Sequences per data-parallel chip: the compiled "
                        "step's global batch is this x mesh.data x mesh.fsdp, unless "
-                       "--config.data.batch_size is given (then that global batch).")
+                       "--config.data.batch_size is given (then that global batch).",
+                       lower_bound=1)
   flags.DEFINE_bool("finetune", False, "Compile the fine-tuning step of the dense small model one "
                     "expert projects to (what `specialize` trains) instead of pretraining.")
 

@@ -7,6 +7,8 @@ Files under `configs/` start from `base_config()` and override what their run ki
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 MLP_KINDS = ("dense", "mixture", "projected")
@@ -238,11 +240,23 @@ def _fail(key: str, msg: str):
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
   """Raises ConfigError for any inconsistency; `device_count` also checks the mesh."""
+  _validate_finite(config)
   _validate_sizes(config)
   _validate_model(config)
   _validate_training(config)
   _validate_specialize(config)
   _validate_mesh(config, device_count)
+
+
+def _validate_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """No key takes nan or inf (optim.lr, warmup, clipping, weight decay, temperatures, ...): the
+  range checks below compare with `<`, which nan passes, and a nan learning rate used to fail
+  only at step 2 as a diverged loss."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _validate_finite(value, f"{prefix}{key}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      _fail(f"{prefix}{key}", f"must be a finite number, got {value}")
 
 
 def _validate_sizes(config: ml_collections.ConfigDict) -> None:

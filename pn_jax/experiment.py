@@ -632,8 +632,9 @@ def pretrain_fit(workdir: str, last: int = 8) -> dict:
   eval loss} from a run's metrics.jsonl ({} without one): the gap between them tells
   overfitting (repeated data) from a model that does not fit its data."""
   rows = metrics_lib.read_rows(os.path.join(workdir, metrics_lib.LOG))  # (skips a torn line)
-  train = [r["loss"] for r in rows if r.get("split") == "train"][-last:]
-  valid = [r["loss"] for r in rows if r.get("split") == "eval"]
+  # (a window of skipped non-finite steps logs its loss as null)
+  train = [r["loss"] for r in rows if r.get("split") == "train" and r["loss"] is not None][-last:]
+  valid = [r["loss"] for r in rows if r.get("split") == "eval" and r["loss"] is not None]
   if not train or not valid:
     return {}
   return {"train_loss_end": float(np.mean(train)), "valid_loss_end": float(valid[-1])}

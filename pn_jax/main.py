@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 
@@ -40,7 +39,7 @@ def main(argv):
     logging.exception("process failed")
     distributed.exit_now(1)
   distributed.shutdown()  # on success only: a failed process must not wait at the barrier
-  print(json.dumps({"mode": _MODE.value, **(result or {})}, default=float))
+  print(modes.result_line(_MODE.value, result))
   reason = (result or {}).get("stop_reason", "")
   if reason.startswith("SIG"):  # preempted: checkpoint saved, but the job is not done
     sys.exit(128 + signal.Signals[reason].value)

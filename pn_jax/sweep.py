@@ -14,10 +14,11 @@ Each point runs in <root>/<name> (name from its overrides, e.g. `h=8,m=4`). Mode
   print   one command line per unfinished point (feed them to launch/tpu_vm.sh, xpk, a queue);
   slurm   writes <root>/points.txt and <root>/sweep.sbatch (one array task per unfinished point);
   gather  only collects results: <root>/results.{csv,md,png}.
-A point is finished when its workdir holds the checkpoint of its last step (train.steps), so a
-re-run (after a crash, or with more points) does only what is missing. SIGTERM/SIGINT to a local
-sweep is passed on to the running point, which checkpoints and exits; the sweep then exits
-143/130 and the same command resumes it (PointSignals).
+A point is finished when its workdir holds a complete checkpoint of its last step (train.steps:
+finalized by orbax, with its metadata and items), so a re-run (after a crash, or with more
+points) does only what is missing. `gather` refuses a --root that does not exist. SIGTERM/SIGINT
+to a local sweep is passed on to the running point, which checkpoints and exits; the sweep then
+exits 143/130 and the same command resumes it (PointSignals).
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ def _cli(value) -> str:
 
 
 def is_done(point: Point) -> bool:
-  """The checkpoint of the run's last step exists (orbax renames it into place when complete)."""
-  return os.path.isdir(os.path.join(point.workdir, "checkpoints", str(point.config.train.steps)))
+  """The checkpoint of the run's last step is complete (checkpoint.is_complete: finalized, with
+  its metadata and items); a step directory left empty or torn is not "done": the point runs
+  again (and its own resume says what to do with that step)."""
+  from pn_jax.train import checkpoint
+  return checkpoint.is_complete(point.workdir, int(point.config.train.steps))
 
 
 def share_data(point: Point, points: list[Point]) -> str | None:
@@ -305,6 +309,10 @@ def main(argv=None) -> int:
   from absl import flags
   del argv
   f = flags.FLAGS
+  if f.mode == "gather" and not os.path.isdir(f.root):  # gather reads a root; it makes none
+    from pn_jax import cli
+    raise cli.UsageError(f"--root={f.root} is not a directory: nothing to gather; pass the "
+                         "--root that --mode=local (or the points' jobs) wrote to")
   sweep = load_sweep(f.sweep)
   points = expand(sweep, f.root, python=f.python, extra_args=tuple(f.main_arg or ()))
   from pn_jax import sweep_results

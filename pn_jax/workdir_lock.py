@@ -6,9 +6,13 @@ specialize, importance, export) and the drivers on their roots (pn_jax.experimen
 pn_jax.sweep) hold this lock; a second holder fails at once with a WorkdirError (exit 2) naming
 the holder. The kernel drops an flock when its holder exits, however it exits (kill -9 included),
 so a dead run leaves no stale lock: the LOCK file's content (pid, host, what, since, argv of the
-last holder) is information for the error message, not the lock itself. The file is never
-unlinked: unlinking a locked file lets a third process lock a new file of the same name while
-the second still waits on the old one.
+last holder) is information for the error message, not the lock itself.
+
+A run that created its workdir and fails before writing anything else there (a config or data
+error raised holding the lock) removes it again: LOCK unlinked (still locked), then the empty
+directory. A process that opened the old LOCK before the unlink and locks it after would hold a
+lock on a file no longer in the workdir, so try_lock checks, once locked, that its descriptor is
+still the file named LOCK, and tries again if not. Otherwise the file stays.
 
 Not locked: object-store workdirs ("://" in the path: no flock there), and filesystems whose
 flock does not work (some FUSE or NFS mounts: flock fails with ENOLCK/EOPNOTSUPP/ENOSYS), where
@@ -66,14 +70,18 @@ def held_message(workdir: str, info: dict, flag: str = "--workdir") -> str:
           f"process (see docs/operations.md, 'The workdir lock')")
 
 
-def try_lock(workdir: str, what: str, flag: str = "--workdir") -> int | None:
+def try_lock(workdir: str, what: str, flag: str = "--workdir", *,
+             retry: bool = True) -> int | None:
   """Locks `workdir` (creating it); -> the LOCK file's descriptor, or None when the filesystem
-  cannot lock (a warning says so). WorkdirError if another process holds it."""
+  cannot lock (a warning says so). WorkdirError if another process holds it. `retry`: once more
+  if the LOCK file (or the workdir) was removed under us (see the module docstring)."""
   path = check_writable(workdir, flag)
   lock_path = os.path.join(path, LOCK)
   try:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
+    if e.errno == errno.ENOENT and retry:  # the workdir was removed after check_writable
+      return try_lock(workdir, what, flag, retry=False)
     raise WorkdirError(f"{flag} {path}: cannot open {lock_path} ({e.strerror or e}); "
                        "choose a writable directory") from e
   try:
@@ -88,6 +96,12 @@ def try_lock(workdir: str, what: str, flag: str = "--workdir") -> int | None:
                       flag, path, os.strerror(e.errno))
       return None
     raise
+  if not _is_lock_file(fd, lock_path):  # unlinked between our open and flock: lock the new one
+    os.close(fd)
+    if retry:
+      return try_lock(workdir, what, flag, retry=False)
+    raise WorkdirError(f"{flag} {path}: its LOCK file was removed twice while this run locked "
+                       "it; make sure no other process uses this directory")
   try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder_info(what)) + "\n").encode(), 0)
@@ -98,10 +112,32 @@ def try_lock(workdir: str, what: str, flag: str = "--workdir") -> int | None:
   return fd
 
 
+def _is_lock_file(fd: int, lock_path: str) -> bool:
+  """Whether the locked descriptor is still the file at lock_path (not one unlinked since)."""
+  try:
+    return os.path.samestat(os.fstat(fd), os.stat(lock_path))
+  except FileNotFoundError:
+    return False
+
+
+def _remove_if_only_lock(workdir: str) -> None:
+  """Removes a workdir that holds nothing but its LOCK (called holding the lock, by the run
+  that created the workdir, when that run fails): a refused run leaves no directory behind."""
+  path = os.path.abspath(workdir)
+  try:
+    if os.listdir(path) != [LOCK]:
+      return
+    os.unlink(os.path.join(path, LOCK))
+    os.rmdir(path)  # fails, harmlessly, if another process put a file there meanwhile
+  except OSError as e:
+    logging.warning("could not remove the workdir %s this run created (%s)", path, e)
+
+
 @contextlib.contextmanager
 def hold(workdir: str, what: str, flag: str = "--workdir"):
   """Holds the workdir lock for the `with` block (released on every exit, exceptions included);
-  `flag` names the directory in messages (--workdir, --root).
+  `flag` names the directory in messages (--workdir, --root). A workdir this call created is
+  removed again if the block fails leaving nothing in it but LOCK.
 
   Multi-process: process 0 locks and the outcome is shared (a collective: every process must
   enter), so every process raises the WorkdirError and exits 2, not only process 0.
@@ -110,9 +146,10 @@ def hold(workdir: str, what: str, flag: str = "--workdir"):
     logging.info("%s %s is an object store: not locked", flag, workdir)
     yield
     return
-  fd, error = None, None
+  fd, error, created = None, None, False
   # (is_multiprocess first: a single-process driver, e.g. the sweep, must not start a backend)
   if not distributed.is_multiprocess() or jax.process_index() == 0:
+    created = not os.path.exists(workdir)
     try:
       fd = try_lock(workdir, what, flag)
     except WorkdirError as e:
@@ -122,6 +159,10 @@ def hold(workdir: str, what: str, flag: str = "--workdir"):
                                 "lock it (its error says why)")
   try:
     yield
+  except BaseException:
+    if fd is not None and created:
+      _remove_if_only_lock(workdir)
+    raise
   finally:
     if fd is not None:
       os.close(fd)  # releases the flock; the file stays (see the module docstring)

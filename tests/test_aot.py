@@ -77,6 +77,35 @@ def test_topology_names_are_checked_before_libtpu_loads():
       aot.parse_topology(bad)
 
 
+def test_slices_beyond_their_generation_are_refused_before_libtpu_loads():
+  """Issue 25, item 8: v5e:1000x1000 aborted inside libtpu (exit 134); v5e:2x2x2 (a 3D v5e)
+  compiled as if it existed. Each generation's pod bounds its slices."""
+  for good in ("v5e:16x16", "v5e:2x2x1", "v6e:8x16", "v5p:16x20x28", "v4:16x16x16"):
+    assert aot.parse_topology(good)[0] == good.split(":")[0]
+  for bad, match in [("v5e:1000x1000", "v5e slices are 2D, at most 16x16"),
+                     ("v5e:16x32", "at most 16x16"), ("v6e:32x8", "at most 16x16"),
+                     ("v5e:2x2x2", "v5e slices are 2D"),
+                     ("v5p:4x4x1000", "16000 chips, but a v5p slice has at most 8960"),
+                     ("v4:16x16x32", "8192 chips, but a v4 slice has at most 4096")]:
+    with pytest.raises(cli.UsageError, match=rf"^--topology='{bad}': .*{match}"):
+      aot.parse_topology(bad)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--topology=v5e:1000x1000"], "error: UsageError: --topology='v5e:1000x1000': v5e slices"),
+    (["--topology=v5e:2x2", "--per_chip_batch=0"],
+     "error: UsageError: flag --per_chip_batch=0: 0 is not a positive integer"),
+    (["--topology=v5e:2x2", "--per_chip_batch=-1"],
+     "error: UsageError: flag --per_chip_batch=-1: -1 is not a positive integer"),
+], ids=["v5e_1000x1000", "per_chip_batch_0", "per_chip_batch_-1"])
+def test_bad_slices_and_batches_are_one_line_errors_without_libtpu(args, expected):
+  """--per_chip_batch=0/-1 used to be taken as "not given" (the config's batch compiled)."""
+  code, record, err = run_aot("--config=configs/pn.py:tiny", *args)
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 2 and record is None and lines == [lines[-1]], err[-3000:]
+  assert lines[-1].startswith(expected), lines[-1]
+
+
 def test_missing_libtpu_says_how_to_install(monkeypatch):
   monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(cli.UsageError, match=r"libtpu is not installed.*pip install -e '\.\[tpu\]'"):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIG_SCRIPTS, REPO, copy_workdir, load_config, train_tiny_pn
+from conftest import CONFIG_SCRIPTS, REPO, copy_workdir, load_config, snapshot, train_tiny_pn
 from pn_jax.config import ConfigError, load_module
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -126,6 +126,29 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, request):
   message = last.split(": ", 2)[2]
   assert out.stderr.count(message) == 1, out.stderr[-3000:]  # not logged and printed
   assert len([l for l in out.stderr.splitlines() if l.startswith("error:")]) == 1
+
+
+def _lr_nan(tmp_path, request):
+  return (["-m", "pn_jax.main", "--config=configs/pn.py:tiny", f"--workdir={tmp_path / 'w'}",
+           "--config.optim.lr=nan"],
+          "ConfigError: config.optim.lr: must be a finite number, got nan")
+
+
+def _data_stats_malformed_manifest(tmp_path, request):
+  (tmp_path / "manifest.json").write_text('{"corpora": {"generic": {"splits": [1]}}}')
+  return (["-m", "pn_jax.data", "stats", f"--out={tmp_path}"],
+          f"DataError: {tmp_path}/manifest.json is not a corpus manifest")
+
+
+@pytest.mark.parametrize("case", [_lr_nan, _data_stats_malformed_manifest],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_late_or_wrong_answers_are_one_line_errors_up_front(case, tmp_path, request):
+  """Issue 25, item 8: a nan learning rate trained until step 2; a manifest without corpora
+  gave a traceback. Refused in one line before anything is written (no workdir)."""
+  args, expected = case(tmp_path, request)
+  before = snapshot(tmp_path)
+  test_bad_input_is_one_line_and_exit_2(lambda *_: (args, expected), tmp_path, request)
+  assert snapshot(tmp_path) == before
 
 
 def test_a_crash_keeps_its_traceback_and_exit_1(tmp_path):

@@ -61,3 +61,23 @@ def test_batch_and_sequence_errors():
   cfg.data.seq_len = 4096
   with pytest.raises(ConfigError, match=r"data\.seq_len.*exceeds model\.max_len"):
     validate(cfg)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("pn", "optim.lr", NAN), ("pn", "optim.lr", INF), ("pn", "optim.lr", -INF),
+    ("pn", "optim.clip_norm", NAN), ("pn", "optim.weight_decay", INF), ("pn", "optim.b2", NAN),
+    ("pn", "optim.basis_lr_scale", INF), ("pn", "train.checkpoint_every_minutes", NAN),
+    ("finetune", "optim.lr", NAN), ("finetune", "distill.temperature", INF),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(name, key, value):
+  """Issue 25, item 8: optim.lr=nan passed validation (nan fails no `<` check) and the run
+  diverged at step 2; every float key refuses nan and inf up front."""
+  cfg = load_config(name)
+  section, leaf = key.split(".")
+  cfg[section][leaf] = value
+  with pytest.raises(ConfigError, match=rf"^config\.{key}: must be a finite number, got "
+                                        rf"{value}$"):
+    validate(cfg)

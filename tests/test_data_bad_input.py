@@ -151,3 +151,43 @@ def test_failed_write_leaves_nothing(tmp_path):
   with pytest.raises(RuntimeError):
     corpus_lib.write_docs(path, docs())
   assert os.listdir(tmp_path / "out") == []
+
+
+def test_binary_file_in_a_text_source_is_refused_naming_it(tmp_path):
+  """Issue 25, item 8: random bytes in a `text` source were decoded as Latin-1 and became corpus
+  documents. Binary (NUL or control bytes, not UTF-8) is a DataError naming the file; legacy
+  8-bit text is still converted, and nothing is written."""
+  import numpy as np
+  from pn_jax.data import prepare as prepare_lib
+  from pn_jax.data import sources as sources_lib
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  for i in range(300):
+    (texts / f"doc{i}.txt").write_text(f"Document {i} about kernels and databases. " * 10)
+  (texts / "legacy.txt").write_bytes("Le caf\xe9 est tr\xe8s bon. ".encode("latin-1") * 20)
+  blob = texts / "blob.txt"
+  blob.write_bytes(np.random.default_rng(0).bytes(4096))
+  source = sources_lib.Source("mine", str(texts), "dir", "generic", "mine", "text", ("*.txt",))
+  out = tmp_path / "out"
+  with pytest.raises(DataError, match=rf"^{blob} is not text: its bytes are not UTF-8 .*binary "
+                                      r"data, or UTF-16.*remove it from the source"):
+    prepare_lib.prepare(str(out), sources=[source], progress=False)
+  assert not out.exists()
+  blob.unlink()  # the only problem: without it the source prepares, its Latin-1 file converted
+  prepare_lib.prepare(str(out), sources=[source], progress=False)
+  assert any("Le café est très bon." in t for s in corpus_lib.SPLITS
+             for t in corpus_lib.load_texts(str(out), s))
+  with pytest.raises(DataError, match=r"^u16\.txt is not text"):
+    corpus_lib.decode_bytes("UTF-16 text".encode("utf-16"), "u16.txt")
+  assert corpus_lib.decode_bytes("caf\xe9\f".encode("latin-1")) == "caf\xe9\f"
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[]", '{"corpora": 5}',
+                                      '{"corpora": {"generic": {"splits": {"train": {}}}}}'])
+def test_stats_on_a_malformed_manifest_names_it(tmp_path, manifest):
+  """Issue 25, item 8: valid JSON without the manifest's structure was a KeyError traceback."""
+  from pn_jax.data.__main__ import main
+  (tmp_path / "manifest.json").write_text(manifest)
+  with pytest.raises(DataError, match=rf"^{tmp_path}/manifest.json is not a corpus manifest: "
+                                      r"expected .*rerun `python -m pn_jax.data prepare"):
+    main(["stats", f"--out={tmp_path}"])

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, copy_workdir, load_config, train_tiny_pn
+from pn_jax import modes
 from pn_jax.config import ConfigError
 from pn_jax.model import build_model
 from pn_jax.modes.pretrain import pretrain
@@ -85,6 +86,13 @@ def train_losses(workdir) -> list[tuple[int, float]]:
 
 def result_line(stdout: str) -> dict:
   return json.loads(stdout.strip().splitlines()[-1])
+
+
+def strict_json(text: str):
+  """json.loads refusing NaN and Infinity, which Python accepts and other parsers do not."""
+  def refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+  return json.loads(text, parse_constant=refuse)
 
 
 def latest(workdir):
@@ -212,16 +220,24 @@ def test_nan_skip_leaves_params_unchanged_and_counts(prepared, tmp_path, monkeyp
   p3, p4, p5 = (_params_at(workdir, config, s) for s in (3, 4, 5))
   jax.tree.map(np.testing.assert_array_equal, p3, p4)  # the bad update was dropped
   assert not np.array_equal(p4["embed"], p5["embed"])  # and training went on
-  rows = [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+  rows = [strict_json(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
   train = {r["step"]: r for r in rows if r["split"] == "train"}
   assert [train[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
-  assert math.isnan(train[4]["loss"]) and all(math.isfinite(train[s]["loss"]) for s in (5, 6))
+  # the skipped step's loss is null (strict JSON), not a bare NaN
+  assert train[4]["loss"] is None and all(math.isfinite(train[s]["loss"]) for s in (5, 6))
 
-  monkeypatch.setattr(mesh_lib, "global_batch", real)
-  config.train.steps = 7  # the count lives in the optimizer state: it survives a resume
-  pretrain(config, workdir)
-  rows = [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
-  assert [r["skipped_steps"] for r in rows if r["split"] == "train"][-1] == 1
+  # The count lives in the optimizer state: it survives a resume. The resumed run's one step
+  # (and its eval) is poisoned too: the result line main prints has non-finite losses, and is
+  # strict JSON all the same (issue 25, item 8: it printed bare NaNs).
+  monkeypatch.setattr(mesh_lib, "global_batch", lambda local, mesh: real(
+      {**local, "inputs": np.full_like(local["inputs"], 10_000)}, mesh))
+  config.train.steps = 7
+  record = strict_json(modes.result_line("pretrain", pretrain(config, workdir)))
+  assert record["mode"] == "pretrain" and record["step"] == 7 and record["skipped_steps"] == 2
+  assert record["loss"] is None and record["eval_loss"] is None
+  rows = [strict_json(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+  assert [r["skipped_steps"] for r in rows if r["split"] == "train"][-1] == 2
+  strict_json(pathlib.Path(workdir, "costs.json").read_text())  # (step 7's eval loss: null)
 
 
 # --- bad inputs -----------------------------------------------------------------------------

@@ -183,6 +183,18 @@ def test_run_control_keys_resume_silently(trained, tmp_path):
   assert resume_check.check_resume(ckpt, 2, config, allow_change=True) == ["seed"]
 
 
+def test_steps_below_the_saved_step_are_refused_naming_both(trained, tmp_path):
+  """Issue 25, item 8: train.steps=1 on a run saved at step 2 returned "done" at step 2 without
+  a word. It is refused, naming both steps; train.steps=2 is still a finished run."""
+  workdir = copy_workdir(trained, tmp_path)
+  before = snapshot(workdir, ignore=("LOCK",))
+  with pytest.raises(ConfigError, match=r"^config\.train\.steps=1 is below the step of the "
+                     r"checkpoint to resume from, 2 \(in .*/checkpoints\).*"
+                     r"--config\.train\.steps=2 \(or more\) to resume, or use a fresh --workdir"):
+    pretrain(resumed(load_config("pn"), steps=1), workdir)
+  assert snapshot(workdir, ignore=("LOCK",)) == before
+
+
 def test_shape_changing_key_is_refused_naming_it_even_when_allowed(trained, tmp_path):
   workdir = copy_workdir(trained, tmp_path)
   config = resumed(load_config("pn", "tiny,h=4"), steps=4)

@@ -188,3 +188,49 @@ def test_sigterm_to_the_driver_stops_the_point_at_a_checkpoint_and_a_rerun_resum
   assert "resumed from step" in (first / "sweep.log").read_text()
   assert "data prepared by eval_batches=1 reused" in rerun.stderr
   assert [_checkpoints(root / n)[-1] for n in ("eval_batches=1", "eval_batches=2")] == [60, 60]
+
+
+def test_gather_on_a_missing_root_is_refused_and_creates_nothing(tmp_path):
+  """Issue 25, item 8: `--mode=gather` on a mistyped root exited 0, creating it (with a table of
+  `missing` points)."""
+  root = tmp_path / "no_such_sweep"
+  out = _sweep(["--sweep=configs/sweeps/hkm_tiny.py:steps=2", f"--root={root}", "--mode=gather"])
+  assert out.returncode == 2, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: UsageError: --root={root} is not a directory: nothing to gather; "
+                    "pass the --root that --mode=local (or the points' jobs) wrote to"], out.stderr
+  assert "Traceback" not in out.stderr and not root.exists() and out.stdout == ""
+
+
+def _save_step(workdir, step):
+  """A real (tiny) orbax checkpoint of `step`: what pretraining writes, minus the model."""
+  import types
+  import ml_collections
+  from pn_jax.train.checkpoint import Checkpointer
+  state = types.SimpleNamespace(params={"w": np.zeros(3, np.float32)},
+                                opt_state={"m": np.ones(3, np.float32)})
+  ckpt = Checkpointer(str(workdir), async_save=False)
+  ckpt.save(step, state, ml_collections.ConfigDict({"name": "x"}), force=True)
+  ckpt.close()
+
+
+def test_a_point_is_done_only_when_its_final_checkpoint_is_complete(tmp_path):
+  """Issue 25, item 8: a point whose final checkpoint directory was empty counted as done on
+  every rerun. Done now means orbax finalized the step, its metadata records the commit, and the
+  items a resume restores are there."""
+  import shutil
+  sweep = dict(config="configs/pn.py:tiny", base={"train.steps": 2},
+               points=[{"model.h": 4}])
+  (point,) = sweep_lib.expand(sweep, str(tmp_path))
+  step_dir = pathlib.Path(point.workdir) / "checkpoints" / "2"
+  step_dir.mkdir(parents=True)
+  assert not sweep_lib.is_done(point)  # empty
+  shutil.rmtree(step_dir)
+  _save_step(point.workdir, 2)
+  assert sweep_lib.is_done(point)
+  shutil.rmtree(step_dir / "params")  # torn: an item a resume restores is gone
+  assert not sweep_lib.is_done(point)
+  shutil.rmtree(step_dir)
+  _save_step(point.workdir, 2)
+  (step_dir / "_CHECKPOINT_METADATA").unlink()  # no record of the commit
+  assert not sweep_lib.is_done(point)

@@ -230,3 +230,50 @@ def test_a_config_that_fails_validation_leaves_no_workdir(dense_run, tmp_path):
   with pytest.raises(ConfigError, match="train.steps"):
     modes.MODES["specialize"](finetune_config(dense_run, steps=0), str(tmp_path / "specialize"))
   assert os.listdir(tmp_path) == []
+
+
+# --- issue 25, item 8: an error raised holding the lock leaves no workdir ---------------------
+
+
+def test_an_error_after_the_lock_removes_the_workdir_the_run_created(tmp_path):
+  """A data error raised holding the lock (here a corpus that does not exist) used to leave a
+  new workdir holding only LOCK. A workdir the run did not create, or that holds anything
+  else, stays."""
+  from pn_jax.data import DataError
+  config = quiet(load_config("pn"))
+  config.data.corpus = str(tmp_path / "no_corpus")
+  fresh = tmp_path / "fresh"
+  with pytest.raises(DataError, match="no_corpus"):
+    pretrain(config, str(fresh))
+  assert not fresh.exists()
+  kept = tmp_path / "kept"
+  kept.mkdir()
+  with pytest.raises(DataError, match="no_corpus"):
+    pretrain(config, str(kept))
+  assert os.listdir(kept) == [workdir_lock.LOCK]
+  with pytest.raises(RuntimeError, match="boom"):
+    with workdir_lock.hold(str(tmp_path / "busy"), "test"):
+      (tmp_path / "busy" / "notes.txt").write_text("the run wrote this")
+      raise RuntimeError("boom")
+  assert sorted(os.listdir(tmp_path / "busy")) == [workdir_lock.LOCK, "notes.txt"]
+
+
+def test_a_lock_file_removed_between_open_and_flock_is_not_held(tmp_path, monkeypatch):
+  """The race the removal opens: a second process opened the old LOCK just before the first
+  unlinked it and locks it just after. try_lock notices the file is gone and locks the new one."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  real, calls = fcntl.flock, []
+
+  def flock_after_unlink(fd, op):
+    if not calls:  # the first attempt: its LOCK is removed before it gets the flock
+      os.unlink(workdir / workdir_lock.LOCK)
+    calls.append(op)
+    return real(fd, op)
+
+  monkeypatch.setattr(fcntl, "flock", flock_after_unlink)
+  fd = workdir_lock.try_lock(str(workdir), "test")
+  try:
+    assert len(calls) == 2 and os.path.samestat(os.fstat(fd), os.stat(workdir / "LOCK"))
+  finally:
+    os.close(fd)

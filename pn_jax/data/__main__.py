@@ -59,11 +59,22 @@ def main(argv=None) -> int:
                 progress=not args.no_progress, force=args.force)
   else:
     m = _read_manifest(args.out)
-  for name, c in m["corpora"].items():
-    sizes = ", ".join(f"{s}={v['docs']} docs/{v['bytes'] / 1e6:.2f} MB"
-                      for s, v in c["splits"].items())
-    print(f"{name:14s} {sizes}")
+  print(_sizes(m, os.path.join(args.out, "manifest.json")))
   return 0
+
+
+def _sizes(manifest, path: str) -> str:
+  """One line per corpus: its splits' documents and MB; a manifest without that structure is a
+  DataError naming the file (it used to be a KeyError/TypeError traceback)."""
+  try:
+    return "\n".join(f"{name:14s} " + ", ".join(
+        f"{s}={int(v['docs'])} docs/{v['bytes'] / 1e6:.2f} MB" for s, v in c["splits"].items())
+                     for name, c in manifest["corpora"].items())
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    raise DataError(f"{path} is not a corpus manifest: expected {{\"corpora\": {{<name>: "
+                    f"{{\"splits\": {{<split>: {{\"docs\", \"bytes\"}}}}}}}}}}, found "
+                    f"{type(e).__name__} {e}; rerun `python -m pn_jax.data prepare "
+                    f"--out={os.path.dirname(path) or '.'} --force`") from None
 
 
 def _int_list(text: str) -> list[int]:

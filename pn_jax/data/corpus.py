@@ -20,6 +20,7 @@ import hashlib
 import html
 import html.parser
 import json
+import math
 import os
 import re
 import tempfile
@@ -41,11 +42,32 @@ _TRAILING = re.compile(r"[ \t]+\n")
 _BLANKS = re.compile(r"\n{3,}")
 
 
+# Bytes no text file holds (C0 controls other than tab, newline, vertical tab, form feed, return,
+# backspace and escape, which man pages and terminal text use; and DEL).
+_BINARY_BYTES = frozenset(set(range(0x20)) - set(b"\t\n\x0b\x0c\r\x08\x1b") | {0x7f})
+BINARY_FRACTION = 0.05  # more control bytes than this (or any NUL) in non-UTF-8 data: binary
+
+
+def looks_binary(data: bytes) -> bool:
+  """NUL bytes, or control bytes above BINARY_FRACTION: random or compiled data, UTF-16, an
+  image, not text in some 8-bit encoding (whose controls are a few form feeds at most)."""
+  if b"\x00" in data:
+    return True
+  return sum(data.count(bytes([b])) for b in _BINARY_BYTES) > BINARY_FRACTION * len(data)
+
+
 def decode_bytes(data: bytes, name: str = "<bytes>") -> str:
-  """UTF-8; stray invalid bytes in UTF-8 text are dropped, legacy (Latin-1) text is converted."""
+  """UTF-8; stray invalid bytes in UTF-8 text are dropped, legacy (Latin-1) text is converted.
+  Data that is not UTF-8 and looks binary (looks_binary) is a DataError naming `name`: decoded
+  as Latin-1 it used to become documents of garbage."""
   try:
     return data.decode("utf-8")
-  except UnicodeDecodeError:
+  except UnicodeDecodeError as e:
+    if looks_binary(data):
+      raise DataError(f"{name} is not text: its bytes are not UTF-8 ({e.reason} at byte "
+                      f"{e.start}) and hold NUL or control bytes (binary data, or UTF-16); "
+                      "convert it to UTF-8 text, or remove it from the source (or narrow the "
+                      "source's patterns)") from None
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd")
     good = sum(1 for ch in text if ord(ch) > 127) - bad  # valid multi-byte characters
@@ -176,10 +198,30 @@ def _atomic_path(path: str) -> str:
   return tmp
 
 
+def strict_json(obj):
+  """`obj` with every non-finite float (nan, inf: a skipped step's loss) as None, numpy scalars as
+  Python numbers: what json.dumps(..., allow_nan=False) writes as strict JSON (its default
+  writes a bare NaN, which JSON parsers other than Python's refuse)."""
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # a numpy scalar
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def dumps(obj, **kwargs) -> str:
+  """json.dumps as strict JSON (strict_json); numpy scalars are written as numbers."""
+  return json.dumps(strict_json(obj), allow_nan=False, default=float, **kwargs)
+
+
 def write_json(path: str, obj) -> None:
-  """Atomically (temp file + rename); numpy scalars are written as floats. A full disk is an
-  OutOfSpace error, the temporary file removed and an earlier `path` kept."""
-  text = json.dumps(obj, indent=1, sort_keys=True, default=float)
+  """Atomically (temp file + rename), as strict JSON (`dumps`). A full disk is an OutOfSpace
+  error, the temporary file removed and an earlier `path` kept."""
+  text = dumps(obj, indent=1, sort_keys=True)
   tmp = _atomic_path(path)
   with storage.writing(path, needed=len(text.encode()), temp=tmp):
     with open(tmp, "w") as f:

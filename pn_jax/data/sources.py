@@ -538,7 +538,8 @@ def extract_dictd(root, patterns, entries_per_doc: int = 40):
     spans = sorted(set(spans))
     name = os.path.relpath(path, root)
     for g in range(0, len(spans), entries_per_doc):
-      entries = [decode_bytes(data[o:o + n]).strip() for o, n in spans[g:g + entries_per_doc]]
+      entries = [decode_bytes(data[o:o + n], f"{path} (entry at byte {o})").strip()
+                 for o, n in spans[g:g + entries_per_doc]]
       yield from _docs("\n\n".join(entries), f"{name}@{g}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pn_jax.config import ConfigError
 from pn_jax.data import DataError
+from pn_jax.data import corpus
 from pn_jax.modes import eval as eval_mode
 from pn_jax.modes import export, importance, pretrain, sample, specialize
 from pn_jax.train import loop
@@ -30,3 +31,10 @@ MODES = {
     "sample": sample.sample_mode,
     "export": export.export,
 }
+
+
+def result_line(mode: str, result: dict | None) -> str:
+  """The line `python -m pn_jax.main` prints last: the mode's result as strict JSON. A
+  non-finite value (the loss of a nan_policy=skip run whose last steps were all skipped, beside
+  its skipped_steps count) is null, never a bare NaN that other JSON parsers refuse."""
+  return corpus.dumps({"mode": mode, **(result or {})})

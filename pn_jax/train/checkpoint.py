@@ -249,3 +249,27 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+# The items a resume restores: a step without them cannot continue the run.
+RESUME_ITEMS = ("params", "opt_state", "config")
+
+
+def is_complete(workdir: str, step: int) -> bool:
+  """Whether <workdir>/checkpoints/<step> is a checkpoint a resume can restore, by orbax's own
+  records: the step directory is finalized (not a temporary one), its step metadata records a
+  commit, and every item a resume restores is there. An empty or emptied step directory counts
+  as finalized to orbax (on a local filesystem only its name is checked), so the metadata is
+  read too. Reads files only (no CheckpointManager, nothing written)."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  if not os.path.isdir(path) or not os.listdir(path):
+    return False
+  if not ocp.step.is_checkpoint_finalized(path):
+    return False
+  try:
+    meta = ocp.metadata.get_step_metadata(path)
+  except Exception:  # noqa: BLE001 - missing or torn metadata: not a complete step
+    return False
+  items = meta.item_handlers if isinstance(meta.item_handlers, dict) else {}
+  return bool(meta.commit_timestamp_nsecs) and all(
+      name in items and os.path.isdir(os.path.join(path, name)) for name in RESUME_ITEMS)

@@ -18,6 +18,7 @@ from absl import logging
 import ml_collections
 from tqdm import tqdm
 
+from pn_jax.config import ConfigError
 from pn_jax.data import batches
 from pn_jax.parallel import distributed, mesh as mesh_lib
 from pn_jax.train import costs as costs_lib
@@ -275,6 +276,11 @@ def _restore_or_create(run: Run, tx, ckpt: Checkpointer, train_iter, progress: _
     state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(run.config.seed),
                             params=init_params)
     return state, shardings, 0
+  if start > run.config.train.steps:  # nothing to train, and not the run it asks for
+    raise ConfigError(f"config.train.steps={run.config.train.steps} is below the step of the "
+                      f"checkpoint to resume from, {start} (in {ckpt.directory}): this run is "
+                      f"already past it; pass --config.train.steps={start} (or more) to resume, "
+                      "or use a fresh --workdir to train a shorter run")
   resume_check.check_resume(ckpt, start, run.config, allow_change=allow_config_change)
   state, start = ckpt.restore(abstract, data_iter=train_iter)
   progress.restore(ckpt, start)

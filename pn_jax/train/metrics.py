@@ -17,6 +17,8 @@ import tempfile
 import jax
 from absl import logging
 
+from pn_jax.data import corpus
+
 LOG = "metrics.jsonl"
 
 
@@ -95,7 +97,8 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     for key, value in scalars.items():
       self._tb.add_scalar(f"{prefix}/{key}", value, step)
-    self._jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+    # strict JSON: a window of skipped (non-finite) steps logs its loss as null, not NaN
+    self._jsonl.write(corpus.dumps({"step": step, "split": prefix, **scalars}) + "\n")
     self._jsonl.flush()
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
     logging.info("[%s] step %d %s", prefix, step, shown)
