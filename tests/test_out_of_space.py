@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, FullDisk, load_config, quiet, snapshot, temp_files, write_small_corpus
+from conftest import REPO, FullDisk, load_config, snapshot, temp_files, write_small_corpus
 from pn_jax import safetensors_io, storage
 from pn_jax.data import pipeline
 
