@@ -145,6 +145,8 @@ def walk(repo: str, workdir: str, timeout: float) -> int:
   with open(os.path.join(clone, "README.md")) as f:
     cmds = commands(f.read())
   env = fresh_env(make_venv(os.path.join(workdir, "venv")))
+  logs = os.path.join(workdir, "logs")  # each command's output, <i>.txt
+  os.makedirs(logs, exist_ok=True)
   t0 = time.perf_counter()
   ran = 0
   for i, cmd in enumerate(cmds, 1):
@@ -156,6 +158,8 @@ def walk(repo: str, workdir: str, timeout: float) -> int:
       continue
     ok, out, seconds = run_one(cmd, clone, env, timeout)
     ran += 1
+    with open(os.path.join(logs, f"{i:02d}.txt"), "w") as f:
+      f.write(f"$ {cmd.ci_text}\n{out}")
     print(f"[{i}/{len(cmds)}] {'ok' if ok else 'FAILED'} {seconds:6.1f} s: {shown}", flush=True)
     if not ok:
       tail = "\n".join(out.replace("\r", "\n").splitlines()[-80:])
@@ -171,8 +175,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                  help="repository to clone (its committed HEAD)")
-  p.add_argument("--workdir", default="", help="where the clone and venv go (default: a new "
-                 "temporary directory, removed after a walk that passes)")
+  p.add_argument("--workdir", default="", help="where the clone, venv and logs/ go (default: a "
+                 "new temporary directory, removed after a walk that passes)")
   p.add_argument("--timeout", type=float, default=900, help="seconds per command")
   args = p.parse_args(argv)
   if args.workdir:
