@@ -106,6 +106,38 @@ def _check(config) -> None:
                       f"steps={config.bench.steps}, warmup={config.bench.warmup}")
 
 
+def available_bytes(device) -> int | None:
+  """What one device can hold: an accelerator's allocator limit; a CPU device's share of the
+  host's available memory (its local devices share it). None where neither is known."""
+  import jax
+  limit = _memory_stats(device).get("bytes_limit")
+  if limit:
+    return int(limit)
+  if device.platform != "cpu":
+    return None
+  try:
+    with open("/proc/meminfo") as f:
+      kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration, ValueError):
+    return None
+  return kib * 1024 // jax.local_device_count()
+
+
+def check_fits(config, memory, device, config_file: str = "") -> None:
+  """Refuses a compiled step the device cannot hold, before it runs: GPT-2-small's batch of 32
+  needs ~90 GiB on a CPU, where XLA would die allocating it. `config_file` names the :tiny
+  variant in the message."""
+  from pn_jax.aot import GIB, DoesNotFit, step_bytes
+  needed, have = step_bytes(memory), available_bytes(device)
+  if have is None or needed <= have:
+    return
+  tiny = f"--config={config_file}:tiny" if config_file else "its config file's :tiny variant"
+  raise DoesNotFit(
+      f"{config.name}: the compiled train step needs {needed / GIB:.1f} GiB per device, the "
+      f"{device.platform} device ({device.device_kind}) has {have / GIB:.1f} GiB available; on a "
+      f"CPU run the :tiny variant ({tiny}), elsewhere lower data.batch_size or set model.remat")
+
+
 def _compile(step_fn, state, batch) -> dict:
   """AOT-compiles the train step; -> {compiled, compile_s, memory, hlo_text}."""
   t0 = time.perf_counter()
@@ -148,8 +180,9 @@ def _write_hlo(profile_dir: str, hlo_text: str) -> None:
     f.write(hlo_text)
 
 
-def bench_one(config, *, profile_dir: str = "") -> dict:
-  """Builds, compiles and times one configuration's train step; returns the JSON record."""
+def bench_one(config, *, profile_dir: str = "", config_file: str = "") -> dict:
+  """Builds, compiles and times one configuration's train step; returns the JSON record.
+  A step the device cannot hold is refused after compiling (`check_fits`)."""
   import jax
   import numpy as np
   from pn_jax.config import validate
@@ -171,6 +204,7 @@ def bench_one(config, *, profile_dir: str = "") -> dict:
     rng = np.random.default_rng(config.seed)
     batches = [mesh_lib.global_batch(synthetic_batch(train_cfg, rng), mesh) for _ in range(2)]
     built = _compile(step_fn, state, batches[0])
+    check_fits(config, built["memory"], jax.devices()[0], config_file)
     if profile_dir:
       _write_hlo(profile_dir, built["hlo_text"])
     state, metrics, timing = _time_steps(built["compiled"], state, batches, config.bench,
@@ -354,7 +388,8 @@ def main(argv):
   xla_flags.apply(FLAGS.xla_preset)  # before the first jax call initialises the backend
   for i, config in enumerate(configurations(FLAGS.config)):
     profile_dir = FLAGS.profile_dir if i == 0 else ""
-    record = bench_one(config, profile_dir=profile_dir)
+    record = bench_one(config, profile_dir=profile_dir,
+                       config_file=FLAGS["config"].config_filename.partition(":")[0])
     print(json.dumps(record), flush=True)
     if profile_dir:
       print(json.dumps({"profile": config.name, **profile_summary(profile_dir)}), flush=True)

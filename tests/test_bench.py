@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,24 @@ def test_cli_prints_one_json_line_per_configuration():
   assert [r["cluster_batching"] for r in records] == ["homogeneous", "mixed"]
   assert records[1]["config"] == "gpt2_mix[data.cluster_batching='mixed']"
   assert all(r["mlp_kind"] == "mixture" and r["step_time_s"] > 0 for r in records)
+
+
+def test_a_step_the_device_cannot_hold_is_refused_in_one_line():
+  """The README's bench command on a CPU: a step far beyond the host's memory (here the tiny
+  model at seq_len 32768, ~900 GiB of attention temps) is a user error naming the device and
+  the :tiny variant, raised before XLA tries to allocate it."""
+  from pn_jax import cli
+  from pn_jax.aot import DoesNotFit
+  config = _tiny("gpt2_dense")
+  with config.unlocked():
+    config.data.seq_len = config.model.max_len = 32768
+  with pytest.raises(DoesNotFit) as e:
+    bench.bench_one(config, config_file="configs/bench/gpt2_dense.py")
+  assert cli.is_user_error(e.value)
+  assert re.match(r"gpt2_dense: the compiled train step needs [\d.]+ GiB per device, the cpu "
+                  r"device \(cpu\) has [\d.]+ GiB available; on a CPU run the :tiny variant "
+                  r"\(--config=configs/bench/gpt2_dense.py:tiny\)", str(e.value)), str(e.value)
+  assert bench.available_bytes(jax.devices()[0]) > 0  # /proc/meminfo's share of one device
 
 
 def test_sweep_overrides():

