@@ -33,9 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import cli
-from pn_jax.config import ConfigError
-
-GIB = 2**30
+from pn_jax.train.memory import GIB, DoesNotFit, step_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +142,6 @@ def finetune_config(config):
   return config
 
 
-class DoesNotFit(ConfigError):
-  """The compiled step needs more memory per device than the chip has (a user error: exit 2)."""
-
-
 # The TPU compiler refuses a step whose buffers exceed HBM, in one of these forms (libtpu 0.0.4x).
 OOM_FORMS = (re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
              re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"))
@@ -194,13 +188,6 @@ def compile_step(config, devices) -> dict:
         raise
   return {"compiled": compiled, "oom": oom, "compile_s": time.perf_counter() - t0,
           "mesh": dict(mesh.shape), "params": sum(x.size for x in jax.tree.leaves(state.params))}
-
-
-def step_bytes(mem) -> int:
-  """Per-device bytes a compiled step holds while it runs (its `memory_analysis()`): arguments +
-  outputs - donated (aliased) + temps + code. The benchmark checks it against the device too."""
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
 
 
 def _memory(built: dict, hbm_bytes: float) -> dict:

@@ -127,7 +127,7 @@ def check_fits(config, memory, device, config_file: str = "") -> None:
   """Refuses a compiled step the device cannot hold, before it runs: GPT-2-small's batch of 32
   needs ~90 GiB on a CPU, where XLA would die allocating it. `config_file` names the :tiny
   variant in the message."""
-  from pn_jax.aot import GIB, DoesNotFit, step_bytes
+  from pn_jax.train.memory import GIB, DoesNotFit, step_bytes
   needed, have = step_bytes(memory), available_bytes(device)
   if have is None or needed <= have:
     return

@@ -149,7 +149,6 @@ def install(flag_values=flags.FLAGS) -> str | None:
         logging.getLogger(name).setLevel(logging.WARNING)
   if level in ("concise", "warning"):  # (at "warning" only the NOTICES are left to hide)
     handler.addFilter(ConciseFilter())
-  if level in ("concise", "warning"):
     handler.addFilter(StorageNoiseFilter())
     if not getattr(sys.unraisablehook, "pn_jax_quiet", False):
       sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)

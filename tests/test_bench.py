@@ -62,7 +62,7 @@ def test_a_step_the_device_cannot_hold_is_refused_in_one_line():
   model at seq_len 32768, ~900 GiB of attention temps) is a user error naming the device and
   the :tiny variant, raised before XLA tries to allocate it."""
   from pn_jax import cli
-  from pn_jax.aot import DoesNotFit
+  from pn_jax.train.memory import DoesNotFit
   config = _tiny("gpt2_dense")
   with config.unlocked():
     config.data.seq_len = config.model.max_len = 32768

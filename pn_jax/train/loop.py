@@ -433,8 +433,10 @@ def fit(run: Run, train_iter, *, init_params=None, eval_split: str = "validation
     window = _Window(config, skipped=_skipped_updates(state), step_flops=step_flops, peak=peak)
     train_step, eval_step = compile_steps(run.model, tx, schedule, run.mesh, shardings,
                                           **step_options(config))
-    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress_bar and writer.enabled),
-               desc=desc, dynamic_ncols=True)
+    # (closed on an error too, so the error line comes after the bar's last redraw)
+    bar = closing.add(tqdm(total=t.steps, initial=start,
+                           disable=not (t.progress_bar and writer.enabled), desc=desc,
+                           dynamic_ncols=True))
     host = _Host(config, ckpt, writer, progress, window, stop, bar, train_iter,
                  heldout_loss_fn(run, eval_step, eval_split),
                  _WallClockSaves(t.checkpoint_every_minutes), keep_best=keep_best)
