@@ -15,6 +15,7 @@ Cells whose fine-tuning ran into the step cap (not converged) carry a `*`.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import ml_collections
@@ -47,6 +48,8 @@ def record_problem(record, fields) -> str:
     return f"is {_short(record)}, not an object"
   for f in fields:
     value = record.get(f)
+    if value is None and f in record:  # strict JSON's null: a non-finite number (a diverged run)
+      continue
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       return f"has {f}={_short(value)}, not a number" if f in record else f"lacks {f}"
   return ""
@@ -59,7 +62,8 @@ def _short(value) -> str:
 
 def check_results(results) -> str:
   """'' if `results` (a parsed results.json) has the shape the driver and the report read, else
-  what is wrong with it, naming the first bad entry."""
+  what is wrong with it, naming the first bad entry. A record's number written as null (strict
+  JSON for a non-finite value) is read back as NaN, in place."""
   if not isinstance(results, dict):
     return f"holds {_short(results)}, not a results object"
   if not results:
@@ -85,6 +89,9 @@ def check_results(results) -> str:
     problem = record_problem(record, fields)
     if problem:
       return f"has a malformed record: {where} {problem}"
+    for f in fields:  # back to the NaN that results.json wrote as null (corpus.strict_json)
+      if record.get(f, 0) is None:
+        record[f] = math.nan
   tokens = results.get("domain_train_tokens", {})
   bad = [d for d, n in tokens.items() if isinstance(n, bool) or not isinstance(n, int)]
   if bad:

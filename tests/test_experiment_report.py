@@ -197,3 +197,17 @@ def test_the_published_results_pass_the_load_check_and_a_damaged_cell_does_not()
   results["pretrain"] = {"slm": {"flops": True, "seconds": 1.0}}
   assert report.check_results(results) == ("has a malformed record: pretrain['slm'] has "
                                             "flops=True, not a number")
+
+
+def test_a_null_number_reads_back_as_nan():
+  """A diverged cell's perplexity is non-finite; results.json holds it as null (strict JSON), and
+  the check reads it back as the NaN it was instead of calling the file damaged."""
+  path = sorted(glob.glob(os.path.join(REPO, "docs", "results_data", "*.json")))[0]
+  with open(path) as f:
+    results = json.load(f)
+  cell, method = next((c, m) for c, ms in results["specialize"].items() for m in ms)
+  results["specialize"][cell][method]["test_ppl"] = None
+  assert report.check_results(results) == ""
+  assert math.isnan(results["specialize"][cell][method]["test_ppl"])
+  results["specialize"][cell][method]["steps"] = "12"
+  assert "steps='12', not a number" in report.check_results(results)
