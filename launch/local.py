@@ -80,9 +80,18 @@ def shows_library_lines(cmd: list[str]) -> bool:
   return level in ("info", "debug")
 
 
+def without_gloo(line: str) -> str | None:
+  """`line` less gloo's text, which C++ prints wherever the output stands (after a progress
+  bar's redraw too, on the bar's line); None where nothing else is left."""
+  at = line.find(GLOO_PREFIX)
+  if at < 0:
+    return line
+  return line[:at] + "\n" if line[:at].strip() else None
+
+
 def _pump(stream, i: int, out, on_line, procs, hide_gloo: bool = False):
   for line in iter(stream.readline, ""):
-    if hide_gloo and line.startswith(GLOO_PREFIX):
+    if hide_gloo and (line := without_gloo(line)) is None:
       continue
     out.write(f"[p{i}] {line}")
     out.flush()

@@ -143,7 +143,10 @@ def test_launcher_drops_gloo_lines_unless_the_command_shows_library_lines():
   launcher drops those lines, unless the command runs at --log_level=info|debug or with -v."""
   code = ("import sys\n"
           "print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer "
-          "ranks is : 1', flush=True)\nprint('own line', flush=True)\n")
+          "ranks is : 1', flush=True)\nprint('own line', flush=True)\n"
+          # after a progress bar's redraw (no newline), gloo's text lands on the bar's line
+          "print('bar 1/4', end='', flush=True)\n"
+          "print('[Gloo] Rank 1 is connected to 1 peer ranks.', flush=True)\n")
   for extra, gloo_shown in (([], False), (["--log_level=concise"], False),
                             (["--log_level=warning"], False), (["--log_level=info"], True),
                             (["--log_level", "debug"], True), (["-v", "1"], True),
@@ -153,7 +156,9 @@ def test_launcher_drops_gloo_lines_unless_the_command_shows_library_lines():
                                out=out) == 0
     text = out.getvalue()
     assert ("[p0] [Gloo] Rank 0" in text and "[p1] [Gloo] Rank 0" in text) is gloo_shown, extra
+    assert ("[Gloo] Rank 1" in text) is gloo_shown, text
     assert "[p0] own line" in text and "[p1] own line" in text, text
+    assert "[p0] bar 1/4" in text and "[p1] bar 1/4" in text, text
 
 
 def test_launcher_stops_all_when_one_fails():
