@@ -11,10 +11,11 @@ interpreter's, so the heavy dependencies are reused and README's `pip install -e
 clone there rather than repointing this environment's install; PYTHONPATH, JAX_* and XLA_* are
 unset, as in a new shell.
 
-README.md stays literal for its readers; a command's trailing comment may end in one marker:
+A command whose last `&&` part is a line of .ci/run (README's test command, which .ci/run runs
+verbatim just before the walk) is skipped: CI has run it. README.md stays literal for its
+readers; a command's trailing comment may end in one marker:
 
-    # [CI skips: <why>]              it needs what CI lacks (a SLURM cluster, a TPU VM, a GPU),
-                                     or CI runs it itself (the test command, in .ci/run)
+    # [CI skips: <why>]              it needs what CI lacks (a SLURM cluster, a TPU VM, a GPU)
     # [CI runs: --flag=value ...]    CI runs it with these flags (each replaces the command's
                                      flag of that name, or is added): the README's small
                                      variant, e.g. a :tiny config
@@ -97,6 +98,18 @@ def _command(text: str) -> Command:
   return Command(text, "bash", flags=tuple(shlex.split(arg)))
 
 
+def ci_run_lines(repo: str) -> set[str]:
+  """The command lines of <repo>/.ci/run (comments and blank lines left out)."""
+  with open(os.path.join(repo, ".ci", "run")) as f:
+    return {line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")}
+
+
+def skip_ci_ran(cmds: list[Command], ci_lines: set[str]) -> list[Command]:
+  """`cmds` with those whose last `&&` part .ci/run runs (the test command) marked skipped."""
+  return [dataclasses.replace(c, skip=".ci/run runs it first")
+          if not c.skip and c.text.split("&&")[-1].strip() in ci_lines else c for c in cmds]
+
+
 def make_venv(path: str) -> str:
   """A virtualenv whose site-packages reach this interpreter's (a plain path line in a .pth, so
   that this environment's own .pth files, its editable pn-jax among them, are not run)."""
@@ -143,7 +156,7 @@ def walk(repo: str, workdir: str, timeout: float) -> int:
   clone = os.path.join(workdir, "pn-jax")
   subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", repo, clone], check=True)
   with open(os.path.join(clone, "README.md")) as f:
-    cmds = commands(f.read())
+    cmds = skip_ci_ran(commands(f.read()), ci_run_lines(clone))
   env = fresh_env(make_venv(os.path.join(workdir, "venv")))
   logs = os.path.join(workdir, "logs")  # each command's output, <i>.txt
   os.makedirs(logs, exist_ok=True)

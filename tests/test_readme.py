@@ -28,6 +28,19 @@ def test_walk_splits_blocks_into_commands_and_honours_markers():
   assert cmds[3].text == "print(1)\n"
 
 
+def test_the_test_command_is_in_ci_run_verbatim_and_the_walk_skips_only_it():
+  """.ci/run runs README's test command as written, so the walk leaves it (and only it) out."""
+  ci_lines = readme_walk.ci_run_lines(str(REPO))
+  cmds = readme_walk.skip_ci_ran(_readme_commands(), ci_lines)
+  ran_by_ci = [c for c in cmds if c.skip == ".ci/run runs it first"]
+  assert len(ran_by_ci) == 1 and "python -m pytest" in ran_by_ci[0].text, ran_by_ci
+  test_command = ran_by_ci[0].text.split("&&")[-1].strip()
+  assert test_command == ("XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest "
+                          "-n 2 -q tests")
+  assert test_command in (REPO / ".ci" / "run").read_text().splitlines()
+  assert "#" not in ran_by_ci[0].text  # README's line is the command alone
+
+
 def test_every_readme_journey_has_workdirs_of_its_own():
   """Run in order, a section must not pretrain or specialize into a workdir an earlier section
   filled with another model: that run exits 2 ("use a fresh --workdir")."""
