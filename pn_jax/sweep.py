@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import shlex
 import signal
@@ -207,28 +206,15 @@ class StepBar:
 
   def __init__(self, point: Point, every_s: float = 2.0):
     self.path = os.path.join(point.workdir, "metrics.jsonl")
-    self.total, self.every_s, self.offset, self.step = point.config.train.steps, every_s, 0, 0
+    self.total, self.every_s = point.config.train.steps, every_s
     self.stopped = threading.Event()
 
   def read(self) -> int:
-    """The last train step logged so far (complete lines only: the run may be mid-write)."""
-    if not os.path.exists(self.path):
-      return self.step
-    if os.path.getsize(self.path) < self.offset:  # rewritten (a resume cuts redone steps)
-      self.offset = self.step = 0
-    with open(self.path, "rb") as f:
-      f.seek(self.offset)
-      for line in f:
-        if not line.endswith(b"\n"):
-          break
-        self.offset += len(line)
-        try:
-          row = json.loads(line)
-        except ValueError:  # a line the rewrite cut through
-          continue
-        if row.get("split") == "train":
-          self.step = int(row["step"])
-    return self.step
+    """The last train step logged so far (metrics.read_rows: a line the run is still writing is
+    skipped; a resume that cut redone steps is read as it now is)."""
+    from pn_jax.train import metrics
+    return max((r["step"] for r in metrics.read_rows(self.path) if r.get("split") == "train"),
+               default=0)
 
   def _follow(self) -> None:
     while not self.stopped.wait(self.every_s):

@@ -16,6 +16,7 @@ from conftest import REPO, write_small_corpus
 from pn_jax import sweep as sweep_lib
 from pn_jax import sweep_results
 from pn_jax.config import ConfigError
+from pn_jax.train import metrics
 
 
 
@@ -118,9 +119,7 @@ def _checkpoints(workdir) -> list[int]:
 
 def _last_train_step(workdir) -> int:
   """The point's last logged train step (0 before its first; a torn last line is skipped)."""
-  path = workdir / "metrics.jsonl"
-  lines = path.read_text().splitlines() if path.exists() else []
-  rows = [json.loads(line) for line in lines if line.endswith("}")]
+  rows = metrics.read_rows(str(workdir / "metrics.jsonl"))
   return max((r["step"] for r in rows if r["split"] == "train"), default=0)
 
 
