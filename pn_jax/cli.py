@@ -130,9 +130,7 @@ def unknown_key_message(flag_values, args) -> str | None:
       config = _loaded_config(flag, args)
       keys_of[flag] = None if config is None else _dotted_keys(config)
     known = keys_of[flag]
-    if known is None:
-      continue
-    if key in known:
+    if known is None or key in known:
       continue
     leaves = [k for k in known if not any(other.startswith(k + ".") for other in known)]
     close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)

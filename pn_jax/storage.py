@@ -38,12 +38,16 @@ def error_code(e: BaseException | None) -> int | None:
     match = _OS_ERROR_CODE.search(text)
     if match:
       return int(match.group(1) or match.group(2))
-    if not isinstance(e, OutOfSpace):
-      for code in SPACE_ERRNOS:
-        if os.strerror(code) in text:
-          return code
+    if not isinstance(e, OutOfSpace) and (code := space_error_in(text)):
+      return code
     e = e.__cause__ or e.__context__
   return None
+
+
+def space_error_in(text: str) -> int | None:
+  """The space errno whose message (`No space left on device`, ...) `text` holds: how another
+  program's stderr, or ArrayRecord's writer, reports one; None if none."""
+  return next((code for code in SPACE_ERRNOS if os.strerror(code) in text), None)
 
 
 def is_out_of_space(e: BaseException) -> bool:
@@ -88,7 +92,8 @@ def message(path: str, code: int, needed: int | None = None, *, cleaned: bool = 
                           if cleaned else ""))
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
+  """Removes a file or a directory tree (a temporary one), if it is there."""
   if os.path.isdir(path) and not os.path.islink(path):
     shutil.rmtree(path, ignore_errors=True)
   elif os.path.lexists(path):
@@ -103,7 +108,7 @@ def writing(path: str, *, needed: int | None = None, temp: str | None = None):
     yield
   except BaseException as e:
     if temp:
-      _remove(temp)
+      remove(temp)
     if isinstance(e, OutOfSpace):  # an inner write's, naming its own file
       raise
     code = error_code(e) if isinstance(e, Exception) else None

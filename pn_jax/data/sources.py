@@ -148,10 +148,9 @@ def run_tool(cmd: list[str], cwd: str, hint: str = "") -> str:
     raise DataError(f"`{cmd[0]}` is not installed; `prepare` needs apt-get/dpkg-deb for Debian "
                     "sources, pip for PyPI sources and npm for npm sources") from e
   except subprocess.CalledProcessError as e:
-    for code in storage.SPACE_ERRNOS:  # a full disk is not the network's fault
-      if os.strerror(code) in (e.stderr or ""):
-        raise storage.OutOfSpace(f"`{' '.join(cmd)}` (in {cwd}) failed: "
-                                 f"{storage.message(cwd, code, cleaned=False)}") from e
+    if code := storage.space_error_in(e.stderr or ""):  # a full disk is not the network's fault
+      raise storage.OutOfSpace(f"`{' '.join(cmd)}` (in {cwd}) failed: "
+                               f"{storage.message(cwd, code, cleaned=False)}") from e
     raise DataError(f"`{' '.join(cmd)}` failed:\n{e.stderr[-2000:]}\n{hint}Check the network to "
                     "the package registry (run `apt-get update` once for Debian sources)") from e
 
@@ -165,10 +164,7 @@ def _damaged(archive: str, unpacking: str, detail: str) -> DataError:
   deleted with its half-unpacked directory, so the rerun downloads it again instead of
   failing on the same file."""
   for path in (archive, unpacking):
-    if os.path.isdir(path):
-      shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-      os.remove(path)
+    storage.remove(path)
   return DataError(f"package archive {archive} is damaged ({detail}); it was deleted: rerun "
                    "`python -m pn_jax.data prepare` to download it again")
 
