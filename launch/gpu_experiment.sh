@@ -27,8 +27,16 @@ mkdir -p "$ROOT" "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site "$CARRY"/wheels/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 launch/gpu_experiment.py unpack --carry="$CARRY" --to=/tmp/pn_corpus || exit 3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# The step of every method timed alone, before the parts share the GPU (pretrain_scale=time:...
+# fits runs to them; launch/step_costs.py), while the corpus unpacks on the CPU.
+python3 launch/step_costs.py "${configs[@]}" --out="$ROOT/step_costs.json" \
+  >"$ROOT/step_costs.log" 2>&1 &
+costs_pid=$!
+python3 launch/gpu_experiment.py unpack --carry="$CARRY" --to=/tmp/pn_corpus || exit 3
+wait $costs_pid || { tail -n 20 "$ROOT/step_costs.log"; exit 3; }
+python3 -c "import json, sys; [print(f'step {v[\"method\"]}: {1e3 * v[\"step_seconds\"]:.2f} ms')
+                                for v in json.load(open(sys.argv[1])).values()]" "$ROOT/step_costs.json"
 # Each process takes a share of the GPU's memory instead of JAX's default 75%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / ${#configs[@]}, 3))")
 
@@ -52,7 +60,8 @@ for i in "${!configs[@]}"; do
   # The outer timeout is a safety net: --max_seconds stops the driver itself, checkpointed.
   timeout -s TERM $((left + 60)) python3 -m pn_jax.experiment --config="$cfg" \
     --root="$ROOT/$tag" --docs="$ROOT/$tag/docs" --config.source=/tmp/pn_corpus \
-    --max_seconds="$left" "${extra[@]}" "$@" >>"$ROOT/$tag/log.txt" 2>&1 &
+    --max_seconds="$left" --config.step_costs="$ROOT/step_costs.json" "${extra[@]}" "$@" \
+    >>"$ROOT/$tag/log.txt" 2>&1 &
   pids+=($!); tags+=("$tag")
 done
 status=0
@@ -61,7 +70,9 @@ for i in "${!pids[@]}"; do
   tag=${tags[$i]}
   echo "== $tag: exit $rc"
   grep -v -E "^(I|W)[0-9]{4} " "$ROOT/$tag/log.txt" | tail -n 15
+  cp "$ROOT/step_costs.json" "$ROOT/$tag/" 2>/dev/null
   (cd "$ROOT/$tag" && tar -cJf "$OUT/$tag.tar.xz" --ignore-failed-read results.json log.txt \
+    step_costs.json \
     $(ls pretrain/*/metrics.jsonl pretrain/*/costs.json pretrain_is/*/metrics.jsonl 2>/dev/null))
   if [ $rc -ne 0 ] && [ $status -ne 1 ]; then status=$([ $rc -eq 143 ] && echo 143 || echo 1); fi
 done

@@ -75,6 +75,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # start alike; pn_jax/model/transformer.py::shared_rows_init) | random (independent unit
   # rows, the default before the GPU comparison of docs/results.md: generic ppl 22.7 vs 18.3).
   m.code_init = "shared"
+  # code_init=shared: norm of each code's own random part next to the shared unit direction
+  # (0.25: cosine ~0.94 between experts at init; larger starts the experts further apart).
+  m.code_spread = 0.25
   # True: the paper's SLM-mix, k independent copies of the dense model above (no shared
   # parameter), trained batched over a leading expert axis on stratified batches
   # (pn_jax/model/independent_experts.py). Needs mlp_kind=dense and data.cluster_batching=stratified.
@@ -286,6 +289,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
       _fail("model.h", f"projected MLP needs h >= 1 and m >= 1, got h={m.h}, m={m.m}")
     if m.code_init not in CODE_INITS:
       _fail("model.code_init", f"unknown code init {m.code_init!r}; choose one of {CODE_INITS}")
+    if not m.get("code_spread", 0.25) >= 0:  # .get: configs saved before the key
+      _fail("model.code_spread", f"must be >= 0, got {m.code_spread}")
     if m.m > m.h:
       _fail("model.m", f"code length m={m.m} exceeds basis size h={m.h}: M [m, h] would be "
             "rank-deficient by construction; use m <= h")

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from pn_jax import config as config_lib
 from pn_jax import cli, experiment_report, modes, workdir_lock
+from pn_jax import step_costs as step_costs_lib
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import packing
 from pn_jax.data import tokenizer as tok_lib
@@ -390,7 +391,8 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   ones too) shares: the corpus is tokenized, embedded and clustered once per experiment
   (`exp.data_root`: that root's instead). The method's overrides are applied last, so a method
   may set its own seed or learning rate, and `pretrain_scale=f` trains it on f x the
-  experiment's generic tokens; warmup and milestones follow its length."""
+  experiment's generic tokens (`time:<method>`: for that method's training time, at the step
+  costs measured by launch/step_costs.py); warmup and milestones follow its length."""
   c = load_run_config(spec)
   c.seed = exp.seed
   c.model.update(vocab_size=exp.vocab_size, max_len=max(c.model.max_len, exp.seq_len))
@@ -398,10 +400,16 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
                 batch_size=exp.batch_size, eval_batches=exp.eval_batches)
   c.optim.lr = exp.pretrain_lr
   items = dict(override_items(overrides))  # a repeated key: its last value, as in apply
-  # `pretrain_scale=<f>` (the experiment's, not a run config key): f x the generic tokens.
-  tokens = exp.pretrain_tokens * float(items.pop("pretrain_scale", 1.0))
+  # `pretrain_scale=<f>` (the experiment's, not a run config key): f x the generic tokens;
+  # `pretrain_scale=time:<method>`: as many steps as fit in that method's training time.
+  scale = str(items.pop("pretrain_scale", 1.0))
+  fitted_to = scale.partition("time:")[2]
+  tokens = exp.pretrain_tokens * (1.0 if fitted_to else float(scale))
   c.train.steps = max(int(tokens // (exp.batch_size * exp.seq_len)), 1)
   apply_overrides(c, ",".join(f"{k}={v}" for k, v in items.items()))
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  if fitted_to:
+    c.train.steps = _time_fitted_steps(exp, c, fitted_to, corpus, tokenizer, root)
   steps = c.train.steps
   if "optim.warmup_steps" not in items:
     c.optim.warmup_steps = max(steps // 20, 1)
@@ -412,10 +420,58 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   c.train.update(eval_every=every, checkpoint_every=every,
                  keep_checkpoints=max(c.train.keep_checkpoints, saves + 8), log_every=25,
                  async_checkpoint=False)
-  c.mesh.update(data=-1, fsdp=1, tensor=1)
   if root:
     c.data.cache_dir = stage_path(root, os.path.join(exp.get("data_root") or root, "data_cache"))
   return c
+
+
+def time_fitted_to(exp, name: str) -> str:
+  """The method whose training time `name`'s run is fitted to (`pretrain_scale=time:<it>`),
+  or ''."""
+  _, overrides, _ = method_spec(exp, name)
+  return str(dict(override_items(overrides)).get("pretrain_scale", "")).partition("time:")[2]
+
+
+def step_costs_path(exp, root: str) -> str:
+  """Where the step costs of a comparison are (launch/step_costs.py writes them): exp.step_costs,
+  else step_costs.json in the root that prepares the data (exp.data_root, else this root)."""
+  return exp.get("step_costs") or os.path.join(exp.get("data_root") or root, "step_costs.json")
+
+
+def _time_fitted_steps(exp, c, ref: str, corpus, tokenizer, root) -> int:
+  """The steps of a run fitted to method `ref`'s training time, from the measured step costs
+  of both (pn_jax.step_costs). Without a root (check_experiment builds configs before any
+  stage, and launch/step_costs.py measures them) the steps stay as they are: a step's cost
+  does not depend on the run's length."""
+  others = exp.get("time_references") or {}
+  if (ref not in exp.methods and ref not in others) or (ref in exp.methods
+                                                       and time_fitted_to(exp, ref)):
+    raise config_lib.ConfigError(
+        f"pretrain_scale=time:{ref}: the method whose training time a run is fitted to, one of "
+        f"the experiment's methods not fitted itself or of exp.time_references: "
+        f"{sorted(set(exp.methods) | set(others))}")
+  if not root:
+    return c.train.steps
+  spec, overrides, *_ = exp.methods[ref] if ref in exp.methods else others[ref]
+  ref_c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
+  path = step_costs_path(exp, root)
+  steps, _ = step_costs_lib.fitted_steps(c, ref_c, step_costs_lib.read(path), path,
+                                         f"a {c.name!r} run", ref)
+  return steps
+
+
+def step_cost_configs(exp) -> dict:
+  """{method: pretraining config} of each pretraining run (one per group) but SLM-is's, and of
+  exp.time_references: the configs launch/step_costs.py times (their lengths aside: a step's
+  cost does not depend on them)."""
+  owners = pretraining_owners(exp)
+  build = lambda spec, overrides: pretrain_config(exp, spec, overrides, "corpus",
+                                                  "tokenizer.model")
+  out = {name: build(*method_spec(exp, name)[:2])
+         for name in exp.methods if owners[name] == name and name != "slm_is"}
+  for name, (spec, overrides, *_) in (exp.get("time_references") or {}).items():
+    out.setdefault(name, build(spec, overrides))
+  return out
 
 
 def pretrain_flops(c) -> float:
@@ -530,6 +586,11 @@ def equal_time_choice(exp, results: dict, root: str) -> dict:
   if exp.equal_time_reference not in per_method:
     return {}
   chosen = equal_time_steps(per_method, exp.equal_time_reference)
+  # A run fitted to the reference's time (pretrain_scale=time:...) is compared whole: its
+  # length was chosen from step costs timed alone, and its own seconds may be a neighbour's
+  # share of the GPU more or less (pn_jax/step_costs.py).
+  fitted = {n for n in chosen if n in exp.methods and time_fitted_to(exp, n)}
+  chosen.update({n: results["pretrain"][n]["steps"] for n in fitted})
   ref = per_method[exp.equal_time_reference]
   budget = ref[max(ref)]
   out = {"reference": exp.equal_time_reference, "budget_seconds": budget, "methods": {}}
@@ -539,7 +600,8 @@ def equal_time_choice(exp, results: dict, root: str) -> dict:
         "step": step, "final": step == results["pretrain"][name]["steps"],
         "seconds": float(at["train_seconds"]), "flops": float(at["flops"]),
         "generic_valid_ppl": at.get("eval_perplexity"),
-        "over_budget": float(at["train_seconds"]) > budget}
+        "over_budget": float(at["train_seconds"]) > budget and name not in fitted,
+        "fitted": name in fitted}
   return out
 
 

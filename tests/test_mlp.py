@@ -106,3 +106,7 @@ def test_shared_code_init_gives_unit_codes_near_one_direction():
   config.model.code_init = "shared"
   E = nn.unbox(init_params(build_model(config.model), jax.random.key(1)))["E"]
   assert (E @ E.T)[~np.eye(len(E), dtype=bool)].min() > 0.8
+  config.model.code_spread = 1.0  # model.code_spread: codes start further apart
+  E = nn.unbox(init_params(build_model(config.model), jax.random.key(1)))["E"]
+  np.testing.assert_allclose(jnp.linalg.norm(E, axis=-1), 1.0, rtol=1e-5)
+  assert float((E @ E.T)[~np.eye(len(E), dtype=bool)].mean()) < 0.7

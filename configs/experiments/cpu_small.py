@@ -41,6 +41,9 @@ def get_config(arg=None):
   # Another experiment root whose corpus, tokenizer and data cache this one uses (parts of one
   # comparison run as concurrent processes: launch/gpu_experiment.sh).
   c.data_root = ""
+  # The measured seconds per step that `pretrain_scale=time:<method>` fits runs with
+  # (launch/step_costs.py writes it); "": step_costs.json in the root that prepares the data.
+  c.step_costs = ""
 
   c.vocab_size = 1024
   c.seq_len = 128
@@ -51,8 +54,9 @@ def get_config(arg=None):
 
   # name -> (config file:arg, pretraining overrides as "key=value,..."[, fine-tuning overrides]);
   # the overrides are applied last (a method may set its own seed or lr; `pretrain_scale=f`
-  # trains it on f x pretrain_tokens), and methods with the same file and pretraining
-  # overrides share one pretraining run.
+  # trains it on f x pretrain_tokens, `pretrain_scale=time:<method>` for as many steps as fit in
+  # that method's training time, with its own full schedule), and methods with the same file
+  # and pretraining overrides share one pretraining run.
   c.methods = ml_collections.ConfigDict(dict(
       slm=("configs/slm.py:tiny", ""),
       # SLM-mix: k independent SLMs, each trained on its cluster (stratified batches, 16/k rows

@@ -50,6 +50,14 @@ def pn(k=32, h=24, m=16, code_init="random", extra=""):
   return SLM + f",model.k={k},model.h={h},model.m={m},model.code_init={code_init}" + extra
 
 
+# Today's PN (configs/pn.py's defaults: shared codes, mixed batches) at the miniature's width.
+PN = SLM + ",model.k=32,model.h=24,model.m=16"
+# Twice the miniature's width (the scale point): its SLM is the LLM's shape.
+PN256 = LLM + ",model.k=32,model.h=24,model.m=16"
+FIT = ",pretrain_scale=time:slm"  # as many steps as fit in the SLM's training time
+S1 = ",seed=1"
+FT_HALF_LR = "optim.lr=0.000333333"  # half the paper's rule at 1M (2e-3 / 3)
+
 LOWEST_LOSS = "specialize.select=lowest_loss"
 QUARTER = ",pretrain_scale=0.25"  # a quarter of the generic tokens (30M)
 
@@ -80,6 +88,57 @@ PARTS = {
         slm_30M=("configs/slm.py", SLM + QUARTER),
         pn_30M=("configs/pn.py", pn(extra=QUARTER)),
     ),
+    # Issue 26: today's defaults in every table. Equal device time by fitted runs: a PN whose
+    # steps fit in the SLM's training time (step costs timed alone, launch/step_costs.py), with
+    # its own full schedule; `pn` is also cut at its milestones as before (the first part's
+    # equal-time view).
+    "defaults": dict(
+        slm=("configs/slm.py", SLM),
+        pn=("configs/pn.py", PN),
+        pn_fit=("configs/pn.py", PN + FIT),
+    ),
+    "defaults_s1": dict(
+        slm_s1=("configs/slm.py", SLM + S1),
+        pn_s1=("configs/pn.py", PN + S1),
+        pn_fit_s1=("configs/pn.py", PN + S1 + FIT),
+    ),
+    # The other methods at seed 0 (slm again, as SLM-d's student: a repeat of the first part's).
+    "baselines": dict(
+        slm=("configs/slm.py", SLM),
+        llm=("configs/llm.py", LLM),
+        llm_fit=("configs/llm.py", LLM + FIT),
+    ),
+    "mixtures": dict(
+        mix=("configs/mix.py", SLM + ",model.k=16"),
+        mix_shared=("configs/mix_shared.py", SLM + ",model.k=16"),
+        mix_shared_fit=("configs/mix_shared.py", SLM + ",model.k=16" + FIT),
+    ),
+    # Recipe hypotheses, one change each from pn_fit, two seeds, at the SLM's device time, 1M.
+    "recipe_a": dict(
+        pn_fit_k16=("configs/pn.py", PN + ",model.k=16" + FIT),
+        pn_fit_k16_s1=("configs/pn.py", PN + ",model.k=16" + S1 + FIT),
+        pn_fit_spread=("configs/pn.py", PN + ",model.code_spread=0.5" + FIT),
+        pn_fit_spread_s1=("configs/pn.py", PN + ",model.code_spread=0.5" + S1 + FIT),
+    ),
+    "recipe_b": dict(
+        pn_fit_lr=("configs/pn.py", PN + ",optim.lr=0.003" + FIT),
+        pn_fit_lr_s1=("configs/pn.py", PN + ",optim.lr=0.003" + S1 + FIT),
+        # pn_fit's pretraining again (a repeat: GPU runs are not bit-deterministic), fine-tuned
+        # by the paper's rule and at half its learning rate.
+        pn_fit_rep=("configs/pn.py", PN + FIT),
+        pn_fit_ft_half=("configs/pn.py", PN + FIT, FT_HALF_LR),
+        pn_fit_rep_s1=("configs/pn.py", PN + S1 + FIT),
+        pn_fit_ft_half_s1=("configs/pn.py", PN + S1 + FIT, FT_HALF_LR),
+    ),
+    # The scale point: SLM and PN at d_model 256 (the SLM is the LLM's shape; seed 0's SLM is the
+    # baselines part's llm), both views by fitted runs.
+    "scale": dict(
+        pn256=("configs/pn.py", PN256),
+        pn256_fit=("configs/pn.py", PN256 + ",pretrain_scale=time:llm"),
+        llm_s1=("configs/llm.py", LLM + S1),
+        pn256_s1=("configs/pn.py", PN256 + S1),
+        pn256_fit_s1=("configs/pn.py", PN256 + S1 + ",pretrain_scale=time:llm"),
+    ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
         pn_shared_s1=("configs/pn.py", pn(code_init="shared", extra=",seed=1")),
@@ -89,6 +148,9 @@ PARTS = {
 }
 
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
+ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale")
+# Runs a part's methods may be fitted to without running them (their steps are timed alone).
+TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
 LABELS = dict(
     pn="PN (random codes)", pn_lowest_loss="PN, lowest-loss expert", slm_s1="SLM (seed 1)",
@@ -98,6 +160,48 @@ LABELS = dict(
     pn_codes_no_decay="PN, no decay on E, M", slm_30M="SLM, 30M tokens", pn_30M="PN, 30M tokens",
     pn_shared="PN shared codes", pn_shared_s1="PN shared codes (seed 1)",
     slm_s2="SLM (seed 2)", pn_shared_s2="PN shared codes (seed 2)")
+LABELS_26 = dict(
+    pn="PN", pn_s1="PN (seed 1)", pn_fit="PN at the SLM's time",
+    pn_fit_s1="PN at the SLM's time (seed 1)", llm_fit="LLM at the SLM's time",
+    mix_shared_fit="SLM-mix (shared attention) at the SLM's time",
+    pn_fit_k16="PN k=16 at the SLM's time", pn_fit_k16_s1="PN k=16 at the SLM's time (seed 1)",
+    pn_fit_spread="PN code spread 0.5 at the SLM's time",
+    pn_fit_spread_s1="PN code spread 0.5 at the SLM's time (seed 1)",
+    pn_fit_lr="PN lr 3e-3 at the SLM's time", pn_fit_lr_s1="PN lr 3e-3 at the SLM's time (seed 1)",
+    pn_fit_rep="PN at the SLM's time (repeat)",
+    pn_fit_rep_s1="PN at the SLM's time (repeat, seed 1)",
+    pn_fit_ft_half="PN at the SLM's time, ft lr / 2",
+    pn_fit_ft_half_s1="PN at the SLM's time, ft lr / 2 (seed 1)",
+    llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
+    pn256_fit="PN d256 at the d256 SLM's time", pn256_fit_s1="PN d256 at the d256 SLM's time (seed 1)")
+SEED_GROUPS_26 = dict(
+    slm=("slm", "slm_s1"), pn=("pn", "pn_s1"), pn_fit=("pn_fit", "pn_fit_s1"),
+    pn_fit_rep=("pn_fit_rep", "pn_fit_rep_s1"), pn_fit_k16=("pn_fit_k16", "pn_fit_k16_s1"),
+    pn_fit_spread=("pn_fit_spread", "pn_fit_spread_s1"), pn_fit_lr=("pn_fit_lr", "pn_fit_lr_s1"),
+    pn_fit_ft_half=("pn_fit_ft_half", "pn_fit_ft_half_s1"))
+HYPOTHESES_26 = dict(
+    pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
+        "slm"),
+    pn_s1=("none, seed 1", "slm_s1"),
+    pn_fit=("trained for the SLM's device time (fewer steps, its own full schedule)", "slm"),
+    pn_fit_s1=("at the SLM's time, seed 1", "slm_s1"),
+    pn_fit_rep=("at the SLM's time, the same run again", "slm"),
+    pn_fit_rep_s1=("at the SLM's time, the same run again, seed 1", "slm_s1"),
+    pn_fit_k16=("at the SLM's time, k=16 (twice the tokens per expert)", "slm"),
+    pn_fit_k16_s1=("at the SLM's time, k=16, seed 1", "slm_s1"),
+    pn_fit_spread=("at the SLM's time, codes start further apart (spread 0.5, cosine ~0.8)",
+                   "slm"),
+    pn_fit_spread_s1=("at the SLM's time, spread 0.5, seed 1", "slm_s1"),
+    pn_fit_lr=("at the SLM's time, pretraining lr 3e-3 (the SLM's: 2e-3)", "slm"),
+    pn_fit_lr_s1=("at the SLM's time, lr 3e-3, seed 1", "slm_s1"),
+    pn_fit_ft_half=("at the SLM's time, fine-tuning lr halved (the expert starts elsewhere)",
+                    "slm"),
+    pn_fit_ft_half_s1=("at the SLM's time, ft lr halved, seed 1", "slm_s1"),
+    pn256=("d_model 256 (MLP 1024), equal tokens, vs the d256 SLM", "llm"),
+    pn256_s1=("d_model 256, equal tokens, seed 1", "llm_s1"),
+    pn256_fit=("d_model 256 at the d256 SLM's time", "llm"),
+    pn256_fit_s1=("d_model 256 at the d256 SLM's time, seed 1", "llm_s1"),
+)
 
 # The "what mattered" table: method -> (the one change from PN's defaults, the SLM it is
 # compared with). pn is the baseline row.
@@ -150,6 +254,16 @@ def get_config(arg=None):
     c.finetune.update(steps=200)
     return c
   c.methods = ml_collections.ConfigDict(PARTS[part], sort_keys=False)  # run in this order
+  if part in ISSUE26:
+    c.labels = ml_collections.ConfigDict({**LABELS, **LABELS_26}, sort_keys=False)
+    c.seed_groups = ml_collections.ConfigDict(SEED_GROUPS_26, sort_keys=False)
+    c.hypotheses = ml_collections.ConfigDict(HYPOTHESES_26, sort_keys=False)
+    c.time_references = ml_collections.ConfigDict(TIME_REFERENCES, sort_keys=False)
+    c.distill = part == "baselines"
+    c.equal_time_reference = "slm" if part == "defaults" else ""
+    if part.startswith("recipe") or part == "scale":
+      c.budgets = (1_000_000,)
+    return c
   if part:  # the other parts: no SLM-d, no equal-time view, and (hypotheses) 1M tokens only
     c.distill = False
     c.equal_time_reference = ""

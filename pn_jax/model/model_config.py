@@ -19,6 +19,7 @@ from pn_jax.config import ARCHS, ConfigError
 # Keys a checkpoint's saved config lacks when its run predates them -> the value that run used.
 OLD_RUN_DEFAULTS = {
     "code_init": "random",  # expert codes were independent unit rows before the key existed
+    "code_spread": 0.25,  # shared codes' spread was this constant before the key existed
     "independent_experts": False,  # SLM-mix did not exist
     "arch": "gpt",  # the non-gated MLP was the only one
     "mixed_mlp": "per_sequence",  # mixed batches used a weight per sequence
@@ -40,6 +41,7 @@ class ModelConfig:
   h: int  # basis slices of the shared tensor T (projected)
   m: int  # code length per expert: E is [k, m] (projected)
   code_init: str  # expert codes' init (projected): shared | random
+  code_spread: float  # code_init=shared: each code's own part next to the shared direction
   independent_experts: bool  # SLM-mix: k independent copies of the dense model (experts.py)
   activation: str  # gelu | relu | silu
   tie_embeddings: bool  # unembedding = embedding^T (scaled)

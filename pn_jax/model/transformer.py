@@ -174,6 +174,8 @@ class LM(nn.Module):
                  cluster_B[:1] if one_cluster else cluster_B)
       if c.mlp_kind == "projected":
         init = CODE_INITS[c.code_init]
+        if c.code_init == "shared":
+          init = functools.partial(init, spread=c.code_spread)
         E = logical_param(self, "E", init, (c.k, c.m), ("expert", "code"), pdtype)
         code = jnp.take(E, cluster, axis=0)  # [B|1|G, m]
       else:
@@ -225,19 +227,16 @@ def unit_rows_init(key, shape, dtype=jnp.float32):
   return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).astype(dtype)
 
 
-SHARED_CODE_SPREAD = 0.25  # norm of each code's own part next to the shared unit direction
-
-
-def shared_rows_init(key, shape, dtype=jnp.float32):
-  """Unit-norm codes near one shared direction u: E[i] ~ u + 0.25 g_i / |g_i| (cosine between
-  experts ~0.94). Why: with independent random codes the part of the gradient that every
+def shared_rows_init(key, shape, dtype=jnp.float32, spread: float = 0.25):
+  """Unit-norm codes near one shared direction u: E[i] ~ u + spread g_i / |g_i| (cosine between
+  experts ~0.94 at spread 0.25; model.code_spread). Why: with independent random codes the part of the gradient that every
   cluster shares reaches T as sum_i E[i] M G, whose terms point in unrelated directions; with a
   shared direction they add up, so the experts start as one SLM and drift apart as their
   clusters' gradients differ. The paper leaves the initialisation open (docs/design.md)."""
   k_u, k_g = jax.random.split(key)
   u = jax.random.normal(k_u, shape[-1:], jnp.float32)
   g = jax.random.normal(k_g, shape, jnp.float32)
-  e = u / jnp.linalg.norm(u) + SHARED_CODE_SPREAD * g / jnp.linalg.norm(g, axis=-1, keepdims=True)
+  e = u / jnp.linalg.norm(u) + spread * g / jnp.linalg.norm(g, axis=-1, keepdims=True)
   return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).astype(dtype)
 
 
