@@ -461,16 +461,20 @@ def _time_fitted_steps(exp, c, ref: str, corpus, tokenizer, root) -> int:
 
 
 def step_cost_configs(exp) -> dict:
-  """{method: pretraining config} of each pretraining run (one per group) but SLM-is's, and of
-  exp.time_references: the configs launch/step_costs.py times (their lengths aside: a step's
-  cost does not depend on them)."""
+  """{method: pretraining config} of each run fitted to another's time (its pretraining run:
+  one per group) and of each run it is fitted to: the configs launch/step_costs.py times
+  (their lengths aside: a step's cost does not depend on them)."""
   owners = pretraining_owners(exp)
-  build = lambda spec, overrides: pretrain_config(exp, spec, overrides, "corpus",
-                                                  "tokenizer.model")
-  out = {name: build(*method_spec(exp, name)[:2])
-         for name in exp.methods if owners[name] == name and name != "slm_is"}
-  for name, (spec, overrides, *_) in (exp.get("time_references") or {}).items():
-    out.setdefault(name, build(spec, overrides))
+  refs = exp.get("time_references") or {}
+  out = {}
+  for name in exp.methods:
+    ref = time_fitted_to(exp, name)
+    if not ref or owners[name] != name:
+      continue
+    for n, (spec, overrides, *_) in ((name, exp.methods[name]),
+                                     (ref, exp.methods[ref] if ref in exp.methods
+                                      else refs[ref])):
+      out.setdefault(n, pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model"))
   return out
 
 
