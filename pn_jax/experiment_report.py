@@ -362,9 +362,36 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
              "SLM-is: per domain; SLM-d: the SLM's + the LLM's pretraining).")
   lines = [f"#### {VIEWS[view]}", "", intro, "", *cost_table(results, rows, exp, view), "",
            *vs_slm_table(rows, exp), "", *per_domain_table(rows, exp), ""]
-  if view == "time":
-    lines += partial_time_table(results, exp, [r["method"] for r in rows])
+  done = [r["method"] for r in rows]
+  lines += (partial_time_table(results, exp, done) if view == "time"
+            else partial_tokens_table(results, exp, done))
   return lines, rows
+
+
+def partial_tokens_table(results, exp, complete: list[str]) -> list[str]:
+  """The equal-token cells of methods that do not have them all (a run stopped before the
+  rest), hypothesis variants aside (their own table): nothing measured is hidden, nothing
+  missing is averaged."""
+  main = main_methods(exp)
+  variants = set(exp.get("hypotheses", {})) - set(main)
+  named = [*main, *results.get("pretrain", {}),
+           *(m for by in results.get("specialize", {}).values() for m in by)]
+  cells = [(d, b) for b in exp.budgets for d in budget_domains(results, exp, b)]
+  rows = []
+  for m in dict.fromkeys(named):
+    if m in complete or m in variants:
+      continue
+    ppl = [view_cell(results, "tokens", f"{d}/{b}", m) for d, b in cells]
+    if any(c is not None for c in ppl):
+      pre = results.get("pretrain", {}).get(m, {})
+      rows.append(f"| {label(m, exp)} | {pre.get('steps', '-')} | "
+                  f"{_generic_ppl(results, m, 'tokens')} | "
+                  + " | ".join("-" if c is None else f"{c['test_ppl']:.2f}" for c in ppl) + " |")
+  if not rows:
+    return []
+  head = ["method", "pretrain steps", "generic valid ppl"] + [f"{d} {b:.0e}" for d, b in cells]
+  return ["Methods whose equal-token fine-tuning did not all run (\"-\": not run), so no macro "
+          "average:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|", *rows, ""]
 
 
 def partial_time_table(results, exp, complete: list[str]) -> list[str]:
@@ -389,15 +416,22 @@ def partial_time_table(results, exp, complete: list[str]) -> list[str]:
   return lines + [""]
 
 
-def versus(cells: dict[str, dict], ref: dict[str, dict]) -> tuple[float, int, int] | None:
-  """Macro test ppl relative to the reference's (%), on how many domains it is lower, out of
-  how many: over the domains both have (None if none)."""
+def versus(cells: dict[str, dict], ref: dict[str, dict], key: str = "test_ppl"
+           ) -> tuple[float, int, int] | None:
+  """Macro ppl (`key`: test_ppl, or valid_ppl from each cell's best validation loss) relative
+  to the reference's (%), on how many domains it is lower, out of how many: over the domains
+  both have (None if none, or if a cell lacks the key)."""
+  if key == "valid_ppl":
+    if not all("best_valid_loss" in c for c in [*cells.values(), *ref.values()]):
+      return None
+    at = lambda by: {d: {key: math.exp(c["best_valid_loss"])} for d, c in by.items()}
+    cells, ref = at(cells), at(ref)
   common = [d for d in cells if d in ref]
   if not common:
     return None
   a, b = [cells[d] for d in common], [ref[d] for d in common]
-  better = sum(x["test_ppl"] < y["test_ppl"] for x, y in zip(a, b))
-  return 100 * (macro(a, "test_ppl") / macro(b, "test_ppl") - 1), better, len(common)
+  better = sum(x[key] < y[key] for x, y in zip(a, b))
+  return 100 * (macro(a, key) / macro(b, key) - 1), better, len(common)
 
 
 def seed_members(results, exp, budget: int) -> dict[str, list[str]]:
@@ -427,33 +461,40 @@ def seed_table(results, exp, budget: int) -> list[str]:
           "|---" * 5 + "|", *out]
 
 
-def seed_pairs_table(results, exp, budget: int) -> list[str]:
-  """Each group's i-th member against the i-th of the group named slm (the same seed), then
-  mean against mean: whether a lead over the SLM holds seed by seed."""
+def seed_pairs_table(results, exp, budget: int, base: str = "slm") -> list[str]:
+  """Each group's i-th member against the i-th of group `base` (the same seed), then mean
+  against mean: whether a lead over the SLM (or a change from a default, `base` its group)
+  holds seed by seed. Over the domains both have (a stopped run's are fewer: the counts say
+  so); the means over the domains every member of both groups has."""
   groups = exp.get("seed_groups", {})
-  if "slm" not in groups:
+  if base not in groups:
     return []
-  have = seed_members(results, exp, budget)
-  cells = lambda m: method_cells(results, exp, m, budget)
+  cells = lambda m: available_cells(results, exp, m, budget)
+  n_all = len(budget_domains(results, exp, budget))
+  have = {g: [m for m in members if cells(m)] for g, members in groups.items()}
   out = [f"| pair | ft {budget:.0e} macro vs | domains better |", "|---" * 3 + "|"]
   for g, members in groups.items():
-    if g == "slm":
+    if g == base or (base != "slm" and g == "slm"):
       continue
-    for m, ref in zip(members, groups["slm"]):
-      if m in have[g] and ref in have["slm"]:
-        pct, better, n = versus(cells(m), cells(ref))
-        out.append(f"| {label(m, exp)} vs {label(ref, exp)} | {pct:+.1f}% | {better}/{n} |")
-    if have[g] and have["slm"]:
-      means = [_geomean([macro(list(cells(m).values()), "test_ppl") for m in have[k]])
-               for k in (g, "slm")]
-      out.append(f"| {label(g, exp)} vs {label('slm', exp)}, means of {len(have[g])} / "
-                 f"{len(have['slm'])} | {100 * (means[0] / means[1] - 1):+.1f}% | - |")
+    pairs = [(m, ref) for m, ref in zip(members, groups[base])
+             if m in have[g] and ref in have[base] and versus(cells(m), cells(ref))]
+    for m, ref in pairs:
+      vs = versus(cells(m), cells(ref))
+      out.append(f"| {label(m, exp)} vs {label(ref, exp)} | {vs[0]:+.1f}% | {vs[1]}/{vs[2]} |")
+    common = set.intersection(*(set(cells(m)) for pair in pairs for m in pair)) if pairs else ()
+    if common:  # the same seeds on both sides, the same domains for every run
+      mean = lambda side: _geomean([macro([cells(pair[side])[d] for d in sorted(common)],
+                                          "test_ppl") for pair in pairs])
+      over = "" if len(common) == n_all else f", {len(common)} of {n_all} domains"
+      out.append(f"| {label(g, exp)} vs {label(base, exp)}, means of {len(pairs)} / "
+                 f"{len(pairs)}{over} | {100 * (mean(0) / mean(1) - 1):+.1f}% | - |")
   return out if len(out) > 2 else []
 
 
 def seeds_section(results, exp) -> list[str]:
   """The seed groups at equal tokens, per budget; none unless a group has two runs."""
-  if not any(len(m) >= 2 for b in exp.budgets for m in seed_members(results, exp, b).values()):
+  if not any(sum(bool(available_cells(results, exp, m, b)) for m in members) >= 2
+             for b in exp.budgets for members in exp.get("seed_groups", {}).values()):
     return []
   lines = ["#### seeds (equal pretraining tokens)", "",
            "The same methods pretrained with other model seeds (GPU runs are not "
@@ -463,31 +504,47 @@ def seeds_section(results, exp) -> list[str]:
   for b in exp.budgets:
     for table in (seed_table(results, exp, b), seed_pairs_table(results, exp, b)):
       lines += [*table, ""] if table else []
+  base = exp.get("recipe_baseline", "")
+  if base:  # the recipe hypotheses against the default they change, seed by seed
+    b = min(exp.budgets)
+    table = seed_pairs_table(results, exp, b, base)
+    if table:
+      lines += [f"Each change against {label(base, exp)} of the same seed (the pairs share "
+                "the seed's SLM as reference): a change counts only where both seeds agree.",
+                "", *table, ""]
   return lines
 
 
 def hypotheses_table(results, exp) -> list[str]:
-  """One row per PN variant (one change from PN's defaults) with every cell at the smallest
-  budget, each against the SLM pretrained like it (same seed, same tokens): which of PN's
-  choices its result depends on."""
+  """One row per PN variant (one change from PN's defaults) at the smallest budget, each
+  against the SLM pretrained like it (same seed, same tokens), over the domains both have:
+  which of PN's choices its result depends on. A variant with only some of the domains (a
+  stopped run) is compared on those (its macro columns '-'). The change is read off the
+  domains' validation splits (what a choice may be made on); the test split is reported."""
   b = min(exp.budgets)
   cap = step_cap(results, exp)
+  n_all = len(budget_domains(results, exp, b))
   out = []
   for m, (change, ref) in exp.get("hypotheses", {}).items():
-    cells = method_cells(results, exp, m, b)
-    if cells is None:
-      continue
+    cells = available_cells(results, exp, m, b)
     vs = versus(cells, available_cells(results, exp, ref, b))
+    if vs is None:
+      continue
+    valid = versus(cells, available_cells(results, exp, ref, b), key="valid_ppl")
     capped = any(hit_step_cap(c, cap) for c in cells.values())
+    whole = len(cells) == n_all
     out.append(f"| {label(m, exp)} | {change} | {label(ref, exp)} | "
                f"{_generic_ppl(results, m, 'tokens')} | {_fit(results['pretrain'].get(m, {}))} | "
-               f"{macro(list(cells.values()), 'noft_test_ppl'):.2f} | "
-               f"{_ppl(macro(list(cells.values()), 'test_ppl'), capped)} | "
-               + (f"{vs[0]:+.1f}% | {vs[1]}/{vs[2]}" if vs else "- | -") + " |")
+               + (f"{macro(list(cells.values()), 'noft_test_ppl'):.2f} | "
+                  f"{_ppl(macro(list(cells.values()), 'test_ppl'), capped)} | " if whole
+                  else "- | - | ")
+               + (f"{valid[0]:+.1f}% | " if valid else "- | ")
+               + f"{vs[0]:+.1f}% | {vs[1]}/{vs[2]} |")
   if not out:
     return []
   return ["| method | change | reference | generic valid ppl | train / valid loss | no ft | "
-          f"ft {b:.0e} | vs reference | domains better |", "|---" * 9 + "|", *out]
+          f"ft {b:.0e} | vs reference, valid | vs reference, test | domains better (test) |",
+          "|---" * 10 + "|", *out]
 
 
 def _fit(record: dict) -> str:
@@ -502,10 +559,11 @@ def hypotheses_section(results, exp) -> list[str]:
   if not table:
     return []
   return ["#### what mattered (PN variants, one change each)", "",
-          f"Equal pretraining tokens, fine-tuned on {min(exp.budgets):.0e} domain tokens; each "
-          "variant against its reference SLM (the same seed and pretraining tokens), over the "
-          "domains both have. Train / valid loss: pretraining's last logged training losses "
-          "(mean of 8) and its final generic validation loss.", "", *table, ""]
+          f"Fine-tuned on {min(exp.budgets):.0e} domain tokens; each variant against its "
+          "reference (the SLM of the same seed and pretraining cost, or the default the variant "
+          "changes), over the domains both have, on the domains' validation splits (what a "
+          "choice is made on) and test splits. Train / valid loss: pretraining's last logged "
+          "training losses (mean of 8) and its final generic validation loss.", "", *table, ""]
 
 
 # The paper's Table 8 at 100 GPUh of pretraining (../shared/paper.md): generic c4 ppl, and

@@ -101,7 +101,8 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path, fake_c
   eq = first["equal_time"]
   assert eq["reference"] == "slm" and eq["budget_seconds"] == 8.0
   assert eq["methods"]["slm"] == dict(step=8, final=True, seconds=8.0, flops=8e6,
-                                      generic_valid_ppl=12.5, over_budget=False)
+                                      generic_valid_ppl=12.5, over_budget=False,
+                                      fitted=False)
   assert eq["methods"]["pn"]["step"] == 4 and not eq["methods"]["pn"]["final"]
   assert set(first["specialize_equal_time"]["legal/2048"]) == {"pn"}  # the SLM's is reused
   assert first["specialize_equal_time"]["legal/2048"]["pn"]["pretrain_step"] == 4
@@ -253,7 +254,7 @@ def test_every_experiment_config_builds_valid_run_configs():
   assert len(files) >= 2
   gpu_parts = [":importance", ":seeds", ":hypotheses1", ":hypotheses2", ":validate",
                ":defaults", ":defaults_s1", ":baselines", ":mixtures", ":recipe_a", ":recipe_b",
-               ":scale"]
+               ":scale", ":adopted"]
   gpu_small = str(REPO / "configs" / "experiments" / "gpu_small.py")
   cpu_small = str(REPO / "configs" / "experiments" / "cpu_small.py")
   cpu_parts = [cpu_small + ":codes", cpu_small + ":tiny"]  # :tiny: the README walk's

@@ -20,7 +20,8 @@ DOMAINS = ("legal", "religious")
 
 def _cell(ppl, capped=False):
   return {"test_ppl": ppl, "noft_test_ppl": 3 * ppl, "specialize_flops": 1.0,
-          "fit_seconds": 1.0, "steps": 100, "hit_step_cap": capped}
+          "fit_seconds": 1.0, "steps": 100, "hit_step_cap": capped,
+          "best_valid_loss": math.log(2 * math.sqrt(ppl))}  # validation ppl: 2 sqrt(test ppl)
 
 
 def _part(ppls: dict, reference="", capped=()) -> dict:
@@ -119,19 +120,34 @@ def test_seed_tables_give_each_group_its_mean_and_pair_the_seeds():
   assert "| PN (seed 1) vs SLM (seed 1) | -9.7% | 2/2 |" in pairs  # 11 < 12, 16 < 18
   assert f"| {R} vs SLM, means of 2 / 2 | {100 * (pn_mean / slm_mean - 1):+.1f}% | - |" in pairs
   assert report.seeds_section(MAIN, exp) == []  # one run per group: no section
+  partial = copy.deepcopy(results)  # a stopped run: pn_s1 without its religious cell
+  del partial["specialize"][f"religious/{B}"]["pn_s1"]
+  pairs = report.seed_pairs_table(partial, exp, B)
+  assert "| PN (seed 1) vs SLM (seed 1) | -8.3% | 1/1 |" in pairs  # 11 vs 12, legal alone
+  assert (f"| {R} vs SLM, means of 2 / 2, 1 of 2 domains | "
+          f"{100 * (math.sqrt(9 * 11 / (10 * 12)) - 1):+.1f}% | - |") in pairs
+  exp.recipe_baseline = "pn"  # a change against the default it changes, seed by seed
+  exp.seed_groups.pn_alt = ("pn_s1", "pn")  # (members swapped: each is the other's change)
+  lines = report.seeds_section(results, exp)
+  assert "| PN (seed 1) vs PN (random codes) | " + f"{100 * (math.sqrt(176 / 198) - 1):+.1f}%" \
+      + " | 1/2 |" in lines
+  assert not any(line.startswith("| SLM vs") for line in lines)  # the SLM is no change of PN
 
 
 def test_what_mattered_rows_compare_each_variant_with_its_reference():
   table = report.hypotheses_table(_merged(), _exp())
-  pn, h8, q = table[2:]  # config order; pn_k16 (one domain), pn_lowest_loss (none): no row
-  assert pn == ("| PN (random codes) | none | SLM | 109.00 | - | 42.21 | 14.07 | -0.5% | 1/2 |")
+  pn, h8, q, k16 = table[2:]  # config order; pn_lowest_loss (no cell): no row
+  assert pn == ("| PN (random codes) | none | SLM | 109.00 | - | 42.21 | 14.07 | -0.3% | -0.5% "
+                "| 1/2 |")  # valid: (198 / 200) ** (1 / 4), test: (198 / 200) ** (1 / 2)
   # pn_h8 (8, 19) vs the SLM's (10, 20); its legal cell hit the step cap
+  valid, test = (f"{100 * ((152 / 200) ** e - 1):+.1f}%" for e in (0.25, 0.5))
   assert h8 == (f"| PN h=8 m=8 | a third of the basis | SLM | 108.00 | - | "
-                f"{3 * math.sqrt(152):.2f} | "
-                f"{math.sqrt(152):.2f}* | {100 * (math.sqrt(152 / 200) - 1):+.1f}% | 2/2 |")
+                f"{3 * math.sqrt(152):.2f} | {math.sqrt(152):.2f}* | {valid} | {test} | 2/2 |")
   # the SLM at 30M tokens has only its legal cell: compared there alone
-  assert q.endswith(f"| {math.sqrt(1200):.2f} | +20.0% | 0/1 |")
+  assert q.endswith(f"| {math.sqrt(1200):.2f} | +9.5% | +20.0% | 0/1 |")
   assert q.startswith("| PN, 30M tokens | a quarter of the tokens | SLM, 30M tokens |")
+  # pn_k16 has one of the two domains: compared on it, no macro over a partial set
+  assert k16 == "| PN k=16 | 16 experts | SLM | 105.00 | - | - | - | -29.3% | -50.0% | 1/1 |"
   assert report.hypotheses_table(MAIN, ml_collections.ConfigDict(
       dict(domains=DOMAINS, budgets=(B,), finetune=dict(steps=100)))) == []
 

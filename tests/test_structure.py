@@ -69,6 +69,7 @@ LAYERS = {
     "pn_jax.sweep": 6,
     "pn_jax.sweep_results": 6,
     "pn_jax.bench": 6,
+    "pn_jax.step_costs": 6,  # a step timed by the bench, for the experiment's fitted runs
     "pn_jax.aot": 6,  # the train step compiled for a TPU topology ahead of time
     # 7: the main command lines.
     "pn_jax.main": 7,

@@ -30,6 +30,18 @@ Args (the parts of one comparison; each is its own experiment root):
   shared       the hypotheses' one winner, shared code init, at both budgets and three seeds
                (0, 1, 2), with the SLM's third seed: is its 1M gain more than seed noise?
   validate     a few-minute run that exercises every stage of the runner.
+
+Issue 26's parts (today's defaults: shared codes; equal device time by runs fitted to the SLM's
+training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_costs.py):
+  defaults     SLM, PN, PN at the SLM's time (first: its pretraining runs alone), both views;
+  defaults_s1  the same with seed 1;
+  baselines    the LLM and the LLM at the SLM's time, SLM-d (with a repeat of the SLM);
+  mixtures     SLM-mix (independent), the shared-attention mixture and it at the SLM's time;
+  recipe_a, recipe_b
+               PN recipe hypotheses at the SLM's time, one change each, seeds 0 and 1, 1M;
+  scale        SLM and PN at d_model 256, equal tokens and equal time, seeds 0 and 1, 1M;
+  adopted      the adopted recipe (PN lr 3e-3) with the SLM at 3e-3 as its control (run first,
+               alone: its own equal-time view), seeds 0 and 1, both budgets: not run yet.
 """
 
 import pathlib
@@ -56,6 +68,11 @@ PN = SLM + ",model.k=32,model.h=24,model.m=16"
 PN256 = LLM + ",model.k=32,model.h=24,model.m=16"
 FIT = ",pretrain_scale=time:slm"  # as many steps as fit in the SLM's training time
 S1 = ",seed=1"
+# What issue 26's recipe hypotheses adopted (docs/results.md, "what mattered"): PN pretrained at
+# 1.5x the SLM's learning rate (3e-3; the SLM keeps 2e-3), at the SLM's device time. k=32, h=24,
+# m=16, shared codes with spread 0.25 and the paper's fine-tuning rule stay (k=16, spread 0.5 and
+# a halved fine-tuning lr did not win on both seeds).
+PN_ADOPTED = PN + ",optim.lr=0.003"
 FT_HALF_LR = "optim.lr=0.000333333"  # half the paper's rule at 1M (2e-3 / 3)
 
 LOWEST_LOSS = "specialize.select=lowest_loss"
@@ -139,6 +156,17 @@ PARTS = {
         pn256_s1=("configs/pn.py", PN256 + S1),
         pn256_fit_s1=("configs/pn.py", PN256 + S1 + ",pretrain_scale=time:llm"),
     ),
+    # The adopted recipe at both budgets and seeds, with the control its run did not have: the
+    # SLM at the same 3e-3 (is the gain PN's, or an SLM lr that was never tuned?). Not run yet.
+    "adopted": dict(
+        slm=("configs/slm.py", SLM),
+        slm_lr=("configs/slm.py", SLM + ",optim.lr=0.003"),
+        pn_lr=("configs/pn.py", PN_ADOPTED),
+        pn_fit_lr=("configs/pn.py", PN_ADOPTED + FIT),
+        slm_s1=("configs/slm.py", SLM + S1),
+        slm_lr_s1=("configs/slm.py", SLM + ",optim.lr=0.003" + S1),
+        pn_fit_lr_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT),
+    ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
         pn_shared_s1=("configs/pn.py", pn(code_init="shared", extra=",seed=1")),
@@ -148,7 +176,8 @@ PARTS = {
 }
 
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
-ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale")
+ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
+           "adopted")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -172,31 +201,35 @@ LABELS_26 = dict(
     pn_fit_rep_s1="PN at the SLM's time (repeat, seed 1)",
     pn_fit_ft_half="PN at the SLM's time, ft lr / 2",
     pn_fit_ft_half_s1="PN at the SLM's time, ft lr / 2 (seed 1)",
+    slm_lr="SLM lr 3e-3", slm_lr_s1="SLM lr 3e-3 (seed 1)", pn_lr="PN lr 3e-3",
     llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
     pn256_fit="PN d256 at the d256 SLM's time", pn256_fit_s1="PN d256 at the d256 SLM's time (seed 1)")
 SEED_GROUPS_26 = dict(
     slm=("slm", "slm_s1"), pn=("pn", "pn_s1"), pn_fit=("pn_fit", "pn_fit_s1"),
     pn_fit_rep=("pn_fit_rep", "pn_fit_rep_s1"), pn_fit_k16=("pn_fit_k16", "pn_fit_k16_s1"),
     pn_fit_spread=("pn_fit_spread", "pn_fit_spread_s1"), pn_fit_lr=("pn_fit_lr", "pn_fit_lr_s1"),
-    pn_fit_ft_half=("pn_fit_ft_half", "pn_fit_ft_half_s1"))
+    pn_fit_ft_half=("pn_fit_ft_half", "pn_fit_ft_half_s1"), slm_lr=("slm_lr", "slm_lr_s1"))
 HYPOTHESES_26 = dict(
     pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
         "slm"),
     pn_s1=("none, seed 1", "slm_s1"),
     pn_fit=("trained for the SLM's device time (fewer steps, its own full schedule)", "slm"),
     pn_fit_s1=("at the SLM's time, seed 1", "slm_s1"),
-    pn_fit_rep=("at the SLM's time, the same run again", "slm"),
-    pn_fit_rep_s1=("at the SLM's time, the same run again, seed 1", "slm_s1"),
-    pn_fit_k16=("at the SLM's time, k=16 (twice the tokens per expert)", "slm"),
-    pn_fit_k16_s1=("at the SLM's time, k=16, seed 1", "slm_s1"),
-    pn_fit_spread=("at the SLM's time, codes start further apart (spread 0.5, cosine ~0.8)",
-                   "slm"),
-    pn_fit_spread_s1=("at the SLM's time, spread 0.5, seed 1", "slm_s1"),
-    pn_fit_lr=("at the SLM's time, pretraining lr 3e-3 (the SLM's: 2e-3)", "slm"),
-    pn_fit_lr_s1=("at the SLM's time, lr 3e-3, seed 1", "slm_s1"),
-    pn_fit_ft_half=("at the SLM's time, fine-tuning lr halved (the expert starts elsewhere)",
-                    "slm"),
-    pn_fit_ft_half_s1=("at the SLM's time, ft lr halved, seed 1", "slm_s1"),
+    # The recipe changes, each against the default it changes (pn_fit of the same seed).
+    pn_fit_rep=("none: pn_fit's run again (GPU runs are not bit-deterministic)", "pn_fit"),
+    pn_fit_rep_s1=("none: pn_fit_s1's run again", "pn_fit_s1"),
+    pn_fit_k16=("k=16 (twice the tokens per expert)", "pn_fit"),
+    pn_fit_k16_s1=("k=16, seed 1", "pn_fit_s1"),
+    pn_fit_spread=("codes start further apart (spread 0.5, cosine ~0.8; default 0.25)",
+                   "pn_fit"),
+    pn_fit_spread_s1=("spread 0.5, seed 1", "pn_fit_s1"),
+    pn_fit_lr=("pretraining lr 3e-3 (default: the SLM's 2e-3)", "pn_fit"),
+    pn_fit_lr_s1=("lr 3e-3, seed 1", "pn_fit_s1"),
+    pn_fit_ft_half=("fine-tuning lr halved (the expert starts elsewhere than the SLM)",
+                    "pn_fit_rep"),
+    pn_fit_ft_half_s1=("ft lr halved, seed 1", "pn_fit_rep_s1"),
+    slm_lr=("the SLM at lr 3e-3: the control of PN's adopted lr", "slm"),
+    slm_lr_s1=("the SLM at lr 3e-3, seed 1", "slm_s1"),
     pn256=("d_model 256 (MLP 1024), equal tokens, vs the d256 SLM", "llm"),
     pn256_s1=("d_model 256, equal tokens, seed 1", "llm_s1"),
     pn256_fit=("d_model 256 at the d256 SLM's time", "llm"),
@@ -259,8 +292,9 @@ def get_config(arg=None):
     c.seed_groups = ml_collections.ConfigDict(SEED_GROUPS_26, sort_keys=False)
     c.hypotheses = ml_collections.ConfigDict(HYPOTHESES_26, sort_keys=False)
     c.time_references = ml_collections.ConfigDict(TIME_REFERENCES, sort_keys=False)
+    c.recipe_baseline = "pn_fit"  # the seeds section pairs each recipe change with it
     c.distill = part == "baselines"
-    c.equal_time_reference = "slm" if part == "defaults" else ""
+    c.equal_time_reference = "slm" if part in ("defaults", "adopted") else ""
     if part.startswith("recipe") or part == "scale":
       c.budgets = (1_000_000,)
     return c
