@@ -354,6 +354,9 @@ def view_section(results, exp, view: str) -> tuple[list[str], list[dict]]:
              f"seconds are within {ref}'s total, {eq['budget_seconds']:.3g} s"
              + (" (\"(vs X)\": within X's, the reference of the part it was run in)"
                 if merged else "")
+             + ("; a run fitted to the reference's time (`pretrain_scale=time:...`, its steps "
+                "from step costs timed alone) is compared at its final step"
+                if any(e.get("fitted") for e in eq["methods"].values()) else "")
              + f"; \"(final)\" reuses the equal-token cell. {OVER}: even the first milestone "
              "cost more. SLM-d and SLM-is are compared at equal tokens only (their cost is "
              "the SLM's plus the LLM's, and a per-domain pretraining run).")

@@ -200,7 +200,7 @@ def test_paper_section_puts_the_papers_table_8_beside_ours():
 def test_the_published_results_pass_the_load_check_and_a_damaged_cell_does_not():
   """check_results (what the driver applies to every results.json it reads) accepts each
   results.json behind docs/results.md, and names the first record the report could not read."""
-  paths = sorted(glob.glob(os.path.join(REPO, "docs", "results_data", "*.json")))
+  paths = sorted(glob.glob(os.path.join(REPO, "docs", "results_data", "exp_*.json")))
   assert len(paths) >= 5
   for path in paths:
     with open(path) as f:
@@ -218,7 +218,7 @@ def test_the_published_results_pass_the_load_check_and_a_damaged_cell_does_not()
 def test_a_null_number_reads_back_as_nan():
   """A diverged cell's perplexity is non-finite; results.json holds it as null (strict JSON), and
   the check reads it back as the NaN it was instead of calling the file damaged."""
-  path = sorted(glob.glob(os.path.join(REPO, "docs", "results_data", "*.json")))[0]
+  path = sorted(glob.glob(os.path.join(REPO, "docs", "results_data", "exp_*.json")))[0]
   with open(path) as f:
     results = json.load(f)
   cell, method = next((c, m) for c, ms in results["specialize"].items() for m in ms)
