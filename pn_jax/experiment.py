@@ -456,7 +456,7 @@ def _time_fitted_steps(exp, c, ref: str, corpus, tokenizer, root) -> int:
   ref_c = pretrain_config(exp, spec, overrides, corpus, tokenizer)
   path = step_costs_path(exp, root)
   steps, _ = step_costs_lib.fitted_steps(c, ref_c, step_costs_lib.read(path), path,
-                                         f"a {c.name!r} run", ref)
+                                         f"a {c.name!r} run", ref, step_costs_lib.this_device())
   return steps
 
 

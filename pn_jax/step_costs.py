@@ -46,17 +46,24 @@ def read(path: str) -> dict:
                       "again (launch/step_costs.py)") from e
 
 
+def this_device() -> str:
+  import jax
+  return jax.devices()[0].device_kind
+
+
 def measure(configs: dict, path: str, warmup: int = 5, steps: int = 30) -> dict:
   """Times each config's train step (pn_jax.bench on synthetic batches of its shapes, steps
-  back to back as the training loop runs them) unless its key is in `path` already; writes
-  `path` after each, atomically. `configs`: {name: run config}. -> the file's contents."""
+  back to back as the training loop runs them) unless `path` holds it for this device already
+  (one measured on another device kind is replaced); writes `path` after each, atomically.
+  `configs`: {name: run config}. -> the file's contents."""
   import ml_collections
   from pn_jax import bench
   from pn_jax.data import corpus as corpus_lib
   costs = read(path)
+  device = this_device()
   for name, c in configs.items():
     key = cost_key(c)
-    if key in costs:
+    if costs.get(key, {}).get("device") == device:
       continue
     c = c.copy_and_resolve_references()
     with c.unlocked():
@@ -71,15 +78,23 @@ def measure(configs: dict, path: str, warmup: int = 5, steps: int = 30) -> dict:
   return costs
 
 
-def fitted_steps(c, ref_c, costs: dict, path: str, name: str, ref: str) -> tuple[int, dict]:
-  """-> (the steps run `c` can train in the time `ref_c` trains for, at the measured seconds
-  per step of each; the record of both measurements). ConfigError when either is missing."""
+def fitted_steps(c, ref_c, costs: dict, path: str, name: str, ref: str,
+                 device: str) -> tuple[int, dict]:
+  """-> (the steps run `c` can train in the time `ref_c` trains for, at the seconds per step
+  of each measured on `device`; the record of both measurements). ConfigError when either is
+  missing, or was measured on another device kind (a fit there would not hold here)."""
   missing = [n for n, x in ((name, c), (ref, ref_c)) if cost_key(x) not in costs]
   if missing:
     raise ConfigError(
         f"pretrain_scale=time:{ref} of {name}: no measured step cost of {missing} in {path!r}; "
         "measure them first: python launch/step_costs.py <experiment config> ... "
         f"--out={path}")
+  elsewhere = sorted({costs[cost_key(x)]["device"] for x in (c, ref_c)} - {device})
+  if elsewhere:
+    raise ConfigError(
+        f"pretrain_scale=time:{ref} of {name}: the step costs in {path!r} were measured on "
+        f"{elsewhere}, this run is on {device!r}; measure them here: python "
+        f"launch/step_costs.py <experiment config> ... --out={path}")
   mine, theirs = costs[cost_key(c)], costs[cost_key(ref_c)]
   steps = max(int(ref_c.train.steps * theirs["step_seconds"] / mine["step_seconds"]), 1)
   return steps, {"reference": ref, "step_seconds": mine["step_seconds"],

@@ -27,13 +27,15 @@ def _exp():
   return exp
 
 
-def _costs_file(path, exp, seconds):
-  """A step costs file as launch/step_costs.py writes it, with made-up seconds per step."""
+def _costs_file(path, exp, seconds, device=None):
+  """A step costs file as launch/step_costs.py writes it, with made-up seconds per step
+  (measured on this process's device unless `device` says another)."""
   from pn_jax import experiment, step_costs
   configs = experiment.step_cost_configs(exp)
+  device = device or step_costs.this_device()
   with open(path, "w") as f:
     json.dump({step_costs.cost_key(configs[n]): {"step_seconds": s, "method": n,
-                                                 "device": "fake"}
+                                                 "device": device}
                for n, s in seconds.items()}, f)
 
 
@@ -80,6 +82,9 @@ def test_fitting_without_a_measurement_or_to_an_unknown_run_is_refused(tmp_path)
   spec, overrides, _ = experiment.method_spec(exp, "pn_fit")
   _costs_file(tmp_path / "step_costs.json", exp, {"slm": 1.0})  # pn's step never timed
   with pytest.raises(ConfigError, match=r"no measured step cost.*launch/step_costs.py"):
+    experiment.pretrain_config(exp, spec, overrides, "corpus", "tok", str(tmp_path))
+  _costs_file(tmp_path / "step_costs.json", exp, {"slm": 1.0, "pn_fit": 2.0}, device="H200")
+  with pytest.raises(ConfigError, match=r"measured on \['H200'\], this run is on 'cpu'"):
     experiment.pretrain_config(exp, spec, overrides, "corpus", "tok", str(tmp_path))
   (tmp_path / "step_costs.json").write_text("{not json")
   with pytest.raises(ConfigError, match="step costs file .* is unreadable"):
@@ -134,5 +139,12 @@ def test_measuring_times_each_architecture_once_and_keeps_what_is_there(tmp_path
   monkeypatch.setattr(bench, "bench_one", lambda c: timed.append(c) or {})
   assert step_costs.measure(experiment.step_cost_configs(_exp()), str(out)) == costs
   assert timed == []  # nothing new to time
+  moved = {k: dict(v, device="H200") for k, v in costs.items()}  # measured on another device
+  out.write_text(json.dumps(moved))
+  monkeypatch.setattr(bench, "bench_one", lambda c: timed.append(c) or {
+      "step_time_pipelined_s": 1.0, "step_time_s": 1.0, "device_kind": "cpu",
+      "tokens_per_s": 1.0})
+  again = step_costs.measure(experiment.step_cost_configs(_exp()), str(out))
+  assert len(timed) == 2 and {v["device"] for v in again.values()} == {"cpu"}
   out.write_text("[1, 2")
   assert launcher.main([str(exp_file), f"--out={out}"]) == 2  # one error line, not a traceback
