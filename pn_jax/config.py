@@ -117,6 +117,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
   d.cluster_embedding = "tfidf"  # tfidf | minilm (sentence-BERT all-MiniLM-L6-v2, optional deps)
   d.cluster_window = 0  # tokens per clustered window; 0: seq_len (the paper: 1,024)
   d.cluster_dim = 64  # TF-IDF -> SVD dimensions
+  # True: balanced k-means (c-BTM): every cluster gets as many training windows as another (within
+  # one); text routed later (validation, a domain) still goes to its nearest centroid.
+  d.cluster_balance = False
   d.tokenizer_sample_chars = 20_000_000  # generic text the sentencepiece model trains on
   # Content-addressed data-preparation artefacts (tokens, embeddings, clusters, packed set) shared
   # by the runs that point here ("": only this run's packed set, under <workdir>/data).

@@ -86,3 +86,41 @@ def test_minilm_embedding(tmp_path):
   np.testing.assert_array_equal(ids, fit[[0, 3, 6]])
   model.save(str(tmp_path))
   np.testing.assert_array_equal(clusters_lib.load_clusters(str(tmp_path)).assign(texts), fit)
+
+
+def test_balanced_assignment_gives_sizes_within_one_and_stays_near():
+  """c-BTM's balanced k-means on a toy set whose nearest clusters are lopsided (90 / 10 / 3):
+  every size within one of the others, rows the balance does not have to move stay at their
+  nearest centroid, and the balanced centroids are stable under the seed."""
+  rng = np.random.default_rng(0)
+  centers = np.eye(3, 8, dtype=np.float32)
+  x = np.concatenate([centers[j] + 0.05 * rng.standard_normal((n, 8)).astype(np.float32)
+                      for j, n in enumerate((90, 10, 3))])
+  near = clusters_lib.nearest(x, centers)
+  assert np.bincount(near).tolist() == [90, 10, 3]
+  got = clusters_lib.balanced_assign(x, centers)
+  sizes = np.bincount(got, minlength=3)
+  assert sizes.sum() == 103 and sizes.max() - sizes.min() <= 1 and got.dtype == np.int32
+  assert (got[90:] == near[90:]).all()  # the small clusters keep their own rows
+  for n in (1, 2, 7, 33):  # any N, k: sizes floor(N/k) or one more
+    sizes = np.bincount(clusters_lib.balanced_assign(x[:n], centers), minlength=3)
+    assert sorted(sizes.tolist()) == sorted([n // 3 + (i < n % 3) for i in range(3)]), n
+  a = clusters_lib.fit_balanced_centroids(x, 3, seed=1)
+  np.testing.assert_array_equal(a, clusters_lib.fit_balanced_centroids(x, 3, seed=1))
+  sizes = np.bincount(clusters_lib.balanced_assign(x, a), minlength=3)
+  assert sizes.max() - sizes.min() <= 1
+
+
+def test_the_data_report_sets_balanced_clusters_beside_k_means(tmp_path):
+  """`python -m pn_jax.data report --balanced`: each k's table, then the same k balanced, with
+  its sizes line (what docs/data.md quotes)."""
+  import re
+  from pn_jax.data.report import report
+  text = report("tiny", "", str(tmp_path), ks=(4,), vocab_size=512, seq_len=64, domains=False,
+                balanced=True)
+  assert "\nk=4 (tfidf" in text and "\nk=4 balanced (tfidf" in text
+  sizes = re.findall(r"Sizes \(k=4( balanced)?\): windows per cluster min ([\d,]+), median "
+                     r"[\d,]+, max ([\d,]+)", text)
+  assert [s[0] for s in sizes] == ["", " balanced"]
+  low, high = (int(x.replace(",", "")) for x in sizes[1][1:])
+  assert high - low <= 1

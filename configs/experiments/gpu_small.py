@@ -37,8 +37,9 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
   defaults_s1  the same with seed 1;
   baselines    the LLM and the LLM at the SLM's time, SLM-d (with a repeat of the SLM);
   mixtures     SLM-mix (independent), the shared-attention mixture and it at the SLM's time;
-  recipe_a, recipe_b
-               PN recipe hypotheses at the SLM's time, one change each, seeds 0 and 1, 1M;
+  recipe_a, recipe_b, recipe_c
+               PN recipe hypotheses at the SLM's time, one change each, seeds 0 and 1, 1M
+               (recipe_c, balanced clusters: not run yet);
   scale        SLM and PN at d_model 256, equal tokens and equal time, seeds 0 and 1, 1M;
   adopted      the adopted recipe (PN lr 3e-3) with the SLM at 3e-3 as its control (run first,
                alone: its own equal-time view), seeds 0 and 1, both budgets: not run yet.
@@ -147,6 +148,11 @@ PARTS = {
         pn_fit_rep_s1=("configs/pn.py", PN + S1 + FIT),
         pn_fit_ft_half_s1=("configs/pn.py", PN + S1 + FIT, FT_HALF_LR),
     ),
+    # Cluster quality: balanced k-means (c-BTM; docs/data.md), one change from pn_fit. Not run yet.
+    "recipe_c": dict(
+        pn_fit_bal=("configs/pn.py", PN + ",data.cluster_balance=True" + FIT),
+        pn_fit_bal_s1=("configs/pn.py", PN + ",data.cluster_balance=True" + S1 + FIT),
+    ),
     # The scale point: SLM and PN at d_model 256 (the SLM is the LLM's shape; seed 0's SLM is the
     # baselines part's llm), both views by fitted runs.
     "scale": dict(
@@ -176,8 +182,8 @@ PARTS = {
 }
 
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
-ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
-           "adopted")
+ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "recipe_c",
+           "scale", "adopted")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -201,6 +207,8 @@ LABELS_26 = dict(
     pn_fit_rep_s1="PN at the SLM's time (repeat, seed 1)",
     pn_fit_ft_half="PN at the SLM's time, ft lr / 2",
     pn_fit_ft_half_s1="PN at the SLM's time, ft lr / 2 (seed 1)",
+    pn_fit_bal="PN balanced clusters at the SLM's time",
+    pn_fit_bal_s1="PN balanced clusters at the SLM's time (seed 1)",
     slm_lr="SLM lr 3e-3", slm_lr_s1="SLM lr 3e-3 (seed 1)", pn_lr="PN lr 3e-3",
     llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
     pn256_fit="PN d256 at the d256 SLM's time", pn256_fit_s1="PN d256 at the d256 SLM's time (seed 1)")
@@ -208,7 +216,8 @@ SEED_GROUPS_26 = dict(
     slm=("slm", "slm_s1"), pn=("pn", "pn_s1"), pn_fit=("pn_fit", "pn_fit_s1"),
     pn_fit_rep=("pn_fit_rep", "pn_fit_rep_s1"), pn_fit_k16=("pn_fit_k16", "pn_fit_k16_s1"),
     pn_fit_spread=("pn_fit_spread", "pn_fit_spread_s1"), pn_fit_lr=("pn_fit_lr", "pn_fit_lr_s1"),
-    pn_fit_ft_half=("pn_fit_ft_half", "pn_fit_ft_half_s1"), slm_lr=("slm_lr", "slm_lr_s1"))
+    pn_fit_ft_half=("pn_fit_ft_half", "pn_fit_ft_half_s1"), slm_lr=("slm_lr", "slm_lr_s1"),
+    pn_fit_bal=("pn_fit_bal", "pn_fit_bal_s1"))
 HYPOTHESES_26 = dict(
     pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
         "slm"),
@@ -228,6 +237,8 @@ HYPOTHESES_26 = dict(
     pn_fit_ft_half=("fine-tuning lr halved (the expert starts elsewhere than the SLM)",
                     "pn_fit_rep"),
     pn_fit_ft_half_s1=("ft lr halved, seed 1", "pn_fit_rep_s1"),
+    pn_fit_bal=("balanced clusters (c-BTM's balanced k-means)", "pn_fit"),
+    pn_fit_bal_s1=("balanced clusters, seed 1", "pn_fit_s1"),
     slm_lr=("the SLM at lr 3e-3: the control of PN's adopted lr", "slm"),
     slm_lr_s1=("the SLM at lr 3e-3, seed 1", "slm_s1"),
     pn256=("d_model 256 (MLP 1024), equal tokens, vs the d256 SLM", "llm"),

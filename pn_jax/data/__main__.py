@@ -1,5 +1,6 @@
 """CLI: `python -m pn_jax.data prepare --out=data_cache [--only=...] [--tiny_out=...]`,
-`python -m pn_jax.data stats --out=data_cache`, `python -m pn_jax.data report --k=4,16`."""
+`python -m pn_jax.data stats --out=data_cache`, `python -m pn_jax.data report --k=4,16
+[--balanced]`."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
   rep.add_argument("--vocab_size", type=int, default=32_000)
   rep.add_argument("--seq_len", type=int, default=1024)
   rep.add_argument("--embedding", default="tfidf")
+  rep.add_argument("--balanced", action="store_true",
+                   help="balanced k-means (config.data.cluster_balance) beside each k")
   rep.add_argument("--compare_minilm", type=int, default=0,
                    help="also compare TF-IDF and MiniLM clusters on this many windows")
   args = p.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     ks = args.k
     if not args.compare_minilm:
       print(report(args.corpus, args.out, args.workdir, ks, args.vocab_size, args.seq_len,
-                   args.embedding))
+                   args.embedding, balanced=args.balanced))
       return 0
     from pn_jax.data import pipeline
     from pn_jax.data.report import compare_embeddings, report_config

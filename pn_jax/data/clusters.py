@@ -225,6 +225,36 @@ def fit_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
   return np.asarray(km.cluster_centers_, np.float32)
 
 
+def balanced_assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """int32 [N]: each row's cluster with every cluster's size floor(N/k) or one more (c-BTM's
+  balanced assignment): (row, cluster) pairs are taken nearest first, a cluster taking rows
+  until it is full. Why: the paper's appendix blames PN's losses at large k on clusters too
+  small to train an expert. Capacity left anywhere was left when each row passed that
+  cluster, so every row is placed."""
+  n, k = len(x), len(centroids)
+  score = 2.0 * (x @ centroids.T) - (centroids * centroids).sum(1)[None, :]  # -distance + |x|^2
+  rows, cols = np.divmod(np.argsort(-score, axis=None, kind="stable"), k)
+  base, extra = divmod(n, k)  # `extra` clusters hold base + 1
+  size, out, bigger = np.zeros(k, np.int64), np.full(n, -1, np.int32), 0
+  for i, j in zip(rows.tolist(), cols.tolist()):
+    if out[i] >= 0 or size[j] > base or (size[j] == base and bigger == extra):
+      continue
+    bigger += size[j] == base
+    size[j] += 1
+    out[i] = j
+  return out
+
+
+def fit_balanced_centroids(x: np.ndarray, k: int, seed: int, rounds: int = 10) -> np.ndarray:
+  """float32 [k, dim]: balanced k-means: k-means' centroids, then `rounds` of balanced
+  assignment and centroid means (c-BTM). New text still goes to its nearest centroid."""
+  centroids = fit_centroids(x, k, seed)
+  for _ in range(rounds):
+    assignment = balanced_assign(x, centroids)
+    centroids = np.stack([x[assignment == j].mean(0) for j in range(k)]).astype(np.float32)
+  return centroids
+
+
 def with_centroids(model: ClusterModel, centroids: np.ndarray, **meta) -> ClusterModel:
   """A copy of the (embedding) model with these centroids and extra meta."""
   return ClusterModel(model.embedding, centroids, model.arrays,

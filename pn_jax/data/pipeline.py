@@ -92,7 +92,12 @@ def data_settings(config) -> dict:
           "tokenizer_path": str(d.tokenizer_path), "vocab_size": int(config.model.vocab_size),
           "seq_len": int(d.seq_len), "window": _window(config), "k": int(config.model.k),
           "embedding": str(d.cluster_embedding), "seed": int(config.seed),
-          "cluster_dim": int(d.get("cluster_dim", 64))}
+          "cluster_dim": int(d.get("cluster_dim", 64)),
+          **({"balanced": True} if _balanced(config) else {})}  # (absent: as before the key)
+
+
+def _balanced(config) -> bool:
+  return bool(config.data.get("cluster_balance", False))  # .get: configs saved before the key
 
 
 def _window(config) -> int:
@@ -232,15 +237,20 @@ def _embed_windows(config, store, wins, docs_key, tok, progress) -> tuple:
 
 
 def _fit_routing(config, store, x, rows, embed_key) -> tuple[np.ndarray, np.ndarray, str]:
-  """-> (centroids, every window's cluster, stage key): k-means on the fit rows."""
-  k, seed = int(config.model.k), int(config.seed)
+  """-> (centroids, every window's cluster, stage key): k-means on the fit rows (balanced:
+  balanced k-means, and every window placed so the clusters' sizes are within one)."""
+  k, seed, balanced = int(config.model.k), int(config.seed), _balanced(config)
   clusters_lib.check_k(k, len(rows))
-  key = cache_lib.key("clusters", embed_key, k, seed)
+  key = cache_lib.key("clusters", embed_key, k, seed, *(("balanced",) if balanced else ()))
   hit = store.load("clusters", key, ("centroids", "assignment"))
   if hit is not None:
     return hit["centroids"], hit["assignment"], key
-  centroids = clusters_lib.fit_centroids(x[rows], k, seed)
-  assignment = clusters_lib.nearest(x, centroids)
+  if balanced:
+    centroids = clusters_lib.fit_balanced_centroids(x[rows], k, seed)
+    assignment = clusters_lib.balanced_assign(x, centroids)
+  else:
+    centroids = clusters_lib.fit_centroids(x[rows], k, seed)
+    assignment = clusters_lib.nearest(x, centroids)
   store.save("clusters", key, {"centroids": centroids, "assignment": assignment})
   return centroids, assignment, key
 
@@ -255,6 +265,7 @@ def _saved_routing(cdir: str, expect: dict, corpus: dict) -> clusters_lib.Cluste
   provenance.check_clusters(cdir, os.path.dirname(cdir), saved.meta.get("corpus"), corpus)
   got = {k: saved.meta.get(k) for k in expect}
   got["k"], got["embedding"] = saved.k, saved.embedding
+  got["balanced"] = bool(saved.meta.get("balanced", False))  # (runs before the key: not)
   if got != expect:
     raise DataError(f"{cdir} holds clusters for {got} but the config asks for {expect}; use a "
                     "fresh --workdir (clusters define the routing of a trained model)")
@@ -273,19 +284,22 @@ def build_training_set(config, root: str, workdir: str, tok, store, progress: bo
   k, seed, window = int(config.model.k), int(config.seed), _window(config)
   cdir = os.path.join(workdir, "clusters")
   saved = _saved_routing(cdir, {"k": k, "embedding": str(config.data.cluster_embedding),
-                                "window": window, "tokenizer": tok.fingerprint(), "seed": seed},
-                         corpus)
+                                "window": window, "tokenizer": tok.fingerprint(), "seed": seed,
+                                "balanced": _balanced(config)}, corpus)
   t0 = time.time()
   docs, docs_key = _cached_docs(store, root, "train", "", tok)
   wins = packing.windows_of(docs, window)
   emb, x, rows, embed_key = _embed_windows(config, store, wins, docs_key, tok, progress)
   centroids, assignment, routing_key = _fit_routing(config, store, x, rows, embed_key)
   fitted = clusters_lib.with_centroids(emb, centroids, embedding=emb.embedding, window=window,
-                                       tokenizer=tok.fingerprint(), seed=seed, corpus=corpus)
+                                       tokenizer=tok.fingerprint(), seed=seed, corpus=corpus,
+                                       **({"balanced": True} if _balanced(config) else {}))
   model = fitted if saved is None else saved
   if saved is not None and not _same_model(saved, fitted):
     # fitted by an earlier build (other code): the run keeps its routing, the cache is bypassed
-    assignment = window_clusters(saved, tok, wins)
+    assignment = (clusters_lib.balanced_assign(saved.embed(tok.decode_batch(wins)),
+                                               saved.centroids)
+                  if _balanced(config) else window_clusters(saved, tok, wins))
     routing_key = cache_lib.key("workdir-clusters", hashlib.sha256(assignment).hexdigest())
   key = cache_lib.key("packed", routing_key, int(config.data.seq_len), tok.bos_id)
   hit = _load_packed(store, key)

@@ -18,7 +18,7 @@ from pn_jax.data import pipeline
 
 
 def report_config(corpus: str, data_dir: str, k: int, vocab_size: int, seq_len: int,
-                  embedding: str, tokenizer_path: str = ""):
+                  embedding: str, tokenizer_path: str = "", balanced: bool = False):
   """The run config whose prepared data the report describes (base_config with these values)."""
   from pn_jax.config import base_config
   c = base_config()
@@ -28,19 +28,28 @@ def report_config(corpus: str, data_dir: str, k: int, vocab_size: int, seq_len: 
   c.model.max_len = max(c.model.max_len, seq_len)
   c.data.cluster_embedding = embedding
   c.data.tokenizer_path = tokenizer_path
+  c.data.cluster_balance = balanced
   return c
 
 
 def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int = 32_000,
-           seq_len: int = 1024, embedding: str = "tfidf", domains: bool = True) -> str:
+           seq_len: int = 1024, embedding: str = "tfidf", domains: bool = True,
+           balanced: bool = False) -> str:
+  """`balanced`: each k also with balanced k-means (its table named "<k> balanced"); the runs
+  share one artefact cache (tokens, embeddings) under `workdir`."""
   lines, rds = [], {}
   tok_path = ""
-  for k in ks:
+  runs = [(k, b) for k in ks for b in ((False, True) if balanced else (False,))]
+  for k, bal in runs:
     t0 = time.time()
-    config = report_config(corpus, data_dir, k, vocab_size, seq_len, embedding, tok_path)
-    rd = pipeline.prepare_run_data(config, os.path.join(workdir, f"k{k}"))
-    tok_path = tok_path or os.path.join(workdir, f"k{k}", "tokenizer.model")
-    rds[k] = (rd, time.time() - t0)
+    config = report_config(corpus, data_dir, k, vocab_size, seq_len, embedding, tok_path, bal)
+    if balanced:
+      config.data.cache_dir = os.path.join(workdir, "cache")
+    name = f"k{k}" + ("_balanced" if bal else "")
+    rd = pipeline.prepare_run_data(config, os.path.join(workdir, name))
+    tok_path = tok_path or os.path.join(workdir, name, "tokenizer.model")
+    rds[f"{k} balanced" if bal else k] = (rd, time.time() - t0)
+  ks = list(rds)
   rd0 = rds[ks[0]][0]
   lines.append(f"Tokenizer: sentencepiece unigram, {rd0.tokenizer.vocab_size} pieces, trained on "
                "the generic training split.\n")
@@ -66,9 +75,13 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
     lines.append("| cluster | windows | tokens | share | top terms |")
     lines.append("|---|---|---|---|---|")
     terms = top_terms(rd.clusters, 6)
-    for c in range(k):
+    for c in range(rd.clusters.k):
       lines.append(f"| {c} | {win[c]:,} | {tokens[c]:,} | {tokens[c] / tokens.sum():.1%} | "
                    f"{', '.join(terms[c]) if terms else ''} |")
+    share = tokens / tokens.sum()
+    lines.append(f"\nSizes (k={k}): windows per cluster min {win.min():,}, median "
+                 f"{int(np.median(win)):,}, max {win.max():,}; token share min {share.min():.1%},"
+                 f" max {share.max():.1%}.")
     if domains:
       lines.append(f"\nDomain -> most frequent cluster (k={k}): " + ", ".join(
           f"{d}: {pipeline.domain_cluster(rd, d)}" for d in corpus_lib.list_domains(rd.root)))
