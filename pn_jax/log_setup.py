@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 
 from absl import flags
 from absl import logging as absl_logging
@@ -83,10 +84,25 @@ class StorageNoiseFilter(logging.Filter):
   logs each failed write of a checkpoint save with its traceback (6-27 per save), and
   pn_jax.train.checkpoint reports the failure in one line naming the surviving step."""
 
+  def __init__(self):
+    super().__init__()
+    self.refused = False  # a write was refused: the save it belonged to has failed
+
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR or is_own(record) or not record.exc_info:
       return True
-    return storage.error_code(record.exc_info[1]) is None
+    if storage.error_code(record.exc_info[1]) is not None:
+      self.refused = True
+      return False
+    return not (self.refused and _late_at_exit(record.exc_info[1]))
+
+
+def _late_at_exit(e: BaseException) -> bool:
+  """A library thread that outlived the main thread and found the executors shut down: after a
+  refused write, what is left of the failed save's threads (pn_jax.train.checkpoint waits for
+  them before it reports the failure; this is the remainder of that race)."""
+  return (isinstance(e, RuntimeError) and "cannot schedule new futures after shutdown" in str(e)
+          and not threading.main_thread().is_alive())
 
 
 def _quiet_unraisable(previous):

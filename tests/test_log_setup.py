@@ -244,3 +244,25 @@ def test_default_platforms(monkeypatch, env, files, libtpu, gpu, expected):
   monkeypatch.setattr(xla_flags, "gpu_expected", lambda: gpu)
   match = lambda pattern: fnmatch.filter(files, pattern)
   assert platforms.default_platforms(env, files=match) == expected
+
+
+def test_a_failed_saves_late_thread_error_at_exit_is_hidden_only_after_a_refused_write(
+    monkeypatch):
+  """orbax's thread of a failed save may outlive the main thread and log 'cannot schedule new
+  futures after shutdown': hidden after a refused write once the main thread has ended, shown
+  otherwise (a normal run's late error is a real one)."""
+  import threading
+  from pn_jax import log_setup
+
+  def record(exc):
+    return logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/future.py", 1, "x",
+                             None, (type(exc), exc, None))
+  late = RuntimeError("cannot schedule new futures after shutdown")
+  f = log_setup.StorageNoiseFilter()
+  assert f.filter(record(late))  # the main thread is alive: shown
+  assert not f.filter(record(OSError(27, "File too large")))  # a refused write: hidden, noted
+  assert f.filter(record(late))  # the main thread still alive: shown
+  ended = threading.Thread(target=lambda: None)  # never started: not alive
+  monkeypatch.setattr(threading, "main_thread", lambda: ended)
+  assert not f.filter(record(late))
+  assert log_setup.StorageNoiseFilter().filter(record(late))  # no refused write before: shown

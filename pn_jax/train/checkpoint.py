@@ -153,6 +153,10 @@ class Checkpointer:
       cause = storage_failure(e)
       if cause is None:
         raise
+      # orbax's threads of the failed save end here, not racing the interpreter's exit (where
+      # they fail again on a shut-down executor and log a traceback the one line hides).
+      with contextlib.suppress(Exception):
+        self.manager.wait_until_finished()
       # An async save's failure surfaces at the next save or wait: name the step in flight.
       failed = self._in_flight if self._in_flight is not None else step
       self._in_flight = None
