@@ -847,7 +847,8 @@ def _run_stages(exp, root, results, save, stages) -> None:
   counted = results.setdefault("domain_train_tokens", {})
   counted.update(domain_train_tokens(corpus, tokenizer, [d for d in exp.domains
                                                          if d not in counted]))
-  cells = [(d, b) for d in exp.domains for b in exp.budgets if counted[d] >= b]
+  # The smallest budget of every domain first: a run stopped mid-way has whole columns.
+  cells = [(d, b) for b in sorted(exp.budgets) for d in exp.domains if counted[d] >= b]
   stages.progress.add(planned_stages(exp, cells))
   owners = pretraining_owners(exp)
   pre_dir = lambda name: os.path.join(root, "pretrain", owners[name])

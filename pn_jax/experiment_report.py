@@ -105,31 +105,51 @@ def label(method: str, exp=None) -> str:
   return labels.get(method) or LABELS.get(method, method)
 
 
-def _union(parts: list[dict], depth: int = 1) -> dict:
-  """The union of dicts, the first one's entries winning; depth 2: per key of each key (per
-  cell, per method)."""
+def _union(parts: list[dict]) -> dict:
+  """The union of dicts, the first one's entries winning."""
   out = {}
   for part in parts:
     for k, v in part.items():
-      out[k] = _union([out.get(k, {}), v], depth - 1) if depth > 1 else out.get(k, v)
+      out.setdefault(k, v)
   return out
+
+
+def _owners(parts: list[dict]) -> dict:
+  """method -> the index of the part whose runs of it are used: the first that pretrained it
+  (SLM-d and SLM-is, pretrained per cell or not at all: the first that fine-tuned it)."""
+  owner = {}
+  for i, p in enumerate(parts):
+    for m in p.get("pretrain", {}):
+      owner.setdefault(m, i)
+  for i, p in enumerate(parts):
+    for cell in p.get("specialize", {}).values():
+      for m in cell:
+        owner.setdefault(m, i)
+  return owner
 
 
 def merge_results(primary: dict, others: list[dict]) -> dict:
   """One results dict from the parts of a comparison (each its own experiment root, run
   concurrently): the union of their stages, the primary's entries winning a clash and its `exp`
-  kept. A part's equal-time entries were chosen against that part's own reference (e.g. the
-  seed-1 PN against the seed-1 SLM): each merged entry records it as "reference"."""
+  kept. A method run by two parts (a part run again) takes everything from one of them, the first
+  that pretrained it: its cells never mix two pretraining runs. A part's equal-time entries were
+  chosen against that part's own reference (e.g. the seed-1 PN against the seed-1 SLM): each
+  merged entry records it as "reference"."""
   parts = [primary, *others]
+  owner = _owners(parts)
   out = dict(primary)
   for key in ("pretrain", "pretrain_is", "domain_train_tokens"):
     out[key] = _union([p.get(key, {}) for p in parts])
   for key in ("specialize", "specialize_equal_time"):
-    out[key] = _union([p.get(key, {}) for p in parts], depth=2)
-  timed = [p["equal_time"] for p in parts if p.get("equal_time")]
-  out["equal_time"] = {**timed[0], "methods": _union(
-      [{m: {"reference": eq["reference"], **entry} for m, entry in eq["methods"].items()}
-       for eq in timed])} if timed else {}
+    out[key] = {}
+    for i, p in enumerate(parts):
+      for cell, methods in p.get(key, {}).items():
+        merged = out[key].setdefault(cell, {})
+        merged.update({m: r for m, r in methods.items() if owner.get(m, i) == i})
+  timed = [(i, p["equal_time"]) for i, p in enumerate(parts) if p.get("equal_time")]
+  out["equal_time"] = {**timed[0][1], "methods": {
+      m: {"reference": eq["reference"], **entry} for i, eq in timed
+      for m, entry in eq["methods"].items() if owner.get(m, i) == i}} if timed else {}
   return copy.deepcopy(out)
 
 

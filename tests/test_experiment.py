@@ -113,9 +113,10 @@ def test_experiment_runs_and_adding_a_domain_reuses_pretraining(tmp_path, fake_c
 
   exp.domains = ("legal", "religious")
   second = experiment.run(exp, root)
-  # Finished stages are counted, not shown: only religious's 4 + 2 run.
+  # Finished stages are counted, not shown: only religious's 4 + 2 run, each budget's cells
+  # before the next budget's (the smallest first: a stopped run has whole columns).
   assert [line.split("]")[0] + "]" for line in stage_lines(caplog)] == [
-      "[7/14]", "[8/14]", "[9/14]", "[10/14]", "[13/14]", "[14/14]"]
+      "[5/14]", "[6/14]", "[9/14]", "[10/14]", "[12/14]", "[14/14]"]
   assert second["pretrain"] == json.loads(json.dumps(first["pretrain"]))  # not re-run
   assert os.path.getmtime(generic) == generic_mtime
   assert second["specialize"]["legal/2048"] == json.loads(json.dumps(first["specialize"]["legal/2048"]))
@@ -254,7 +255,8 @@ def test_every_experiment_config_builds_valid_run_configs():
   assert len(files) >= 2
   gpu_parts = [":importance", ":seeds", ":hypotheses1", ":hypotheses2", ":validate",
                ":defaults", ":defaults_s1", ":baselines", ":mixtures", ":recipe_a", ":recipe_b",
-               ":recipe_c", ":scale", ":adopted"]
+               ":recipe_c", ":scale", ":adopted", ":adopted_s1", ":adopted_tokens", ":recipe_d",
+               ":recipe_e"]
   gpu_small = str(REPO / "configs" / "experiments" / "gpu_small.py")
   cpu_small = str(REPO / "configs" / "experiments" / "cpu_small.py")
   cpu_parts = [cpu_small + ":codes", cpu_small + ":tiny"]  # :tiny: the README walk's

@@ -64,6 +64,20 @@ def _merged():
   return report.merge_results(MAIN, [SEEDS, HYPOTHESES])
 
 
+def test_a_method_run_again_in_two_parts_takes_every_cell_from_one_run():
+  """A part run again (the first try stopped after legal) and its complete rerun: the rerun
+  listed first wins every cell, and listed last it fills none of the first run's gaps (two
+  pretraining runs never mix in one method's macro)."""
+  stopped = _part({"pn_x": dict(legal=7.0)})
+  rerun = _part({"pn_x": dict(legal=8.0, religious=18.0)})
+  first = report.merge_results(MAIN, [rerun, stopped])
+  assert [first["specialize"][f"{d}/{B}"]["pn_x"]["test_ppl"] for d in DOMAINS] == [8.0, 18.0]
+  last = report.merge_results(MAIN, [stopped, rerun])
+  assert last["specialize"][f"legal/{B}"]["pn_x"]["test_ppl"] == 7.0
+  assert "pn_x" not in last["specialize"][f"religious/{B}"]
+  assert set(last["specialize"][f"religious/{B}"]) == {"slm", "pn"}
+
+
 def test_merge_is_the_union_of_the_parts_and_the_primary_wins_a_clash():
   clash = copy.deepcopy(SEEDS)
   clash["specialize"][f"legal/{B}"]["slm"] = _cell(99.0)

@@ -37,12 +37,17 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
   defaults_s1  the same with seed 1;
   baselines    the LLM and the LLM at the SLM's time, SLM-d (with a repeat of the SLM);
   mixtures     SLM-mix (independent), the shared-attention mixture and it at the SLM's time;
-  recipe_a, recipe_b, recipe_c
-               PN recipe hypotheses at the SLM's time, one change each, seeds 0 and 1, 1M
-               (recipe_c, balanced clusters: not run yet);
+  recipe_a, recipe_b
+               PN recipe hypotheses at the SLM's time, one change each, seeds 0 and 1, 1M;
   scale        SLM and PN at d_model 256, equal tokens and equal time, seeds 0 and 1, 1M;
-  adopted      the adopted recipe (PN lr 3e-3) with the SLM at 3e-3 as its control (run first,
-               alone: its own equal-time view), seeds 0 and 1, both budgets: not run yet.
+  (round 2, on the adopted recipe: PN lr 3e-3 at the SLM's time)
+  adopted, adopted_s1
+               the SLM at 3e-3 (the control) and the adopted PN, seed 0 / 1, both budgets;
+  adopted_tokens
+               the adopted lr at equal tokens, seeds 0 and 1, both budgets;
+  recipe_c, recipe_d, recipe_e
+               balanced clusters and PN lr 4.5e-3 on the adopted recipe, the SLM at 4.5e-3;
+               seeds 0 and 1, 1M.
 """
 
 import pathlib
@@ -73,7 +78,10 @@ S1 = ",seed=1"
 # 1.5x the SLM's learning rate (3e-3; the SLM keeps 2e-3), at the SLM's device time. k=32, h=24,
 # m=16, shared codes with spread 0.25 and the paper's fine-tuning rule stay (k=16, spread 0.5 and
 # a halved fine-tuning lr did not win on both seeds).
-PN_ADOPTED = PN + ",optim.lr=0.003"
+LR3 = ",optim.lr=0.003"
+LR45 = ",optim.lr=0.0045"
+PN_ADOPTED = PN + LR3
+BALANCED = ",data.cluster_balance=True"
 FT_HALF_LR = "optim.lr=0.000333333"  # half the paper's rule at 1M (2e-3 / 3)
 
 LOWEST_LOSS = "specialize.select=lowest_loss"
@@ -139,19 +147,14 @@ PARTS = {
         pn_fit_spread_s1=("configs/pn.py", PN + ",model.code_spread=0.5" + S1 + FIT),
     ),
     "recipe_b": dict(
-        pn_fit_lr=("configs/pn.py", PN + ",optim.lr=0.003" + FIT),
-        pn_fit_lr_s1=("configs/pn.py", PN + ",optim.lr=0.003" + S1 + FIT),
+        pn_fit_lr=("configs/pn.py", PN_ADOPTED + FIT),
+        pn_fit_lr_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT),
         # pn_fit's pretraining again (a repeat: GPU runs are not bit-deterministic), fine-tuned
         # by the paper's rule and at half its learning rate.
         pn_fit_rep=("configs/pn.py", PN + FIT),
         pn_fit_ft_half=("configs/pn.py", PN + FIT, FT_HALF_LR),
         pn_fit_rep_s1=("configs/pn.py", PN + S1 + FIT),
         pn_fit_ft_half_s1=("configs/pn.py", PN + S1 + FIT, FT_HALF_LR),
-    ),
-    # Cluster quality: balanced k-means (c-BTM; docs/data.md), one change from pn_fit. Not run yet.
-    "recipe_c": dict(
-        pn_fit_bal=("configs/pn.py", PN + ",data.cluster_balance=True" + FIT),
-        pn_fit_bal_s1=("configs/pn.py", PN + ",data.cluster_balance=True" + S1 + FIT),
     ),
     # The scale point: SLM and PN at d_model 256 (the SLM is the LLM's shape; seed 0's SLM is the
     # baselines part's llm), both views by fitted runs.
@@ -162,16 +165,36 @@ PARTS = {
         pn256_s1=("configs/pn.py", PN256 + S1),
         pn256_fit_s1=("configs/pn.py", PN256 + S1 + ",pretrain_scale=time:llm"),
     ),
-    # The adopted recipe at both budgets and seeds, with the control its run did not have: the
-    # SLM at the same 3e-3 (is the gain PN's, or an SLM lr that was never tuned?). Not run yet.
+    # Issue 26, round 2: the adopted recipe (PN lr 3e-3 at the SLM's time) on every domain, both
+    # seeds and budgets, with the control the first round did not have (the SLM at the same lr),
+    # split into parts that run side by side; pn_fit_lr and pn_fit_lr_s1 are recipe_b's runs
+    # again, complete (docs/results.md merges these parts before recipe_b's).
     "adopted": dict(
-        slm=("configs/slm.py", SLM),
-        slm_lr=("configs/slm.py", SLM + ",optim.lr=0.003"),
-        pn_lr=("configs/pn.py", PN_ADOPTED),
+        slm_lr=("configs/slm.py", SLM + LR3),
         pn_fit_lr=("configs/pn.py", PN_ADOPTED + FIT),
-        slm_s1=("configs/slm.py", SLM + S1),
-        slm_lr_s1=("configs/slm.py", SLM + ",optim.lr=0.003" + S1),
+    ),
+    "adopted_s1": dict(
+        slm_lr_s1=("configs/slm.py", SLM + LR3 + S1),
         pn_fit_lr_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT),
+    ),
+    "adopted_tokens": dict(  # the adopted lr at equal tokens (PN's full schedule)
+        pn_lr=("configs/pn.py", PN_ADOPTED),
+        pn_lr_s1=("configs/pn.py", PN_ADOPTED + S1),
+    ),
+    # Recipe hypotheses on top of the adopted recipe, one change each from pn_fit_lr, 1M:
+    # cluster quality (balanced k-means, c-BTM; docs/data.md) and a still larger PN lr; and the
+    # SLM's lr one step further (is 3e-3 the SLM's best, or would it gain more still?).
+    "recipe_c": dict(
+        pn_fit_lr_bal=("configs/pn.py", PN_ADOPTED + BALANCED + FIT),
+        pn_fit_lr_bal_s1=("configs/pn.py", PN_ADOPTED + BALANCED + S1 + FIT),
+    ),
+    "recipe_d": dict(
+        pn_fit_lr45=("configs/pn.py", PN + LR45 + FIT),
+        pn_fit_lr45_s1=("configs/pn.py", PN + LR45 + S1 + FIT),
+    ),
+    "recipe_e": dict(
+        slm_lr45=("configs/slm.py", SLM + LR45),
+        slm_lr45_s1=("configs/slm.py", SLM + LR45 + S1),
     ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
@@ -182,8 +205,8 @@ PARTS = {
 }
 
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
-ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "recipe_c",
-           "scale", "adopted")
+ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
+           "adopted", "adopted_s1", "adopted_tokens", "recipe_c", "recipe_d", "recipe_e")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -207,9 +230,12 @@ LABELS_26 = dict(
     pn_fit_rep_s1="PN at the SLM's time (repeat, seed 1)",
     pn_fit_ft_half="PN at the SLM's time, ft lr / 2",
     pn_fit_ft_half_s1="PN at the SLM's time, ft lr / 2 (seed 1)",
-    pn_fit_bal="PN balanced clusters at the SLM's time",
-    pn_fit_bal_s1="PN balanced clusters at the SLM's time (seed 1)",
-    slm_lr="SLM lr 3e-3", slm_lr_s1="SLM lr 3e-3 (seed 1)", pn_lr="PN lr 3e-3",
+    pn_fit_lr_bal="PN lr 3e-3, balanced clusters, at the SLM's time",
+    pn_fit_lr_bal_s1="PN lr 3e-3, balanced clusters, at the SLM's time (seed 1)",
+    pn_fit_lr45="PN lr 4.5e-3 at the SLM's time",
+    pn_fit_lr45_s1="PN lr 4.5e-3 at the SLM's time (seed 1)",
+    slm_lr="SLM lr 3e-3", slm_lr_s1="SLM lr 3e-3 (seed 1)", slm_lr45="SLM lr 4.5e-3",
+    slm_lr45_s1="SLM lr 4.5e-3 (seed 1)", pn_lr="PN lr 3e-3", pn_lr_s1="PN lr 3e-3 (seed 1)",
     llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
     pn256_fit="PN d256 at the d256 SLM's time", pn256_fit_s1="PN d256 at the d256 SLM's time (seed 1)")
 SEED_GROUPS_26 = dict(
@@ -217,7 +243,9 @@ SEED_GROUPS_26 = dict(
     pn_fit_rep=("pn_fit_rep", "pn_fit_rep_s1"), pn_fit_k16=("pn_fit_k16", "pn_fit_k16_s1"),
     pn_fit_spread=("pn_fit_spread", "pn_fit_spread_s1"), pn_fit_lr=("pn_fit_lr", "pn_fit_lr_s1"),
     pn_fit_ft_half=("pn_fit_ft_half", "pn_fit_ft_half_s1"), slm_lr=("slm_lr", "slm_lr_s1"),
-    pn_fit_bal=("pn_fit_bal", "pn_fit_bal_s1"))
+    pn_fit_lr_bal=("pn_fit_lr_bal", "pn_fit_lr_bal_s1"),
+    pn_fit_lr45=("pn_fit_lr45", "pn_fit_lr45_s1"), slm_lr45=("slm_lr45", "slm_lr45_s1"),
+    pn_lr=("pn_lr", "pn_lr_s1"))
 HYPOTHESES_26 = dict(
     pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
         "slm"),
@@ -237,10 +265,17 @@ HYPOTHESES_26 = dict(
     pn_fit_ft_half=("fine-tuning lr halved (the expert starts elsewhere than the SLM)",
                     "pn_fit_rep"),
     pn_fit_ft_half_s1=("ft lr halved, seed 1", "pn_fit_rep_s1"),
-    pn_fit_bal=("balanced clusters (c-BTM's balanced k-means)", "pn_fit"),
-    pn_fit_bal_s1=("balanced clusters, seed 1", "pn_fit_s1"),
     slm_lr=("the SLM at lr 3e-3: the control of PN's adopted lr", "slm"),
     slm_lr_s1=("the SLM at lr 3e-3, seed 1", "slm_s1"),
+    slm_lr45=("the SLM at lr 4.5e-3 (one step past the control)", "slm_lr"),
+    slm_lr45_s1=("the SLM at lr 4.5e-3, seed 1", "slm_lr_s1"),
+    pn_lr=("pretraining lr 3e-3, equal tokens", "pn"),
+    pn_lr_s1=("lr 3e-3, equal tokens, seed 1", "pn_s1"),
+    # On top of the adopted recipe: each against pn_fit_lr of the same seed.
+    pn_fit_lr_bal=("balanced clusters (c-BTM's balanced k-means), on lr 3e-3", "pn_fit_lr"),
+    pn_fit_lr_bal_s1=("balanced clusters, on lr 3e-3, seed 1", "pn_fit_lr_s1"),
+    pn_fit_lr45=("pretraining lr 4.5e-3 (the adopted: 3e-3)", "pn_fit_lr"),
+    pn_fit_lr45_s1=("lr 4.5e-3, seed 1", "pn_fit_lr_s1"),
     pn256=("d_model 256 (MLP 1024), equal tokens, vs the d256 SLM", "llm"),
     pn256_s1=("d_model 256, equal tokens, seed 1", "llm_s1"),
     pn256_fit=("d_model 256 at the d256 SLM's time", "llm"),
@@ -305,7 +340,7 @@ def get_config(arg=None):
     c.time_references = ml_collections.ConfigDict(TIME_REFERENCES, sort_keys=False)
     c.recipe_baseline = "pn_fit"  # the seeds section pairs each recipe change with it
     c.distill = part == "baselines"
-    c.equal_time_reference = "slm" if part in ("defaults", "adopted") else ""
+    c.equal_time_reference = "slm" if part == "defaults" else ""
     if part.startswith("recipe") or part == "scale":
       c.budgets = (1_000_000,)
     return c
