@@ -209,9 +209,10 @@ def _sample_defaults() -> ml_collections.ConfigDict:
 def _export_defaults() -> ml_collections.ConfigDict:
   ex = ml_collections.ConfigDict()
   # pn: <workdir>/export, pn-jax's safetensors layout (pn_jax/safetensors_io.py, reloads into
-  # pn_jax.model); hf: <workdir>/export_hf, a transformers LlamaForCausalLM directory with its
-  # tokenizer (pn_jax/hf_export.py; arch="llama" models only).
+  # pn_jax.model); hf: <workdir>/export_hf, a transformers directory (Arcee/Llama) with its
+  # tokenizer (pn_jax/hf_export.py: gpt -> ArceeForCausalLM, llama -> LlamaForCausalLM).
   ex.format = "pn"
+  ex.dtype = "float32"  # hf: the weights' dtype, float32 or bfloat16 (what serving loads)
   return ex
 
 

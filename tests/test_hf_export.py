@@ -81,6 +81,7 @@ def test_hf_export_loads_in_transformers_with_pn_jax_logits(exported):
   with open(os.path.join(out, "config.json")) as f:
     info = json.load(f)
   assert info["pn_jax"]["domain"] == "legal" and info["pn_jax"]["model"]["arch"] == "llama"
+  assert info["dtype"] == "float32"
   model = hf_model(out)
   assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
   tokens = np.random.default_rng(0).integers(0, pn_model.cfg.vocab_size, (2, 24))
@@ -164,14 +165,16 @@ def write_checkpoint(config, workdir: str, step: int = 1):
   return jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("name", ["pn", "mix_shared", "mix"])  # PN, hard mixture, SLM-mix
-def test_routed_llama_run_exports_its_cluster_projection(name, prepared, tmp_path):
-  """A routed llama-arch pretraining run exports the dense model of config.sample.cluster:
-  transformers' logits are those of pn-jax's projection onto that cluster."""
+@pytest.mark.parametrize("name, arch", [("pn", "gpt"), ("pn", "llama"), ("mix_shared", "llama"),
+                                        ("mix", "gpt")])  # PN, hard mixture, SLM-mix
+def test_routed_run_exports_its_cluster_projection(name, arch, prepared, tmp_path):
+  """A routed pretraining run exports the dense model of config.sample.cluster: transformers'
+  logits are those of pn-jax's projection onto that cluster (gpt, the default arch, as Arcee)."""
   workdir = tmp_path / name
   workdir.mkdir()
   shutil.copyfile(prepared / "tokenizer.model", workdir / "tokenizer.model")
-  config = load_config(name, "tiny,arch=llama")
+  config = load_config(name, f"tiny,arch={arch}" if arch == "llama" else "tiny")
+  assert config.model.arch == arch
   params = write_checkpoint(config, str(workdir), step=3)
   config.export.format = "hf"
   with pytest.raises(ConfigError, match="config.sample.cluster: .* one expert per cluster"):
@@ -183,23 +186,45 @@ def test_routed_llama_run_exports_its_cluster_projection(name, prepared, tmp_pat
     info = json.load(f)["pn_jax"]
   assert info["cluster"] == 1 and info["model"]["mlp_kind"] == "dense"
   dense_params, dense_cfg = project(params, config.model, 1)
+  hf = hf_model(result["export_dir"])
+  assert type(hf).__name__ == hf_export.ARCHITECTURES[arch][0]
   tokens = np.random.default_rng(2).integers(0, config.model.vocab_size, (2, 24))
-  assert_close_logits(hf_logits(hf_model(result["export_dir"]), tokens),
-                      pn_logits(build_model(dense_cfg), dense_params, tokens))
+  assert_close_logits(hf_logits(hf, tokens), pn_logits(build_model(dense_cfg), dense_params, tokens))
 
 
-@pytest.mark.parametrize("name", ["slm", "pn"])  # dense and routed
-def test_gpt_arch_is_refused_and_nothing_is_written(name, tmp_path):
-  workdir = str(tmp_path / name)
-  write_checkpoint(load_config(name), workdir)  # arch=gpt
+def test_default_slm_exports_in_bfloat16_for_serving(prepared, tmp_path):
+  """The default config (arch gpt) with --config.export.dtype=bfloat16: bfloat16 weights that
+  transformers loads as an Arcee model in bfloat16, logits within bfloat16's rounding."""
+  workdir = tmp_path / "slm"
+  workdir.mkdir()
+  shutil.copyfile(prepared / "tokenizer.model", workdir / "tokenizer.model")
+  config = load_config("slm", "tiny")
+  params = write_checkpoint(config, str(workdir))
+  config.export.update(format="hf", dtype="bfloat16")
+  out = modes.MODES["export"](config, str(workdir))["export_dir"]
+  from safetensors.numpy import load_file
+  assert {str(t.dtype) for t in load_file(os.path.join(out, "model.safetensors")).values()} == {
+      "bfloat16"}
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+  assert hf.dtype == torch.bfloat16 and type(hf).__name__ == "ArceeForCausalLM"
+  tokens = np.random.default_rng(3).integers(0, config.model.vocab_size, (2, 16))
+  want = pn_logits(build_model(config.model), params, tokens)
+  with torch.no_grad():
+    got = hf(torch.from_numpy(tokens)).logits.float().numpy()
+  assert np.abs(got - want).max() <= 0.05 * max(float(np.abs(want).max()), 1.0)
+  assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_bad_dtype_or_format_is_refused_and_nothing_is_written(tmp_path):
+  workdir = str(tmp_path / "slm")
+  write_checkpoint(load_config("slm"), workdir)
   config = load_config("finetune", "tiny")
-  config.sample.cluster = 1  # a routed run's expert: the arch is still refused
-  config.export.format = "hf"
+  config.export.update(format="hf", dtype="float16")
   before = snapshot(workdir, ignore=("LOCK",))
-  with pytest.raises(ConfigError, match=r"config.export.format: .*arch='gpt'.*not gated"
-                                        r".*--config.model.arch=llama"):
+  with pytest.raises(ConfigError, match=r"config.export.dtype='float16': one of \['bfloat16', "
+                                        r"'float32'\]"):
     modes.MODES["export"](config, workdir)
   assert snapshot(workdir, ignore=("LOCK",)) == before
-  config.export.format = "onnx"
+  config.export.update(format="onnx", dtype="float32")
   with pytest.raises(ConfigError, match="config.export.format: unknown format 'onnx'"):
     modes.MODES["export"](config, workdir)

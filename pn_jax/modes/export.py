@@ -5,8 +5,9 @@
 config.export.format:
   pn (default)  <workdir>/export/{model.safetensors, config.json, tokenizer.model}: pn-jax's
                 layout (pn_jax/safetensors_io.py), which reloads into pn_jax.model.
-  hf            <workdir>/export_hf: a Hugging Face transformers LlamaForCausalLM directory
-                with its tokenizer (pn_jax/hf_export.py), for arch="llama" models only.
+  hf            <workdir>/export_hf: a Hugging Face transformers directory with its tokenizer
+                (pn_jax/hf_export.py): arch gpt (the default) as ArceeForCausalLM, llama as
+                LlamaForCausalLM; config.export.dtype float32 (default) or bfloat16.
 A PN, mixture or independent-experts checkpoint is projected onto config.sample.cluster first:
 what is exported is always a dense model. The checkpoint is the run's result
 (saved_run.load_result): a finished specialization's best step, the model whose test perplexity
@@ -51,8 +52,9 @@ def _export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     safetensors_io.check_target(out)
   saved = saved_run.load_result(workdir, mode="export")
-  if fmt == "hf":  # before the checkpoint is read: nothing is written for a gpt model
-    hf_export.check_llama(ModelConfig.from_config(saved.model), saved.describe())
+  if fmt == "hf":  # before the checkpoint is read: nothing is written for a model it refuses
+    hf_export.check_exportable(ModelConfig.from_config(saved.model), saved.describe())
+    hf_export.check_dtype(config.export.dtype)
   run = open_run(config, workdir, init_from=saved, load_data=False)
   with mesh_lib.activate(run.mesh, run.rules):
     params = saved_run.restore_params(saved, run.mesh, run.rules)
@@ -73,7 +75,8 @@ def _export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if fmt == "hf":
     byte = run.root.config.data.tokenizer == tok_lib.BYTE
     out = hf_export.save(out, params, ModelConfig.from_config(model_cfg),
-                         tokenizer=tok_lib.BYTE if byte else tok, metadata=meta)
+                         tokenizer=tok_lib.BYTE if byte else tok, metadata=meta,
+                         dtype=config.export.dtype)
   else:
     out = safetensors_io.save(out, params, model_cfg, tokenizer_path=tok, metadata=meta)
   n = sum(int(np.prod(v.shape)) for v in safetensors_io.flatten(params).values())
