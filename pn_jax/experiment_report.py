@@ -624,52 +624,6 @@ def paper_section(results, rows, exp) -> list[str]:
   return out + [""]
 
 
-def write_figure(results, rows, time_rows, exp, path: str) -> None:
-  """Perplexity vs pretraining FLOPs: filled markers at equal tokens, hollow ones for the
-  equal-time view's earlier checkpoints, crosses for the hypothesis variants (smallest budget;
-  the ones pretrained on fewer tokens sit left of the rest)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  colors = {r["method"]: f"C{i}" for i, r in enumerate(rows)}
-  for b, marker in zip(exp.budgets, ("o", "s", "^")):
-    for r in rows:
-      pf, _ = pretrain_cost(results, r["method"], r, b)
-      ax.scatter(pf, r[b]["macro"], marker=marker, color=colors[r["method"]],
-                 label=f"{label(r['method'], exp)}" if b == exp.budgets[0] else None)
-      ax.annotate(f"{b:.0e}", (pf, r[b]["macro"]), fontsize=6, xytext=(3, 2),
-                  textcoords="offset points")
-    for r in time_rows:
-      if results["equal_time"]["methods"][r["method"]]["final"]:
-        continue
-      pf, _ = pretrain_cost(results, r["method"], r, b, "time")
-      ax.scatter(pf, r[b]["macro"], marker=marker, facecolors="none",
-                 edgecolors=colors.get(r["method"], "k"))
-  b = min(exp.budgets)
-  shown = {r["method"] for r in rows}
-  hypotheses = exp.get("hypotheses", {})
-  variants = dict.fromkeys([*hypotheses, *(ref for _, ref in hypotheses.values())])
-  for i, m in enumerate(m for m in variants if m not in shown):
-    cells = method_cells(results, exp, m, b)
-    if cells is not None:
-      ax.scatter(results["pretrain"][m]["flops"], macro(list(cells.values()), "test_ppl"),
-                 marker="x", color=f"C{(len(rows) + i) % 10}", label=f"{label(m, exp)} (x)")
-  ax.set_xscale("log")
-  ax.set_xlabel("pretraining FLOPs per specialized model (SLM-is: per domain; SLM-d: + teacher)"
-                + ("\nhollow: the equal-device-time checkpoint" if time_rows else ""),
-                fontsize=8)
-  ax.set_ylabel("macro-averaged test perplexity after fine-tuning")
-  shapes = ", ".join(f"{m}: {b:.0e}" for b, m in zip(exp.budgets, ("o", "s", "^")))
-  ax.set_title(f"Specialized perplexity vs pretraining cost ({shapes} domain tokens)",
-               fontsize=9)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-
-
 def finetune_lr(exp, budget: int) -> float:
   """The paper's rule (Section 3): fine-tune at the pretraining lr / 3 on small domain sets
   (1M tokens), at the pretraining lr from 8M tokens on; exp.finetune.lr > 0 overrides it."""
@@ -704,11 +658,13 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
   exp = ml_collections.ConfigDict(exp)
   exp.budgets = tuple(b for b in exp.budgets if budget_domains(results, exp, b))
   tokens, rows = view_section(results, exp, "tokens")
-  time_view, time_rows = view_section(results, exp, "time")
+  time_view, _ = view_section(results, exp, "time")
   seeds, hypotheses = seeds_section(results, exp), hypotheses_section(results, exp)
   paper = paper_section(results, rows, exp)
-  write_figure(results, rows, time_rows if results.get("equal_time") else [], exp,
-               os.path.join(docs, figure))
+  from pn_jax import experiment_figures  # it reads this module's tables: imported here
+  gains = os.path.splitext(figure)[0] + "_vs_slm.png"
+  experiment_figures.cost_figure(results, exp, os.path.join(docs, figure))
+  experiment_figures.gain_figure(results, exp, os.path.join(docs, gains))
   f = exp.finetune
   begin, end = (f"<!-- experiment {tag}:begin (written by pn_jax.experiment) -->",
                 f"<!-- experiment {tag}:end -->")
@@ -722,7 +678,7 @@ def write_report(results, exp, docs: str, command: str, tag: str = "",
       f"{f.eval_every}), lr {_lr_rule(exp)}.", "",
       *tokens, *paper, *time_view, *seeds, *hypotheses,
       f"{CAP}: fine-tuning hit the step cap: not converged (the number is an upper bound).", "",
-      f"![ppl vs cost]({figure})", "", end])
+      f"![ppl vs cost]({figure})", "", f"![% vs the SLM per domain]({gains})", "", end])
   path = os.path.join(docs, "results.md")
   text = open(path).read() if os.path.exists(path) else f"# Results\n\n{begin}\n{end}\n"
   if begin in text and end in text:

@@ -241,3 +241,22 @@ def test_a_null_number_reads_back_as_nan():
   assert math.isnan(results["specialize"][cell][method]["test_ppl"])
   results["specialize"][cell][method]["steps"] = "12"
   assert "steps='12', not a number" in report.check_results(results)
+
+
+def test_figures_draw_every_method_once_in_a_distinct_style(tmp_path):
+  """A seed group is one series (its mean, the seeds' range as error bars), every series has its
+  own colour and marker pair, and the % vs SLM bars leave the SLM out."""
+  from pn_jax import experiment_figures as figures
+  pairs = figures.styles([f"m{i}" for i in range(25)])
+  assert len(set(pairs.values())) == 25
+  exp = _exp()
+  exp.figure_methods = ("slm", "pn", "pn_h8", "slm_s1")  # slm_s1: drawn within its group
+  results = _merged()
+  assert figures.figure_groups(results, exp) == {"slm": ["slm", "slm_s1"], "pn": ["pn", "pn_s1"],
+                                                 "pn_h8": ["pn_h8"]}
+  assert figures.cost_figure(results, exp, str(tmp_path / "f.png")) == ["slm", "pn", "pn_h8"]
+  assert figures.gain_figure(results, exp, str(tmp_path / "g.png")) == ["pn", "pn_h8"]
+  assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
+  # PN's group (pn 9 / 22, pn_s1 11 / 16) against the SLM's (10 / 20, 12 / 18), per domain
+  change = figures._per_domain_change(results, exp, ["pn", "pn_s1"], ["slm", "slm_s1"], B)
+  assert math.isclose(change["legal"], 100 * (math.sqrt(99) / math.sqrt(120) - 1))

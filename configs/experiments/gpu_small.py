@@ -339,6 +339,9 @@ def get_config(arg=None):
     c.hypotheses = ml_collections.ConfigDict(HYPOTHESES_26, sort_keys=False)
     c.time_references = ml_collections.ConfigDict(TIME_REFERENCES, sort_keys=False)
     c.recipe_baseline = "pn_fit"  # the seeds section pairs each recipe change with it
+    # The figures: the methods and the adopted recipe (the variants are in "what mattered").
+    c.figure_methods = ("slm", "slm_lr", "pn", "pn_fit", "pn_lr", "pn_fit_lr", "llm", "llm_fit",
+                        "slm_d", "mix", "mix_shared", "mix_shared_fit")
     c.distill = part == "baselines"
     c.equal_time_reference = "slm" if part == "defaults" else ""
     if part.startswith("recipe") or part == "scale":
