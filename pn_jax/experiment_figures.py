@@ -4,8 +4,8 @@
                    marker per method, a seed group as its mean with the seeds' range as error
                    bars, the legend outside the axes, no labels on the data;
   <name>_vs_slm.png
-                   per budget, each method's change against the SLM per domain (bars), the
-                   macro as the last group.
+                   per budget, each method's change against the SLM (`exp.figure_reference`:
+                   another baseline, e.g. a tuned SLM) per domain (bars), the macro last.
 
 Which methods: `exp.figure_methods` where the config names them (a comparison with many recipe
 variants shows those in its tables, not here), else the paper's methods and the config's own;
@@ -148,18 +148,22 @@ def gain_figure(results, exp, path: str) -> list[str]:
   import matplotlib.pyplot as plt
 
   groups = figure_groups(results, exp)
-  ref_group = next((g for g, runs in groups.items() if "slm" in runs), None)
+  ref = exp.get("figure_reference", "") or "slm"
+  ref_group = next((g for g, runs in groups.items() if ref in runs), None)
   if ref_group is None:
     return []
   others = {g: r for g, r in groups.items() if g != ref_group}
   style = styles(groups)
-  budgets = list(exp.budgets)
-  fig, axes = plt.subplots(len(budgets), 1, figsize=(9.0, 2.9 * len(budgets)), squeeze=False)
+  by_budget = {b: {g: c for g, runs in others.items()
+                   if (c := _per_domain_change(results, exp, runs, groups[ref_group], b))}
+               for b in exp.budgets}
+  by_budget = {b: changes for b, changes in by_budget.items() if changes}  # no empty panels
+  if not by_budget:
+    return []
+  fig, axes = plt.subplots(len(by_budget), 1, figsize=(9.0, 2.9 * len(by_budget)),
+                           squeeze=False)
   drawn = {}
-  for ax, b in zip(axes[:, 0], budgets):
-    changes = {g: _per_domain_change(results, exp, runs, groups[ref_group], b)
-               for g, runs in others.items()}
-    changes = {g: c for g, c in changes.items() if c is not None}
+  for ax, (b, changes) in zip(axes[:, 0], by_budget.items()):
     keys = [*report.budget_domains(results, exp, b), "macro"]
     width = min(0.8 / max(len(changes), 1), 0.25)
     for i, (g, c) in enumerate(changes.items()):
@@ -171,7 +175,8 @@ def gain_figure(results, exp, path: str) -> list[str]:
       drawn[g] = True
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(keys)), keys, fontsize=8)
-    ax.set_ylabel(f"% vs {report.label('slm', exp)}\n(below 0: better)", fontsize=8)
+    ax.set_ylabel(f"% vs {_name(results, exp, ref_group, groups[ref_group])}\n"
+                  "(below 0: better)", fontsize=8)
     ax.set_title(f"fine-tuned on {b:.0e} domain tokens", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
   handles = {}

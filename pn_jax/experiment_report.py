@@ -527,14 +527,14 @@ def seeds_section(results, exp) -> list[str]:
   for b in exp.budgets:
     for table in (seed_table(results, exp, b), seed_pairs_table(results, exp, b)):
       lines += [*table, ""] if table else []
-  base = exp.get("recipe_baseline", "")
-  if base:  # the recipe hypotheses against the default they change, seed by seed
-    b = min(exp.budgets)
-    table = seed_pairs_table(results, exp, b, base)
+  bases = exp.get("recipe_baseline", "")
+  # The recipe hypotheses against the default they change (and any further baseline, e.g. a
+  # tuned SLM), seed by seed.
+  for base in (bases,) if isinstance(bases, str) else bases:
+    table = seed_pairs_table(results, exp, min(exp.budgets), base) if base else []
     if table:
-      lines += [f"Each change against {label(base, exp)} of the same seed (the pairs share "
-                "the seed's SLM as reference): a change counts only where both seeds agree.",
-                "", *table, ""]
+      lines += [f"Each method against {label(base, exp)} of the same seed: a change counts "
+                "only where both seeds agree.", "", *table, ""]
   return lines
 
 
@@ -548,7 +548,9 @@ def hypotheses_table(results, exp) -> list[str]:
   cap = step_cap(results, exp)
   n_all = len(budget_domains(results, exp, b))
   out = []
-  for m, (change, ref) in exp.get("hypotheses", {}).items():
+  rows = [(m, change, r) for m, (change, refs) in exp.get("hypotheses", {}).items()
+          for r in ((refs,) if isinstance(refs, str) else refs)]  # a row per reference
+  for m, change, ref in rows:
     cells = available_cells(results, exp, m, b)
     vs = versus(cells, available_cells(results, exp, ref, b))
     if vs is None:

@@ -256,7 +256,7 @@ def test_every_experiment_config_builds_valid_run_configs():
   gpu_parts = [":importance", ":seeds", ":hypotheses1", ":hypotheses2", ":validate",
                ":defaults", ":defaults_s1", ":baselines", ":mixtures", ":recipe_a", ":recipe_b",
                ":recipe_c", ":scale", ":adopted", ":adopted_s1", ":adopted_tokens", ":recipe_d",
-               ":recipe_e"]
+               ":recipe_e", ":recipe_f"]
   gpu_small = str(REPO / "configs" / "experiments" / "gpu_small.py")
   cpu_small = str(REPO / "configs" / "experiments" / "cpu_small.py")
   cpu_parts = [cpu_small + ":codes", cpu_small + ":tiny"]  # :tiny: the README walk's
