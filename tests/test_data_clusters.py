@@ -124,3 +124,24 @@ def test_the_data_report_sets_balanced_clusters_beside_k_means(tmp_path):
   assert [s[0] for s in sizes] == ["", " balanced"]
   low, high = (int(x.replace(",", "")) for x in sizes[1][1:])
   assert high - low <= 1
+
+
+def test_the_data_report_shows_where_each_domain_split_falls(tmp_path):
+  """The report's domain-split table: per domain, the served cluster (the training split's most
+  frequent, as pipeline.domain_cluster picks it) and each split's share in it; the training
+  split's share is its largest."""
+  import re
+  from pn_jax.data import corpus as corpus_lib
+  from pn_jax.data.report import report
+  text = report("tiny", "", str(tmp_path), ks=(4,), vocab_size=512, seq_len=64)
+  served = dict(re.findall(r"(\w+): (\d)", text.split("Domain -> most frequent cluster (k=4): ")[1]
+                           .splitlines()[0]))
+  rows = re.findall(r"^\| (\w+) \| (\d) \| (\d+)% \| (\d+)% \| (\d+)% \| (.+) \| (.+) \| (.+) \|$",
+                    text, re.M)
+  assert [r[0] for r in rows] == corpus_lib.list_domains(
+      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   "pn_jax", "data", "assets", "tiny"))
+  for domain, cluster, train, valid, test, top_train, _, _ in rows:
+    assert served[domain] == cluster
+    assert top_train.startswith(f"{cluster} ({train}%)")  # the served cluster leads its train split
+    assert 0 <= int(valid) <= 100 and 0 <= int(test) <= 100

@@ -85,7 +85,34 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
     if domains:
       lines.append(f"\nDomain -> most frequent cluster (k={k}): " + ", ".join(
           f"{d}: {pipeline.domain_cluster(rd, d)}" for d in corpus_lib.list_domains(rd.root)))
+      lines += ["", *split_clusters_table(rd, k)]
   return "\n".join(lines)
+
+
+def split_histogram(run_data, domain: str, split: str) -> np.ndarray:
+  """float64 [k]: the share of a domain split's clustering windows in each cluster."""
+  wins = packing.windows_of(pipeline.split_docs(run_data, split, domain), run_data.window)
+  ids = pipeline.window_clusters(run_data.clusters, run_data.tokenizer, wins)
+  counts = np.bincount(ids, minlength=run_data.num_clusters)
+  return counts / max(counts.sum(), 1)
+
+
+def split_clusters_table(run_data, k) -> list[str]:
+  """Does each split of a domain fall where its training split does? PN serves the expert of
+  the training split's most frequent cluster: a validation or test split spread over other
+  clusters is text that expert was not specialized for (and that model selection on validation
+  does not see, if only the test split moves)."""
+  out = [f"Domain splits by cluster (k={k}): the share of each split's windows in the training "
+         "split's most frequent cluster (the served expert), and each split's top 3 clusters.", "",
+         "| domain | served cluster | train | validation | test | top 3: train | validation | "
+         "test |", "|---" * 8 + "|"]
+  for d in corpus_lib.list_domains(run_data.root):
+    hist = {s: split_histogram(run_data, d, s) for s in corpus_lib.SPLITS}
+    served = int(np.argmax(hist["train"]))
+    top = lambda h: ", ".join(f"{c} ({h[c]:.0%})" for c in np.argsort(-h, kind="stable")[:3])
+    out.append(f"| {d} | {served} | " + " | ".join(f"{hist[s][served]:.0%}" for s in corpus_lib.SPLITS)
+               + " | " + " | ".join(top(hist[s]) for s in corpus_lib.SPLITS) + " |")
+  return out
 
 
 def top_terms(model, n: int) -> list[list[str]]:
