@@ -146,6 +146,13 @@ def test_seed_tables_give_each_group_its_mean_and_pair_the_seeds():
   assert "| PN (seed 1) vs PN (random codes) | " + f"{100 * (math.sqrt(176 / 198) - 1):+.1f}%" \
       + " | 1/2 |" in lines
   assert not any(line.startswith("| SLM vs") for line in lines)  # the SLM is no change of PN
+  with exp.ignore_type():  # several baselines: a table against each, in order
+    exp.recipe_baseline = ("pn", "pn_alt")
+  both = report.seeds_section(results, exp)
+  heads = [line for line in both if line.startswith("Each method against")]
+  assert heads == [f"Each method against {R} of the same seed: a change counts only where both "
+                   "seeds agree.", "Each method against pn_alt of the same seed: a change "
+                   "counts only where both seeds agree."]
 
 
 def test_what_mattered_rows_compare_each_variant_with_its_reference():
@@ -162,6 +169,10 @@ def test_what_mattered_rows_compare_each_variant_with_its_reference():
   assert q.startswith("| PN, 30M tokens | a quarter of the tokens | SLM, 30M tokens |")
   # pn_k16 has one of the two domains: compared on it, no macro over a partial set
   assert k16 == "| PN k=16 | 16 experts | SLM | 105.00 | - | - | - | -29.3% | -50.0% | 1/1 |"
+  exp = _exp()
+  exp.hypotheses.pn_h8 = ("a third of the basis", ("slm", "pn"))  # a row per reference
+  rows = [r for r in report.hypotheses_table(_merged(), exp) if r.startswith("| PN h=8 m=8 |")]
+  assert [r.split(" | ")[2] for r in rows] == ["SLM", R]
   assert report.hypotheses_table(MAIN, ml_collections.ConfigDict(
       dict(domains=DOMAINS, budgets=(B,), finetune=dict(steps=100)))) == []
 
