@@ -41,12 +41,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import config as config_lib
-from pn_jax import cli, experiment_report, modes, workdir_lock
+from pn_jax import cli, experiment_figures, experiment_report, modes, workdir_lock
 from pn_jax import step_costs as step_costs_lib
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import packing
 from pn_jax.data import tokenizer as tok_lib
-from pn_jax.experiment_report import finetune_lr, merge_results, write_report
+from pn_jax.experiment_report import finetune_lr, merge_results
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import metrics as metrics_lib
@@ -1018,6 +1018,13 @@ def main(argv):
   write_report(results, exp, FLAGS.docs, " ".join(["python -m pn_jax.experiment", *args]),
                tag=os.path.basename(os.path.normpath(root)), figure=FLAGS.figure)
   logging.info("experiment done in %.0f s", time.perf_counter() - t0)
+
+
+def write_report(results, exp, docs: str, command: str, tag: str = "",
+                 figure: str = "results_ppl_vs_cost.png") -> None:
+  """The report: its tables in <docs>/results.md (experiment_report) and its figures."""
+  experiment_report.write_report(results, exp, docs, command, tag=tag, figure=figure)
+  experiment_figures.write_figures(results, exp, docs, figure)
 
 
 def define_flags():

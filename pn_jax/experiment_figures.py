@@ -60,7 +60,7 @@ def _point(results, exp, runs, budget):
     macros.append(report.macro(list(cells.values()), "test_ppl"))
   if not macros:
     return None
-  return float(np.mean(flops)), report._geomean(macros), min(macros), max(macros), len(macros)
+  return float(np.mean(flops)), report.geomean(macros), min(macros), max(macros), len(macros)
 
 
 def _name(results, exp, group, runs) -> str:
@@ -122,7 +122,7 @@ def cost_figure(results, exp, path: str) -> list[str]:
   return list(drawn)
 
 
-def _per_domain_change(results, exp, runs, ref_runs, budget) -> dict[str, float] | None:
+def per_domain_change(results, exp, runs, ref_runs, budget) -> dict[str, float] | None:
   """{domain or 'macro': % change of the runs' geometric mean ppl against the reference's}, over
   the runs (and reference runs) with every domain of the budget."""
   def by_domain(ms):
@@ -130,13 +130,13 @@ def _per_domain_change(results, exp, runs, ref_runs, budget) -> dict[str, float]
     full = [c for c in full if c is not None]
     if not full:
       return None
-    return {d: report._geomean([c[d]["test_ppl"] for c in full]) for d in full[0]}
+    return {d: report.geomean([c[d]["test_ppl"] for c in full]) for d in full[0]}
   mine, ref = by_domain(runs), by_domain(ref_runs)
   if mine is None or ref is None:
     return None
   out = {d: 100 * (mine[d] / ref[d] - 1) for d in mine}
-  out["macro"] = 100 * (report._geomean(list(mine.values())) /
-                        report._geomean(list(ref.values())) - 1)
+  out["macro"] = 100 * (report.geomean(list(mine.values())) /
+                        report.geomean(list(ref.values())) - 1)
   return out
 
 
@@ -155,7 +155,7 @@ def gain_figure(results, exp, path: str) -> list[str]:
   others = {g: r for g, r in groups.items() if g != ref_group}
   style = styles(groups)
   by_budget = {b: {g: c for g, runs in others.items()
-                   if (c := _per_domain_change(results, exp, runs, groups[ref_group], b))}
+                   if (c := per_domain_change(results, exp, runs, groups[ref_group], b))}
                for b in exp.budgets}
   by_budget = {b: changes for b, changes in by_budget.items() if changes}  # no empty panels
   if not by_budget:
@@ -189,3 +189,10 @@ def gain_figure(results, exp, path: str) -> list[str]:
   fig.savefig(path, dpi=130, bbox_inches="tight")
   plt.close(fig)
   return list(drawn)
+
+
+def write_figures(results, exp, docs: str, figure: str) -> None:
+  """Both figures of a report, named as write_report links them."""
+  exp = report.report_budgets(results, exp)
+  cost_figure(results, exp, f"{docs}/{figure}")
+  gain_figure(results, exp, f"{docs}/{report.gains_figure_name(figure)}")

@@ -153,13 +153,13 @@ def merge_results(primary: dict, others: list[dict]) -> dict:
   return copy.deepcopy(out)
 
 
-def _geomean(values) -> float:
+def geomean(values) -> float:
   return float(np.exp(np.mean(np.log(values))))
 
 
 def macro(cells: list[dict], key: str) -> float:
   """exp(mean over domains of the per-token NLL): the paper's macro-averaged perplexity."""
-  return _geomean([c[key] for c in cells])
+  return geomean([c[key] for c in cells])
 
 
 def view_cell(results, view: str, cell: str, method: str) -> dict | None:
@@ -477,7 +477,7 @@ def seed_table(results, exp, budget: int) -> list[str]:
     out.append(f"| {label(g, exp)} | " + " / ".join(label(m, exp) for m in members) + " | "
                + " / ".join(_generic_ppl(results, m, "tokens") for m in members) + " | "
                + " / ".join(_ppl(v, c) for v, c in zip(macros, capped))
-               + f" | {_ppl(_geomean(macros), any(capped))} |")
+               + f" | {_ppl(geomean(macros), any(capped))} |")
   if not out:
     return []
   return [f"| group | members | generic valid ppl | ft {budget:.0e} per member | mean |",
@@ -506,7 +506,7 @@ def seed_pairs_table(results, exp, budget: int, base: str = "slm") -> list[str]:
       out.append(f"| {label(m, exp)} vs {label(ref, exp)} | {vs[0]:+.1f}% | {vs[1]}/{vs[2]} |")
     common = set.intersection(*(set(cells(m)) for pair in pairs for m in pair)) if pairs else ()
     if common:  # the same seeds on both sides, the same domains for every run
-      mean = lambda side: _geomean([macro([cells(pair[side])[d] for d in sorted(common)],
+      mean = lambda side: geomean([macro([cells(pair[side])[d] for d in sorted(common)],
                                           "test_ppl") for pair in pairs])
       over = "" if len(common) == n_all else f", {len(common)} of {n_all} domains"
       out.append(f"| {label(g, exp)} vs {label(base, exp)}, means of {len(pairs)} / "
@@ -651,22 +651,31 @@ def exp_summary(exp) -> str:
   return ", ".join(f"{k}={exp[k]}" for k in keys if k in exp)
 
 
-def write_report(results, exp, docs: str, command: str, tag: str = "",
-                 figure: str = "results_ppl_vs_cost.png") -> None:
-  """Rewrites the block between this tag's markers in <docs>/results.md (the rest is by hand)."""
-  os.makedirs(docs, exist_ok=True)
-  # Budgets no domain holds (e.g. 8M for the small domains only) have no column. (A shallow
-  # copy: a deep one would sort the keys of the config's unsorted dicts, e.g. the hypotheses'.)
+def gains_figure_name(figure: str) -> str:
+  """The % vs the SLM figure beside the cost figure `figure`."""
+  return os.path.splitext(figure)[0] + "_vs_slm.png"
+
+
+def report_budgets(results, exp) -> ml_collections.ConfigDict:
+  """`exp` with the budgets some domain holds (e.g. 8M for the large domains only): the
+  report's columns and the figures' panels. (A shallow copy: a deep one would sort the keys of
+  the config's unsorted dicts, e.g. the hypotheses'.)"""
   exp = ml_collections.ConfigDict(exp)
   exp.budgets = tuple(b for b in exp.budgets if budget_domains(results, exp, b))
+  return exp
+
+
+def write_report(results, exp, docs: str, command: str, tag: str = "",
+                 figure: str = "results_ppl_vs_cost.png") -> None:
+  """Rewrites the block between this tag's markers in <docs>/results.md (the rest is by hand),
+  linking the figures pn_jax.experiment_figures draws (pn_jax.experiment.write_report: both)."""
+  os.makedirs(docs, exist_ok=True)
+  exp = report_budgets(results, exp)
   tokens, rows = view_section(results, exp, "tokens")
   time_view, _ = view_section(results, exp, "time")
   seeds, hypotheses = seeds_section(results, exp), hypotheses_section(results, exp)
   paper = paper_section(results, rows, exp)
-  from pn_jax import experiment_figures  # it reads this module's tables: imported here
-  gains = os.path.splitext(figure)[0] + "_vs_slm.png"
-  experiment_figures.cost_figure(results, exp, os.path.join(docs, figure))
-  experiment_figures.gain_figure(results, exp, os.path.join(docs, gains))
+  gains = gains_figure_name(figure)  # both drawn by pn_jax.experiment_figures (the driver)
   f = exp.finetune
   begin, end = (f"<!-- experiment {tag}:begin (written by pn_jax.experiment) -->",
                 f"<!-- experiment {tag}:end -->")

@@ -269,5 +269,5 @@ def test_figures_draw_every_method_once_in_a_distinct_style(tmp_path):
   assert figures.gain_figure(results, exp, str(tmp_path / "g.png")) == ["pn", "pn_h8"]
   assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
   # PN's group (pn 9 / 22, pn_s1 11 / 16) against the SLM's (10 / 20, 12 / 18), per domain
-  change = figures._per_domain_change(results, exp, ["pn", "pn_s1"], ["slm", "slm_s1"], B)
+  change = figures.per_domain_change(results, exp, ["pn", "pn_s1"], ["slm", "slm_s1"], B)
   assert math.isclose(change["legal"], 100 * (math.sqrt(99) / math.sqrt(120) - 1))

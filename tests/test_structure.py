@@ -55,7 +55,7 @@ LAYERS = {
     "pn_jax.workdir_lock": 3,
     # 4: libraries over a trained network: projection, expert selection, distillation,
     # importance sampling (specialize/*), the sampler, safetensors files (safetensors_io.py:
-    # pn-jax's export layout; hf_export.py: a transformers Llama directory).
+    # pn-jax's export layout; hf_export.py: a transformers directory, Arcee or Llama).
     "pn_jax.specialize": 4,
     "pn_jax.generate": 4,
     "pn_jax.safetensors_io": 4,
@@ -66,6 +66,7 @@ LAYERS = {
     # 6: commands that run several journeys or time them: experiments, sweeps, the benchmark.
     "pn_jax.experiment": 6,
     "pn_jax.experiment_report": 6,
+    "pn_jax.experiment_figures": 6,  # the report's figures, drawn from its tables' cells
     "pn_jax.sweep": 6,
     "pn_jax.sweep_results": 6,
     "pn_jax.bench": 6,
