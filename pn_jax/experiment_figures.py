@@ -24,6 +24,26 @@ MARKERS = "osD^v<>PXhp*"
 COLORS = [f"C{i}" for i in range(10)]
 
 
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _legend_outside_and_save(fig, axes, path: str) -> None:
+  """One legend for every panel (each label once), right of the axes, then the PNG."""
+  handles = {}
+  for ax in axes:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(lab, h)
+  fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+             fontsize=8, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130, bbox_inches="tight")
+  _pyplot().close(fig)
+
+
 def styles(names) -> dict[str, tuple[str, str]]:
   """name -> (colour, marker), every pair distinct: colours cycle first, the marker changes
   after each ten (so the 11th method is C0 with another marker, never C0 'o' again)."""
@@ -72,9 +92,7 @@ def _name(results, exp, group, runs) -> str:
 def cost_figure(results, exp, path: str) -> list[str]:
   """Writes <path>: specialized ppl against pretraining FLOPs, a panel per budget. -> the groups
   drawn (each once)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   from matplotlib import ticker
 
   groups = figure_groups(results, exp)
@@ -110,15 +128,7 @@ def cost_figure(results, exp, path: str) -> list[str]:
                   f"{' = 1' if slm else ''})", fontsize=8)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("macro test perplexity (lower is better)", fontsize=8)
-  handles = {}
-  for ax in axes[0]:
-    for h, lab in zip(*ax.get_legend_handles_labels()):
-      handles.setdefault(lab, h)
-  fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
-             fontsize=8, frameon=False)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130, bbox_inches="tight")
-  plt.close(fig)
+  _legend_outside_and_save(fig, axes.flat, path)
   return list(drawn)
 
 
@@ -143,9 +153,7 @@ def per_domain_change(results, exp, runs, ref_runs, budget) -> dict[str, float] 
 def gain_figure(results, exp, path: str) -> list[str]:
   """Writes <path>: per budget, each group's change against the SLM's group per domain. -> the
   groups drawn."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   groups = figure_groups(results, exp)
   ref = exp.get("figure_reference", "") or "slm"
@@ -179,15 +187,7 @@ def gain_figure(results, exp, path: str) -> list[str]:
                   "(below 0: better)", fontsize=8)
     ax.set_title(f"fine-tuned on {b:.0e} domain tokens", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-  handles = {}
-  for ax in axes[:, 0]:
-    for h, lab in zip(*ax.get_legend_handles_labels()):
-      handles.setdefault(lab, h)
-  fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
-             fontsize=8, frameon=False)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130, bbox_inches="tight")
-  plt.close(fig)
+  _legend_outside_and_save(fig, axes.flat, path)
   return list(drawn)
 
 

@@ -530,7 +530,7 @@ def seeds_section(results, exp) -> list[str]:
   bases = exp.get("recipe_baseline", "")
   # The recipe hypotheses against the default they change (and any further baseline, e.g. a
   # tuned SLM), seed by seed.
-  for base in (bases,) if isinstance(bases, str) else bases:
+  for base in _names(bases):
     table = seed_pairs_table(results, exp, min(exp.budgets), base) if base else []
     if table:
       lines += [f"Each method against {label(base, exp)} of the same seed: a change counts "
@@ -549,7 +549,7 @@ def hypotheses_table(results, exp) -> list[str]:
   n_all = len(budget_domains(results, exp, b))
   out = []
   rows = [(m, change, r) for m, (change, refs) in exp.get("hypotheses", {}).items()
-          for r in ((refs,) if isinstance(refs, str) else refs)]  # a row per reference
+          for r in _names(refs)]  # a row per reference
   for m, change, ref in rows:
     cells = available_cells(results, exp, m, b)
     vs = versus(cells, available_cells(results, exp, ref, b))
@@ -570,6 +570,11 @@ def hypotheses_table(results, exp) -> list[str]:
   return ["| method | change | reference | generic valid ppl | train / valid loss | no ft | "
           f"ft {b:.0e} | vs reference, valid | vs reference, test | domains better (test) |",
           "|---" * 10 + "|", *out]
+
+
+def _names(value) -> tuple:
+  """A config entry that names one method or several (a string or a tuple of them)."""
+  return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _fit(record: dict) -> str:

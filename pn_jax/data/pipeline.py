@@ -520,17 +520,26 @@ def domain_histogram(run_data: RunData, domain: str, *, rule: str,
 
   def build():
     if rule == "split":  # file order: the windows (and assign's batches) the tags always used
-      wins = packing.windows_of(split_docs(run_data, "train", domain), run_data.window)
-      weights = None
-    else:
-      wins = packing.windows_of(domain_docs(run_data, domain, "train", max_tokens), run_data.window)
-      weights = [len(w) for w in wins]
-    ids = window_clusters(run_data.clusters, run_data.tokenizer, wins)
-    counts = np.bincount(ids, weights=weights, minlength=run_data.num_clusters)
-    return counts / max(counts.sum(), 1.0)
+      return split_cluster_shares(run_data, domain, "train")
+    wins = packing.windows_of(domain_docs(run_data, domain, "train", max_tokens), run_data.window)
+    return _cluster_shares(run_data, wins, weights=[len(w) for w in wins])
 
   key = ("domain_histogram", domain, rule, None if rule == "split" else max_tokens)
   return run_data.memo.get(key, build)
+
+
+def split_cluster_shares(run_data: RunData, domain: str, split: str) -> np.ndarray:
+  """float64 [k]: each cluster's share of a domain split's clustering windows (file order; every
+  window counts once): domain_histogram's 'split' rule for the train split, and the data report's
+  per-split table (does a domain's test split fall where its training split does?)."""
+  wins = packing.windows_of(split_docs(run_data, split, domain), run_data.window)
+  return _cluster_shares(run_data, wins)
+
+
+def _cluster_shares(run_data: RunData, windows, weights=None) -> np.ndarray:
+  ids = window_clusters(run_data.clusters, run_data.tokenizer, windows)
+  counts = np.bincount(ids, weights=weights, minlength=run_data.num_clusters)
+  return counts / max(counts.sum(), 1.0)
 
 
 def domain_cluster(run_data: RunData, domain: str, *, rule: str = "split",

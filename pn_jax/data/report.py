@@ -89,14 +89,6 @@ def report(corpus: str, data_dir: str, workdir: str, ks=(4, 16), vocab_size: int
   return "\n".join(lines)
 
 
-def split_histogram(run_data, domain: str, split: str) -> np.ndarray:
-  """float64 [k]: the share of a domain split's clustering windows in each cluster."""
-  wins = packing.windows_of(pipeline.split_docs(run_data, split, domain), run_data.window)
-  ids = pipeline.window_clusters(run_data.clusters, run_data.tokenizer, wins)
-  counts = np.bincount(ids, minlength=run_data.num_clusters)
-  return counts / max(counts.sum(), 1)
-
-
 def split_clusters_table(run_data, k) -> list[str]:
   """Does each split of a domain fall where its training split does? PN serves the expert of
   the training split's most frequent cluster: a validation or test split spread over other
@@ -107,7 +99,7 @@ def split_clusters_table(run_data, k) -> list[str]:
          "| domain | served cluster | train | validation | test | top 3: train | validation | "
          "test |", "|---" * 8 + "|"]
   for d in corpus_lib.list_domains(run_data.root):
-    hist = {s: split_histogram(run_data, d, s) for s in corpus_lib.SPLITS}
+    hist = {s: pipeline.split_cluster_shares(run_data, d, s) for s in corpus_lib.SPLITS}
     served = int(np.argmax(hist["train"]))
     top = lambda h: ", ".join(f"{c} ({h[c]:.0%})" for c in np.argsort(-h, kind="stable")[:3])
     out.append(f"| {d} | {served} | " + " | ".join(f"{hist[s][served]:.0%}" for s in corpus_lib.SPLITS)
