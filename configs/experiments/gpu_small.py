@@ -48,9 +48,9 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
   (not run yet)
   adopted_tokens
                PN lr 4.5e-3 at equal tokens, seeds 0 and 1, both budgets;
-  recipe_c, recipe_e, recipe_f
-               balanced clusters on PN lr 4.5e-3, the SLM at 4.5e-3, PN at 6e-3; seeds 0
-               and 1, 1M.
+  recipe_c, recipe_e, recipe_f, recipe_g
+               balanced clusters on PN lr 4.5e-3, the SLM at 4.5e-3, PN at 6e-3, the SLM at
+               6e-3; seeds 0 and 1, 1M.
 """
 
 import pathlib
@@ -210,6 +210,10 @@ PARTS = {
         pn_fit_lr6=("configs/pn.py", PN + LR6 + FIT),
         pn_fit_lr6_s1=("configs/pn.py", PN + LR6 + S1 + FIT),
     ),
+    "recipe_g": dict(  # the SLM two steps past its control: brackets its lr whatever recipe_e says
+        slm_lr6=("configs/slm.py", SLM + LR6),
+        slm_lr6_s1=("configs/slm.py", SLM + LR6 + S1),
+    ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
         pn_shared_s1=("configs/pn.py", pn(code_init="shared", extra=",seed=1")),
@@ -220,7 +224,8 @@ PARTS = {
 
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
 ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
-           "adopted", "adopted_s1", "adopted_tokens", "recipe_c", "recipe_d", "recipe_e", "recipe_f")
+           "adopted", "adopted_s1", "adopted_tokens", "recipe_c", "recipe_d", "recipe_e", "recipe_f",
+           "recipe_g")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -250,7 +255,8 @@ LABELS_26 = dict(
     pn_fit_lr45="PN lr 4.5e-3 at the SLM's time",
     pn_fit_lr45_s1="PN lr 4.5e-3 at the SLM's time (seed 1)",
     slm_lr="SLM lr 3e-3", slm_lr_s1="SLM lr 3e-3 (seed 1)", slm_lr45="SLM lr 4.5e-3",
-    slm_lr45_s1="SLM lr 4.5e-3 (seed 1)", pn_lr45="PN lr 4.5e-3",
+    slm_lr45_s1="SLM lr 4.5e-3 (seed 1)", slm_lr6="SLM lr 6e-3", slm_lr6_s1="SLM lr 6e-3 (seed 1)",
+    pn_lr45="PN lr 4.5e-3",
     pn_lr45_s1="PN lr 4.5e-3 (seed 1)",
     llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
     pn256_fit="PN d256 at the d256 SLM's time", pn256_fit_s1="PN d256 at the d256 SLM's time (seed 1)")
@@ -262,6 +268,7 @@ SEED_GROUPS_26 = dict(
     pn_fit_lr45_bal=("pn_fit_lr45_bal", "pn_fit_lr45_bal_s1"),
     pn_fit_lr6=("pn_fit_lr6", "pn_fit_lr6_s1"),
     pn_fit_lr45=("pn_fit_lr45", "pn_fit_lr45_s1"), slm_lr45=("slm_lr45", "slm_lr45_s1"),
+    slm_lr6=("slm_lr6", "slm_lr6_s1"),
     pn_lr45=("pn_lr45", "pn_lr45_s1"))
 HYPOTHESES_26 = dict(
     pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
@@ -286,6 +293,8 @@ HYPOTHESES_26 = dict(
     slm_lr_s1=("the SLM at lr 3e-3, seed 1", "slm_s1"),
     slm_lr45=("the SLM at lr 4.5e-3 (one step past the control)", "slm_lr"),
     slm_lr45_s1=("the SLM at lr 4.5e-3, seed 1", "slm_lr_s1"),
+    slm_lr6=("the SLM at lr 6e-3 (two steps past the control)", "slm_lr"),
+    slm_lr6_s1=("the SLM at lr 6e-3, seed 1", "slm_lr_s1"),
     pn_lr45=("pretraining lr 4.5e-3, equal tokens", ("pn", "slm_lr")),
     pn_lr45_s1=("lr 4.5e-3, equal tokens, seed 1", ("pn_s1", "slm_lr_s1")),
     # On top of the best PN so far: each against pn_fit_lr45 of the same seed, and the tuned SLM.
