@@ -31,6 +31,7 @@ REMAT_POLICIES = {
 }
 CODE_INITS = ("random", "shared")  # pn_jax/model/transformer.py::CODE_INITS
 NAN_POLICIES = ("stop", "skip")
+BASIS_MOMENTS = ("float32", "bfloat16", "factored")  # pn_jax/train/basis_moments.py
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -155,6 +156,10 @@ def _optim_defaults() -> ml_collections.ConfigDict:
   # PN only: False exempts the expert codes E and the per-layer maps M from weight decay (a
   # product E M T is scaled by every factor's decay; T alone is the matrix a dense model decays).
   o.decay_codes = True
+  # PN (and mixture) only: how the Adam moments of the basis tensors T are stored: "float32",
+  # "bfloat16" (stochastically rounded) or "factored" (Adafactor-style second moment, bfloat16
+  # first moment); fewer optimizer bytes per step (pn_jax/train/basis_moments.py).
+  o.basis_moments = "float32"
   return o
 
 
@@ -339,6 +344,11 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   if o.basis_lr_scale != 1.0 and m.mlp_kind != "projected":
     _fail("optim.basis_lr_scale", f"scales a projected model's basis tensors; this model is "
           f"mlp_kind={m.mlp_kind!r} (leave it at 1.0)")
+  if o.basis_moments not in BASIS_MOMENTS:
+    _fail("optim.basis_moments", f"unknown {o.basis_moments!r}; choose one of {BASIS_MOMENTS}")
+  if o.basis_moments != "float32" and m.mlp_kind == "dense":
+    _fail("optim.basis_moments", f"stores the Adam moments of a PN's (or mixture's) basis "
+          f"tensors; this model is mlp_kind='dense' and has none (leave it at 'float32')")
   if t.checkpoint_every_minutes < 0:
     _fail("train.checkpoint_every_minutes", f"must be >= 0 (0: off), got "
           f"{t.checkpoint_every_minutes}")

@@ -54,21 +54,31 @@ def test_loss_decreases(prepared, tmp_path):
   assert result["step"] == 60 and np.isfinite(result["eval_loss"])
 
 
-@pytest.mark.parametrize("kind", ["pn", "mix"])
+def _config(kind):
+  """'pn', 'mix', 'slm', or 'pn/<optim.basis_moments>'."""
+  kind, _, moments = kind.partition("/")
+  config = load_config(kind)
+  if moments:
+    config.optim.basis_moments = moments
+  return config
+
+
+@pytest.mark.parametrize("kind", ["pn", "mix", "pn/factored"])
 def test_resume_is_exact(prepared, tmp_path, kind):
-  """2N steps straight == N steps, exit, restart, N more: identical params and losses."""
+  """2N steps straight == N steps, exit, restart, N more: identical params and losses (the
+  basis's factored, stochastically rounded Adam moments included)."""
   n = 6
   settings = dict(steps=2 * n, log_every=1, eval_every=100, checkpoint_every=100)
   straight = copy_workdir(prepared, tmp_path, "straight")
-  pretrain(small_run(load_config(kind), **settings), straight)
+  pretrain(small_run(_config(kind), **settings), straight)
 
   resumed = copy_workdir(prepared, tmp_path, "resumed")
-  first = pretrain(small_run(load_config(kind), stop_at_step=n, **settings), resumed)
+  first = pretrain(small_run(_config(kind), stop_at_step=n, **settings), resumed)
   assert first["stopped_at"] == n
   assert Checkpointer(resumed, read_only=True).latest_step() == n
-  pretrain(small_run(load_config(kind), **settings), resumed)
+  pretrain(small_run(_config(kind), **settings), resumed)
 
-  cfg = load_config(kind)
+  cfg = _config(kind)
   a, b = final_params(straight, cfg), final_params(resumed, cfg)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   losses = lambda w: [r["loss"] for r in read_metrics(w)]
@@ -92,9 +102,11 @@ def _one_step(config, devices, batch, rng=0):
     return jax.device_get(metrics), jax.device_get(new_state.params), jax.device_get(logits)
 
 
-@pytest.mark.parametrize("kind", ["pn", "mix", "slm"])
+@pytest.mark.parametrize("kind", ["pn", "mix", "slm", "pn/factored"])
 def test_sharded_equals_unsharded(kind):
-  config = load_config(kind)
+  """One step on 1 device == on a 2x2x2 mesh (the factored moments' state too: its averaged
+  axes are left unsharded)."""
+  config = _config(kind)
   config.optim.warmup_steps = 0  # a real update at step 0
   # Adam's first update is ~lr*sign(g): for a gradient entry at rounding-noise level the sign
   # depends on reduction order. A larger eps makes the update continuous in g.

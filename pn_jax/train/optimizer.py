@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from pn_jax.train.basis_moments import BASIS, scale_by_adam_basis
+
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   decay_steps = optim.decay_steps or total_steps
@@ -33,9 +35,6 @@ def decay_mask(params, decay_codes: bool = True):
     in_scan = any(getattr(k, "key", None) == "blocks" for k in path)
     return leaf.ndim - int(in_scan) >= 2
   return jax.tree_util.tree_map_with_path(decayed, params)
-
-
-BASIS = ("T_in", "T_out", "T_gate")  # the PN's shared basis tensors (pn_jax/model/mlp.py)
 
 
 def scale_basis_updates(scale: float) -> optax.GradientTransformation:
@@ -71,9 +70,15 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = 
   independent experts get one optimizer each (`per_expert`)."""
   o = config.optim
   schedule = learning_rate_schedule(o, total_steps or config.train.steps)
-  parts = [optax.clip_by_global_norm(o.clip_norm),
-           optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=functools.partial(decay_mask, decay_codes=o.decay_codes))]
+  mask = functools.partial(decay_mask, decay_codes=o.decay_codes)
+  if o.basis_moments == "float32":  # optax.adamw: the optimizer state every saved run has
+    adamw = [optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                         mask=mask)]
+  else:  # optax.adamw's chain, T's moments in fewer bytes (pn_jax/train/basis_moments.py)
+    adamw = [scale_by_adam_basis(o.b1, o.b2, o.eps, o.basis_moments),
+             optax.add_decayed_weights(o.weight_decay, mask),
+             optax.scale_by_learning_rate(schedule)]
+  parts = [optax.clip_by_global_norm(o.clip_norm), *adamw]
   if o.basis_lr_scale != 1.0:  # only then: existing runs' optimizer state keeps its structure
     parts.append(scale_basis_updates(o.basis_lr_scale))
   tx = optax.chain(*parts)
