@@ -228,3 +228,16 @@ def test_keys_added_by_a_newer_version_at_their_default_are_not_changes():
   assert sorted(resume_check.added_since(diff)) == ["model.code_init", "optim.decay_codes"]
   now["optim"]["decay_codes"] = not now["optim"]["decay_codes"]
   assert resume_check.added_since(resume_check.changes(saved, now)) == ["model.code_init"]
+
+
+def test_a_checkpoint_saved_before_a_key_existed_still_builds_its_state():
+  """The state shapes of an older checkpoint's config (no optim.basis_moments, no
+  optim.decay_codes) are built with pn-jax's defaults for what it lacks, so a resume that
+  changes another key gets the usual refusal, not a KeyError from the optimizer."""
+  now = resume_check.as_json(load_config("pn"))
+  saved = json.loads(json.dumps(now))
+  del saved["optim"]["basis_moments"], saved["optim"]["decay_codes"]
+  assert resume_check.state_shapes(saved) == resume_check.state_shapes(now)
+  now["optim"]["basis_moments"] = "factored"
+  culprits, leaves = resume_check.shape_changing(saved, now, ["optim.basis_moments"])
+  assert culprits == ["optim.basis_moments"] and "opt_state" in leaves[0]

@@ -97,8 +97,10 @@ def is_run_control(key: str) -> bool:
 
 def state_shapes(config: dict) -> dict[str, tuple]:
   """{path: shape} of the train state (params and optimizer state) a config describes, traced
-  abstractly as pn_jax.train.state builds it (no arrays are allocated)."""
-  cfg = ml_collections.ConfigDict(config)
+  abstractly as pn_jax.train.state builds it (no arrays are allocated). Keys a checkpoint saved
+  before they existed take pn-jax's default (what the run trained with, `added_since`)."""
+  filled = {**flatten(as_json(base_config())), **flatten(config)}
+  cfg = ml_collections.ConfigDict(traverse_util.unflatten_dict(filled, sep="."))
   model, (tx, _) = build_model(cfg.model), make_optimizer(cfg)
 
   def init(rng):
