@@ -617,11 +617,12 @@ _REUSE_KEYS = ("source", "seed", "generic_chars", "heldout_chars", "domain_train
                "equal_time_reference")
 
 
-def check_experiment(exp) -> None:
+def check_experiment(exp, devices: bool = True) -> None:
   """Every method's run configs (config file and argument, overrides) built and validated as
   its stages will build them, and the cells' domains and budgets checked, before any stage
   runs: a typo in the last method must not surface after the first ones have trained.
-  ConfigError naming the method and the key."""
+  ConfigError naming the method and the key. `devices`: each mesh against this process's
+  devices too (starts jax's backend: a sweep's driver leaves that to its points' processes)."""
   ref = exp.equal_time_reference
   if ref and (ref not in exp.methods or ref == "slm_is"):
     raise config_lib.ConfigError(
@@ -645,6 +646,7 @@ def check_experiment(exp) -> None:
     raise config_lib.ConfigError("exp.distill=True: SLM-d distils the fine-tuned 'llm' into the "
                                  "pretrained 'slm'; add both methods, or set distill=False")
   cell = dict(domain=exp.domains[0], budget=budgets[0])
+  count = jax.device_count() if devices else None
   for name in exp.methods:
     entry = exp.methods[name]
     if (not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3)
@@ -658,16 +660,16 @@ def check_experiment(exp) -> None:
       c = pretrain_config(exp, spec, overrides, "corpus", "tokenizer.model")
       if name == "slm_is":
         c.data.update(domain=cell["domain"], domain_tokens=cell["budget"])
-      config_lib.validate(c, device_count=jax.device_count())
+      config_lib.validate(c, device_count=count)
       what = "fine-tuning"
       c = finetune_config(exp, "pretrain", cell["domain"], cell["budget"], overrides=finetune)
-      config_lib.validate(c, device_count=jax.device_count())
+      config_lib.validate(c, device_count=count)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"exp.methods.{name} ({what} config of {spec!r}): {e}") from e
   if exp.distill:
     try:
       c = finetune_config(exp, "pretrain", cell["domain"], cell["budget"], teacher="teacher")
-      config_lib.validate(c, device_count=jax.device_count())
+      config_lib.validate(c, device_count=count)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"exp.distill (SLM-d's fine-tuning config): {e}") from e
 
@@ -980,15 +982,39 @@ def load_part(exp, root: str) -> dict:
   return add_pretrain_fit(part, root)
 
 
+def use_compilation_cache(exp, root: str) -> None:
+  """The parts of one comparison share the first part's compilation cache (the projected models'
+  fine-tuning steps are the SLM's): <data_root or root>/jit_cache."""
+  cache = os.path.join(os.path.abspath(exp.get("data_root") or root), "jit_cache")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def invoke(exp, root: str, max_seconds: float = 0, allow_config_change: bool = False) -> dict:
+  """One invocation of the driver on `root` (this command's, and each point of a sweep scored by
+  the specialized model: pn_jax.sweep_parts): checked, signal-stoppable, holding the root's lock;
+  -> results, saved. Raises Preempted once a signal or `max_seconds` stopped it."""
+  t0 = time.perf_counter()
+  check_experiment(exp)  # (run checks again) before the lock creates the root
+  stop = StopRequest().install()
+  if max_seconds > 0:
+    stop.deadline(max_seconds)
+  try:
+    with workdir_lock.hold(root, "experiment", flag="--root"):  # stages lock their own
+      results = run(exp, root, stop, allow_config_change=allow_config_change)
+      results["wall_seconds_this_invocation"] = time.perf_counter() - t0
+      corpus_lib.write_json(os.path.join(root, RESULTS), results)
+  except Preempted as e:
+    logging.warning("%s (finished stages saved in %s)", e, os.path.join(root, RESULTS))
+    raise
+  return results
+
+
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
   exp, root = FLAGS.config, FLAGS.root
-  # The parts of one comparison share the first part's compilation cache too (the projected
-  # models' fine-tuning steps are the SLM's).
-  cache = os.path.join(os.path.abspath(exp.get("data_root") or root), "jit_cache")
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  use_compilation_cache(exp, root)
   t0 = time.perf_counter()
   if FLAGS.report_only:
     if not os.path.isfile(os.path.join(root, "results.json")):
@@ -996,17 +1022,9 @@ def main(argv):
                                    "experiment first, or point --root at one that ran")
     results = read_results(root)
   else:
-    check_experiment(exp)  # (run checks again) before the lock creates the root
-    stop = StopRequest().install()
-    if FLAGS.max_seconds > 0:
-      stop.deadline(FLAGS.max_seconds)
     try:
-      with workdir_lock.hold(root, "experiment", flag="--root"):  # stages lock their own
-        results = run(exp, root, stop, allow_config_change=FLAGS.allow_config_change)
-        results["wall_seconds_this_invocation"] = time.perf_counter() - t0
-        corpus_lib.write_json(os.path.join(root, "results.json"), results)
+      results = invoke(exp, root, FLAGS.max_seconds, FLAGS.allow_config_change)
     except Preempted as e:
-      logging.warning("%s (finished stages saved in %s)", e, os.path.join(root, "results.json"))
       print(f"experiment stopped: {e}", flush=True)
       sys.exit(e.exit_code)
   add_pretrain_fit(results, root)

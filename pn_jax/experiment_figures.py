@@ -24,14 +24,15 @@ MARKERS = "osD^v<>PXhp*"
 COLORS = [f"C{i}" for i in range(10)]
 
 
-def _pyplot():
+def pyplot():
+  """pyplot on the Agg backend: figures are files (no display on a cluster or in CI)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
 
-def _legend_outside_and_save(fig, axes, path: str) -> None:
+def legend_outside_and_save(fig, axes, path: str) -> None:
   """One legend for every panel (each label once), right of the axes, then the PNG."""
   handles = {}
   for ax in axes:
@@ -41,7 +42,7 @@ def _legend_outside_and_save(fig, axes, path: str) -> None:
              fontsize=8, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=130, bbox_inches="tight")
-  _pyplot().close(fig)
+  pyplot().close(fig)
 
 
 def styles(names) -> dict[str, tuple[str, str]]:
@@ -92,7 +93,7 @@ def _name(results, exp, group, runs) -> str:
 def cost_figure(results, exp, path: str) -> list[str]:
   """Writes <path>: specialized ppl against pretraining FLOPs, a panel per budget. -> the groups
   drawn (each once)."""
-  plt = _pyplot()
+  plt = pyplot()
   from matplotlib import ticker
 
   groups = figure_groups(results, exp)
@@ -128,7 +129,7 @@ def cost_figure(results, exp, path: str) -> list[str]:
                   f"{' = 1' if slm else ''})", fontsize=8)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("macro test perplexity (lower is better)", fontsize=8)
-  _legend_outside_and_save(fig, axes.flat, path)
+  legend_outside_and_save(fig, axes.flat, path)
   return list(drawn)
 
 
@@ -153,7 +154,7 @@ def per_domain_change(results, exp, runs, ref_runs, budget) -> dict[str, float] 
 def gain_figure(results, exp, path: str) -> list[str]:
   """Writes <path>: per budget, each group's change against the SLM's group per domain. -> the
   groups drawn."""
-  plt = _pyplot()
+  plt = pyplot()
 
   groups = figure_groups(results, exp)
   ref = exp.get("figure_reference", "") or "slm"
@@ -187,7 +188,7 @@ def gain_figure(results, exp, path: str) -> list[str]:
                   "(below 0: better)", fontsize=8)
     ax.set_title(f"fine-tuned on {b:.0e} domain tokens", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-  _legend_outside_and_save(fig, axes.flat, path)
+  legend_outside_and_save(fig, axes.flat, path)
   return list(drawn)
 
 

@@ -252,7 +252,7 @@ def rows_by(rows, method):
   raise KeyError(method)
 
 
-def _seconds(p: dict) -> float:
+def pretrain_seconds(p: dict) -> float:
   """Training seconds from costs.json; runs made before it: the stage's wall seconds."""
   return p["train_seconds"] if p.get("train_seconds") is not None else p["seconds"]
 
@@ -271,9 +271,9 @@ def pretrain_cost(results, m, row, budget, view: str = "tokens"):
     return row[budget]["is_flops"], row[budget]["is_seconds"]
   if m == "slm_d":  # the student's and the teacher's pretraining
     p, q = results["pretrain"]["slm"], results["pretrain"]["llm"]
-    return p["flops"] + q["flops"], _seconds(p) + _seconds(q)
+    return p["flops"] + q["flops"], pretrain_seconds(p) + pretrain_seconds(q)
   p = results["pretrain"][m]
-  return p["flops"], _seconds(p)
+  return p["flops"], pretrain_seconds(p)
 
 
 def _generic_ppl(results, m, view) -> str:

@@ -116,20 +116,24 @@ def plot(rows: list[dict], path: str, x: str, y: str = "eval_loss") -> bool:
   return True
 
 
-def write(rows: list[dict], root: str, *, plot_spec: dict | None = None) -> list[str]:
-  """results.csv + results.md (+ results.png) under root; -> the paths written."""
-  plot_spec = plot_spec or {}
+def write_tables(rows: list[dict], root: str, md: str) -> list[str]:
+  """results.csv (every column of every row) and results.md (`md`) under root; -> their paths."""
   os.makedirs(root, exist_ok=True)
-  cols = columns(rows)
   csv_path, md_path = os.path.join(root, "results.csv"), os.path.join(root, "results.md")
   with open(csv_path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=cols)
+    writer = csv.DictWriter(f, fieldnames=columns(rows))
     writer.writeheader()
     writer.writerows(rows)
   with open(md_path, "w", encoding="utf-8") as f:
-    f.write(markdown(rows))
-  paths = [csv_path, md_path]
-  swept = [c for c in cols if c not in ("name", "status", *METRICS, "eval_step")]
+    f.write(md)
+  return [csv_path, md_path]
+
+
+def write(rows: list[dict], root: str, *, plot_spec: dict | None = None) -> list[str]:
+  """results.csv + results.md (+ results.png) under root; -> the paths written."""
+  plot_spec = plot_spec or {}
+  paths = write_tables(rows, root, markdown(rows))
+  swept = [c for c in columns(rows) if c not in ("name", "status", *METRICS, "eval_step")]
   x = plot_spec.get("x") or (swept[0] if swept else None)
   png = os.path.join(root, "results.png")
   if x and plot(rows, png, x, plot_spec.get("y", "eval_loss")):

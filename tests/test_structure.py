@@ -69,6 +69,8 @@ LAYERS = {
     "pn_jax.experiment_figures": 6,  # the report's figures, drawn from its tables' cells
     "pn_jax.sweep": 6,
     "pn_jax.sweep_results": 6,
+    "pn_jax.sweep_parts": 6,  # a sweep's points as parts of the comparison experiment
+    "pn_jax.sweep_scores": 6,  # their table and figure, scored by the specialized model
     "pn_jax.bench": 6,
     "pn_jax.step_costs": 6,  # a step timed by the bench, for the experiment's fitted runs
     "pn_jax.aot": 6,  # the train step compiled for a TPU topology ahead of time
