@@ -6,7 +6,7 @@
 The model comes from the checkpoint in init_from (PN/mixture: projected onto one expert; dense:
 as is), so `model` here is ignored. Paper (Sec. 3): Adam, lr 1e-4 / 3 for 1M domain tokens with
 early stopping (< 2k steps), 1e-4 and at most 4k / 30k steps for 8M / 64M.
-Args: `tiny`, `tokens=<domain training tokens>`, `select=frequent|lowest_loss`.
+Args: `tiny`, `tokens=<domain training tokens>`, `select=frequent|lowest_loss|shares`.
 """
 
 from pn_jax.config import SELECT_RULES, base_config, use_tiny

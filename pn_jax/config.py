@@ -184,7 +184,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
 # --- specialization ------------------------------------------------------------------------
 def _specialize_defaults() -> ml_collections.ConfigDict:
   sp = ml_collections.ConfigDict()
-  sp.select = "frequent"  # frequent: the domain's most frequent cluster | lowest_loss: best expert
+  # frequent: the domain's most frequent cluster | lowest_loss: the expert with the lowest loss |
+  # shares: every expert, its weights averaged by the domain's cluster shares (PN, mixture)
+  sp.select = "frequent"
   sp.select_batches = 4  # lowest_loss: domain training batches scored per expert
   sp.expect_kind = ""  # "" any; else refuse an init_from of another kind (an mlp_kind or
   # "independent": SLM-mix's independent experts)
@@ -403,7 +405,7 @@ def _validate_experts(config: ml_collections.ConfigDict) -> None:
           f"[c*b, (c+1)*b) of cluster c); set data.cluster_batching='stratified', got {mode!r}")
 
 
-SELECT_RULES = ("frequent", "lowest_loss")
+SELECT_RULES = ("frequent", "lowest_loss", "shares")
 EXPORT_FORMATS = ("pn", "hf")
 
 

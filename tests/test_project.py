@@ -70,3 +70,24 @@ def test_project_rejects_bad_input():
   dense_cfg = load_config("slm").model
   with pytest.raises(ValueError, match="already dense"):
     project(params, dense_cfg, 0)
+
+
+@pytest.mark.parametrize("kind", ["pn", "mix_shared"])
+def test_projection_by_cluster_shares_averages_the_experts_weights(kind):
+  """select='shares': one-hot shares give that cluster's expert exactly; other shares give
+  every MLP weight as the share-weighted mean of the experts' (W is linear in the code), and
+  attention, embeddings and norms unchanged."""
+  cfg, _, params = _model_and_params(kind)
+  one_hot = np.eye(cfg.k)[1]
+  jax.tree.map(np.testing.assert_array_equal, project(params, cfg, 0, shares=one_hot)[0],
+               project(params, cfg, 1)[0])
+  shares = np.arange(1, cfg.k + 1, dtype=np.float64)  # unnormalized: normalized inside
+  mixed, small_cfg = project(params, cfg, 0, shares=shares)
+  experts = [project(params, cfg, c)[0] for c in range(cfg.k)]
+  want = jax.tree.map(lambda *w: sum(s * x for s, x in zip(shares / shares.sum(), w)), *experts)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), mixed, want)
+  assert small_cfg.mlp_kind == "dense"
+  with pytest.raises(ValueError, match="cluster shares must be k="):
+    project(params, cfg, 0, shares=np.zeros(cfg.k))
+  with pytest.raises(ValueError, match="cluster shares must be k="):
+    project(params, cfg, 0, shares=np.ones(cfg.k + 1))

@@ -409,3 +409,19 @@ def test_a_corrupt_source_step_points_to_init_step(pretrained, tmp_path):
   assert message.endswith("; pass --config.init_step=<an earlier good step> (e.g. "
                           "--config.init_step=10; its steps: [10])"), message
   assert "aside" not in message and snapshot(source) == before
+
+
+def test_shares_selection_projects_the_domain_weighted_experts(pretrained, specialized,
+                                                               tmp_path):
+  """select='shares' fine-tunes from every expert averaged by the domain's cluster shares: its
+  starting model differs from the most frequent expert's (the domain is spread over clusters),
+  it trains, and its summary records the shares it was made from."""
+  config = finetune_config(pretrained, "tiny,select=shares", steps=20, eval_every=10)
+  with no_generic_training_set():
+    result = modes.MODES["specialize"](config, str(tmp_path / "shares"))
+  _, frequent = specialized
+  assert result["select"] == "shares" and result["cluster"] == frequent["cluster"]
+  hist = np.asarray(result["domain_histogram"])
+  assert np.sort(hist)[-2] > 0  # a second cluster holds part of the domain
+  assert result["noft_test_ppl"] != frequent["noft_test_ppl"]
+  assert np.isfinite(result["test_ppl"])

@@ -51,8 +51,10 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
   recipe_c, recipe_e, recipe_f, recipe_g, recipe_h
                balanced clusters on PN lr 4.5e-3, the SLM at 4.5e-3, PN at 6e-3, the SLM at
                6e-3, the SLM and PN at 9e-3 (the adopted); seeds 0 and 1, 1M;
-  paper_ratio  (not run yet) the SLM and PN at 9e-3 fine-tuned on 32k and 262k domain tokens,
-               the paper's fine-tuning tokens per parameter at 1M and 8M; seeds 0 and 1.
+  paper_ratio, paper_ratio_s1
+               (not run yet) the SLM and PN at 9e-3 fine-tuned on 32k, 262k and 1M domain tokens
+               (32k and 262k: the paper's fine-tuning tokens per parameter at 1M and 8M), and PN
+               specialized from its experts averaged by the domain's cluster shares; seed 0 / 1.
 """
 
 import pathlib
@@ -98,6 +100,7 @@ BALANCED = ",data.cluster_balance=True"
 FT_HALF_LR = "optim.lr=0.000333333"  # half the paper's rule at 1M (2e-3 / 3)
 
 LOWEST_LOSS = "specialize.select=lowest_loss"
+SHARES = "specialize.select=shares"  # every expert, averaged by the domain's cluster shares
 QUARTER = ",pretrain_scale=0.25"  # a quarter of the generic tokens (30M)
 
 # name -> (config file, pretraining overrides[, fine-tuning overrides]); the part that runs it.
@@ -227,12 +230,18 @@ PARTS = {
     # the paper's 64M column (64M / 126M), where its PN is level with the SLM too; its 1M column
     # is 0.008 tokens per parameter. The adopted SLM and PN fine-tuned on one and eight batches
     # of domain text (32k / 262k tokens: 0.017 / 0.14 per parameter, the paper's 1M / 8M within
-    # 2x). Its own root and report (its budgets are not the comparison's): not run yet.
+    # 2x) and on 1M again; with them, PN's expert chosen by the domain's cluster shares (every
+    # expert averaged by them, specialize.select=shares; it reuses pn_fit_lr9's pretraining).
+    # Their own roots and report (the budgets are not the comparison's): not run yet.
     "paper_ratio": dict(
         slm_lr9=("configs/slm.py", SLM_TUNED),
-        slm_lr9_s1=("configs/slm.py", SLM_TUNED + S1),
         pn_fit_lr9=("configs/pn.py", PN_ADOPTED + FIT),
+        pn_fit_lr9_shares=("configs/pn.py", PN_ADOPTED + FIT, SHARES),
+    ),
+    "paper_ratio_s1": dict(
+        slm_lr9_s1=("configs/slm.py", SLM_TUNED + S1),
         pn_fit_lr9_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT),
+        pn_fit_lr9_shares_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT, SHARES),
     ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
@@ -245,7 +254,7 @@ PARTS = {
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
 ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
            "adopted", "adopted_s1", "adopted_tokens", "recipe_c", "recipe_d", "recipe_e", "recipe_f",
-           "recipe_g", "recipe_h", "paper_ratio")
+           "recipe_g", "recipe_h", "paper_ratio", "paper_ratio_s1")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -278,6 +287,8 @@ LABELS_26 = dict(
     slm_lr45_s1="SLM lr 4.5e-3 (seed 1)", slm_lr6="SLM lr 6e-3", slm_lr6_s1="SLM lr 6e-3 (seed 1)",
     slm_lr9="SLM lr 9e-3", slm_lr9_s1="SLM lr 9e-3 (seed 1)", pn_fit_lr9="PN lr 9e-3 at the SLM's time",
     pn_fit_lr9_s1="PN lr 9e-3 at the SLM's time (seed 1)",
+    pn_fit_lr9_shares="PN lr 9e-3 at the SLM's time, experts by cluster shares",
+    pn_fit_lr9_shares_s1="PN lr 9e-3 at the SLM's time, experts by cluster shares (seed 1)",
     pn_lr45="PN lr 4.5e-3",
     pn_lr45_s1="PN lr 4.5e-3 (seed 1)",
     llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
@@ -292,6 +303,7 @@ SEED_GROUPS_26 = dict(
     pn_fit_lr45=("pn_fit_lr45", "pn_fit_lr45_s1"), slm_lr45=("slm_lr45", "slm_lr45_s1"),
     slm_lr6=("slm_lr6", "slm_lr6_s1"), slm_lr9=("slm_lr9", "slm_lr9_s1"),
     pn_fit_lr9=("pn_fit_lr9", "pn_fit_lr9_s1"),
+    pn_fit_lr9_shares=("pn_fit_lr9_shares", "pn_fit_lr9_shares_s1"),
     pn_lr45=("pn_lr45", "pn_lr45_s1"))
 HYPOTHESES_26 = dict(
     pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
@@ -332,6 +344,9 @@ HYPOTHESES_26 = dict(
     pn_fit_lr6_s1=("lr 6e-3, seed 1", ("pn_fit_lr45_s1", "slm_lr6_s1")),
     pn_fit_lr9=("pretraining lr 9e-3", ("pn_fit_lr6", "slm_lr9")),
     pn_fit_lr9_s1=("lr 9e-3, seed 1", ("pn_fit_lr6_s1", "slm_lr9_s1")),
+    pn_fit_lr9_shares=("every expert averaged by the domain's cluster shares (one most frequent)",
+                       ("pn_fit_lr9", "slm_lr9")),
+    pn_fit_lr9_shares_s1=("cluster-share experts, seed 1", ("pn_fit_lr9_s1", "slm_lr9_s1")),
     pn_fit_lr45=("pretraining lr 4.5e-3 (the adopted: 3e-3)", ("pn_fit_lr", "slm_lr", "slm_lr45")),
     pn_fit_lr45_s1=("lr 4.5e-3, seed 1", ("pn_fit_lr_s1", "slm_lr_s1", "slm_lr45_s1")),
     pn256=("d_model 256 (MLP 1024), equal tokens, vs the d256 SLM", "llm"),
@@ -408,9 +423,9 @@ def get_config(arg=None):
     c.equal_time_reference = "slm" if part == "defaults" else ""
     if part.startswith("recipe") or part == "scale":
       c.budgets = (1_000_000,)
-    if part == "paper_ratio":
-      c.budgets = (32_768, 262_144)
-      c.figure_methods = ("slm_lr9", "pn_fit_lr9")
+    if part.startswith("paper_ratio"):
+      c.budgets = (32_768, 262_144, 1_000_000)
+      c.figure_methods = ("slm_lr9", "pn_fit_lr9", "pn_fit_lr9_shares")
     return c
   if part:  # the other parts: no SLM-d, no equal-time view, and (hypotheses) 1M tokens only
     c.distill = False

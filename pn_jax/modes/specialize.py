@@ -152,16 +152,23 @@ def _fine_tune_settings(config, pre: saved_run.Saved) -> ml_collections.ConfigDi
   return config
 
 
+def _domain_shares(run: Run):
+  """float64 [k]: the fine-tuning set's share in each cluster (token weighted)."""
+  return pipeline.domain_histogram(run.data, run.config.data.domain, rule="budget",
+                                   max_tokens=run.config.data.domain_tokens or None)
+
+
 def pick_expert(run: Run, params) -> tuple[int, dict]:
   """The expert of run.source (a routed checkpoint; `params` its params) that the run's domain
-  gets: specialize.select='frequent' takes the domain's most frequent cluster, 'lowest_loss' the
-  expert with the lowest loss on the domain's training set (independent experts scored each as
-  its dense model). -> (expert, what the choice was made from)."""
+  gets: specialize.select='frequent' (and 'shares', which projects every expert averaged by the
+  domain's cluster shares: the cluster recorded is the most frequent) takes the domain's most
+  frequent cluster, 'lowest_loss' the expert with the lowest loss on the domain's training set
+  (independent experts scored each as its dense model). -> (expert, what the choice was made
+  from)."""
   config, pre = run.config, run.source
   domain, budget = config.data.domain, config.data.domain_tokens or None
-  hist = pipeline.domain_histogram(run.data, domain, rule="budget", max_tokens=budget)
-  info = {"domain_histogram": [round(float(x), 4) for x in hist]}
-  if config.specialize.select == "frequent":
+  info = {"domain_histogram": [round(float(x), 4) for x in _domain_shares(run)]}
+  if config.specialize.select in ("frequent", "shares"):
     return pipeline.domain_cluster(run.data, domain, rule="budget", max_tokens=budget), info
   expert_params, scored = None, pre.model
   if pre.model.get("independent_experts", False):  # each expert scored as its dense model
@@ -225,7 +232,13 @@ def _initial_params(run: Run, summary: dict):
     return pre_params
   cluster, info = pick_expert(run, pre_params)
   summary.update(cluster=cluster, select=run.config.specialize.select, **info)
-  return project(pre_params, pre.model, cluster)[0]
+  if run.config.specialize.select != "shares":
+    return project(pre_params, pre.model, cluster)[0]
+  if pre.model.get("independent_experts", False):
+    raise ConfigError("specialize.select='shares' averages the experts' weights by the domain's "
+                      f"cluster shares; {pre.workdir} holds independent experts (k separate "
+                      "networks) that do not average: use 'frequent' or 'lowest_loss'")
+  return project(pre_params, pre.model, cluster, shares=_domain_shares(run))[0]
 
 
 def _train_iterator(run: Run, summary: dict):

@@ -26,17 +26,36 @@ def expert_code(params, model_cfg: ml_collections.ConfigDict, cluster: int) -> j
   return jax.nn.one_hot(cluster, model_cfg.k, dtype=params["blocks"]["mlp"]["T_in"].dtype)
 
 
-def project(params, model_cfg: ml_collections.ConfigDict, cluster: int):
-  """PN/mixture/independent-experts params + a cluster -> (dense small params, its config)."""
+def mixed_code(params, model_cfg: ml_collections.ConfigDict, shares) -> jax.Array:
+  """sum_i shares[i] * code_i: E's rows (PN) or one-hot rows (mixture) averaged by a domain's
+  cluster shares. W is linear in the code, so its projection is the experts' weights averaged by
+  the same shares (specialize.select='shares': a domain spread over clusters gets all of them)."""
+  shares = jnp.asarray(shares, jnp.float32)
+  if shares.shape != (model_cfg.k,) or not bool(jnp.all(shares >= 0)) or not jnp.sum(shares) > 0:
+    raise ValueError(f"cluster shares must be k={model_cfg.k} non-negative numbers, not all "
+                     f"zero; got shape {shares.shape}")
+  shares = shares / jnp.sum(shares)
+  if model_cfg.mlp_kind == "projected":
+    return shares.astype(params["E"].dtype) @ params["E"]
+  return shares.astype(params["blocks"]["mlp"]["T_in"].dtype)
+
+
+def project(params, model_cfg: ml_collections.ConfigDict, cluster: int, shares=None):
+  """PN/mixture/independent-experts params + a cluster (or, PN and mixture, cluster `shares`:
+  `mixed_code`) -> (dense small params, its config)."""
   if not routed(model_cfg):
     raise ValueError("project() needs a projected, mixture or independent-experts model; this "
                      "one is already dense")
   if model_cfg.get("independent_experts", False):
+    if shares is not None:
+      raise ValueError("independent experts are k separate networks (attention and embeddings "
+                       "too): their weights do not average into one model; pick one cluster")
     if not 0 <= cluster < model_cfg.k:
       raise ValueError(f"cluster {cluster} is out of range for a model with k={model_cfg.k}")
     return (jax.tree.map(lambda x: x[cluster], params["experts"]),
             small_model_config(model_cfg))
-  code = expert_code(params, model_cfg, cluster)
+  code = (expert_code(params, model_cfg, cluster) if shares is None
+          else mixed_code(params, model_cfg, shares))
   mlp = params["blocks"]["mlp"]
   T_in = mlp["T_in"]  # [L, D, F, h]; T_out [L, F, D, h], T_gate (llama) [L, D, F, h]
   if model_cfg.mlp_kind == "projected":
