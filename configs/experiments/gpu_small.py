@@ -269,7 +269,7 @@ LABELS = dict(
 LABELS_26 = dict(
     pn="PN", pn_s1="PN (seed 1)", pn_fit="PN at the SLM's time",
     pn_fit_s1="PN at the SLM's time (seed 1)", llm_fit="LLM at the SLM's time",
-    mix_shared_fit="SLM-mix (shared attention) at the SLM's time",
+    mix_shared_fit="DEMix (shared attention) at the SLM's time",
     pn_fit_k16="PN k=16 at the SLM's time", pn_fit_k16_s1="PN k=16 at the SLM's time (seed 1)",
     pn_fit_spread="PN code spread 0.5 at the SLM's time",
     pn_fit_spread_s1="PN code spread 0.5 at the SLM's time (seed 1)",
