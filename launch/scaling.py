@@ -11,7 +11,8 @@ CUDA_VISIBLE_DEVICES, or that many fake CPU devices), so its peak memory and com
 own: one device with a batch of `per_device_batch`, then N devices with N times that batch on
 each mesh of --meshes (`data`: mesh data=N; `fsdp`: mesh fsdp=N, parameters and optimizer state
 sharded). Weak scaling, as a user adding GPUs would run it. Prints every bench JSON line, then one
-line per mesh: {"scaling": ..., "efficiency": tokens/s on N / (N x tokens/s on 1)}.
+line per mesh: {"scaling": ..., "efficiency": tokens/s on N / (N x tokens/s on 1),
+"collective_bytes_n": {all-reduce: bytes per step and device, ...} of the N-device step}.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def scaling_line(one: dict, many: dict, devices: int, mesh: str) -> dict:
           "tokens_per_s_1": one["tokens_per_s"], "tokens_per_s_n": many["tokens_per_s"],
           "step_time_s_1": one["step_time_s"], "step_time_s_n": many["step_time_s"],
           "efficiency": many["tokens_per_s"] / (devices * one["tokens_per_s"]),
+          # what the N devices exchange per step and device (the compiled step's collectives)
+          "collective_bytes_n": many["collective_bytes"],
           "device_kind": many["device_kind"]}
 
 

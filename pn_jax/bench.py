@@ -4,7 +4,8 @@ Times the real training step (pn_jax.train: make_train_step, create_state, the o
 mesh and its shardings, buffer donation) on synthetic random-token batches, so no data pipeline
 is needed. Prints one JSON line per configuration: tokens/s, the median step time after warm-up,
 MFU (6N + attention FLOPs of the small model, pn_jax.train.flops), compile time, peak device
-memory, device kind and config name. `bench.sweep` adds configurations run in the same process.
+memory, the bytes each collective moves (pn_jax.parallel.collectives), device kind and config
+name. `bench.sweep` adds configurations run in the same process.
 
 `bench.project_finetune` times the path a specialised model trains on: initialise the PN (or
 mixture), project one expert with pn_jax.specialize.project, and train the resulting dense model.
@@ -27,6 +28,7 @@ from ml_collections import config_flags
 
 from pn_jax import cli
 from pn_jax.parallel import xla_flags
+from pn_jax.parallel.collectives import collective_bytes
 
 def apply_overrides(config, overrides: str):
   """'model.remat=dots,data.batch_size=16' -> a copy of `config` with those keys set."""
@@ -242,6 +244,8 @@ def _record(config, train_cfg, device, measured: dict) -> dict:
       "k": m.k, "h": m.h, "m": m.m,
       "batch": B, "seq_len": T,
       "attention_kernel": "cudnn" if "__cudnn$fmha" in measured["hlo_text"] else "xla",
+      # per device and step, from the compiled HLO (the gradient all-reduce of data parallelism)
+      "collective_bytes": collective_bytes(measured["hlo_text"]),
       "remat": m.remat, "logits_chunk": m.logits_chunk, "attention": m.attention,
       "scan_layers": m.scan_layers, "mixed_mlp": m.mixed_mlp,
       "cluster_batching": train_cfg.data.cluster_batching,

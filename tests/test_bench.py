@@ -24,8 +24,17 @@ def _tiny(name, arg="tiny"):
   return config
 
 
+def _data_parallel_grad_bytes(record, config):
+  """The all-reduce a data-parallel step needs: every fp32 gradient once; measured on CPU, the
+  tied embedding's twice (its lookup's and the logits' gradients are reduced apart), and a few
+  scalars."""
+  embedding = 4 * config.model.vocab_size * config.model.d_model
+  return 4 * record["params"], 4 * record["params"] + embedding + 4096
+
+
 def test_bench_one_dense_record():
-  record = bench.bench_one(_tiny("gpt2_dense"))
+  config = _tiny("gpt2_dense")
+  record = bench.bench_one(config)
   assert record["config"] == "gpt2_dense" and record["platform"] == "cpu"
   assert record["step_time_s"] > 0 and record["compile_s"] > 0
   assert record["tokens_per_s"] == pytest.approx(8 * 64 / record["step_time_s"])
@@ -33,6 +42,10 @@ def test_bench_one_dense_record():
   assert record["mfu"] is None  # no peak FLOP/s known for a CPU
   assert record["model_tflops_per_step"] > 0 and np.isfinite(record["loss"])
   assert record["params"] > 0 and record["attention_kernel"] == "xla"
+  assert record["mesh"] == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+  low, high = _data_parallel_grad_bytes(record, config)
+  assert low <= record["collective_bytes"]["all-reduce"] <= high
+  assert record["collective_bytes"]["all-gather"] == 0
 
 
 def test_bench_projected_finetune_is_the_dense_model():
@@ -131,6 +144,24 @@ def test_gpu_detection_without_jax_platforms(monkeypatch):
   assert xla_flags.gpu_expected() is False
 
 
+def test_collective_bytes_read_from_hlo_text():
+  """Results of every collective (tuples from XLA's combiners: every element; an async
+  all-gather's start: its result only; the done: nothing)."""
+  from pn_jax.parallel.collectives import collective_bytes
+  hlo = "\n".join([
+      "  %all-reduce.1 = f32[32,768]{1,0} all-reduce(f32[32,768]{1,0} %a), channel_id=1",
+      "  %ar.2 = (bf16[8]{0}, f32[4,4]{1,0}) all-reduce(bf16[8]{0} %b, f32[4,4]{1,0} %c)",
+      "  %ars = f32[16]{0} all-reduce-start(f32[16]{0} %d), channel_id=3",
+      "  %ard = f32[16]{0} all-reduce-done(f32[16]{0} %ars)",
+      "  %ags = (f32[8]{0}, f32[16]{0}) all-gather-start(f32[8]{0} %e), dimensions={0}",
+      "  %rs = f32[2,3]{1,0} reduce-scatter(f32[4,3]{1,0} %f), dimensions={0}",
+      "  %add = f32[32,768]{1,0} add(f32[32,768]{1,0} %x, f32[32,768]{1,0} %y)"])
+  got = collective_bytes(hlo)
+  assert got["all-reduce"] == 32 * 768 * 4 + 8 * 2 + 16 * 4 + 16 * 4
+  assert got["all-gather"] == 16 * 4 and got["reduce-scatter"] == 6 * 4
+  assert got["all-to-all"] == got["collective-permute"] == 0
+
+
 def test_profile_summary_classes_kernels(tmp_path):
   """A hand-made trace: 2 steps of a GEMM, a cuDNN attention kernel and an optimizer fusion."""
   hlo = ('%loop_add_fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, '
@@ -183,3 +214,12 @@ def test_scaling_runs_one_and_n_devices_per_mesh(capsys, monkeypatch):
   assert [s["mesh"] for s in summary] == ["data=2", "fsdp=2"]
   for many, s in zip((data, fsdp), summary):
     assert s["efficiency"] == pytest.approx(many["tokens_per_s"] / (2 * one["tokens_per_s"]))
+    assert s["collective_bytes_n"] == many["collective_bytes"]
+  # Data parallel all-reduces every fp32 gradient; fsdp all-gathers the sharded parameters too
+  # (on CPU its gradients are all-reduced, not reduce-scattered); one device exchanges nothing.
+  low, high = _data_parallel_grad_bytes(data, load_config("bench/gpt2_dense", "tiny"))
+  assert low <= data["collective_bytes"]["all-reduce"] <= high
+  assert data["collective_bytes"]["all-gather"] == 0
+  assert fsdp["collective_bytes"]["all-gather"] >= 4 * data["params"] // 2
+  assert fsdp["collective_bytes"]["all-reduce"] <= data["collective_bytes"]["all-reduce"]
+  assert set(one["collective_bytes"].values()) == {0}
