@@ -25,9 +25,8 @@ def _tiny(name, arg="tiny"):
 
 
 def _data_parallel_grad_bytes(record, config):
-  """The all-reduce a data-parallel step needs: every fp32 gradient once; measured on CPU, the
-  tied embedding's twice (its lookup's and the logits' gradients are reduced apart), and a few
-  scalars."""
+  """The all-reduce a data-parallel step needs: every fp32 gradient once, and a few scalars;
+  measured on CPU, one more embedding-sized gradient (the tied embedding's, reduced twice)."""
   embedding = 4 * config.model.vocab_size * config.model.d_model
   return 4 * record["params"], 4 * record["params"] + embedding + 4096
 
