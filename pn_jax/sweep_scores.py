@@ -13,6 +13,7 @@ the `time_of` point's device time.
 from __future__ import annotations
 
 import math
+import os
 
 from pn_jax import experiment_figures as figures
 from pn_jax import experiment_report as report
@@ -182,5 +183,5 @@ def plot(rows: list[dict], points, path: str, x: str) -> bool:
 def write(rows: list[dict], points, root: str, x: str) -> list[str]:
   """results.csv, results.md (+ results.png) under root; -> the paths written."""
   paths = sweep_results.write_tables(rows, root, markdown(rows))
-  png = f"{root}/results.png"
+  png = os.path.join(root, "results.png")
   return paths + [png] if plot(rows, points, png, x) else paths

@@ -42,6 +42,7 @@ class BasisAdamState(NamedTuple):
 
 
 def is_basis(path) -> bool:
+  """A pytree path to one of the PN's (or mixture's) basis tensors T."""
   return getattr(path[-1], "key", None) in BASIS
 
 

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import optax
 
-from pn_jax.train.basis_moments import BASIS, scale_by_adam_basis
+from pn_jax.train.basis_moments import is_basis, scale_by_adam_basis
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -49,7 +49,7 @@ def scale_basis_updates(scale: float) -> optax.GradientTransformation:
   def scale_tree(updates, params=None):
     del params
     return jax.tree_util.tree_map_with_path(
-        lambda path, u: u * scale if getattr(path[-1], "key", None) in BASIS else u, updates)
+        lambda path, u: u * scale if is_basis(path) else u, updates)
   return optax.stateless(scale_tree)
 
 
