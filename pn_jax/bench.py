@@ -248,6 +248,7 @@ def _record(config, train_cfg, device, measured: dict) -> dict:
       "collective_bytes": collective_bytes(measured["hlo_text"]),
       "remat": m.remat, "logits_chunk": m.logits_chunk, "attention": m.attention,
       "scan_layers": m.scan_layers, "mixed_mlp": m.mixed_mlp,
+      "basis_dtype": m.basis_dtype, "basis_moments": train_cfg.optim.basis_moments,
       "cluster_batching": train_cfg.data.cluster_batching,
       "params": measured["params"],
       "step_time_s": step_s,

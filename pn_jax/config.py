@@ -32,6 +32,7 @@ REMAT_POLICIES = {
 CODE_INITS = ("random", "shared")  # pn_jax/model/transformer.py::CODE_INITS
 NAN_POLICIES = ("stop", "skip")
 BASIS_MOMENTS = ("float32", "bfloat16", "factored")  # pn_jax/train/basis_moments.py
+BASIS_DTYPES = ("float32", "bfloat16")  # model.basis_dtype: how T is stored
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -90,6 +91,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.dtype = "bfloat16"  # compute dtype
   m.param_dtype = "float32"
+  # PN (and mixture) only: the dtype the basis tensors T are stored in. "bfloat16" halves the
+  # bytes every step reads and writes for T (forming, its gradient, the optimizer); its updates
+  # are stochastically rounded (pn_jax/train/basis_moments.py::apply_updates).
+  m.basis_dtype = "float32"
   # False unrolls the layer scan (same stacked params): ~30% faster steps on an H100 for 12
   # layers (docs/benchmarks.md) at a longer compile; True keeps one compiled block (deep models).
   m.scan_layers = False
@@ -316,6 +321,11 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   if m.dtype not in ("bfloat16", "float32", "float16") or m.param_dtype not in (
       "bfloat16", "float32"):
     _fail("model.dtype", f"unsupported dtypes dtype={m.dtype!r} param_dtype={m.param_dtype!r}")
+  if m.get("basis_dtype", "float32") not in BASIS_DTYPES:  # .get: saved before the key
+    _fail("model.basis_dtype", f"unknown {m.basis_dtype!r}; choose one of {BASIS_DTYPES}")
+  if m.get("basis_dtype", "float32") != "float32" and m.mlp_kind == "dense":
+    _fail("model.basis_dtype", f"stores a PN's (or mixture's) basis tensors T; this model is "
+          f"mlp_kind='dense' and has none (leave it at 'float32')")
   if d.seq_len > m.max_len:
     _fail("data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
   if m.logits_chunk < 0 or (m.logits_chunk and d.seq_len % m.logits_chunk):
@@ -490,6 +500,7 @@ def small_model_config(model: ml_collections.ConfigDict) -> ml_collections.Confi
   small.mlp_kind = "dense"
   small.k, small.h, small.m = 1, 1, 1
   small.independent_experts = False
+  small.basis_dtype = "float32"  # no basis: its formed weights are stored in param_dtype
   return small
 
 

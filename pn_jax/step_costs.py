@@ -26,16 +26,18 @@ _FREE_MODEL = ("code_init", "code_spread")  # the codes' initial values
 
 # Keys added after measurements were saved, at the value those runs had: left out of the digest
 # there, so the saved measurements keep their keys.
-_LATER = {"basis_moments": "float32"}
+_LATER = {"optim": {"basis_moments": "float32"}, "model": {"basis_dtype": "float32"}}
 
 
 def cost_key(c) -> str:
   """A short digest of what one training step's cost depends on: the model, the batch's shape
   and cluster batching, the optimizer (less its scalar hyperparameters) and the mesh."""
-  free = lambda d, keys: {k: v for k, v in d.items() if k not in keys}
-  optim = {k: v for k, v in free(c.optim.to_dict(), _FREE_OPTIM).items()
-           if _LATER.get(k, object()) != v}
-  parts = {"model": free(c.model.to_dict(), _FREE_MODEL),
+  def free(section, keys):
+    later = _LATER.get(section, {})
+    return {k: v for k, v in c[section].to_dict().items()
+            if k not in keys and later.get(k, object()) != v}
+  optim = free("optim", _FREE_OPTIM)
+  parts = {"model": free("model", _FREE_MODEL),
            "data": {k: c.data[k] for k in ("batch_size", "seq_len", "cluster_batching")},
            "optim": optim, "mesh": c.mesh.to_dict()}
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -204,8 +204,8 @@ def test_shape_changing_key_is_refused_naming_it_even_when_allowed(trained, tmp_
   message = str(e.value)
   assert "\n" not in message
   assert message.startswith("checkpoint step 2 (params) does not match this config's model: "
-                            "model.h: 8 -> 4 changes the shapes of the parameters or optimizer "
-                            "state ("), \
+                            "model.h: 8 -> 4 changes the shapes or dtypes of the parameters or "
+                            "optimizer state ("), \
       message
   assert "['T_in']: checkpoint (2, 64, 256, 8), this config (2, 64, 256, 4)" in message
   assert message.endswith("(--allow_config_change does not apply): revert model.h or use a "

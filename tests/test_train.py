@@ -17,6 +17,7 @@ from pn_jax.modes.pretrain import pretrain
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.run import Run
 from pn_jax.train import loop
+from pn_jax.train.basis_moments import is_basis
 from pn_jax.train.checkpoint import CheckpointError, Checkpointer
 from pn_jax.train.optimizer import make_optimizer
 from pn_jax.train.state import create_state, state_shardings
@@ -55,18 +56,21 @@ def test_loss_decreases(prepared, tmp_path):
 
 
 def _config(kind):
-  """'pn', 'mix', 'slm', or 'pn/<optim.basis_moments>'."""
-  kind, _, moments = kind.partition("/")
+  """'pn', 'mix', 'slm', 'pn/<optim.basis_moments>' or 'pn/<moments>/<model.basis_dtype>'."""
+  kind, moments, basis_dtype = (kind.split("/") + ["", ""])[:3]
   config = load_config(kind)
   if moments:
     config.optim.basis_moments = moments
+  if basis_dtype:
+    config.model.basis_dtype = basis_dtype
   return config
 
 
-@pytest.mark.parametrize("kind", ["pn", "mix", "pn/factored"])
+@pytest.mark.parametrize("kind", ["pn", "mix", "pn/factored", "pn/bfloat16/bfloat16"])
 def test_resume_is_exact(prepared, tmp_path, kind):
   """2N steps straight == N steps, exit, restart, N more: identical params and losses (the
-  basis's factored, stochastically rounded Adam moments included)."""
+  basis's factored, stochastically rounded Adam moments included, and a bfloat16 basis with
+  stochastically rounded updates)."""
   n = 6
   settings = dict(steps=2 * n, log_every=1, eval_every=100, checkpoint_every=100)
   straight = copy_workdir(prepared, tmp_path, "straight")
@@ -102,7 +106,7 @@ def _one_step(config, devices, batch, rng=0):
     return jax.device_get(metrics), jax.device_get(new_state.params), jax.device_get(logits)
 
 
-@pytest.mark.parametrize("kind", ["pn", "mix", "slm", "pn/factored"])
+@pytest.mark.parametrize("kind", ["pn", "mix", "slm", "pn/factored", "pn/float32/bfloat16"])
 def test_sharded_equals_unsharded(kind):
   """One step on 1 device == on a 2x2x2 mesh (the factored moments' state too: its averaged
   axes are left unsharded)."""
@@ -124,8 +128,18 @@ def test_sharded_equals_unsharded(kind):
   m8, p8, l8 = _one_step(config, jax.devices()[:8], batch)
   np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
-  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), p8, p1)
+  bf16_basis = config.model.basis_dtype == "bfloat16"
+  # A bfloat16 basis's gradient is rounded to bfloat16 once per shard before the shards' sum:
+  # it agrees to that rounding, and Adam's first step (~lr * sign(g)) can flip on entries near 0.
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-3 if bf16_basis else 1e-5)
+
+  def close(path, a, b):
+    if bf16_basis and is_basis(path):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.max(np.abs(a - b)) <= 2 * config.optim.lr and np.mean(a == b) > 0.9, path
+    else:
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  jax.tree_util.tree_map_with_path(close, p8, p1)
 
 
 def test_params_are_really_sharded():

@@ -101,6 +101,26 @@ case "${1:-main}" in
     bench pn_mixed_grouped --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
       --config.model.mixed_mlp=grouped --config.bench.steps=5 --config.bench.warmup=1
     ;;
+  speed27)  # issue 27's table, one call: peer, dense, PN one-cluster / mixed at h=24 and h=8, with
+    # T's bytes cut (model.basis_dtype=bfloat16, optim.basis_moments), profiles before / after,
+    # and the gpu_small miniature's step costs (needs the carried wheels on PYTHONPATH)
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+    B="model.basis_dtype='bfloat16',optim.basis_moments='factored'"
+    echo "### torch_peer" | tee -a "$OUT/log.txt"
+    timeout 200 python3 configs/bench/torch_peer.py --config=configs/bench/gpt2_dense.py \
+      2>>"$OUT/log.txt" | tee -a "$log"
+    bench dense --config=configs/bench/gpt2_dense.py
+    bench pn_one --config=configs/bench/gpt2_pn.py \
+      --config.bench.sweep="model.h=8,model.m=4;$B;model.h=8,model.m=4,$B"
+    profile pn_mixed --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
+      --config.bench.sweep="optim.basis_moments='bfloat16';optim.basis_moments='factored';model.basis_dtype='bfloat16';model.basis_dtype='bfloat16',optim.basis_moments='bfloat16';model.h=8,model.m=4;model.h=8,model.m=4,$B"
+    profile pn_mixed_bytes --config=configs/bench/gpt2_pn.py --config.data.cluster_batching=mixed \
+      --config.model.basis_dtype=bfloat16 --config.optim.basis_moments=factored
+    echo "### miniature step costs" | tee -a "$OUT/log.txt"
+    timeout 240 python3 launch/step_costs.py configs/experiments/gpu_small.py:recipe_h \
+      configs/experiments/gpu_small.py:basis_bytes --out="$OUT/step_costs_miniature.json" \
+      2>>"$OUT/log.txt" | tee -a "$OUT/log.txt"
+    ;;
   scaling)  # two GPUs (device kind nvidia-h200-x2): 1 vs 2 GPUs, meshes data=2 and fsdp=2
     export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off (the device notes require it)
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv

@@ -55,6 +55,10 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
                (not run yet) the SLM and PN at 9e-3 fine-tuned on 32k, 262k and 1M domain tokens
                (32k and 262k: the paper's fine-tuning tokens per parameter at 1M and 8M), and PN
                specialized from its experts averaged by the domain's cluster shares; seed 0 / 1.
+Issue 27's part (the step's bytes):
+  basis_bytes  the adopted PN (lr 9e-3) at the SLM's time with its basis T stored in bfloat16
+               and T's Adam second moment factored (model.basis_dtype, optim.basis_moments):
+               its cheaper step buys more steps; seeds 0 and 1, 1M (vs recipe_h's pn_fit_lr9).
 """
 
 import pathlib
@@ -97,6 +101,9 @@ SLM_TUNED = SLM + LR9
 PN_LR3 = PN + LR3
 PN_ADOPTED = PN + LR9
 BALANCED = ",data.cluster_balance=True"
+# T in bfloat16, its second moment factored and first moment bfloat16: a quarter of float32
+# AdamW's moment bytes and half of T's own (pn_jax/train/basis_moments.py).
+BASIS_BYTES = ",model.basis_dtype=bfloat16,optim.basis_moments=factored"
 FT_HALF_LR = "optim.lr=0.000333333"  # half the paper's rule at 1M (2e-3 / 3)
 
 LOWEST_LOSS = "specialize.select=lowest_loss"
@@ -243,6 +250,10 @@ PARTS = {
         pn_fit_lr9_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT),
         pn_fit_lr9_shares_s1=("configs/pn.py", PN_ADOPTED + S1 + FIT, SHARES),
     ),
+    "basis_bytes": dict(
+        pn_fit_lr9_bytes=("configs/pn.py", PN_ADOPTED + BASIS_BYTES + FIT),
+        pn_fit_lr9_bytes_s1=("configs/pn.py", PN_ADOPTED + BASIS_BYTES + S1 + FIT),
+    ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
         pn_shared_s1=("configs/pn.py", pn(code_init="shared", extra=",seed=1")),
@@ -254,7 +265,7 @@ PARTS = {
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
 ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
            "adopted", "adopted_s1", "adopted_tokens", "recipe_c", "recipe_d", "recipe_e", "recipe_f",
-           "recipe_g", "recipe_h", "paper_ratio", "paper_ratio_s1")
+           "recipe_g", "recipe_h", "paper_ratio", "paper_ratio_s1", "basis_bytes")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -289,6 +300,8 @@ LABELS_26 = dict(
     pn_fit_lr9_s1="PN lr 9e-3 at the SLM's time (seed 1)",
     pn_fit_lr9_shares="PN lr 9e-3 at the SLM's time, experts by cluster shares",
     pn_fit_lr9_shares_s1="PN lr 9e-3 at the SLM's time, experts by cluster shares (seed 1)",
+    pn_fit_lr9_bytes="PN lr 9e-3 at the SLM's time, T in bf16 + factored moments",
+    pn_fit_lr9_bytes_s1="PN lr 9e-3 at the SLM's time, T in bf16 + factored moments (seed 1)",
     pn_lr45="PN lr 4.5e-3",
     pn_lr45_s1="PN lr 4.5e-3 (seed 1)",
     llm_s1="LLM (seed 1)", pn256="PN d256", pn256_s1="PN d256 (seed 1)",
@@ -304,6 +317,7 @@ SEED_GROUPS_26 = dict(
     slm_lr6=("slm_lr6", "slm_lr6_s1"), slm_lr9=("slm_lr9", "slm_lr9_s1"),
     pn_fit_lr9=("pn_fit_lr9", "pn_fit_lr9_s1"),
     pn_fit_lr9_shares=("pn_fit_lr9_shares", "pn_fit_lr9_shares_s1"),
+    pn_fit_lr9_bytes=("pn_fit_lr9_bytes", "pn_fit_lr9_bytes_s1"),
     pn_lr45=("pn_lr45", "pn_lr45_s1"))
 HYPOTHESES_26 = dict(
     pn=("none: today's defaults (k=32, h=24, m=16, shared codes, mixed batches), equal tokens",
@@ -347,6 +361,10 @@ HYPOTHESES_26 = dict(
     pn_fit_lr9_shares=("every expert averaged by the domain's cluster shares (one most frequent)",
                        ("pn_fit_lr9", "slm_lr9")),
     pn_fit_lr9_shares_s1=("cluster-share experts, seed 1", ("pn_fit_lr9_s1", "slm_lr9_s1")),
+    # Issue 27: fewer bytes per step, so more steps in the SLM's time (and bfloat16 rounding).
+    pn_fit_lr9_bytes=("T in bfloat16, factored second moment (a cheaper step: more steps)",
+                      ("pn_fit_lr9", "slm_lr9")),
+    pn_fit_lr9_bytes_s1=("T in bf16 + factored moments, seed 1", ("pn_fit_lr9_s1", "slm_lr9_s1")),
     pn_fit_lr45=("pretraining lr 4.5e-3 (the adopted: 3e-3)", ("pn_fit_lr", "slm_lr", "slm_lr45")),
     pn_fit_lr45_s1=("lr 4.5e-3, seed 1", ("pn_fit_lr_s1", "slm_lr_s1", "slm_lr45_s1")),
     pn256=("d_model 256 (MLP 1024), equal tokens, vs the d256 SLM", "llm"),
@@ -421,7 +439,7 @@ def get_config(arg=None):
                         "mix_shared_fit")
     c.distill = part == "baselines"
     c.equal_time_reference = "slm" if part == "defaults" else ""
-    if part.startswith("recipe") or part == "scale":
+    if part.startswith("recipe") or part in ("scale", "basis_bytes"):
       c.budgets = (1_000_000,)
     if part.startswith("paper_ratio"):
       c.budgets = (32_768, 262_144, 1_000_000)

@@ -115,6 +115,7 @@ class MLP(nn.Module):
   gated: bool = False  # arch "llama": (act(x @ w_gate) * (x @ w_in)) @ w_out
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
+  basis_dtype: jnp.dtype | None = None  # T's dtype (model.basis_dtype); None: param_dtype
 
   @nn.compact
   def __call__(self, x_BTD: Array, code: Array | None, group_sizes: Array | None = None
@@ -143,23 +144,25 @@ class MLP(nn.Module):
   def _formed_weights(self, code: Array) -> dict[str, Array]:
     """Mixture / projected: each matrix W = pn_weight(code, M, T) -> {w_in, w_out[, w_gate]}."""
     D, F, pd = self.d_model, self.mlp_dim, self.param_dtype
+    td = self.basis_dtype or pd
     # T's basis axis is the last one and stays unsharded (rule `basis`): forming W needs no
     # communication and W comes out with a dense weight's sharding.
     T_in = logical_param(self, "T_in", dense_init(D), (D, F, self.h),
-                         ("embed", "mlp", "basis"), pd)
+                         ("embed", "mlp", "basis"), td)
     T_out = logical_param(self, "T_out", dense_init(F), (F, D, self.h),
-                          ("mlp", "embed", "basis"), pd)
+                          ("mlp", "embed", "basis"), td)
     T = {"w_in": T_in, "w_out": T_out}
     if self.gated:
       T["w_gate"] = logical_param(self, "T_gate", dense_init(D), (D, F, self.h),
-                                  ("embed", "mlp", "basis"), pd)
+                                  ("embed", "mlp", "basis"), td)
     if self.kind == "projected":
       # Orthonormal rows: with unit-norm codes, |code @ M| = 1, so Var(W) = Var(T) = dense.
       M = logical_param(self, "M", nn.initializers.orthogonal(), (self.m, self.h),
                         ("code", "basis"), pd)
     else:  # mixture: PN with h = k, a one-hot code and M = I
       M = jnp.eye(self.h, dtype=pd)
-    # Formed in the param dtype straight from T (one read of T, no compute-dtype copy of it;
-    # its gradient is one fused outer product), then rounded once, as project() does.
-    code = code.astype(pd)
+    # Formed in T's dtype straight from T (one read of T, no copy of it in another dtype; its
+    # gradient is one fused outer product in T's dtype), then rounded once, as project() does.
+    # A bfloat16 T takes the code and M rounded to bfloat16 (the GEMM accumulates in float32).
+    code, M = code.astype(td), M.astype(td)
     return {name: pn_weight(code, M, T_abh) for name, T_abh in T.items()}  # [B|1|G, a, b]

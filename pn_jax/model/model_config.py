@@ -23,6 +23,7 @@ OLD_RUN_DEFAULTS = {
     "independent_experts": False,  # SLM-mix did not exist
     "arch": "gpt",  # the non-gated MLP was the only one
     "mixed_mlp": "per_sequence",  # mixed batches used a weight per sequence
+    "basis_dtype": "float32",  # T was stored in param_dtype
 }
 
 
@@ -50,6 +51,7 @@ class ModelConfig:
   norm_eps: float  # RMSNorm epsilon
   dtype: str  # compute dtype
   param_dtype: str  # parameter dtype
+  basis_dtype: str  # "bfloat16": the basis tensors T in bfloat16; "float32": in param_dtype
   scan_layers: bool  # True: one compiled block scanned over layers; False: unrolled
   remat: str  # pn_jax.config.REMAT_POLICIES
   attention: str  # auto (cudnn on GPU) | xla | cudnn

@@ -116,6 +116,11 @@ class Attention(nn.Module):
                                         mask=mask_TS[None, None], implementation="xla")
 
 
+def basis_dtype(c: ModelConfig) -> jnp.dtype:
+  """The basis tensors T's dtype: bfloat16 when model.basis_dtype says so, else param_dtype."""
+  return jnp.dtype(jnp.bfloat16 if c.basis_dtype == "bfloat16" else c.param_dtype)
+
+
 class Block(nn.Module):
   """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x), code). Scanned over layers."""
 
@@ -132,7 +137,8 @@ class Block(nn.Module):
     x_BTD = x_BTD + checkpoint_name(attn_out, "attn_out")
     mlp = MLP(kind=c.mlp_kind, d_model=c.d_model, mlp_dim=c.mlp_dim,
               h=c.k if c.mlp_kind == "mixture" else c.h, m=c.m, activation=c.activation,
-              gated=c.arch == "llama", dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+              gated=c.arch == "llama", dtype=self.dtype, param_dtype=self.param_dtype,
+              basis_dtype=basis_dtype(c), name="mlp")
     mlp_out = mlp(norm(name="mlp_norm")(x_BTD), code, group_sizes)
     x_BTD = x_BTD + checkpoint_name(mlp_out, "mlp_out")
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))

@@ -23,7 +23,7 @@ def expert_code(params, model_cfg: ml_collections.ConfigDict, cluster: int) -> j
     raise ValueError(f"cluster {cluster} is out of range for a model with k={model_cfg.k}")
   if model_cfg.mlp_kind == "projected":
     return params["E"][cluster]
-  return jax.nn.one_hot(cluster, model_cfg.k, dtype=params["blocks"]["mlp"]["T_in"].dtype)
+  return jax.nn.one_hot(cluster, model_cfg.k, dtype=_formed_dtype(params))
 
 
 def mixed_code(params, model_cfg: ml_collections.ConfigDict, shares) -> jax.Array:
@@ -37,7 +37,13 @@ def mixed_code(params, model_cfg: ml_collections.ConfigDict, shares) -> jax.Arra
   shares = shares / jnp.sum(shares)
   if model_cfg.mlp_kind == "projected":
     return shares.astype(params["E"].dtype) @ params["E"]
-  return shares.astype(params["blocks"]["mlp"]["T_in"].dtype)
+  return shares.astype(_formed_dtype(params))
+
+
+def _formed_dtype(params):
+  """The dense weights' dtype: T's, at least float32 (a bfloat16 basis, model.basis_dtype,
+  forms float32 weights: the small model's params are float32)."""
+  return jnp.promote_types(params["blocks"]["mlp"]["T_in"].dtype, jnp.float32)
 
 
 def project(params, model_cfg: ml_collections.ConfigDict, cluster: int, shares=None):
@@ -61,11 +67,11 @@ def project(params, model_cfg: ml_collections.ConfigDict, cluster: int, shares=N
   if model_cfg.mlp_kind == "projected":
     M = mlp["M"]  # [L, m, h]
   else:
-    eye = jnp.eye(model_cfg.k, dtype=T_in.dtype)
+    eye = jnp.eye(model_cfg.k, dtype=_formed_dtype(params))
     M = jnp.broadcast_to(eye, (T_in.shape[0],) + eye.shape)
   per_layer = jax.vmap(pn_weight, in_axes=(None, 0, 0))
   # Every basis tensor T_x becomes the dense w_x: w_in, w_out, and w_gate for a llama model.
-  dense_mlp = {"w" + name[1:]: per_layer(code, M, mlp[name])
+  dense_mlp = {"w" + name[1:]: per_layer(code, M, mlp[name].astype(_formed_dtype(params)))
                for name in ("T_in", "T_out", "T_gate") if name in mlp}
   dense = {name: value for name, value in params.items() if name != "E"}
   dense["blocks"] = {**params["blocks"], "mlp": dense_mlp}

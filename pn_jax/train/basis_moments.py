@@ -15,6 +15,12 @@ float32 Adam; the update is the same `mu_hat / (sqrt(nu_hat) + eps)` of optax.sc
             and [.., 1, F, h]) and its first moment in bfloat16 as above: a quarter of float32
             Adam's moment bytes.
 
+With `model.basis_dtype=bfloat16` T itself is stored in bfloat16 (no float32 master copy), which
+halves what forming, T's gradient and this pass read and write; `apply_updates` then adds each
+update in float32 and rounds stochastically, so updates far below bfloat16's resolution (lr 1e-4
+against weights ~0.02) still move T in expectation (Zamirai et al. 2020, "Revisiting BFloat16
+Training"). Any moments option works with it: their dtypes do not follow the parameter's.
+
 Rounding noise is a hash of each element's index, the step count and the leaf (no PRNG key in
 the state, no extra pass over T): the same run rounds the same way, and a resumed run too.
 """
@@ -96,13 +102,18 @@ def scale_by_adam_basis(b1: float, b2: float, eps: float, moments: str
   factored = moments == "factored"
 
   def init(params):
+    def dtype(path, p):  # a basis leaf's moments: as `moments` says, whatever T's own dtype
+      if not is_basis(path):
+        return _dtype(p)
+      return jnp.float32 if moments == "float32" else jnp.bfloat16
+
     def mu(path, p):
-      return _zeros(p, jnp.bfloat16 if is_basis(path) and moments != "float32" else _dtype(p))
+      return _zeros(p, dtype(path, p))
 
     def nu(path, p):
       if is_basis(path) and factored:
         return (_zeros(p, jnp.float32, _ROW), _zeros(p, jnp.float32, _COL))
-      return _zeros(p, jnp.bfloat16 if is_basis(path) and moments != "float32" else _dtype(p))
+      return _zeros(p, dtype(path, p))
 
     with_path = lambda f: jax.tree_util.tree_map_with_path(f, params, is_leaf=_is_box)
     return BasisAdamState(jnp.zeros((), jnp.int32), with_path(mu), with_path(nu))
@@ -143,3 +154,21 @@ def scale_by_adam_basis(b1: float, b2: float, eps: float, moments: str
 
 def _dtype(p):
   return (p.unbox(apply_constraint=False) if _is_box(p) else p).dtype
+
+
+def apply_updates(params, updates, step: jax.Array):
+  """optax.apply_updates, except that a bfloat16 basis leaf (model.basis_dtype) gets p + u in
+  float32, stochastically rounded: rounding to nearest would drop every update smaller than half
+  a bfloat16 step of the weight, i.e. most of them late in training.
+
+  `step` (the update's int32 count) salts the noise: each step and leaf draws afresh, the same
+  run the same way. The salts are negative, apart from the moments' (which count up from 0)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for leaf, ((path, p), u) in enumerate(zip(paths, treedef.flatten_up_to(updates))):
+    if is_basis(path) and p.dtype == jnp.bfloat16:
+      salt = -(step.astype(jnp.int32) * np.int32(len(paths)) + np.int32(leaf)) - 1
+      out.append(stochastic_round_bf16(p.astype(jnp.float32) + u.astype(jnp.float32), salt))
+    else:
+      out.append(jnp.asarray(p + u).astype(p.dtype))  # optax.apply_updates
+  return jax.tree_util.tree_unflatten(treedef, out)

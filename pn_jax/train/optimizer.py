@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -53,6 +54,26 @@ def scale_basis_updates(scale: float) -> optax.GradientTransformation:
   return optax.stateless(scale_tree)
 
 
+def global_norm(tree) -> jax.Array:
+  """optax.tree.norm with every square summed in float32: a bfloat16 gradient (the basis T with
+  model.basis_dtype=bfloat16) would otherwise sum its ~1e9 squares in bfloat16. For float32
+  leaves it is optax's computation, value for value."""
+  sums = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), tree)
+  return jnp.sqrt(jax.tree.reduce(lambda a, b: a + b, sums, initializer=0))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm on `global_norm` (float32 sums): t unchanged below max_norm,
+  else t / norm * max_norm, in t's dtype. Stateless, like optax's: saved states are unchanged."""
+  def clip(updates, params=None):
+    del params
+    norm = global_norm(updates)
+    keep = norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+  return optax.stateless(clip)
+
+
 def per_expert(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """`tx` applied independently to each slice of every leaf's leading (expert) axis.
 
@@ -78,7 +99,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = 
     adamw = [scale_by_adam_basis(o.b1, o.b2, o.eps, o.basis_moments),
              optax.add_decayed_weights(o.weight_decay, mask),
              optax.scale_by_learning_rate(schedule)]
-  parts = [optax.clip_by_global_norm(o.clip_norm), *adamw]
+  parts = [clip_by_global_norm(o.clip_norm), *adamw]
   if o.basis_lr_scale != 1.0:  # only then: existing runs' optimizer state keeps its structure
     parts.append(scale_basis_updates(o.basis_lr_scale))
   tx = optax.chain(*parts)

@@ -95,8 +95,9 @@ def is_run_control(key: str) -> bool:
   return any(key == k or key.startswith(k + ".") for k in RUN_CONTROL_KEYS)
 
 
-def state_shapes(config: dict) -> dict[str, tuple]:
-  """{path: shape} of the train state (params and optimizer state) a config describes, traced
+def state_shapes(config: dict) -> dict[str, tuple | str]:
+  """{path: shape, or "dtype shape" for a leaf that is not float32 (model.basis_dtype changes
+  only dtypes)} of the train state (params and optimizer state) a config describes, traced
   abstractly as pn_jax.train.state builds it (no arrays are allocated). Keys a checkpoint saved
   before they existed take pn-jax's default (what the run trained with, `added_since`)."""
   filled = {**flatten(as_json(base_config())), **flatten(config)}
@@ -115,8 +116,11 @@ def state_shapes(config: dict) -> dict[str, tuple]:
   # changes the tree the checkpoint must be restored into.
   empty = lambda x: isinstance(x, tuple) and not x
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]
-  return {jax.tree_util.keystr(path): "empty" if empty(leaf) else tuple(leaf.shape)
-          for path, leaf in flat}
+  def signature(leaf):
+    if empty(leaf):
+      return "empty"
+    return tuple(leaf.shape) if leaf.dtype == "float32" else f"{leaf.dtype} {tuple(leaf.shape)}"
+  return {jax.tree_util.keystr(path): signature(leaf) for path, leaf in flat}
 
 
 _PARAMS = "['params']"
@@ -192,7 +196,7 @@ def check_resume(ckpt: Checkpointer, step: int, config: ml_collections.ConfigDic
     raise CheckpointError(
         f"checkpoint step {step} ({item}) does not match this config's {what}: "
         f"{_listing(diff, culprits)} {'changes' if len(culprits) == 1 else 'change'} the shapes "
-        f"of the parameters or optimizer state ({'; '.join(leaves[:3])}"
+        f"or dtypes of the parameters or optimizer state ({'; '.join(leaves[:3])}"
         f"{'; ...' if len(leaves) > 3 else ''}); a checkpoint resumes only into the state it was "
         "saved from (--allow_config_change does not apply): revert "
         f"{', '.join(culprits)} or use a fresh --workdir")

@@ -10,9 +10,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from pn_jax.train.basis_moments import apply_updates
 from pn_jax.train.loss import cross_entropy
+from pn_jax.train.optimizer import global_norm
 from pn_jax.train.state import TrainState
 
 
@@ -82,8 +83,8 @@ def make_train_step(model, tx, schedule, *, one_cluster: bool, logits_chunk: int
       loss = total / jnp.maximum(count, 1.0)  # report the token-weighted mean, as other models
     with jax.named_scope("optimizer"):  # names the update's kernels in profiles (pn_jax.bench)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
+      params = apply_updates(state.params, updates, state.step)
+    grad_norm = global_norm(grads)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
