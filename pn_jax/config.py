@@ -321,9 +321,10 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   if m.dtype not in ("bfloat16", "float32", "float16") or m.param_dtype not in (
       "bfloat16", "float32"):
     _fail("model.dtype", f"unsupported dtypes dtype={m.dtype!r} param_dtype={m.param_dtype!r}")
-  if m.get("basis_dtype", "float32") not in BASIS_DTYPES:  # .get: saved before the key
-    _fail("model.basis_dtype", f"unknown {m.basis_dtype!r}; choose one of {BASIS_DTYPES}")
-  if m.get("basis_dtype", "float32") != "float32" and m.mlp_kind == "dense":
+  basis_dtype = m.get("basis_dtype", "float32")  # .get: saved before the key
+  if basis_dtype not in BASIS_DTYPES:
+    _fail("model.basis_dtype", f"unknown {basis_dtype!r}; choose one of {BASIS_DTYPES}")
+  if basis_dtype != "float32" and m.mlp_kind == "dense":
     _fail("model.basis_dtype", f"stores a PN's (or mixture's) basis tensors T; this model is "
           f"mlp_kind='dense' and has none (leave it at 'float32')")
   if d.seq_len > m.max_len:
