@@ -58,7 +58,8 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
 Issue 27's part (the step's bytes):
   basis_bytes  the adopted PN (lr 9e-3) at the SLM's time with its basis T stored in bfloat16
                and T's Adam second moment factored (model.basis_dtype, optim.basis_moments):
-               its cheaper step buys more steps; seeds 0 and 1, 1M (vs recipe_h's pn_fit_lr9).
+               its cheaper step buys more steps; seeds 0 and 1, 1M (vs recipe_h's pn_fit_lr9;
+               run 2026-12-08: 3% more steps, level after fine-tuning, not adopted).
 """
 
 import pathlib
