@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_step = 0  # init_from's checkpoint to start from: 0 = its latest, >0 = that step
   c.specialize = _specialize_defaults()
   c.distill = _distill_defaults()
+  c.prune = _prune_defaults()
   c.sample = _sample_defaults()
   c.mesh = _mesh_defaults()
   c.export = _export_defaults()
@@ -204,6 +205,18 @@ def _distill_defaults() -> ml_collections.ConfigDict:
   ds.temperature = 2.0  # soft-target temperature
   ds.weight = 0.5  # loss = (1 - weight) * LM loss + weight * temperature^2 * KL(teacher || student)
   return ds
+
+
+def _prune_defaults() -> ml_collections.ConfigDict:
+  # mode prune (SLM-prune, pn_jax/specialize/structured_pruning.py): init_from's dense model cut to these
+  # widths; whole heads are kept at init_from's head_dim, so d_model is a multiple of it
+  pr = ml_collections.ConfigDict()
+  pr.d_model = 0  # residual channels kept (0: init_from's d_model)
+  pr.mlp_dim = 0  # MLP neurons kept per layer (0: init_from's MLP width)
+  pr.calibration_batches = 8  # generic training batches (data.batch_size each) scored and fit on
+  pr.ridge = 1e-3  # the least-squares repair's ridge, relative to the mean of the Gram diagonal
+  pr.repair = True  # False: keep the sliced output weights (only the norms are matched)
+  return pr
 
 
 def _sample_defaults() -> ml_collections.ConfigDict:
@@ -437,6 +450,16 @@ def _validate_specialize(config: ml_collections.ConfigDict) -> None:
       _fail("distill.temperature", f"must be > 0, got {config.distill.temperature}")
     if not 0.0 <= config.distill.weight <= 1.0:
       _fail("distill.weight", f"must be in [0, 1], got {config.distill.weight}")
+  if "prune" in config:
+    pr = config.prune
+    for key in ("d_model", "mlp_dim"):
+      if pr[key] < 0:
+        _fail(f"prune.{key}", f"must be >= 0 (0: keep init_from's), got {pr[key]}")
+    if pr.calibration_batches < 1:
+      _fail("prune.calibration_batches", f"must be >= 1, got {pr.calibration_batches}")
+    if not pr.ridge > 0:
+      _fail("prune.ridge", f"must be > 0 (it keeps the least-squares repair well posed), got "
+            f"{pr.ridge}")
   if "sample" in config:
     _validate_sample(config.sample)
   if "export" in config and config.export.format not in EXPORT_FORMATS:

@@ -282,6 +282,7 @@ def _stage(stages: Stages, mode: str, config, workdir) -> tuple[dict, float]:
   try:
     with _inside(stages.root):
       allow = _resume_allowance(stages, mode, config, wd)
+      allow = allow and mode in modes.TRAINING_MODES  # (prune: nothing to resume)
       result = modes.MODES[mode](config, wd, **({"allow_config_change": True} if allow else {}))
   finally:
     if stop:
@@ -526,6 +527,70 @@ def specialize(exp, stages, init_from, workdir, domain, budget, teacher="", init
   return result
 
 
+def pruned_methods(exp) -> dict[str, str]:
+  """exp.prune: {SLM-prune method: the method whose final pretrained model it prunes}, e.g.
+  {"slm_prune": "llm"}; each is cut to the 'slm' method's d_model and MLP width (mode prune)."""
+  return dict(exp.get("prune") or {})
+
+
+def prune_config(exp, init_from: str) -> ml_collections.ConfigDict:
+  """The prune stage's config: init_from's model cut to the 'slm' method's widths, calibrated
+  on the experiment's batch size."""
+  c = load_run_config("configs/prune.py")
+  slm = pretrain_config(exp, *method_spec(exp, "slm")[:2], "corpus", "tokenizer.model").model
+  c.seed = exp.seed
+  c.init_from = init_from
+  c.prune.update(d_model=slm.d_model, mlp_dim=slm.mlp_dim)
+  c.data.update(batch_size=exp.batch_size, eval_batches=exp.eval_batches)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  return c
+
+
+def _pruned_record(source: dict, out: dict, source_name: str) -> dict:
+  """A pruned method's pretraining record: its source's cost plus the pruning's."""
+  train = source.get("train_seconds")
+  return {"flops": source["flops"] + out["flops"], "seconds": source["seconds"] + out["seconds"],
+          "generic_valid_ppl": out["generic_valid_ppl"], "steps": source["steps"],
+          "tokens": source["tokens"],
+          "train_seconds": None if train is None else train + out["seconds"],
+          "device": out["device"], "device_count": source.get("device_count"),
+          "pruned_from": source_name, "prune_seconds": out["seconds"],
+          "prune_flops": out["flops"], "shape": out["shape"],
+          "calibration_loss": out["calibration_loss"]}
+
+
+def _prune_stages(exp, root, results, save, stages, pre_dir) -> None:
+  """SLM-prune: each exp.prune method from its source's final checkpoint, once."""
+  for name, source in pruned_methods(exp).items():
+    if name in results["pretrain"]:
+      stages.progress.skip()
+      continue
+    c = prune_config(exp, stage_path(root, pre_dir(source)))
+    stages.progress.start(f"prune {source} into {name} (d_model {c.prune.d_model}, MLP "
+                          f"{c.prune.mlp_dim})")
+    out, _ = _stage(stages, "prune", c, _prune_dir(root, name))
+    results["pretrain"][name] = _pruned_record(results["pretrain"][source], out, source)
+    save()
+
+
+def _prune_dir(root: str, name: str) -> str:
+  return os.path.join(root, "prune", name)
+
+
+def pruned_equal_time(exp, results) -> None:
+  """A pruned method joins the equal-time view when its source does with its final checkpoint
+  (a run fitted to the reference's time, or the reference): at the source's cost plus the
+  pruning's."""
+  methods = results["equal_time"].get("methods", {})
+  for name, source in pruned_methods(exp).items():
+    choice = methods.get(source)
+    if choice and choice["final"]:
+      record = results["pretrain"][name]
+      methods[name] = {**choice, "seconds": choice["seconds"] + record["prune_seconds"],
+                       "flops": choice["flops"] + record["prune_flops"],
+                       "generic_valid_ppl": record["generic_valid_ppl"], "pruned_from": source}
+
+
 def _stage_record(path: str) -> dict | None:
   """A finished stage's record (specialize.json), or None when there is none. One that cannot
   be read or lacks what the report reads (torn by a copy, a full disk) is moved aside to
@@ -647,6 +712,7 @@ def check_experiment(exp, devices: bool = True) -> None:
                                  "pretrained 'slm'; add both methods, or set distill=False")
   cell = dict(domain=exp.domains[0], budget=budgets[0])
   count = jax.device_count() if devices else None
+  _check_pruned(exp, count)
   for name in exp.methods:
     entry = exp.methods[name]
     if (not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3)
@@ -672,6 +738,30 @@ def check_experiment(exp, devices: bool = True) -> None:
       config_lib.validate(c, device_count=count)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"exp.distill (SLM-d's fine-tuning config): {e}") from e
+
+
+def _check_pruned(exp, device_count) -> None:
+  """exp.prune's entries: new names, dense sources among the methods, and the 'slm' widths a
+  source's model can be cut to."""
+  from pn_jax.model.model_config import ModelConfig
+  from pn_jax.specialize import structured_pruning as prune_lib
+  for name, source in pruned_methods(exp).items():
+    where = f"exp.prune.{name}={source!r}"
+    if name in exp.methods or name in ("slm_d", "slm_is"):
+      raise config_lib.ConfigError(f"{where}: {name!r} is already a method; name the pruned "
+                                   "model anew (e.g. slm_prune)")
+    if source not in exp.methods or source == "slm_is" or "slm" not in exp.methods:
+      raise config_lib.ConfigError(
+          f"{where}: prunes a method's pretrained model to the 'slm' method's widths; it needs "
+          f"that method and 'slm' in exp.methods (have {sorted(exp.methods)})")
+    try:
+      c = prune_config(exp, "pretrain")
+      config_lib.validate(c, device_count=device_count)
+      src = pretrain_config(exp, *method_spec(exp, source)[:2], "corpus", "tokenizer.model")
+      prune_lib.pruned_shape(ModelConfig.from_config(src.model), c.prune.d_model,
+                             c.prune.mlp_dim)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"{where}: {e}") from e
 
 
 def check_reusable(saved_exp: dict, exp) -> None:
@@ -836,9 +926,10 @@ def planned_stages(exp, cells) -> int:
   """The stages of the pretraining and equal-token views (the equal-time ones come later)."""
   owners = pretraining_owners(exp)
   pretrains = sum(1 for m in exp.methods if m != "slm_is" and owners[m] == m)
-  per_cell = (sum(1 for m in exp.methods if m != "slm_is") + bool(exp.distill)
+  pruned = len(pruned_methods(exp))
+  per_cell = (sum(1 for m in exp.methods if m != "slm_is") + bool(exp.distill) + pruned
               + 2 * ("slm_is" in exp.methods))  # SLM-is: its pretraining, its fine-tuning
-  return pretrains + per_cell * len(cells)
+  return pretrains + pruned + per_cell * len(cells)
 
 
 def _run_stages(exp, root, results, save, stages) -> None:
@@ -870,8 +961,10 @@ def _run_stages(exp, root, results, save, stages) -> None:
     out, secs = _stage(stages, "pretrain", c, pre_dir(name))
     results["pretrain"][name] = _pretrain_record(exp, c, out, secs, pre_dir(name))
     save()
+  _prune_stages(exp, root, results, save, stages, pre_dir)
   results["equal_time"] = (equal_time_choice(exp, results, root)
                            if exp.equal_time_reference else {})
+  pruned_equal_time(exp, results)
   save()
   eq_time = results["equal_time"].get("methods", {})
   # The LLM first (SLM-d's teacher), then the config's order; SLM-is pretrains per cell below.
@@ -909,6 +1002,13 @@ def _equal_tokens_cell(exp, stages, results, save, root, corpus, tokenizer, pre_
     save()
   elif exp.distill:
     stages.progress.skip()
+  for name in pruned_methods(exp):  # SLM-prune: the pruned model fine-tuned like an SLM
+    if name not in res:
+      res[name] = specialize(exp, stages, _prune_dir(root, name),
+                             _spec_dir(root, name, cell_dir), domain, budget)
+      save()
+    else:
+      stages.progress.skip()
   if "slm_is" in exp.methods and "slm_is" not in res:
     res["slm_is"] = _importance_cell(exp, stages, results, save, root, corpus, tokenizer,
                                      domain, budget, _spec_dir(root, "slm_is", cell_dir))

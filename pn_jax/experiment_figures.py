@@ -55,7 +55,8 @@ def styles(names) -> dict[str, tuple[str, str]]:
 def figure_groups(results, exp) -> dict[str, list[str]]:
   """name -> its runs (seeds): the methods drawn, each once."""
   wanted = list(exp.get("figure_methods", ()) or
-                [m for m in ("slm", "mix", "pn", "llm", "slm_d", "slm_is", *exp.methods)])
+                [m for m in ("slm", "mix", "pn", "llm", "slm_d", "slm_is", *exp.methods,
+                             *exp.get("prune", {}))])
   groups = dict(exp.get("seed_groups", {}))
   member_of = {m: g for g, members in groups.items() for m in members}
   out = {}

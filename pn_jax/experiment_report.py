@@ -28,6 +28,8 @@ OVER = "†"  # equal time: even the method's first milestone cost more than the
 # Table names; a method a config adds without one here prints as its key.
 LABELS = {"slm": "SLM", "mix": "SLM-mix", "pn": "PN", "llm": "LLM", "slm_d": "SLM-d",
           "slm_is": "SLM-is", "pn_lrs": "PN, T lr/sqrt(h)",
+          # the LLM pruned to the SLM's widths and repaired by least squares (mode prune)
+          "slm_prune": "SLM-prune",
           "pn_homogeneous": "PN, one cluster per batch",
           # DEMix (Gururangan et al., 2022): per-cluster MLPs, shared attention (the name
           # readers know for configs/mix_shared.py)
@@ -205,7 +207,7 @@ def method_cells(results, exp, method: str, budget: int, view: str = "tokens"
 def main_methods(exp) -> list[str]:
   """The main tables' candidates: the paper's methods, the config's, then the seed groups'
   members (run as another part); a part's hypothesis variants have their own table."""
-  known = ["slm", "mix", "pn", "llm", "slm_d", "slm_is"]
+  known = ["slm", "mix", "pn", "llm", "slm_d", "slm_prune", "slm_is"]
   seeds = [m for members in exp.get("seed_groups", {}).values() for m in members]
   return list(dict.fromkeys([*known, *exp.methods, *seeds]))
 

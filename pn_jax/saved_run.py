@@ -25,6 +25,8 @@ from pn_jax.train.state import state_shardings
 
 # A finished specialization's result (pn_jax/modes/specialize.py writes it).
 RESULT = "specialize.json"
+# A finished pruning's result (pn_jax/modes/prune.py): its workdir is a dense run of its own.
+PRUNE_RESULT = "prune.json"
 
 
 @dataclasses.dataclass
@@ -113,7 +115,7 @@ def load_result(workdir: str, *, mode: str = "") -> Saved:
   path = os.path.join(workdir, RESULT)
   if not os.path.exists(path):
     saved = load_saved(workdir, mode=mode)
-    if saved.config.get("init_from"):
+    if saved.config.get("init_from") and not os.path.exists(os.path.join(workdir, PRUNE_RESULT)):
       logging.warning("%s has no %s (its specialization has not finished): using its latest "
                       "checkpoint, step %d", workdir, RESULT, saved.step)
     return saved

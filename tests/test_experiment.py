@@ -17,7 +17,7 @@ from pn_jax.config import ConfigError
 
 # Fake training seconds per pretraining step (costs.json): PN costs twice the SLM per step, so at
 # the SLM's total time it affords half its steps (the milestone at 0.5).
-SECONDS_PER_STEP = {"slm": 1.0, "pn": 2.0}
+SECONDS_PER_STEP = {"slm": 1.0, "pn": 2.0, "llm": 4.0}
 
 
 def _toy_experiment():
@@ -340,6 +340,63 @@ def test_parts_share_data_and_methods_share_pretraining(tmp_path):
     json.dump(dict(seeds, exp=part.to_dict()), f)
   with pytest.raises(ConfigError, match="pretrain_lr"):
     experiment.load_part(exp, str(tmp_path / "seeds"))
+
+
+def test_slm_prune_is_a_method_of_the_comparison(tmp_path, fake_costs, caplog):
+  """exp.prune: the LLM pruned to the SLM's widths once, after pretraining, then fine-tuned on
+  every cell like a method; its cost is the LLM's pretraining plus the pruning's; it joins the
+  equal-time view only through a source compared whole (the LLM here is cut mid-schedule)."""
+  from pn_jax import experiment, experiment_report, saved_run
+
+  caplog.set_level("INFO", logger="absl")
+  exp, root = _toy_experiment(), str(tmp_path / "exp")
+  exp.budgets = (4096,)
+  exp.methods = ml_collections.ConfigDict(dict(
+      slm=("configs/slm.py:tiny", ""), llm=("configs/llm.py:tiny", "")), sort_keys=False)
+  exp.prune = ml_collections.ConfigDict(dict(slm_prune="llm"))
+  results = experiment.run(exp, root)
+  lines = stage_lines(caplog)
+  assert "[3/6] prune llm into slm_prune (d_model 64, MLP 256)" in lines
+  assert "[6/7] specialize slm_prune on legal at 4.1k tokens" in lines
+  pruned, llm = results["pretrain"]["slm_prune"], results["pretrain"]["llm"]
+  prune_json = json.load(open(os.path.join(root, "prune", "slm_prune", "prune.json")))
+  assert pruned["flops"] == llm["flops"] + prune_json["flops"]
+  assert pruned["train_seconds"] == llm["train_seconds"] + prune_json["seconds"]
+  assert pruned["pruned_from"] == "llm" and pruned["shape"]["d_model"] == 64
+  cell = results["specialize"]["legal/4096"]["slm_prune"]
+  assert cell["pretrained_kind"] == "dense" and math.isfinite(cell["test_ppl"])
+  model = saved_run.load_saved(os.path.join(root, "specialize", "slm_prune", "legal-4096")).model
+  assert (model.d_model, model.mlp_dim) == (64, 256)
+  assert "slm_prune" not in results["equal_time"]["methods"]  # the LLM's step-2 milestone
+  rows = experiment_report.table_rows(results, exp)
+  assert "| SLM-prune |" in "\n".join(experiment_report.cost_table(results, rows, exp, "tokens"))
+  assert experiment.run(exp, root)["pretrain"]["slm_prune"] == pruned  # not redone
+
+  # A source compared whole (fitted, or the reference) carries its pruned model into the view.
+  eq = {"reference": "slm", "budget_seconds": 8.0, "methods": {"llm": dict(
+      step=8, final=True, seconds=7.0, flops=5.0, generic_valid_ppl=9.0, over_budget=False,
+      fitted=True)}}
+  results["equal_time"] = eq
+  experiment.pruned_equal_time(exp, results)
+  assert eq["methods"]["slm_prune"] == dict(
+      eq["methods"]["llm"], seconds=7.0 + pruned["prune_seconds"],
+      flops=5.0 + pruned["prune_flops"], generic_valid_ppl=pruned["generic_valid_ppl"],
+      pruned_from="llm")
+
+
+@pytest.mark.parametrize("prune, problem", [
+    (dict(slm_prune="lm"), r"exp.prune.slm_prune='lm': prunes a method's pretrained model"),
+    (dict(slm="llm"), r"exp.prune.slm='llm': 'slm' is already a method"),
+    (dict(slm_prune="pn"), r"exp.prune.slm_prune='pn': .*pruning takes a dense model"),
+])
+def test_bad_prune_entries_are_refused_before_any_stage(tmp_path, prune, problem):
+  from pn_jax import experiment
+  exp = _toy_experiment()
+  exp.methods.llm = ("configs/llm.py:tiny", "")
+  exp.prune = ml_collections.ConfigDict(prune)
+  with pytest.raises(ConfigError, match=problem):
+    experiment.run(exp, str(tmp_path / "exp"))
+  assert not os.path.exists(tmp_path / "exp")
 
 
 def test_method_overrides_are_typed():

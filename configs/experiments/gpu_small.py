@@ -55,6 +55,10 @@ training time at step costs timed alone, `pretrain_scale=time:slm`, launch/step_
                (not run yet) the SLM and PN at 9e-3 fine-tuned on 32k, 262k and 1M domain tokens
                (32k and 262k: the paper's fine-tuning tokens per parameter at 1M and 8M), and PN
                specialized from its experts averaged by the domain's cluster shares; seed 0 / 1.
+Issue 29's part (baselines the paper never ran; not run yet):
+  beyond       the SLM at lr 9e-3, the LLM and the LLM at the SLM's time, each pruned to the SLM's
+               widths (SLM-prune: mode prune, least-squares repair, then fine-tuned), and the
+               adopted PN on balanced clusters (c-BTM) at the SLM's time; 1M and 8M.
 Issue 27's part (the step's bytes):
   basis_bytes  the adopted PN (lr 9e-3) at the SLM's time with its basis T stored in bfloat16
                and T's Adam second moment factored (model.basis_dtype, optim.basis_moments):
@@ -255,6 +259,15 @@ PARTS = {
         pn_fit_lr9_bytes=("configs/pn.py", PN_ADOPTED + BASIS_BYTES + FIT),
         pn_fit_lr9_bytes_s1=("configs/pn.py", PN_ADOPTED + BASIS_BYTES + S1 + FIT),
     ),
+    # Issue 29, the baselines beyond the paper: the SLM at its adopted lr, the LLM (as in
+    # `baselines`) and it at the SLM's time, each pruned to the SLM's widths (PRUNED: SLM-prune,
+    # mode prune), and the adopted PN on balanced clusters at the SLM's time; 1M and 8M.
+    "beyond": dict(
+        slm_lr9=("configs/slm.py", SLM_TUNED),
+        llm=("configs/llm.py", LLM),
+        llm_fit=("configs/llm.py", LLM + FIT),
+        pn_fit_lr9_bal=("configs/pn.py", PN_ADOPTED + BALANCED + FIT),
+    ),
     "shared": dict(
         pn_shared=("configs/pn.py", pn(code_init="shared")),
         pn_shared_s1=("configs/pn.py", pn(code_init="shared", extra=",seed=1")),
@@ -264,9 +277,11 @@ PARTS = {
 }
 
 ARGS = Accepts(words=(*sorted(p for p in PARTS if p), "validate"))
+# Part -> its SLM-prune methods ({pruned: source}, exp.prune; the widths: the part's "slm").
+PRUNED = {"beyond": dict(slm_prune="llm", slm_prune_fit="llm_fit")}
 ISSUE26 = ("defaults", "defaults_s1", "baselines", "mixtures", "recipe_a", "recipe_b", "scale",
            "adopted", "adopted_s1", "adopted_tokens", "recipe_c", "recipe_d", "recipe_e", "recipe_f",
-           "recipe_g", "recipe_h", "paper_ratio", "paper_ratio_s1", "basis_bytes")
+           "recipe_g", "recipe_h", "paper_ratio", "paper_ratio_s1", "basis_bytes", "beyond")
 # Runs a part's methods may be fitted to without running them (their steps are timed alone).
 TIME_REFERENCES = dict(slm=("configs/slm.py", SLM), llm=("configs/llm.py", LLM))
 
@@ -302,6 +317,8 @@ LABELS_26 = dict(
     pn_fit_lr9_shares="PN lr 9e-3 at the SLM's time, experts by cluster shares",
     pn_fit_lr9_shares_s1="PN lr 9e-3 at the SLM's time, experts by cluster shares (seed 1)",
     pn_fit_lr9_bytes="PN lr 9e-3 at the SLM's time, T in bf16 + factored moments",
+    slm_prune_fit="SLM-prune of the LLM at the SLM's time",
+    pn_fit_lr9_bal="PN lr 9e-3, balanced clusters, at the SLM's time",
     pn_fit_lr9_bytes_s1="PN lr 9e-3 at the SLM's time, T in bf16 + factored moments (seed 1)",
     pn_lr45="PN lr 4.5e-3",
     pn_lr45_s1="PN lr 4.5e-3 (seed 1)",
@@ -442,6 +459,14 @@ def get_config(arg=None):
     c.equal_time_reference = "slm" if part == "defaults" else ""
     if part.startswith("recipe") or part in ("scale", "basis_bytes"):
       c.budgets = (1_000_000,)
+    if part in PRUNED:
+      # prune_config takes the widths of the method named "slm": the tuned SLM's (d128, MLP 512)
+      c.methods = ml_collections.ConfigDict(
+          {("slm" if k == "slm_lr9" else k): v for k, v in PARTS[part].items()}, sort_keys=False)
+      c.labels.slm = "SLM lr 9e-3"
+      c.prune = ml_collections.ConfigDict(PRUNED[part], sort_keys=False)
+      c.figure_reference = "slm"
+      c.figure_methods = ("slm", "llm", "llm_fit", "slm_prune", "slm_prune_fit", "pn_fit_lr9_bal")
     if part.startswith("paper_ratio"):
       c.budgets = (32_768, 262_144, 1_000_000)
       c.figure_methods = ("slm_lr9", "pn_fit_lr9", "pn_fit_lr9_shares")

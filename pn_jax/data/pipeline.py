@@ -416,6 +416,25 @@ def load_run_data(config, workdir: str) -> RunData:
                  store=_reading_store(config, workdir))
 
 
+def prepared_train_set(run_data: RunData) -> Packed:
+  """The packed generic training set that `run_data`'s (pretraining) run was prepared with,
+  read from its store and never built: what a stage that reads a finished run's generic text
+  needs (prune's calibration batches). DataError if it is not there."""
+  ready = _ready_file(run_data.workdir)
+  try:
+    with open(ready) as f:
+      key = json.load(f)["packed"]
+  except (OSError, ValueError, KeyError) as e:
+    raise DataError(f"{ready} does not name a prepared training set ({type(e).__name__}: {e}): "
+                    f"{run_data.workdir} is not a finished pretraining run's workdir") from e
+  hit = _load_packed(run_data.store, key)
+  if hit is None:
+    raise DataError(f"the packed training set {key} of {run_data.workdir} is not in "
+                    f"{run_data.store.directory} (moved or deleted cache?): rerun that "
+                    "pretraining's data preparation, or point data.cache_dir at its cache")
+  return hit[0]
+
+
 PREPARED_FILES = ("tokenizer.model", "tokenizer.provenance.json", "clusters", "data")
 
 

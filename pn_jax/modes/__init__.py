@@ -7,7 +7,7 @@ from pn_jax.config import ConfigError
 from pn_jax.data import DataError
 from pn_jax.data import corpus
 from pn_jax.modes import eval as eval_mode
-from pn_jax.modes import export, importance, pretrain, sample, specialize
+from pn_jax.modes import export, importance, pretrain, prune, sample, specialize
 from pn_jax.train import loop
 from pn_jax.train.checkpoint import CheckpointError
 from pn_jax.train.preflight import WorkdirError
@@ -28,6 +28,9 @@ MODES = {
     "specialize": specialize.specialize,
     # SLM-is: pretrain a dense model on generic data resampled to data.domain's clusters.
     "importance": importance.pretrain_importance,
+    # SLM-prune: init_from's dense model cut to config.prune's widths and repaired by least
+    # squares on generic calibration batches; the result is a dense run to specialize.
+    "prune": prune.prune,
     "sample": sample.sample_mode,
     "export": export.export,
 }
