@@ -13,7 +13,6 @@ mixture), project one expert with pn_jax.specialize.project, and train the resul
 
 from __future__ import annotations
 
-import ast
 import collections
 import glob
 import gzip
@@ -26,30 +25,13 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from pn_jax import cli
+from pn_jax import cli, config_overrides
 from pn_jax.parallel import xla_flags
 from pn_jax.parallel.collectives import collective_bytes
 
 def apply_overrides(config, overrides: str):
   """'model.remat=dots,data.batch_size=16' -> a copy of `config` with those keys set."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for item in filter(None, (s.strip() for s in overrides.split(","))):
-      key, sep, raw = item.partition("=")
-      if not sep:
-        raise ValueError(f"bench.sweep: {item!r} is not key=value")
-      try:
-        value = ast.literal_eval(raw)
-      except (ValueError, SyntaxError):
-        value = raw
-      *parents, leaf = key.strip().split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      if leaf not in node:
-        raise ValueError(f"bench.sweep: unknown config key {key!r}")
-      node[leaf] = value
-  return config
+  return config_overrides.applied(config, overrides, "bench.sweep: ")
 
 
 def synthetic_batch(config, rng):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pn_jax import config as config_lib
+from pn_jax import config_overrides
 from pn_jax import cli, experiment_figures, experiment_report, modes, workdir_lock
 from pn_jax import step_costs as step_costs_lib
 from pn_jax.data import corpus as corpus_lib
@@ -60,44 +60,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_run_config(spec: str) -> ml_collections.ConfigDict:
   """'configs/pn.py:tiny' (relative to the repo) -> that file's get_config('tiny')."""
   return config_lib.load_config(os.path.join(REPO, spec))
-
-
-def override_items(overrides: str) -> list[tuple[str, str]]:
-  """'a.b=1,c=x' -> [('a.b', '1'), ('c', 'x')]."""
-  out = []
-  for item in filter(None, overrides.split(",")):
-    if "=" not in item:
-      raise config_lib.ConfigError(f"override {item!r}: expected key=value")
-    out.append(tuple(item.split("=", 1)))
-  return out
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: str) -> None:
-  """'a.b=1,c=x' -> config.a.b = 1, config.c = 'x' (each value cast to the key's type); a key
-  the config lacks or a value of the wrong type is a ConfigError naming the override."""
-  for key, value in override_items(overrides):
-    item = f"{key}={value}"
-    *parents, leaf = key.split(".")
-    node = config
-    for p in [*parents, leaf]:
-      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-        close = difflib.get_close_matches(p, list(node.keys()), n=3) if isinstance(
-            node, ml_collections.ConfigDict) else []
-        hint = f"did you mean {' or '.join(close)}?" if close else "fix the key"
-        raise config_lib.ConfigError(f"override {item!r}: the config has no key {key!r}; "
-                                     + hint)
-      parent, node = node, node[p]
-    kind = type(node)
-    if kind is bool:  # bool("False") is True
-      if value.lower() not in ("true", "false"):
-        raise config_lib.ConfigError(f"override {item!r}: {key} takes true or false")
-      parent[leaf] = value.lower() == "true"
-      continue
-    try:
-      parent[leaf] = kind(value)
-    except (TypeError, ValueError) as e:
-      raise config_lib.ConfigError(f"override {item!r}: {key} takes {kind.__name__} "
-                                   f"values (it is {node!r}), not {value!r}") from e
 
 
 # --- corpus ---------------------------------------------------------------------------------
@@ -400,14 +362,14 @@ def pretrain_config(exp, spec, overrides, corpus, tokenizer, root=""):
   c.data.update(corpus=corpus, tokenizer_path=tokenizer, seq_len=exp.seq_len,
                 batch_size=exp.batch_size, eval_batches=exp.eval_batches)
   c.optim.lr = exp.pretrain_lr
-  items = dict(override_items(overrides))  # a repeated key: its last value, as in apply
+  items = dict(config_overrides.parse(overrides))  # a repeated key: its last value
   # `pretrain_scale=<f>` (the experiment's, not a run config key): f x the generic tokens;
   # `pretrain_scale=time:<method>`: as many steps as fit in that method's training time.
   scale = str(items.pop("pretrain_scale", 1.0))
   fitted_to = scale.partition("time:")[2]
   tokens = exp.pretrain_tokens * (1.0 if fitted_to else float(scale))
   c.train.steps = max(int(tokens // (exp.batch_size * exp.seq_len)), 1)
-  apply_overrides(c, ",".join(f"{k}={v}" for k, v in items.items()))
+  config_overrides.apply(c, items.items())
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   if fitted_to:
     c.train.steps = _time_fitted_steps(exp, c, fitted_to, corpus, tokenizer, root)
@@ -430,7 +392,7 @@ def time_fitted_to(exp, name: str) -> str:
   """The method whose training time `name`'s run is fitted to (`pretrain_scale=time:<it>`),
   or ''."""
   _, overrides, _ = method_spec(exp, name)
-  return str(dict(override_items(overrides)).get("pretrain_scale", "")).partition("time:")[2]
+  return str(dict(config_overrides.parse(overrides)).get("pretrain_scale", "")).partition("time:")[2]
 
 
 def step_costs_path(exp, root: str) -> str:
@@ -500,7 +462,7 @@ def finetune_config(exp, init_from, domain, budget, teacher="", init_step=0, ove
   c.data.update(domain=domain, domain_tokens=int(budget), batch_size=exp.batch_size,
                 eval_batches=f.eval_batches)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
-  apply_overrides(c, overrides)
+  config_overrides.apply(c, overrides)
   return c
 
 

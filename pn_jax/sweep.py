@@ -47,6 +47,7 @@ import time
 
 import ml_collections
 
+from pn_jax import config_overrides
 from pn_jax.config import ConfigError, load_config, load_module, validate
 
 
@@ -91,24 +92,6 @@ def _fmt(value) -> str:
   return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _apply(config: ml_collections.ConfigDict, overrides: dict, where: str):
-  config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in overrides.items():
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-      if part not in node:
-        raise ConfigError(f"{where}: unknown config key {key!r}")
-      node = node[part]
-    if parts[-1] not in node:
-      raise ConfigError(f"{where}: unknown config key {key!r}")
-    try:
-      node[parts[-1]] = value
-    except TypeError as e:
-      raise ConfigError(f"{where}: config.{key}={value!r}: {e}") from None
-  return config
-
-
 def _named(sweep: dict) -> list[tuple[str, dict, dict]]:
   """(name, own overrides, base + own overrides) of each point; names are unique."""
   base = dict(sweep.get("base", {}))
@@ -132,7 +115,7 @@ def expand(sweep: dict, root: str, *, python: str = sys.executable,
   base_config = load_config(sweep["config"])
   points = []
   for name, overrides, merged in _named(sweep):
-    config = _apply(base_config, merged, f"sweep point {name}")
+    config = config_overrides.applied(base_config, merged.items(), f"sweep point {name}: ")
     try:
       validate(config)
     except ConfigError as e:

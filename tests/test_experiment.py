@@ -400,12 +400,13 @@ def test_bad_prune_entries_are_refused_before_any_stage(tmp_path, prune, problem
 
 
 def test_method_overrides_are_typed():
-  from pn_jax import experiment
+  from pn_jax import config_overrides, experiment
   config = experiment.load_run_config("configs/pn.py:tiny")
-  experiment.apply_overrides(config, "optim.decay_codes=False,model.h=6,optim.lr=0.5")
+  config_overrides.apply(config, "optim.decay_codes=False,model.h=6,optim.lr=0.5")
   assert config.optim.decay_codes is False and config.model.h == 6 and config.optim.lr == 0.5
-  with pytest.raises(ConfigError, match="optim.decay_codes takes true or false"):
-    experiment.apply_overrides(config, "optim.decay_codes=no")
+  with pytest.raises(ConfigError, match=r"optim.decay_codes takes bool values \(it is False\), "
+                     "not 'no'"):
+    config_overrides.apply(config, "optim.decay_codes=no")
 
 
 def test_pretrain_fit_reads_the_final_losses_and_skips_a_torn_line(tmp_path):
@@ -525,11 +526,12 @@ def test_a_torn_stage_record_is_moved_aside_and_the_stage_redone(tmp_path, fake_
 @pytest.mark.parametrize("method, match", [
     (("configs/pn.py:tiny", "model.k=2,model.kk=4"),
      r"exp.methods.pn \(pretraining config of 'configs/pn.py:tiny'\): override 'model.kk=4': "
-     r"the config has no key 'model.kk'; did you mean k\?"),
+     r"unknown config key 'model.kk'; did you mean k\?"),
     (("configs/pn.py:tiny", "model.k=two"),
      r"exp.methods.pn .*override 'model.k=two': model.k takes int values \(it is 4\), not 'two'"),
     (("configs/pn.py:tiny", "", "specialize.selct=lowest_loss"),
-     r"exp.methods.pn \(fine-tuning config .*no key 'specialize.selct'; did you mean select\?"),
+     r"exp.methods.pn \(fine-tuning config .*unknown config key 'specialize.selct'; did you mean "
+     r"select\?"),
     (("configs/pnn.py:tiny", ""), r"exp.methods.pn .*configs/pnn.py' does not exist"),
     (("configs/pn.py:tiny", "model.h=0"), r"exp.methods.pn \(pretraining config"),
 ], ids=["key", "value", "finetune_key", "file", "invalid"])

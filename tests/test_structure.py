@@ -33,11 +33,13 @@ MAX_LINES = 60
 # A module's layer is that of its own name, else of its longest listed package prefix.
 LAYERS = {
     "pn_jax": 0,  # the package __init__ (empty)
-    # 1: the config schema, the `:arg` parser of config files, the error path of every
+    # 1: the config schema, the `:arg` parser of config files, the `a.b=value` override parser
+    # (config_overrides.py: experiment methods, bench.sweep, sweep points), the error path of every
     # command line (cli.py: UsageError, entry, parse_flags; see LAYER_EXCEPTIONS) and its log
     # policy (log_setup.py).
     "pn_jax.config": 1,
     "pn_jax.config_args": 1,
+    "pn_jax.config_overrides": 1,
     "pn_jax.cli": 1,
     "pn_jax.log_setup": 1,  # the log policy every absl command line installs (cli.parse_flags)
     "pn_jax.storage": 1,  # a full disk as one error line (OutOfSpace), for every layer's writes

@@ -190,8 +190,8 @@ def _calibration_loss(run: Run, cal: list[dict]):
   from pn_jax.model import build_model
   def loss(params, model_cfg) -> float:
     step = jax.jit(make_eval_step(build_model(model_cfg), logits_chunk=0))
-    outs = [step(params, mesh_lib.global_batch(b, run.mesh)) for b in cal]
-    return float(sum(float(o["loss_sum"]) for o in outs) / sum(float(o["tokens"]) for o in outs))
+    total, count = loop.summed_loss(step, params, cal, run.mesh)
+    return total / count
   return loss
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from pn_jax.data import batches as batches_lib
 from pn_jax.data import pipeline
-from pn_jax.parallel import mesh as mesh_lib
+from pn_jax.train import loop
 
 
 def expert_losses(run_data: pipeline.RunData, eval_step, params, mesh, domain: str,
@@ -32,12 +32,8 @@ def expert_losses(run_data: pipeline.RunData, eval_step, params, mesh, domain: s
   local_batches = list(it)
   losses = np.zeros(num_experts)
   for c in range(num_experts):
-    total, count = 0.0, 0.0
     params_c = params if expert_params is None else expert_params(c)
-    for local in local_batches:
-      local = dict(local, cluster=np.full_like(local["cluster"], c))
-      out = eval_step(params_c, mesh_lib.global_batch(local, mesh))
-      total += float(out["loss_sum"])
-      count += float(out["tokens"])
+    routed = [dict(local, cluster=np.full_like(local["cluster"], c)) for local in local_batches]
+    total, count = loop.summed_loss(eval_step, params_c, routed, mesh)
     losses[c] = total / max(count, 1.0)
   return losses

@@ -63,21 +63,29 @@ class _CloseOnError:
           logging.error("while closing %s after an error: %s", type(c).__name__, e)
 
 
+def summed_loss(eval_step, params, local_batches, mesh) -> tuple[float, float]:
+  """(sum of token losses, tokens) of `eval_step` over this process's batches, each made global
+  on `mesh`: the one held-out sum behind every mean loss (heldout_loss, expert selection, the
+  pruning's calibration loss)."""
+  total, count = 0.0, 0.0
+  for local in local_batches:
+    out = eval_step(params, mesh_lib.global_batch(local, mesh))
+    total += float(out["loss_sum"])
+    count += float(out["tokens"])
+  return total, count
+
+
 def heldout_loss(run: Run, eval_step, params, *, split: str = "validation",
-             domain: str | None = None) -> dict[str, float]:
+                 domain: str | None = None) -> dict[str, float]:
   """Token-weighted mean loss and perplexity over `split` of the generic text, or of `domain`'s
   text (None: the run's data.domain, "" for generic), with the run's eval batch settings."""
-  total, count = 0.0, 0.0
   d = run.config.data
   domain = (d.get("domain", "") or "") if domain is None else domain
   it = batches.eval_batches(
       run.data, split=split, domain=domain, batch_size=d.batch_size,
       max_batches=d.eval_batches, mode=d.cluster_batching, num_workers=d.get("num_workers", 0),
       shard=batches.Shard(**distributed.data_shard(run.mesh, d.batch_size)))
-  for local in it:
-    out = eval_step(params, mesh_lib.global_batch(local, run.mesh))
-    total += float(out["loss_sum"])
-    count += float(out["tokens"])
+  total, count = summed_loss(eval_step, params, it, run.mesh)
   if count == 0:
     raise ValueError(f"the {split} split produced no tokens to evaluate")
   loss = total / count
