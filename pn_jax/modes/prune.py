@@ -31,6 +31,7 @@ from pn_jax.config import ConfigError
 from pn_jax.data import batches
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
+from pn_jax.model import build_model
 from pn_jax.model.model_config import ModelConfig
 from pn_jax.parallel import mesh as mesh_lib
 from pn_jax.run import Run, open_run, unlocked
@@ -63,12 +64,11 @@ def prune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   settings = {"source": source.workdir, "source_step": source.step,
               **{k: config.prune[k] for k in _SETTINGS}}
   done = _finished(workdir, settings)
-  if done is None:
-    _check_unfinished(workdir, settings)
   if done is not None:
     logging.info("%s already holds this pruning of %s (%s): not redone", workdir,
                  source.describe(), RESULT)
     return done
+  _check_unfinished(workdir, settings)
   small = ml_collections.ConfigDict(source.model.to_dict())
   small.update(d_model=shape.d_model, n_heads=shape.n_heads, mlp_dim=shape.mlp_dim)
   run = open_run(_settings(config, source), workdir, init_from=source, model=small)
@@ -106,8 +106,8 @@ def _finished(workdir: str, settings: dict) -> dict | None:
 
 def _check_unfinished(workdir: str, settings: dict) -> None:
   """A workdir with checkpoints but no prune.json: the same pruning cut short after its save
-  (redone: its checkpoint is written again), or another run's, which is refused, never
-  overwritten."""
+  (redone: `_save` writes its checkpoint again, under the lock), or another run's, which is
+  refused, never overwritten."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
     return
@@ -124,7 +124,6 @@ def _check_unfinished(workdir: str, settings: dict) -> None:
                       "fresh --workdir")
   logging.info("%s holds this pruning's checkpoint without %s (cut short): pruning again",
                workdir, RESULT)
-  shutil.rmtree(ckpt_dir)
 
 
 def calibration_batches(run: Run) -> list[dict]:
@@ -160,9 +159,10 @@ def _prune_locked(run: Run, shape: prune_lib.Shape, settings: dict) -> dict:
   n_tokens = sum(t.size for t in tokens)
   T = config.data.seq_len  # one token's forward: a third of a training step's per token
   fwd = lambda m: flops_lib.train_flops_per_step(m, 1, T) / 3 / T
-  # importance: 1 source pass; each repair: a source and a pruned pass; losses: 1 + 3
-  flops = n_tokens * ((1 + 2 * (1 + config.prune.repair) + 1) * fwd(source.model)
-                      + (2 * (1 + config.prune.repair) + 3) * fwd(config.model))
+  # importance: a source pass; each repair (norms only, then the refit): a source and a pruned
+  # pass; the calibration losses: a source pass and three pruned ones
+  repairs = 1 + bool(config.prune.repair)
+  flops = n_tokens * ((2 + repairs) * fwd(source.model) + (repairs + 3) * fwd(config.model))
   summary = {
       "settings": settings, "source_model": source.describe(),
       "shape": dataclasses.asdict(shape), "n_layers": small_cfg.n_layers,
@@ -187,7 +187,6 @@ def _prune_locked(run: Run, shape: prune_lib.Shape, settings: dict) -> dict:
 def _calibration_loss(run: Run, cal: list[dict]):
   """(params, model config) -> the model's mean loss on the calibration batches (the eval
   step's, so the pruned params are checked to load into the real model)."""
-  from pn_jax.model import build_model
   def loss(params, model_cfg) -> float:
     step = jax.jit(make_eval_step(build_model(model_cfg), logits_chunk=0))
     total, count = loop.summed_loss(step, params, cal, run.mesh)
@@ -196,7 +195,10 @@ def _calibration_loss(run: Run, cal: list[dict]):
 
 
 def _save(run: Run, params, step: int) -> None:
-  """One complete checkpoint at `step`: the pruned params and a fresh optimizer state."""
+  """One complete checkpoint at `step`: the pruned params and a fresh optimizer state (a
+  checkpoint left by a pruning cut short before prune.json, which _check_unfinished
+  recognised as this pruning's, is replaced)."""
+  shutil.rmtree(os.path.join(run.workdir, "checkpoints"), ignore_errors=True)
   tx, _ = make_optimizer(run.config)
   state, _ = create_state(run.model, tx, run.mesh, run.rules, jax.random.key(run.config.seed),
                           params=params)

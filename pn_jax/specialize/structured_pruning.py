@@ -144,7 +144,7 @@ def importance(params: dict, batches: list[Array], cfg: ModelConfig) -> dict[str
   L = cfg.n_layers
 
   @jax.jit
-  def one(tokens_BT):
+  def one(params, tokens_BT):  # (params as an argument: not baked into the program)
     x = embed_tokens(params, tokens_BT)
     channels, heads, neurons = 0.0, [], []
     for l in range(L):
@@ -165,7 +165,7 @@ def importance(params: dict, batches: list[Array], cfg: ModelConfig) -> dict[str
 
   totals = None
   for tokens in batches:
-    parts = one(tokens)
+    parts = one(params, tokens)
     totals = parts if totals is None else jax.tree.map(jnp.add, totals, parts)
   channels, heads, neurons = (np.asarray(t, np.float64) / len(batches) for t in totals)
   return {"channels": channels, "heads": heads, "neurons": neurons}
