@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from pn_jax import saved_run
-from pn_jax.config import ConfigError, validate
+from pn_jax.config import validate
 from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import pipeline
 from pn_jax.model import build_model
@@ -82,10 +82,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *,
              allow_config_change: bool = False) -> Run:
   """The run of a mode: its config, data, mesh, rules and model.
 
-  train_data (pretrain, importance; call it holding the workdir lock, since it writes): the
-  config is validated, a resume with a changed config refused (unless `allow_config_change`)
-  before any data is prepared, then the generic corpus prepared in `workdir` and the
-  tokenizer's vocabulary checked against the model. Otherwise (init_from required) nothing is
+  train_data (pretrain, importance; call it holding the workdir lock, since it writes, with a
+  config the mode validated before taking the lock): a resume with a changed config is refused
+  (unless `allow_config_change`) before any data is prepared, then the generic corpus prepared
+  in `workdir` (the pipeline checks the tokenizer's vocabulary against the model). Otherwise
+  (init_from required) nothing is
   written: the config is validated and the pretraining run's tokenizer and clusters loaded;
   with load_data=False (sample, export) neither happens (run.data is None; those modes check
   their own keys). `domain`: refused unless it is a domain of the run's corpus.
@@ -110,12 +111,6 @@ def _train_data(config: ml_collections.ConfigDict, workdir: str,
                 allow_config_change: bool) -> pipeline.RunData:
   """The generic training data of a run from scratch, prepared in `workdir` after a resume with
   a changed config has been refused (a refused resume rebuilds no data artefacts)."""
-  validate(config, device_count=jax.device_count())
   if not allow_config_change:
     resume_check.refuse_changed_resume(workdir, config)
-  data = pipeline.prepare_run_data(config, workdir, process_index=jax.process_index())
-  vocab = data.tokenizer.vocab_size
-  if vocab > config.model.vocab_size:
-    raise ConfigError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
-                      f"tokenizer's vocabulary ({vocab})")
-  return data
+  return pipeline.prepare_run_data(config, workdir, process_index=jax.process_index())
