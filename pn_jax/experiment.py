@@ -47,6 +47,8 @@ from pn_jax.data import corpus as corpus_lib
 from pn_jax.data import packing
 from pn_jax.data import tokenizer as tok_lib
 from pn_jax.experiment_report import finetune_lr, merge_results
+from pn_jax.model.model_config import ModelConfig
+from pn_jax.specialize import structured_pruning as prune_lib
 from pn_jax.train import costs as costs_lib
 from pn_jax.train import flops as flops_lib
 from pn_jax.train import metrics as metrics_lib
@@ -392,7 +394,8 @@ def time_fitted_to(exp, name: str) -> str:
   """The method whose training time `name`'s run is fitted to (`pretrain_scale=time:<it>`),
   or ''."""
   _, overrides, _ = method_spec(exp, name)
-  return str(dict(config_overrides.parse(overrides)).get("pretrain_scale", "")).partition("time:")[2]
+  scale = dict(config_overrides.parse(overrides)).get("pretrain_scale", "")
+  return str(scale).partition("time:")[2]
 
 
 def step_costs_path(exp, root: str) -> str:
@@ -705,8 +708,6 @@ def check_experiment(exp, devices: bool = True) -> None:
 def _check_pruned(exp, device_count) -> None:
   """exp.prune's entries: new names, dense sources among the methods, and the 'slm' widths a
   source's model can be cut to."""
-  from pn_jax.model.model_config import ModelConfig
-  from pn_jax.specialize import structured_pruning as prune_lib
   for name, source in pruned_methods(exp).items():
     where = f"exp.prune.{name}={source!r}"
     if name in exp.methods or name in ("slm_d", "slm_is"):

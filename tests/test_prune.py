@@ -1,4 +1,4 @@
-"""SLM-prune: the LLM cut to the SLM's widths (pn_jax/specialize/structured_pruning.py, mode prune)."""
+"""SLM-prune: the LLM cut to the SLM's widths (specialize/structured_pruning.py, mode prune)."""
 
 import dataclasses
 import json
