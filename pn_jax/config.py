@@ -208,8 +208,9 @@ def _distill_defaults() -> ml_collections.ConfigDict:
 
 
 def _prune_defaults() -> ml_collections.ConfigDict:
-  # mode prune (SLM-prune, pn_jax/specialize/structured_pruning.py): init_from's dense model cut to these
-  # widths; whole heads are kept at init_from's head_dim, so d_model is a multiple of it
+  # mode prune (SLM-prune, pn_jax/specialize/structured_pruning.py): init_from's dense model
+  # cut to these widths; whole heads are kept at init_from's head_dim, so d_model is a
+  # multiple of it
   pr = ml_collections.ConfigDict()
   pr.d_model = 0  # residual channels kept (0: init_from's d_model)
   pr.mlp_dim = 0  # MLP neurons kept per layer (0: init_from's MLP width)

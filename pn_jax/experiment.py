@@ -492,12 +492,6 @@ def specialize(exp, stages, init_from, workdir, domain, budget, teacher="", init
   return result
 
 
-def pruned_methods(exp) -> dict[str, str]:
-  """exp.prune: {SLM-prune method: the method whose final pretrained model it prunes}, e.g.
-  {"slm_prune": "llm"}; each is cut to the 'slm' method's d_model and MLP width (mode prune)."""
-  return dict(exp.get("prune") or {})
-
-
 def prune_config(exp, init_from: str) -> ml_collections.ConfigDict:
   """The prune stage's config: init_from's model cut to the 'slm' method's widths, calibrated
   on the experiment's batch size."""
@@ -526,7 +520,7 @@ def _pruned_record(source: dict, out: dict, source_name: str) -> dict:
 
 def _prune_stages(exp, root, results, save, stages, pre_dir) -> None:
   """SLM-prune: each exp.prune method from its source's final checkpoint, once."""
-  for name, source in pruned_methods(exp).items():
+  for name, source in experiment_report.pruned_methods(exp).items():
     if name in results["pretrain"]:
       stages.progress.skip()
       continue
@@ -547,7 +541,7 @@ def pruned_equal_time(exp, results) -> None:
   (a run fitted to the reference's time, or the reference): at the source's cost plus the
   pruning's."""
   methods = results["equal_time"].get("methods", {})
-  for name, source in pruned_methods(exp).items():
+  for name, source in experiment_report.pruned_methods(exp).items():
     choice = methods.get(source)
     if choice and choice["final"]:
       record = results["pretrain"][name]
@@ -708,7 +702,7 @@ def check_experiment(exp, devices: bool = True) -> None:
 def _check_pruned(exp, device_count) -> None:
   """exp.prune's entries: new names, dense sources among the methods, and the 'slm' widths a
   source's model can be cut to."""
-  for name, source in pruned_methods(exp).items():
+  for name, source in experiment_report.pruned_methods(exp).items():
     where = f"exp.prune.{name}={source!r}"
     if name in exp.methods or name in ("slm_d", "slm_is"):
       raise config_lib.ConfigError(f"{where}: {name!r} is already a method; name the pruned "
@@ -889,7 +883,7 @@ def planned_stages(exp, cells) -> int:
   """The stages of the pretraining and equal-token views (the equal-time ones come later)."""
   owners = pretraining_owners(exp)
   pretrains = sum(1 for m in exp.methods if m != "slm_is" and owners[m] == m)
-  pruned = len(pruned_methods(exp))
+  pruned = len(experiment_report.pruned_methods(exp))
   per_cell = (sum(1 for m in exp.methods if m != "slm_is") + bool(exp.distill) + pruned
               + 2 * ("slm_is" in exp.methods))  # SLM-is: its pretraining, its fine-tuning
   return pretrains + pruned + per_cell * len(cells)
@@ -965,7 +959,8 @@ def _equal_tokens_cell(exp, stages, results, save, root, corpus, tokenizer, pre_
     save()
   elif exp.distill:
     stages.progress.skip()
-  for name in pruned_methods(exp):  # SLM-prune: the pruned model fine-tuned like an SLM
+  # SLM-prune: the pruned model fine-tuned like an SLM
+  for name in experiment_report.pruned_methods(exp):
     if name not in res:
       res[name] = specialize(exp, stages, _prune_dir(root, name),
                              _spec_dir(root, name, cell_dir), domain, budget)

@@ -56,7 +56,7 @@ def figure_groups(results, exp) -> dict[str, list[str]]:
   """name -> its runs (seeds): the methods drawn, each once."""
   wanted = list(exp.get("figure_methods", ()) or
                 [m for m in ("slm", "mix", "pn", "llm", "slm_d", "slm_is", *exp.methods,
-                             *exp.get("prune", {}))])
+                             *report.pruned_methods(exp))])
   groups = dict(exp.get("seed_groups", {}))
   member_of = {m: g for g, members in groups.items() for m in members}
   out = {}

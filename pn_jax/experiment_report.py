@@ -204,6 +204,12 @@ def method_cells(results, exp, method: str, budget: int, view: str = "tokens"
   return cells if len(cells) == len(budget_domains(results, exp, budget)) else None
 
 
+def pruned_methods(exp) -> dict[str, str]:
+  """exp.prune: {SLM-prune method: the method whose final pretrained model it prunes}, e.g.
+  {"slm_prune": "llm"}; each is cut to the 'slm' method's d_model and MLP width (mode prune)."""
+  return dict(exp.get("prune") or {})
+
+
 def main_methods(exp) -> list[str]:
   """The main tables' candidates: the paper's methods, the config's, then the seed groups'
   members (run as another part); a part's hypothesis variants have their own table."""
